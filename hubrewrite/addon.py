@@ -1,0 +1,460 @@
+"""The mitmproxy addon: a Docker Hub mirror.
+
+One request's story (reverse mode, ``--mode reverse:https://registry-1.docker.io``):
+
+1. ``/token`` goes to the token service the upstream named in its own
+   challenge, with the client's credentials and nothing the client chose.
+2. ``/v2/...`` is checked against the API's grammar, gets the ``library/``
+   rule, and write methods are refused unless pushing is allowed.
+3. A blob GET/HEAD is probed upstream once without following; the redirect
+   to the CDN is then followed *by this flow* (mitmproxy streams it) without
+   the client's credentials.
+4. Everything else small (manifests, tag lists, ``/v2/``) is fetched by the
+   addon, so any failure becomes registry error JSON, and every
+   ``WWW-Authenticate`` challenge is re-emitted with the mirror as realm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
+
+from . import challenge, conffile, names, tokens
+from . import headers as hdrs
+from .errors import error_response, make_response
+from .upstream import UpstreamClient, UpstreamError, make_ssl_context, redirect_target
+from .upstreams import Upstream, public_url_of, upstream_of, validate_public_url
+
+log = logging.getLogger("hub_rewrite")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
+TOKEN_PATH = "/token"
+READ_METHODS = ("GET", "HEAD")
+WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
+
+CORS_HEADERS = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Expose-Headers", "*"),
+]
+PREFLIGHT_HEADERS = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET,POST,PUT,PATCH,TRACE,DELETE,HEAD,OPTIONS"),
+    ("Access-Control-Allow-Headers", "*"),
+    ("Access-Control-Max-Age", "1728000"),
+]
+# Headers of the registry's blob redirect that the client should still get
+# with the CDN's answer (the CDN knows nothing about digests).
+BLOB_HEADERS_KEPT = ("docker-content-digest", "docker-distribution-api-version")
+# Options whose change means a new HTTP client.
+CLIENT_OPTIONS = {
+    "hub_upstream_timeout",
+    "hub_max_buffered_body",
+    "ssl_insecure",
+    "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir",
+}
+
+# flow.metadata keys
+META_BLOB = "hub_blob"  # dict: set on a flow retargeted to stream a blob
+
+
+class HubRewrite:
+    def __init__(self) -> None:
+        self.client: UpstreamClient | None = None
+        # upstream base URL -> token realm learned from that upstream's challenge
+        self.realms: dict[str, str] = {}
+        self.public_url = ""
+
+    # ---- options -------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "hub_config",
+            str,
+            str(DEFAULT_CONFIG),
+            """
+            YAML file of options (same keys as --set) applied at startup.
+            Precedence: defaults < this file < command line. Empty: none.
+            """,
+        )
+        loader.add_option(
+            "hub_public_url",
+            str,
+            "",
+            """
+            The mirror's URL as clients reach it (e.g. https://mirror.example.com);
+            token realms in auth challenges point here. Empty: derived from each
+            client's connection (TLS server name or local address and port).
+            """,
+        )
+        loader.add_option(
+            "hub_official_prefix",
+            str,
+            "library",
+            """
+            Namespace of official images on the upstream: a one-segment name such
+            as "nginx" becomes "library/nginx" in paths and token scopes. Empty: off.
+            """,
+        )
+        loader.add_option(
+            "hub_allow_push",
+            bool,
+            False,
+            """
+            Pass PUT/POST/PATCH/DELETE under /v2/ to the upstream. Off: the mirror
+            is read-only and answers them with 405 UNSUPPORTED.
+            """,
+        )
+        loader.add_option(
+            "hub_upstream_timeout",
+            int,
+            30,
+            "Seconds to wait for the upstream to connect or send data before answering 504.",
+        )
+        loader.add_option(
+            "hub_max_buffered_body",
+            int,
+            16 * 1024 * 1024,
+            """
+            Largest non-blob answer (manifest, tag list, token, error) the mirror
+            buffers, in bytes; larger ones get 502. Blobs are always streamed.
+            """,
+        )
+
+    def apply_config_file(self) -> None:
+        path_option = ctx.options.hub_config
+        if not path_option:
+            return
+        path = Path(path_option).expanduser()
+        if not path.exists():
+            if path == DEFAULT_CONFIG:
+                return  # no file next to the addon: defaults and command line only
+            raise exceptions.OptionsError(f"hub_config: {path} does not exist")
+        data = conffile.read_config(path)
+        try:
+            ctx.options.update(**conffile.options_to_apply(ctx.options, data, str(path)))
+        except (TypeError, ValueError) as e:
+            raise exceptions.OptionsError(f"{path}: {e}") from e
+        log.info("hub_rewrite: options loaded from %s", path)
+
+    def configure(self, updated: set[str]) -> None:
+        if "hub_config" in updated:
+            # Here, not in load(): command-line --set values of addon options are
+            # applied only after load(), and they must win over the file.
+            try:
+                self.apply_config_file()
+            except exceptions.OptionsError as e:
+                # A mirror running with half its configuration is worse than none.
+                log.error("hub_rewrite: %s; stopping", e)
+                master = getattr(ctx, "master", None)
+                if master is not None and hasattr(master, "shutdown"):
+                    master.shutdown()
+                raise
+        if "hub_public_url" in updated:
+            value = ctx.options.hub_public_url
+            try:
+                self.public_url = validate_public_url(value) if value else ""
+            except ValueError as e:
+                raise exceptions.OptionsError(f"hub_public_url {value!r}: {e}") from e
+        if "hub_official_prefix" in updated:
+            prefix = ctx.options.hub_official_prefix
+            if prefix and not names.NAME_RE.fullmatch(prefix):
+                raise exceptions.OptionsError(f"hub_official_prefix {prefix!r} is not a repository namespace")
+        if "hub_upstream_timeout" in updated and ctx.options.hub_upstream_timeout < 1:
+            raise exceptions.OptionsError("hub_upstream_timeout must be at least 1 second")
+        if "hub_max_buffered_body" in updated and ctx.options.hub_max_buffered_body < 65536:
+            raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes")
+        if "mode" in updated:
+            for spec in ctx.options.mode:
+                mode = mode_specs.ProxyMode.parse(spec)
+                if isinstance(mode, mode_specs.ReverseMode) and mode.scheme not in ("http", "https"):
+                    raise exceptions.OptionsError(
+                        f"hub_rewrite serves registries over http or https, not {mode.scheme!r} ({spec})"
+                    )
+        if updated & CLIENT_OPTIONS or self.client is None:
+            self._replace_client()
+
+    def _replace_client(self) -> None:
+        old = self.client
+        self.client = UpstreamClient(
+            make_ssl_context(
+                ctx.options.ssl_insecure,
+                ctx.options.ssl_verify_upstream_trusted_ca,
+                ctx.options.ssl_verify_upstream_trusted_confdir,
+            ),
+            timeout=ctx.options.hub_upstream_timeout,
+            max_body=ctx.options.hub_max_buffered_body,
+        )
+        if old is not None:
+            _close_later(old)
+
+    async def done(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    # ---- hooks ---------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A push allowed through streams its (possibly huge) request body.
+        if flow.request.method in WRITE_METHODS and ctx.options.hub_allow_push and upstream_of(flow):
+            flow.request.stream = True
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        upstream = upstream_of(flow)
+        if upstream is None:
+            return
+        try:
+            response = await self.answer(flow, upstream)
+        except Exception:
+            # A bug must never let the request through unchecked.
+            log.exception("hub_rewrite: internal error on %s %s", flow.request.method, flow.request.path.partition("?")[0])
+            response = error_response(500, "UNKNOWN", "internal error in the mirror")
+        if response is not None:
+            _add_headers(response, CORS_HEADERS)
+            flow.response = response
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        blob = flow.metadata.get(META_BLOB)
+        if blob is None or flow.response is None:
+            return
+        response = flow.response
+        if 200 <= response.status_code < 300:
+            # The CDN's bytes go to the client as they arrive: blobs can be many GB.
+            response.stream = True
+            for name, value in blob["headers"]:
+                if name.lower() not in response.headers:
+                    response.headers[name] = value
+            _add_headers(response, CORS_HEADERS)
+        # error answers are small: left buffered for response() to replace
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        blob = flow.metadata.get(META_BLOB)
+        if blob is None or flow.response is None or flow.response.status_code < 300:
+            return
+        status = flow.response.status_code
+        if status == 416:
+            return  # Range Not Satisfiable is the storage's honest answer
+        log.warning("blob %s: storage at %s answered %d", blob["digest"], flow.request.host, status)
+        if status == 404:
+            flow.response = error_response(404, "BLOB_UNKNOWN", "blob unknown to registry storage")
+        else:
+            flow.response = error_response(
+                502, "UNAVAILABLE", f"blob storage answered {status} {flow.response.reason}"
+            )
+        _add_headers(flow.response, CORS_HEADERS)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(META_BLOB) is not None and flow.error:
+            log.warning("blob transfer from %s failed: %s", flow.request.host, flow.error.msg)
+
+    # ---- the mirror's answers ----------------------------------------
+
+    async def answer(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response | None:
+        """Answer a client request, or retarget the flow and return None."""
+        request = flow.request
+        method = request.method
+        path, _, query = request.path.partition("?")
+        query = f"?{query}" if query else ""
+
+        if method == "OPTIONS":
+            return make_response(204, PREFLIGHT_HEADERS, b"")
+        if path == TOKEN_PATH:
+            return await self.token(flow, upstream)
+        try:
+            route = names.parse_route(path)
+        except names.RouteError as e:
+            return error_response(e.status, e.code, e.message)
+        route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
+        path_and_query = route.path() + query
+
+        if method in WRITE_METHODS:
+            if not ctx.options.hub_allow_push:
+                return error_response(
+                    405, "UNSUPPORTED", "this mirror is read-only", extra_headers=[("Allow", "GET, HEAD")]
+                )
+            request.path = path_and_query
+            return None  # mitmproxy forwards it, body streamed
+        if method not in READ_METHODS:
+            return error_response(405, "UNSUPPORTED", f"method {method} is not supported")
+        if route.kind is names.Kind.BLOB:
+            return await self.blob(flow, upstream, route, path_and_query)
+        return await self.relay(flow, upstream, path_and_query)
+
+    async def relay(self, flow: http.HTTPFlow, upstream: Upstream, path_and_query: str) -> http.Response:
+        """A small exchange made by the mirror itself, redirects followed."""
+        assert self.client is not None
+        url = upstream.url(path_and_query)
+        try:
+            fetched = await self.client.fetch(
+                flow.request.method, url, hdrs.upstream_request_headers(_fields(flow.request.headers))
+            )
+        except UpstreamError as e:
+            log.warning("%s %s: %s", flow.request.method, path_and_query.partition("?")[0], e.message)
+            return error_response(e.status, e.code, e.message)
+        if fetched.redirected_to:
+            flow.comment = f"hub: followed upstream redirect to {fetched.redirected_to}"
+        return self.relayed_response(flow, upstream, fetched.status, fetched.headers, fetched.body)
+
+    async def blob(
+        self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route, path_and_query: str
+    ) -> http.Response | None:
+        """Probe the registry once; stream the blob from wherever it redirects."""
+        assert self.client is not None
+        request = flow.request
+        url = upstream.url(path_and_query)
+        client_headers = _fields(request.headers)
+        try:
+            async with self.client.open(
+                request.method, url, hdrs.upstream_request_headers(client_headers)
+            ) as probe:
+                location = probe.headers.get("location")
+                if probe.status_code in (301, 302, 303, 307, 308) and location:
+                    target = redirect_target(url, location)
+                    kept = [
+                        (k.decode("latin-1"), v.decode("latin-1"))
+                        for k, v in probe.headers.raw
+                        if k.decode("latin-1").lower() in BLOB_HEADERS_KEPT
+                    ]
+                elif 200 <= probe.status_code < 300 and request.method == "GET":
+                    # The registry serves the blob itself: let mitmproxy fetch it
+                    # again so that it streams (a probe's body cannot be handed over).
+                    target, kept = None, []
+                else:
+                    body = b"" if request.method == "HEAD" else await self.client.read_body(probe)
+                    fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in probe.headers.raw]
+                    return self.relayed_response(flow, upstream, probe.status_code, fields, body)
+        except UpstreamError as e:
+            log.warning("%s blob %s: %s", request.method, route.reference, e.message)
+            return error_response(e.status, e.code, e.message)
+
+        flow.metadata[META_BLOB] = {"digest": route.reference, "headers": kept}
+        if target is None:
+            request.path = path_and_query
+            return None
+        # Retarget this flow: mitmproxy opens the connection to the CDN after
+        # this hook and streams its answer back. The client's credentials are
+        # for the registry only (and storage services reject them with 400).
+        for name in hdrs.CREDENTIAL_HEADERS:
+            request.headers.pop(name, None)
+        request.url = target
+        flow.comment = f"hub: blob {route.reference} streamed from {urlsplit(target).hostname}"
+        return None
+
+    async def token(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response:
+        """Forward a token request to the realm learned from the upstream."""
+        assert self.client is not None
+        request = flow.request
+        if request.method not in ("GET", "POST"):
+            return error_response(405, "UNSUPPORTED", "token requests are GET or POST")
+        try:
+            realm = await self.learned_realm(upstream)
+        except UpstreamError as e:
+            return error_response(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
+        if realm is None:
+            return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
+        prefix = ctx.options.hub_official_prefix
+        headers = tokens.token_request_headers(_fields(request.headers))
+        body = None
+        try:
+            query = tokens.rewrite_query(list(request.query.items(multi=True)), prefix)
+            if request.method == "POST":
+                body = tokens.rewrite_form(request.raw_content or b"", prefix)
+                headers = hdrs.without(headers, ["content-type"]) + [("Content-Type", tokens.FORM_TYPE)]
+        except (tokens.TokenRequestError, UnicodeDecodeError) as e:
+            return error_response(400, "UNSUPPORTED", f"malformed token request: {e}")
+        try:
+            # Not following redirects: the credentials go to this realm only.
+            fetched = await self.client.fetch(
+                request.method, tokens.realm_url(realm, query), headers, content=body, follow_redirects=False
+            )
+        except UpstreamError as e:
+            log.warning("token request to %s: %s", urlsplit(realm).hostname, e.message)
+            return error_response(e.status, e.code, f"token service: {e.message}")
+        answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
+        return make_response(fetched.status, _with_length(answer_headers, fetched.body, request.method), fetched.body)
+
+    async def learned_realm(self, upstream: Upstream) -> str | None:
+        """The upstream's token realm; asks its /v2/ once if no challenge was seen yet."""
+        realm = self.realms.get(upstream.base)
+        if realm is None:
+            assert self.client is not None
+            fetched = await self.client.fetch("GET", upstream.url("/v2/"), [], follow_redirects=False)
+            self.learn_challenges(upstream, fetched.headers)
+            realm = self.realms.get(upstream.base)
+        return realm
+
+    def learn_challenges(self, upstream: Upstream, fields: list[tuple[str, str]]) -> None:
+        for name, value in fields:
+            if name.lower() != "www-authenticate":
+                continue
+            try:
+                parsed = challenge.parse_challenges(value)
+            except challenge.ChallengeError:
+                continue
+            for c in parsed:
+                realm = c.get("realm")
+                if c.is_bearer and realm and urlsplit(realm).scheme in ("http", "https"):
+                    self.realms[upstream.base] = realm
+
+    def relayed_response(
+        self,
+        flow: http.HTTPFlow,
+        upstream: Upstream,
+        status: int,
+        fields: list[tuple[str, str]],
+        body: bytes,
+    ) -> http.Response:
+        """An upstream answer as the client should see it."""
+        self.learn_challenges(upstream, fields)
+        token_url = (self.public_url or public_url_of(flow.client_conn)) + TOKEN_PATH
+        out: list[tuple[str, str]] = []
+        for name, value in hdrs.end_to_end(fields):
+            if name.lower() == "www-authenticate":
+                value = _rewrite_realm(value, token_url)
+            elif name.lower() in ("set-cookie", "location"):
+                continue  # the client only ever talks to the mirror
+            out.append((name, value))
+        return make_response(status, _with_length(out, body, flow.request.method), body)
+
+
+def _rewrite_realm(value: str, token_url: str) -> str:
+    """Point every Bearer realm at the mirror; service, scope and error stay."""
+    try:
+        parsed = challenge.parse_challenges(value)
+    except challenge.ChallengeError:
+        return value
+    rewritten = [c.with_param("realm", token_url) if c.is_bearer and c.get("realm") else c for c in parsed]
+    return challenge.format_challenges(rewritten)
+
+
+def _fields(headers: http.Headers) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+
+
+def _with_length(fields: list[tuple[str, str]], body: bytes, method: str) -> list[tuple[str, str]]:
+    """Frame a buffered body: its length, unless this answers a HEAD (keep the GET's)."""
+    if method == "HEAD":
+        return fields
+    return hdrs.without(fields, ["content-length"]) + [("Content-Length", str(len(body)))]
+
+
+def _add_headers(response: http.Response, fields: list[tuple[str, str]]) -> None:
+    for name, value in fields:
+        if name not in response.headers:
+            response.headers[name] = value
+
+
+def _close_later(client: UpstreamClient) -> None:
+    try:
+        asyncio.get_running_loop().create_task(client.aclose())
+    except RuntimeError:
+        pass  # no loop (tests, shutdown): the client is garbage collected

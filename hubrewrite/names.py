@@ -1,0 +1,172 @@
+"""The registry API's URL space: which route a path is, and whether it is valid.
+
+Grammar from the distribution spec (reference/regexp.go in distribution 2.8):
+repository names are lower-case path components, tags are at most 128
+characters, digests are ``algorithm:hex``. Anything else is refused before a
+byte goes upstream, so traversal tricks such as ``/v2/../../etc/passwd`` or
+``%2e%2e`` never reach a registry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from enum import Enum
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
+MAX_NAME_LENGTH = 255
+# The only algorithms the mirror can verify; others are refused as invalid.
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_HEX_RE = re.compile(r"[0-9a-f]+")
+# /v2/<name>/blobs/uploads/ and /v2/<name>/blobs/uploads/<session id>
+_UPLOAD_RE = re.compile(r"(.+)/blobs/uploads/([A-Za-z0-9_=-]*)")
+
+
+class Kind(Enum):
+    BASE = "base"  # /v2/
+    MANIFEST = "manifest"  # /v2/<name>/manifests/<tag|digest>
+    BLOB = "blob"  # /v2/<name>/blobs/<digest>
+    UPLOAD = "upload"  # /v2/<name>/blobs/uploads/...
+    TAGS = "tags"  # /v2/<name>/tags/list
+    REFERRERS = "referrers"  # /v2/<name>/referrers/<digest> (OCI 1.1)
+    CATALOG = "catalog"  # /v2/_catalog
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    name: str = ""
+    reference: str = ""  # tag or digest; for uploads, the rest of the path
+
+    @property
+    def is_digest(self) -> bool:
+        return ":" in self.reference
+
+    def path(self) -> str:
+        """The /v2/ path this route stands for (query not included)."""
+        match self.kind:
+            case Kind.BASE:
+                return "/v2/"
+            case Kind.CATALOG:
+                return "/v2/_catalog"
+            case Kind.MANIFEST:
+                return f"/v2/{self.name}/manifests/{self.reference}"
+            case Kind.BLOB:
+                return f"/v2/{self.name}/blobs/{self.reference}"
+            case Kind.UPLOAD:
+                return f"/v2/{self.name}/blobs/uploads/{self.reference}"
+            case Kind.TAGS:
+                return f"/v2/{self.name}/tags/list"
+            case Kind.REFERRERS:
+                return f"/v2/{self.name}/referrers/{self.reference}"
+        raise AssertionError(self.kind)
+
+
+class RouteError(ValueError):
+    """A path that is not a valid registry API path.
+
+    ``code`` and ``status`` are what the registry spec answers for it.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def validate_name(name: str) -> None:
+    if len(name) > MAX_NAME_LENGTH:
+        raise RouteError(400, "NAME_INVALID", f"repository name longer than {MAX_NAME_LENGTH} characters")
+    if not NAME_RE.fullmatch(name):
+        raise RouteError(400, "NAME_INVALID", "invalid repository name")
+
+
+def validate_digest(digest: str) -> None:
+    if not DIGEST_RE.fullmatch(digest):
+        raise RouteError(400, "DIGEST_INVALID", "invalid digest")
+    algorithm, hex_part = digest.split(":", 1)
+    expected = DIGEST_HEX_LENGTHS.get(algorithm)
+    if expected is None:
+        raise RouteError(400, "DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}")
+    if len(hex_part) != expected or not _HEX_RE.fullmatch(hex_part):
+        raise RouteError(400, "DIGEST_INVALID", f"invalid {algorithm} digest")
+
+
+def validate_reference(reference: str) -> None:
+    if ":" in reference:
+        validate_digest(reference)
+    elif not TAG_RE.fullmatch(reference):
+        raise RouteError(400, "TAG_INVALID", "invalid tag")
+
+
+def parse_route(path: str) -> Route:
+    """Parse the raw (still percent-encoded) path of a request, without query.
+
+    Raises RouteError for anything outside the API's grammar.
+    """
+    if not path.startswith("/v2/") and path != "/v2":
+        raise RouteError(404, "UNSUPPORTED", "not a registry API path")
+    if "%" in path or "\\" in path:
+        # Nothing in the API grammar is ever percent-encoded; an encoded
+        # character is an attempt to smuggle '/', '.' or a control byte.
+        raise RouteError(400, "NAME_INVALID", "percent-encoded characters are not allowed in registry paths")
+    if path in ("/v2", "/v2/"):
+        return Route(Kind.BASE)
+    rest = path[len("/v2/"):]
+    if rest == "_catalog":
+        return Route(Kind.CATALOG)
+    upload = _UPLOAD_RE.fullmatch(rest)
+    if upload:
+        # the one route that may end in '/': starting an upload
+        validate_name(upload.group(1))
+        return Route(Kind.UPLOAD, upload.group(1), upload.group(2))
+    segments = rest.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise RouteError(400, "NAME_INVALID", "empty or relative path segments are not allowed")
+
+    if len(segments) >= 3 and segments[-2] == "tags" and segments[-1] == "list":
+        name = "/".join(segments[:-2])
+        validate_name(name)
+        return Route(Kind.TAGS, name)
+    if len(segments) >= 3 and segments[-2] in ("manifests", "blobs", "referrers"):
+        name = "/".join(segments[:-2])
+        validate_name(name)
+        reference = segments[-1]
+        if segments[-2] == "manifests":
+            validate_reference(reference)
+            return Route(Kind.MANIFEST, name, reference)
+        validate_digest(reference)
+        kind = Kind.BLOB if segments[-2] == "blobs" else Kind.REFERRERS
+        return Route(kind, name, reference)
+    raise RouteError(404, "UNSUPPORTED", "unknown registry API path")
+
+
+def with_official_prefix(route: Route, prefix: str) -> Route:
+    """Docker Hub keeps official images under ``library/``: ``nginx`` is ``library/nginx``."""
+    if not prefix or not route.name or "/" in route.name:
+        return route
+    return replace(route, name=f"{prefix}/{route.name}")
+
+
+def official_name(name: str, prefix: str) -> str:
+    if not prefix or not name or "/" in name:
+        return name
+    return f"{prefix}/{name}"
+
+
+def rewrite_scope(scope: str, prefix: str) -> str:
+    """Apply the ``library/`` rule to one token scope, e.g. ``repository:nginx:pull``.
+
+    A scope is ``type:name:actions``; names may contain ':' only in the
+    resource-type's class suffix (``repository(plugin):...``), never in the name,
+    so the name is the text between the first and the last ':'.
+    """
+    parts = scope.split(":")
+    if len(parts) < 3 or not parts[0].startswith("repository"):
+        return scope
+    name = ":".join(parts[1:-1])
+    return ":".join([parts[0], official_name(name, prefix), parts[-1]])

@@ -1,0 +1,177 @@
+"""The mirror's own HTTP client for talking to registries and token services.
+
+mitmproxy forwards blob bodies (it streams them); everything small the mirror
+needs to look at or answer for (manifests, tag lists, tokens, error bodies,
+redirect probes) goes through this client, so that every failure becomes a
+registry error instead of mitmproxy's HTML error page.
+"""
+
+from __future__ import annotations
+
+import ssl
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from urllib.parse import urljoin, urlsplit
+
+import certifi
+import httpx
+
+from . import headers as hdrs
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+
+
+class UpstreamError(Exception):
+    """An upstream exchange that failed; carries the registry error to answer with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Fetched:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    url: str  # where the answer finally came from (after redirects)
+    redirected_to: str | None = None  # host of the last redirect target, for logs
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+def make_ssl_context(insecure: bool, ca_file: str | None, ca_dir: str | None) -> ssl.SSLContext:
+    """The same trust decisions mitmproxy makes for its own upstream connections."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if ca_file or ca_dir:
+        return ssl.create_default_context(cafile=ca_file, capath=ca_dir)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def redirect_target(base_url: str, location: str) -> str:
+    """Resolve a Location header; only http(s) targets are ever followed."""
+    target = urljoin(base_url, location.strip())
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamError(502, "UNAVAILABLE", "upstream redirected to an unsupported location")
+    return target
+
+
+def describe_error(exc: Exception) -> UpstreamError:
+    """Map a transport failure to what the client is told (no URLs: they may be signed)."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(504, "UNAVAILABLE", "upstream did not answer in time")
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        if isinstance(exc.__cause__, ssl.SSLError) or "SSL" in text or "certificate" in text.lower():
+            return UpstreamError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {text}")
+        return UpstreamError(502, "UNAVAILABLE", f"upstream unreachable: {text}")
+    if isinstance(exc, httpx.HTTPError):
+        return UpstreamError(502, "UNAVAILABLE", f"upstream connection failed: {type(exc).__name__}")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {exc}")
+    if isinstance(exc, OSError):
+        return UpstreamError(502, "UNAVAILABLE", f"upstream unreachable: {exc}")
+    raise exc
+
+
+class UpstreamClient:
+    def __init__(self, verify: ssl.SSLContext, timeout: float, max_body: int) -> None:
+        self.max_body = max_body
+        self._client = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=40),
+            trust_env=False,  # never route through a proxy from the environment
+        )
+        # httpx adds Accept and Accept-Encoding of its own; the registry must see
+        # exactly what the client asked for (Accept picks the manifest type, and a
+        # compressed answer must only go to a client that asked for one).
+        for name in ("accept", "accept-encoding"):
+            del self._client.headers[name]
+        self._client.headers["user-agent"] = "hub-rewrite"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, url: str, headers: list[tuple[str, str]]
+    ) -> AsyncIterator[httpx.Response]:
+        """One request, no redirects followed, body not yet read."""
+        try:
+            request = self._client.build_request(method, url, headers=headers)
+            response = await self._client.send(request, stream=True)
+        except Exception as exc:
+            raise describe_error(exc) from exc
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def read_body(self, response: httpx.Response) -> bytes:
+        """The raw (still content-encoded) body, refusing anything too big to buffer."""
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise UpstreamError(502, "UNAVAILABLE", "upstream answer too large to relay")
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > self.max_body:
+                    raise UpstreamError(502, "UNAVAILABLE", "upstream answer too large to relay")
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise describe_error(exc) from exc
+        return bytes(body)
+
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        content: bytes | None = None,
+        follow_redirects: bool = True,
+    ) -> Fetched:
+        """A whole (small) exchange; redirects of GET/HEAD are followed without credentials."""
+        redirected_to: str | None = None
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                request = self._client.build_request(method, url, headers=headers, content=content)
+                response = await self._client.send(request, stream=True)
+            except Exception as exc:
+                raise describe_error(exc) from exc
+            try:
+                location = response.headers.get("location")
+                if (
+                    follow_redirects
+                    and method in ("GET", "HEAD")
+                    and response.status_code in REDIRECT_STATUSES
+                    and location
+                ):
+                    url = redirect_target(url, location)
+                    headers = hdrs.without(headers, hdrs.CREDENTIAL_HEADERS)
+                    redirected_to = urlsplit(url).hostname
+                    continue
+                body = b"" if method == "HEAD" else await self.read_body(response)
+                fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+                return Fetched(response.status_code, fields, body, url, redirected_to)
+            finally:
+                await response.aclose()
+        raise UpstreamError(502, "UNAVAILABLE", "upstream redirected too many times")

@@ -1,0 +1,447 @@
+"""The addon's hooks, driven with mitmproxy's test helpers against a real
+loopback HTTP server standing in for the upstream registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.addons import block, dumper, proxyserver
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow
+
+from hubrewrite.addon import HubRewrite, META_BLOB
+
+from .recording_server import Canned, RecordingServer, closed_port
+
+DIGEST = "sha256:" + "b" * 64
+CHALLENGE = 'Bearer realm="{realm}",service="test-registry",scope="repository:library/nginx:pull"'
+INDEX_TYPES = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+]
+
+
+def with_core_addons(addon):
+    """The addons whose options mitm.conf sets, as in a real mitmdump."""
+    return [addon, proxyserver.Proxyserver(), block.Block(), dumper.Dumper()]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_flow(upstream_url: str, method: str, path: str, headers=(), content=b"", mode: str | None = None) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.client_conn.proxy_mode = ProxyMode.parse(mode or f"reverse:{upstream_url}")
+    flow.client_conn.sockname = ("127.0.0.1", 5000)
+    flow.client_conn.timestamp_tls_setup = None
+    flow.client_conn.sni = None
+    fields = [(k.encode(), v.encode()) for k, v in headers]
+    flow.request = http.Request.make(method, upstream_url + path, content, http.Headers(fields))
+    return flow
+
+
+@pytest.fixture
+def upstream():
+    with RecordingServer() as server:
+        yield server
+
+
+@pytest.fixture
+def addon_ctx(tmp_path):
+    addon = HubRewrite()
+    with taddons.context(*with_core_addons(addon)) as tctx:
+        tctx.configure(addon, hub_config="")
+        yield addon, tctx
+
+
+def body_json(response: http.Response) -> dict:
+    return json.loads(response.content)
+
+
+def test_not_reverse_mode_flows_pass_untouched(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, "GET", "/v2/../x", mode="regular")
+    run(addon.request(flow))
+    assert flow.response is None
+    assert upstream.received == []
+
+
+def test_cors_preflight(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, "OPTIONS", "/v2/library/nginx/manifests/latest")
+    run(addon.request(flow))
+    assert flow.response.status_code == 204
+    assert flow.response.headers["access-control-allow-origin"] == "*"
+    assert "GET" in flow.response.headers["access-control-allow-methods"]
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    "path,status,code",
+    [
+        ("/v2/../../etc/passwd", 400, "NAME_INVALID"),
+        ("/v2/%2e%2e/x/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/a/blobs/md5:00", 400, "DIGEST_INVALID"),
+        ("/admin", 404, "UNSUPPORTED"),
+    ],
+)
+def test_bad_paths_get_registry_errors_and_never_reach_upstream(addon_ctx, upstream, path, status, code):
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, "GET", path)
+    run(addon.request(flow))
+    assert flow.response.status_code == status
+    assert body_json(flow.response)["errors"][0]["code"] == code
+    assert flow.response.headers["content-type"].startswith("application/json")
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+def test_read_only_by_default(addon_ctx, upstream, method):
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, method, "/v2/nginx/manifests/latest", content=b"{}")
+    run(addon.request(flow))
+    assert flow.response.status_code == 405
+    assert body_json(flow.response)["errors"][0]["code"] == "UNSUPPORTED"
+    assert upstream.received == []
+
+
+def test_push_passes_through_when_allowed(addon_ctx, upstream):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_allow_push=True)
+    flow = make_flow(upstream.url, "PATCH", "/v2/nginx/blobs/uploads/abc")
+    addon.requestheaders(flow)
+    assert flow.request.stream
+    run(addon.request(flow))
+    assert flow.response is None  # mitmproxy forwards it
+    assert flow.request.path == "/v2/library/nginx/blobs/uploads/abc"
+
+
+def test_base_challenge_realm_points_at_mirror(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    realm = upstream.url + "/auth/token"
+    upstream.routes[("GET", "/v2/")] = Canned(
+        401,
+        [("WWW-Authenticate", f'Bearer realm="{realm}",service="test-registry"'), ("Content-Type", "application/json")],
+        b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+    )
+    flow = make_flow(upstream.url, "GET", "/v2/")
+    run(addon.request(flow))
+    assert flow.response.status_code == 401
+    assert flow.response.headers["www-authenticate"] == (
+        'Bearer realm="http://127.0.0.1:5000/token",service="test-registry"'
+    )
+    assert addon.realms[upstream.url] == realm
+
+
+def test_public_url_option_used_for_realm(addon_ctx, upstream):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_public_url="https://mirror.example.com/")
+    upstream.routes[("GET", "/v2/library/nginx/manifests/latest")] = Canned(
+        401, [("WWW-Authenticate", CHALLENGE.format(realm="https://auth.example/token") + ',error="insufficient_scope"')]
+    )
+    flow = make_flow(upstream.url, "GET", "/v2/nginx/manifests/latest")
+    run(addon.request(flow))
+    assert flow.response.headers["www-authenticate"] == (
+        'Bearer realm="https://mirror.example.com/token",service="test-registry",'
+        'scope="repository:library/nginx:pull",error="insufficient_scope"'
+    )
+
+
+def test_public_url_from_tls_server_name(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/v2/")] = Canned(401, [("WWW-Authenticate", 'Bearer realm="http://a/t"')])
+    flow = make_flow(upstream.url, "GET", "/v2/")
+    flow.client_conn.timestamp_tls_setup = 1.0
+    flow.client_conn.sni = "mirror.example"
+    flow.client_conn.sockname = ("::ffff:10.0.0.1", 8443)
+    run(addon.request(flow))
+    assert flow.response.headers["www-authenticate"] == 'Bearer realm="https://mirror.example:8443/token"'
+
+
+def test_invalid_public_url_is_an_options_error(addon_ctx):
+    addon, tctx = addon_ctx
+    for bad in ("mirror.example", "ftp://x", "https://u:p@x", "https://x/?q=1"):
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, hub_public_url=bad)
+
+
+def test_manifest_relay_keeps_headers_and_accept_order(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    manifest = b'{"schemaVersion":2}'
+    upstream.routes[("*", "/v2/library/nginx/manifests/1.27")] = Canned(
+        200,
+        [
+            ("Content-Type", "application/vnd.oci.image.index.v1+json"),
+            ("Docker-Content-Digest", DIGEST),
+            ("ETag", f'"{DIGEST}"'),
+            ("ratelimit-limit", "100;w=21600"),
+            ("ratelimit-remaining", "99;w=21600"),
+            ("docker-ratelimit-source", "127.0.0.1"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "1"),
+            ("Set-Cookie", "tracking=1"),
+        ],
+        manifest,
+    )
+    headers = [("Accept", t) for t in INDEX_TYPES] + [("Authorization", "Bearer tok")]
+    flow = make_flow(upstream.url, "GET", "/v2/nginx/manifests/1.27", headers=headers)
+    run(addon.request(flow))
+    response = flow.response
+    assert response.status_code == 200
+    assert response.content == manifest
+    assert response.headers["docker-content-digest"] == DIGEST
+    assert response.headers["content-type"] == "application/vnd.oci.image.index.v1+json"
+    assert response.headers["etag"] == f'"{DIGEST}"'
+    assert response.headers["ratelimit-remaining"] == "99;w=21600"
+    assert response.headers["docker-ratelimit-source"] == "127.0.0.1"
+    assert response.headers["content-length"] == str(len(manifest))
+    assert "x-hop" not in response.headers and "set-cookie" not in response.headers
+    [received] = upstream.received
+    assert received.path == "/v2/library/nginx/manifests/1.27"
+    assert received.all("accept") == INDEX_TYPES
+    assert received.header("authorization") == "Bearer tok"
+
+
+def test_head_manifest_keeps_content_length(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("HEAD", "/v2/library/nginx/manifests/1.27")] = Canned(
+        200, [("Docker-Content-Digest", DIGEST), ("Content-Length", "1234")]
+    )
+    flow = make_flow(upstream.url, "HEAD", "/v2/library/nginx/manifests/1.27")
+    run(addon.request(flow))
+    assert flow.response.status_code == 200
+    assert flow.response.headers["content-length"] == "1234"
+    assert flow.response.headers["docker-content-digest"] == DIGEST
+
+
+def test_small_redirect_followed_without_credentials(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/v2/library/nginx/tags/list")] = Canned(307, [("Location", "/elsewhere/tags?sig=1")])
+    upstream.routes[("GET", "/elsewhere/tags")] = Canned(200, [("Content-Type", "application/json")], b'{"tags":[]}')
+    flow = make_flow(upstream.url, "GET", "/v2/nginx/tags/list", headers=[("Authorization", "Bearer tok")])
+    run(addon.request(flow))
+    assert flow.response.status_code == 200
+    assert flow.response.content == b'{"tags":[]}'
+    first, second = upstream.received
+    assert first.header("authorization") == "Bearer tok"
+    assert second.path == "/elsewhere/tags?sig=1"
+    assert second.header("authorization") is None
+
+
+def test_blob_redirect_retargets_flow_without_credentials(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    cdn = "http://127.0.0.2:9999/docker/registry/v2/blobs/sha256/bb/x/data?expires=1&signature=abc"
+    upstream.routes[("GET", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(
+        307, [("Location", cdn), ("Docker-Content-Digest", DIGEST)]
+    )
+    headers = [("Authorization", "Bearer tok"), ("Cookie", "a=b"), ("Range", "bytes=10-19"), ("Accept", "*/*")]
+    flow = make_flow(upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}", headers=headers)
+    run(addon.request(flow))
+    assert flow.response is None
+    assert flow.request.url == cdn
+    assert "authorization" not in flow.request.headers
+    assert "cookie" not in flow.request.headers
+    assert flow.request.headers["range"] == "bytes=10-19"
+    assert flow.metadata[META_BLOB]["digest"] == DIGEST
+    [probe] = upstream.received
+    assert probe.header("authorization") == "Bearer tok"
+    assert probe.header("range") == "bytes=10-19"
+
+    # the CDN's answer is streamed and carries the digest the registry named
+    flow.response = http.Response.make(206, b"", {"Content-Range": "bytes 10-19/100", "Content-Length": "10"})
+    addon.responseheaders(flow)
+    assert flow.response.stream
+    assert flow.response.headers["docker-content-digest"] == DIGEST
+
+
+def test_blob_storage_error_becomes_registry_error(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, "GET", f"/v2/library/nginx/blobs/{DIGEST}")
+    flow.metadata[META_BLOB] = {"digest": DIGEST, "headers": []}
+    flow.response = http.Response.make(403, b"<Error>AccessDenied</Error>", {"Content-Type": "application/xml"})
+    addon.responseheaders(flow)
+    assert not flow.response.stream
+    addon.response(flow)
+    assert flow.response.status_code == 502
+    assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_blob_served_directly_by_registry_is_fetched_by_mitmproxy(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(200, [("Docker-Content-Digest", DIGEST)], b"x" * 10)
+    flow = make_flow(upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}")
+    run(addon.request(flow))
+    assert flow.response is None
+    assert flow.request.url == f"{upstream.url}/v2/library/nginx/blobs/{DIGEST}"
+    head = make_flow(upstream.url, "HEAD", f"/v2/nginx/blobs/{DIGEST}")
+    run(addon.request(head))
+    assert head.response.status_code == 200
+    assert head.response.headers["content-length"] == "10"
+
+
+def test_blob_unauthorized_answer_relayed_with_rewritten_challenge(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(
+        401, [("WWW-Authenticate", CHALLENGE.format(realm="http://auth.example/token"))], b'{"errors":[]}'
+    )
+    flow = make_flow(upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}")
+    run(addon.request(flow))
+    assert flow.response.status_code == 401
+    assert 'realm="http://127.0.0.1:5000/token"' in flow.response.headers["www-authenticate"]
+
+
+def after_challenge(addon, upstream, realm, flow):
+    """Let the addon see the upstream's challenge, then handle flow (one event loop:
+    the addon's HTTP client keeps its connections)."""
+    upstream.routes[("GET", "/v2/")] = Canned(401, [("WWW-Authenticate", f'Bearer realm="{realm}",service="test-registry"')])
+
+    async def scenario():
+        await addon.request(make_flow(upstream.url, "GET", "/v2/"))
+        upstream.received.clear()
+        await addon.request(flow)
+
+    run(scenario())
+
+
+def test_token_get_goes_to_learned_realm_with_credentials(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], b'{"token":"t"}')
+    flow = make_flow(
+        upstream.url,
+        "GET",
+        "/token?service=test-registry&scope=repository:nginx:pull&scope=repository:a/b:pull&offline_token=true"
+        "&account=alice&realm=http://evil.example/",
+        headers=[("Authorization", "Basic YWxpY2U6cHc="), ("Cookie", "x=1")],
+    )
+    after_challenge(addon, upstream, upstream.url + "/auth/token", flow)
+    assert flow.response.status_code == 200
+    assert flow.response.content == b'{"token":"t"}'
+    [received] = upstream.received
+    assert received.path.startswith("/auth/token?")
+    assert "scope=repository%3Alibrary%2Fnginx%3Apull&scope=repository%3Aa%2Fb%3Apull" in received.path
+    assert received.header("authorization") == "Basic YWxpY2U6cHc="
+    assert received.header("cookie") is None
+
+
+def test_token_wrong_credentials_get_upstream_401(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/auth/token")] = Canned(401, [("Content-Type", "application/json")], b'{"details":"incorrect username or password"}')
+    flow = make_flow(upstream.url, "GET", "/token?service=test-registry", headers=[("Authorization", "Basic eDp5")])
+    after_challenge(addon, upstream, upstream.url + "/auth/token", flow)
+    assert flow.response.status_code == 401
+    assert b"incorrect" in flow.response.content
+
+
+def test_token_post_form_rewritten(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("POST", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], b'{"access_token":"t"}')
+    body = b"grant_type=refresh_token&refresh_token=r&client_id=containerd&scope=repository%3Anginx%3Apull&service=test-registry"
+    flow = make_flow(upstream.url, "POST", "/token", headers=[("Content-Type", "application/x-www-form-urlencoded")], content=body)
+    after_challenge(addon, upstream, upstream.url + "/auth/token", flow)
+    assert flow.response.status_code == 200
+    [received] = upstream.received
+    assert b"scope=repository%3Alibrary%2Fnginx%3Apull" in received.body
+    assert b"refresh_token=r" in received.body
+
+
+def test_token_learns_realm_when_none_seen_yet(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/v2/")] = Canned(401, [("WWW-Authenticate", f'Bearer realm="{upstream.url}/auth/token"')])
+    upstream.routes[("GET", "/auth/token")] = Canned(200, [], b"{}")
+    flow = make_flow(upstream.url, "GET", "/token?service=x")
+    run(addon.request(flow))
+    assert flow.response.status_code == 200
+    assert [r.path.partition("?")[0] for r in upstream.received] == ["/v2/", "/auth/token"]
+
+
+def test_upstream_unreachable_is_registry_error():
+    addon = HubRewrite()
+    with taddons.context(*with_core_addons(addon)) as tctx:
+        tctx.configure(addon, hub_config="")
+        flow = make_flow(f"http://127.0.0.1:{closed_port()}", "GET", "/v2/library/nginx/manifests/latest")
+        run(addon.request(flow))
+        assert flow.response.status_code == 502
+        assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_upstream_timeout_is_504(addon_ctx, upstream):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_upstream_timeout=1)
+    upstream.routes[("GET", "/v2/library/nginx/manifests/latest")] = Canned(delay_forever=True)
+    flow = make_flow(upstream.url, "GET", "/v2/nginx/manifests/latest")
+    run(addon.request(flow))
+    assert flow.response.status_code == 504
+    assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_oversized_answer_refused(addon_ctx, upstream):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_max_buffered_body=65536)
+    upstream.routes[("GET", "/v2/library/nginx/tags/list")] = Canned(200, [], b"x" * 70000)
+    flow = make_flow(upstream.url, "GET", "/v2/nginx/tags/list")
+    run(addon.request(flow))
+    assert flow.response.status_code == 502
+
+
+def configured(conf_path: Path, **cli):
+    addon = HubRewrite()
+    ctx = taddons.context(*with_core_addons(addon))
+    tctx = ctx.__enter__()
+    for key, value in cli.items():
+        setattr(tctx.options, key, value)  # as if given with --set
+    return addon, tctx, ctx
+
+
+def test_config_file_applies_where_command_line_is_silent(tmp_path: Path):
+    conf = tmp_path / "mitm.conf"
+    conf.write_text("hub_upstream_timeout: 7\nhub_official_prefix: official\nhttp2: false\n")
+    addon, tctx, ctx = configured(conf, hub_official_prefix="cli")
+    try:
+        tctx.configure(addon, hub_config=str(conf))
+        assert tctx.options.hub_upstream_timeout == 7
+        assert tctx.options.http2 is False
+        assert tctx.options.hub_official_prefix == "cli"
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("bogus: 1\n", "unknown option"),
+        ("listen_port: 5000\n", "listeners"),
+        ("mode: [regular]\n", "listeners"),
+        ("hub_upstream_timeout: [1, 2]\n", "hub_upstream_timeout"),
+        ("a: [unclosed\n", "line"),
+        (None, "does not exist"),
+    ],
+)
+def test_config_file_errors_are_clear(tmp_path: Path, text, message):
+    conf = tmp_path / "mitm.conf"
+    if text is not None:
+        conf.write_text(text)
+    addon, tctx, ctx = configured(conf)
+    try:
+        with pytest.raises(exceptions.OptionsError, match=message):
+            tctx.configure(addon, hub_config=str(conf))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_shipped_mitm_conf_loads(tmp_path: Path):
+    from hubrewrite.addon import DEFAULT_CONFIG
+
+    addon, tctx, ctx = configured(DEFAULT_CONFIG)
+    try:
+        tctx.configure(addon, hub_config=str(DEFAULT_CONFIG))
+        assert tctx.options.http2 is False
+        assert tctx.options.stream_large_bodies == "1m"
+        assert tctx.options.block_global is False
+    finally:
+        ctx.__exit__(None, None, None)

@@ -1,0 +1,77 @@
+import pytest
+
+from hubrewrite.names import Kind, RouteError, official_name, parse_route, rewrite_scope, with_official_prefix
+
+D = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    "path,kind,name,ref",
+    [
+        ("/v2/", Kind.BASE, "", ""),
+        ("/v2", Kind.BASE, "", ""),
+        ("/v2/_catalog", Kind.CATALOG, "", ""),
+        ("/v2/library/nginx/manifests/1.27", Kind.MANIFEST, "library/nginx", "1.27"),
+        (f"/v2/nginx/manifests/{D}", Kind.MANIFEST, "nginx", D),
+        (f"/v2/a/b/c/blobs/{D}", Kind.BLOB, "a/b/c", D),
+        ("/v2/a/b/tags/list", Kind.TAGS, "a/b", ""),
+        ("/v2/a/blobs/uploads/", Kind.UPLOAD, "a", ""),
+        ("/v2/a/blobs/uploads/uuid-1", Kind.UPLOAD, "a", "uuid-1"),
+        (f"/v2/a/referrers/{D}", Kind.REFERRERS, "a", D),
+        # a repository may itself be called "manifests" or "tags"
+        ("/v2/tags/manifests/latest", Kind.MANIFEST, "tags", "latest"),
+    ],
+)
+def test_valid_routes(path, kind, name, ref):
+    route = parse_route(path)
+    assert (route.kind, route.name, route.reference) == (kind, name, ref)
+    if kind not in (Kind.BASE,):
+        assert route.path() == path
+
+
+@pytest.mark.parametrize(
+    "path,status,code",
+    [
+        ("/v2/../../etc/passwd", 400, "NAME_INVALID"),
+        ("/v2/%2e%2e/%2e%2e/etc/passwd", 400, "NAME_INVALID"),
+        ("/v2/a//b/manifests/x", 400, "NAME_INVALID"),
+        ("/v2/Upper/manifests/x", 400, "NAME_INVALID"),
+        ("/v2/" + "a" * 256 + "/manifests/x", 400, "NAME_INVALID"),
+        ("/v2/a/manifests/" + "t" * 129, 400, "TAG_INVALID"),
+        ("/v2/a/manifests/-bad", 400, "TAG_INVALID"),
+        ("/v2/a/blobs/md5:abcd", 400, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha256:abcd", 400, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+        ("/v2/a/blobs/latest", 400, "DIGEST_INVALID"),
+        ("/etc/passwd", 404, "UNSUPPORTED"),
+        ("/v2/a/unknown/x", 404, "UNSUPPORTED"),
+        ("/v2/a\\b/manifests/x", 400, "NAME_INVALID"),
+    ],
+)
+def test_invalid_routes(path, status, code):
+    with pytest.raises(RouteError) as e:
+        parse_route(path)
+    assert (e.value.status, e.value.code) == (status, code)
+
+
+def test_official_prefix_only_for_single_segment_names():
+    assert with_official_prefix(parse_route("/v2/nginx/manifests/1"), "library").name == "library/nginx"
+    assert with_official_prefix(parse_route("/v2/bitnami/nginx/manifests/1"), "library").name == "bitnami/nginx"
+    assert with_official_prefix(parse_route("/v2/nginx/manifests/1"), "").name == "nginx"
+    assert with_official_prefix(parse_route("/v2/"), "library").name == ""
+    assert official_name("nginx", "library") == "library/nginx"
+
+
+@pytest.mark.parametrize(
+    "scope,expected",
+    [
+        ("repository:nginx:pull", "repository:library/nginx:pull"),
+        ("repository:library/nginx:pull", "repository:library/nginx:pull"),
+        ("repository:a/b:pull,push", "repository:a/b:pull,push"),
+        ("repository(plugin):nginx:pull", "repository(plugin):library/nginx:pull"),
+        ("registry:catalog:*", "registry:catalog:*"),
+        ("garbage", "garbage"),
+    ],
+)
+def test_rewrite_scope(scope, expected):
+    assert rewrite_scope(scope, "library") == expected
