@@ -31,6 +31,10 @@ from .upstream import UpstreamClient, UpstreamError, make_ssl_context, redirect_
 from .upstreams import Upstream, public_url_of, upstream_of, validate_public_url
 
 log = logging.getLogger("hub_rewrite")
+# httpx logs every request URL at INFO; signed CDN URLs and token queries stay
+# out of the mirror's log (it writes its own lines).
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
@@ -336,6 +340,10 @@ class HubRewrite:
             log.warning("%s blob %s: %s", request.method, route.reference, e.message)
             return error_response(e.status, e.code, e.message)
 
+        if not any(name.lower() == "docker-content-digest" for name, _ in kept):
+            # distribution's redirect does not carry it, the CDN knows nothing
+            # of digests, but clients (containerd) use it: the path names it.
+            kept.append(("Docker-Content-Digest", route.reference))
         flow.metadata[META_BLOB] = {"digest": route.reference, "headers": kept}
         if target is None:
             request.path = path_and_query

@@ -1,0 +1,61 @@
+# Shared setup steps for scripts/run and scripts/test (sourced, not run).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO_ROOT/.venv"
+
+# mitmproxy 12 needs Python 3.12+. Debian 12's python3 is 3.11, so look for a
+# newer one: on PATH first, then under pyenv.
+find_python() {
+    local candidate
+    for candidate in python3.13 python3.12 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    local root
+    root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
+    for candidate in $(ls -d "$root"/versions/3.1[3-9]* "$root"/versions/3.12* 2>/dev/null | sort -rV); do
+        if [ -x "$candidate/bin/python3" ] &&
+            "$candidate/bin/python3" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            echo "$candidate/bin/python3"
+            return 0
+        fi
+    done
+    echo "error: hub-rewrite needs Python 3.12 or newer (mitmproxy 12); none found on PATH or under pyenv" >&2
+    return 1
+}
+
+# .venv with mitmproxy and the addon's dependencies; $1 = extras ("" or "test")
+ensure_venv() {
+    local extras="${1:-}"
+    if [ ! -x "$VENV/bin/python" ] ||
+        ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+        local python
+        python="$(find_python)"
+        echo "setup: creating .venv with $python" >&2
+        rm -rf "$VENV"
+        "$python" -m venv "$VENV"
+    fi
+    local spec="$REPO_ROOT"
+    [ -n "$extras" ] && spec="$REPO_ROOT[$extras]"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+}
+
+# Debian packages, installed only when a command is missing.
+ensure_debian_packages() {
+    local missing=() pair cmd pkg
+    for pair in "$@"; do
+        cmd="${pair%%:*}"
+        pkg="${pair##*:}"
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}

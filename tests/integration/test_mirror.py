@@ -1,0 +1,366 @@
+"""The core mirror end to end: real skopeo -> real mitmdump with the addon ->
+a Docker-Hub-shaped upstream (distribution 2.8 with token auth, blobs
+redirected to a signed CDN that rejects Authorization)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.certs import make_ca_and_server_cert
+from tests.support.mirror import Mirror, free_port
+
+INDEX_ACCEPT = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+]
+SKOPEO_TIMEOUT = 300
+
+
+def skopeo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["skopeo", *args],
+        capture_output=True,
+        text=True,
+        timeout=SKOPEO_TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def copy(src: str, dest: Path, *extra: str) -> subprocess.CompletedProcess:
+    return skopeo("copy", "--src-tls-verify=false", *extra, src, f"dir:{dest}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def anonymous_token(mirror: Mirror, repo: str, **kw) -> str:
+    r = httpx.get(f"{mirror.url}/token", params={"service": "registry.docker.io", "scope": f"repository:{repo}:pull"}, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def mirror(upstream, tmp_path_factory):
+    with Mirror(tmp_path_factory.mktemp("mirror"), upstream.api_url) as m:
+        yield m
+
+
+# Secrets seen during this module's run; the last test checks none reached the log.
+SEEN_SECRETS: set[str] = set()
+
+
+def test_multiarch_docker_manifest_list_copied_whole(mirror, upstream, tmp_path):
+    image = upstream.images["library/alpine"]
+    result = copy(f"docker://{mirror.host}/library/alpine:3.19", tmp_path / "out", "--all")
+    assert result.returncode == 0, result.stderr
+    # the manifest list arrives as the list (not converted to one arch): same digest
+    assert sha256_file(tmp_path / "out" / "manifest.json") == image["digest"]
+    for arch_image in image["manifests"].values():
+        for digest in arch_image["layer_digests"] + [arch_image["config_digest"]]:
+            assert sha256_file(tmp_path / "out" / digest.split(":")[1]) == digest
+
+
+def test_accept_headers_pass_intact(mirror, upstream):
+    image = upstream.images["library/alpine"]
+    token = anonymous_token(mirror, "library/alpine")
+    headers = [("Authorization", f"Bearer {token}")] + [("Accept", t) for t in INDEX_ACCEPT]
+    r = httpx.get(f"{mirror.url}/v2/library/alpine/manifests/3.19", headers=headers)
+    assert r.status_code == 200
+    assert r.headers["docker-content-digest"] == image["digest"]
+    assert hashlib.sha256(r.content).hexdigest() == image["digest"].split(":")[1]
+    # distribution converts a list to one arch's manifest when the list type is not accepted
+    only_single = [("Authorization", f"Bearer {token}"), ("Accept", "application/vnd.docker.distribution.manifest.v2+json")]
+    r = httpx.get(f"{mirror.url}/v2/library/alpine/manifests/3.19", headers=only_single)
+    assert r.status_code == 200
+    assert r.headers["docker-content-digest"] != image["digest"]
+
+
+def test_official_image_without_library_prefix(mirror, upstream, tmp_path):
+    image = upstream.images["library/alpine"]
+    result = copy(f"docker://{mirror.host}/alpine:3.19", tmp_path / "out", "--all")
+    assert result.returncode == 0, result.stderr
+    assert sha256_file(tmp_path / "out" / "manifest.json") == image["digest"]
+
+
+def test_oci_index_and_oci_image(mirror, upstream, tmp_path):
+    busybox = upstream.images["library/busybox"]
+    result = copy(f"docker://{mirror.host}/library/busybox:latest", tmp_path / "index", "--all")
+    assert result.returncode == 0, result.stderr
+    assert sha256_file(tmp_path / "index" / "manifest.json") == busybox["digest"]
+    oci = upstream.images["team/ociapp"]
+    result = copy(f"docker://{mirror.host}/team/ociapp:1.0", tmp_path / "oci")
+    assert result.returncode == 0, result.stderr
+    assert sha256_file(tmp_path / "oci" / "manifest.json") == oci["digest"]
+
+
+def test_by_digest_and_tag_list(mirror, upstream, tmp_path):
+    oci = upstream.images["team/ociapp"]
+    result = copy(f"docker://{mirror.host}/team/ociapp@{oci['digest']}", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    result = skopeo("list-tags", "--tls-verify=false", f"docker://{mirror.host}/team/ociapp")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Tags"] == ["1.0"]
+
+
+def test_private_image_needs_the_right_credentials(mirror, upstream, tmp_path):
+    password = upstream.users["alice"]
+    SEEN_SECRETS.add(password)
+    ref = f"docker://{mirror.host}/private/secret:1.0"
+    ok = copy(ref, tmp_path / "ok", "--src-creds", f"alice:{password}")
+    assert ok.returncode == 0, ok.stderr
+    assert sha256_file(tmp_path / "ok" / "manifest.json") == upstream.images["private/secret"]["digest"]
+
+    wrong = copy(ref, tmp_path / "wrong", "--src-creds", "alice:not-the-password")
+    assert wrong.returncode != 0
+    assert "incorrect username or password" in wrong.stderr or "unauthorized" in wrong.stderr.lower()
+
+    anonymous = copy(ref, tmp_path / "anon", "--src-no-creds")
+    assert anonymous.returncode != 0
+    assert "unauthorized" in anonymous.stderr.lower() or "denied" in anonymous.stderr.lower()
+
+
+def test_login_and_token_post_form(mirror, upstream, tmp_path):
+    password = upstream.users["alice"]
+    authfile = tmp_path / "auth.json"
+    ok = skopeo("login", "--tls-verify=false", "--authfile", str(authfile), "-u", "alice", "-p", password, mirror.host)
+    assert ok.returncode == 0, ok.stderr
+    bad = skopeo("login", "--tls-verify=false", "--authfile", str(tmp_path / "bad.json"), "-u", "alice", "-p", "nope", mirror.host)
+    assert bad.returncode != 0
+
+    # containerd / dockerd after login: POST form with grant_type=password, then refresh_token
+    form = {
+        "grant_type": "password",
+        "username": "alice",
+        "password": password,
+        "service": "registry.docker.io",
+        "client_id": "containerd-client",
+        "access_type": "offline",
+        "scope": "repository:private/secret:pull",
+    }
+    r = httpx.post(f"{mirror.url}/token", data=form)
+    assert r.status_code == 200, r.text
+    grant = r.json()
+    SEEN_SECRETS.update({grant["access_token"], grant.get("refresh_token", "")} - {""})
+    r = httpx.get(
+        f"{mirror.url}/v2/private/secret/manifests/1.0",
+        headers=[("Authorization", f"Bearer {grant['access_token']}"), ("Accept", INDEX_ACCEPT[3])],
+    )
+    assert r.status_code == 200
+    if grant.get("refresh_token"):
+        refreshed = httpx.post(
+            f"{mirror.url}/token",
+            data={"grant_type": "refresh_token", "refresh_token": grant["refresh_token"], "service": "registry.docker.io",
+                  "client_id": "containerd-client", "scope": "repository:private/secret:pull"},
+        )
+        assert refreshed.status_code == 200, refreshed.text
+        SEEN_SECRETS.add(refreshed.json()["access_token"])
+    wrong = httpx.post(f"{mirror.url}/token", data={**form, "password": "wrong"})
+    assert wrong.status_code == 401
+
+
+def test_challenge_realm_points_at_mirror(mirror):
+    r = httpx.get(f"{mirror.url}/v2/library/alpine/manifests/3.19")
+    assert r.status_code == 401
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith(f'Bearer realm="{mirror.url}/token"')
+    assert 'service="registry.docker.io"' in challenge
+    assert 'scope="repository:library/alpine:pull"' in challenge
+
+
+def test_big_blob_streams_with_flat_memory(mirror, upstream, tmp_path):
+    big = upstream.images["library/big"]
+    assert big["big_layer_size"] >= 256 * 1024 * 1024
+    mirror.reset_peak_rss()
+    result = copy(f"docker://{mirror.host}/library/big:1.0", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    layer = tmp_path / "out" / big["big_layer_digest"].split(":")[1]
+    assert layer.stat().st_size == big["big_layer_size"]
+    assert sha256_file(layer) == big["big_layer_digest"]
+    peak = mirror.peak_rss()
+    assert peak < 150 * 1024 * 1024, f"mirror peak RSS {peak / 2**20:.0f} MiB while streaming a {big['big_layer_size'] >> 20} MiB blob"
+
+
+def test_range_requests_get_206(mirror, upstream):
+    big = upstream.images["library/big"]
+    digest = big["big_layer_digest"]
+    token = anonymous_token(mirror, "library/big")
+    r = httpx.get(
+        f"{mirror.url}/v2/library/big/blobs/{digest}",
+        headers={"Authorization": f"Bearer {token}", "Range": "bytes=1000-1999"},
+    )
+    assert r.status_code == 206
+    assert r.headers["content-range"] == f"bytes 1000-1999/{big['big_layer_size']}"
+    assert r.headers["docker-content-digest"] == digest
+    storage = Path(upstream.storage_root) / upstream.blob_storage_path(digest).lstrip("/")
+    with open(storage, "rb") as f:
+        f.seek(1000)
+        assert r.content == f.read(1000)
+
+
+def test_blob_head_and_manifest_head_headers(mirror, upstream):
+    image = upstream.images["team/ociapp"]
+    token = anonymous_token(mirror, "team/ociapp")
+    auth = [("Authorization", f"Bearer {token}")]
+    r = httpx.head(f"{mirror.url}/v2/team/ociapp/manifests/1.0", headers=auth + [("Accept", t) for t in INDEX_ACCEPT])
+    assert r.status_code == 200
+    assert r.headers["docker-content-digest"] == image["digest"]
+    assert r.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert int(r.headers["content-length"]) == len(image["manifest_bytes"])
+    assert "etag" in r.headers
+    assert r.headers["ratelimit-limit"].startswith("100;w=21600")
+    assert "ratelimit-remaining" in r.headers and "docker-ratelimit-source" in r.headers
+    layer = image["layer_digests"][0]
+    r = httpx.head(f"{mirror.url}/v2/team/ociapp/blobs/{layer}", headers=auth)
+    assert r.status_code == 200
+    assert r.headers["docker-content-digest"] == layer
+    assert int(r.headers["content-length"]) > 0
+
+
+def test_cdn_never_sees_credentials(upstream):
+    requests = upstream.cdn_requests(min_count=1)
+    assert requests, "the blob pulls above should have reached the CDN"
+    assert all(not r["authorization_present"] for r in requests)
+    assert all(r["status"] in (200, 206) for r in requests), requests
+
+
+def test_registries_conf_mirror_entry(mirror, upstream, tmp_path):
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        'unqualified-search-registries = ["docker.io"]\n'
+        "[[registry]]\n"
+        'prefix = "docker.io"\n'
+        # the registry itself: a dead loopback port, so that only the mirror can answer
+        f'location = "127.0.0.1:{free_port()}"\n'
+        "insecure = true\n"
+        "[[registry.mirror]]\n"
+        f'location = "{mirror.host}"\n'
+        "insecure = true\n"
+    )
+    before = mirror.log_text().count("/v2/library/alpine/manifests/3.19")
+    # skopeo 1.9 reads the file named by its (hidden) --registries-conf flag, as podman reads registries.conf
+    result = skopeo("--registries-conf", str(conf), "copy", "--all", "docker://docker.io/library/alpine:3.19",
+                    f"dir:{tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr + mirror.log_text()[-3000:]
+    assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
+    assert mirror.log_text().count("/v2/library/alpine/manifests/3.19") > before
+
+
+def test_read_only_refuses_pushes(mirror, tmp_path):
+    r = httpx.put(f"{mirror.url}/v2/library/alpine/manifests/evil", content=b"{}")
+    assert r.status_code == 405
+    assert r.json()["errors"][0]["code"] == "UNSUPPORTED"
+    r = httpx.post(f"{mirror.url}/v2/library/alpine/blobs/uploads/")
+    assert r.status_code == 405
+    src = tmp_path / "src"
+    assert copy(f"docker://{mirror.host}/team/ociapp:1.0", src).returncode == 0
+    push = skopeo("copy", "--dest-tls-verify=false", f"dir:{src}", f"docker://{mirror.host}/team/pushed:1")
+    assert push.returncode != 0
+
+
+def test_cors_preflight(mirror):
+    r = httpx.options(f"{mirror.url}/v2/library/alpine/manifests/3.19")
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_bad_input_gets_registry_errors(mirror, upstream):
+    cases = {
+        "/v2/../../etc/passwd": 400,
+        "/v2/%2e%2e/%2e%2e/etc/passwd": 400,
+        "/v2/library/alpine/blobs/md5:abc": 400,
+        "/v2/UPPER/manifests/latest": 400,
+        "/etc/passwd": 404,
+    }
+    before = len(upstream.edge_requests())
+    for path, status in cases.items():
+        # curl --path-as-is: httpx would normalise the '..' away
+        raw = subprocess.run(
+            ["curl", "-s", "--path-as-is", "-o", "-", "-w", "\n%{http_code}", f"{mirror.url}{path}"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout
+        body, _, code = raw.rpartition("\n")
+        assert int(code) == status, (path, raw)
+        assert json.loads(body)["errors"][0]["code"], body
+    raw_paths = [e["path"] for e in upstream.edge_requests()[before:]]
+    assert not any(".." in p or "etc/passwd" in p for p in raw_paths)
+
+
+def test_upstream_unreachable_gives_json_error(tmp_path):
+    with Mirror(tmp_path, f"http://127.0.0.1:{free_port()}") as dead:
+        r = httpx.get(f"{dead.url}/v2/library/alpine/manifests/3.19", timeout=30)
+        assert r.status_code == 502
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        r = httpx.get(f"{dead.url}/token?service=x", timeout=30)
+        assert r.status_code == 502
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        result = skopeo("inspect", "--tls-verify=false", f"docker://{dead.host}/library/alpine:3.19")
+        assert result.returncode != 0
+        assert "Traceback" not in dead.log_text()
+
+
+def test_https_with_user_certificate(upstream, tmp_path):
+    certs = make_ca_and_server_cert(tmp_path / "certs")
+    cert_dir = tmp_path / "client-certs"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_bytes(certs["ca"].read_bytes())
+    with Mirror(tmp_path / "m", upstream.api_url, tls=(certs["pem"], "*")) as m:
+        # verified TLS with the user's certificate, served as HTTP/1.1 even to an h2-capable client
+        version = subprocess.run(
+            ["curl", "-s", "--http2", "--cacert", str(certs["ca"]), "-o", "/dev/null", "-w", "%{http_version}", f"{m.url}/v2/"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout
+        assert version == "1.1"
+        r = httpx.get(f"{m.url}/v2/", verify=str(certs["ca"]))
+        assert r.headers["www-authenticate"].startswith(f'Bearer realm="https://127.0.0.1:{m.port}/token"')
+        result = skopeo("copy", "--all", "--src-cert-dir", str(cert_dir), f"docker://{m.host}/library/alpine:3.19", f"dir:{tmp_path / 'out'}")
+        assert result.returncode == 0, result.stderr
+        assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
+        # with an explicit public URL the realm follows it
+    with Mirror(tmp_path / "m2", upstream.api_url, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
+        r = httpx.get(f"{m2.url}/v2/", verify=str(certs["ca"]))
+        assert r.headers["www-authenticate"].startswith('Bearer realm="https://localhost:1/token"')
+
+
+def test_upstream_tls_obeys_mitmproxy_options(upstream, tmp_path):
+    """The addon's own upstream requests verify TLS like mitmproxy does."""
+    certs = make_ca_and_server_cert(tmp_path / "certs")
+    # an HTTPS front for the upstream: a plain mitmdump terminating TLS with our test CA's certificate
+    with Mirror(tmp_path / "front", upstream.api_url, plain=True, tls=(certs["pem"], "*"), name="front") as front:
+        https_upstream = f"https://127.0.0.1:{front.port}"
+        with Mirror(tmp_path / "untrusted", https_upstream, name="untrusted") as m:
+            r = httpx.get(f"{m.url}/v2/", timeout=30)
+            assert r.status_code == 502
+            assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+            assert "TLS" in r.json()["errors"][0]["message"]
+        with Mirror(tmp_path / "trusted", https_upstream, name="trusted",
+                    options={"ssl_verify_upstream_trusted_ca": str(certs["ca"])}) as m:
+            result = copy(f"docker://{m.host}/team/ociapp:1.0", tmp_path / "out")
+            assert result.returncode == 0, result.stderr
+        with Mirror(tmp_path / "insecure", https_upstream, name="insecure", options={"ssl_insecure": "true"}) as m:
+            r = httpx.get(f"{m.url}/v2/", timeout=30)
+            assert r.status_code == 401
+
+
+def test_no_secret_in_mirror_log(mirror, upstream):
+    """Runs last in this module: every password and token used above stays out of the log."""
+    text = mirror.log_text()
+    secrets = SEEN_SECRETS | set(upstream.users.values())
+    assert secrets
+    for secret in secrets:
+        assert secret not in text
+    assert "Authorization" not in text and "authorization:" not in text.lower()
+    assert "Traceback" not in text

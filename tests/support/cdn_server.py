@@ -1,0 +1,231 @@
+"""Signed-URL blob CDN in front of the registry's storage directory.
+
+Run:  python -m tests.support.cdn_server --root STORAGE_ROOT --secret-file F \
+          --ready-file R [--port 0] [--log L]
+
+``GET``/``HEAD /docker/registry/v2/blobs/sha256/ab/<hex>/data?expires=&signature=``
+serves ``STORAGE_ROOT/docker/registry/v2/...`` with ``os.sendfile`` (never
+reads the blob into memory).  Behaviour, modelled on Docker Hub's S3 /
+Cloudflare blob hosts:
+
+* any ``Authorization`` header -> 400, S3-style XML "Only one auth mechanism allowed"
+* missing / bad signature -> 403, expired -> 403
+* a single ``Range: bytes=a-b|a-|-n`` -> 206 + Content-Range, unsatisfiable -> 416;
+  multi-range requests are answered with the whole blob (200)
+* ``If-None-Match`` matching the ETag -> 304
+* Content-Length, ``Content-Type: application/octet-stream``, ETag, Accept-Ranges
+
+One JSON line per request is appended to ``--log`` *after* the response was
+sent: method, path, has_query_signature, authorization_present, range,
+status, bytes (body bytes actually sent), reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import uuid
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.support.common import (JsonLog, Server, install_term_handler, load_secret,
+                                  verify_cdn_signature, watch_parent, write_ready_file)
+
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.I)
+_BLOB_RE = re.compile(r"/blobs/sha256/[0-9a-f]{2}/([0-9a-f]{64})/data$")
+
+S3_MULTI_AUTH = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed; only the "
+    "X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header "
+    "should be specified</Message><ArgumentName>Authorization</ArgumentName>"
+    "<ArgumentValue>{scheme}</ArgumentValue><RequestId>{rid}</RequestId></Error>"
+)
+S3_DENIED = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>AccessDenied</Code><Message>{msg}</Message><RequestId>{rid}</RequestId></Error>"
+)
+
+
+def parse_range(value: str, size: int) -> tuple[int, int] | None | str:
+    """Return (start, end_inclusive), None to ignore the header, or "416"."""
+    if "," in value:
+        return None  # multiple ranges: we may ignore Range entirely (RFC 9110)
+    m = _RANGE_RE.match(value)
+    if not m:
+        return None  # not a bytes range we understand: ignore
+    a, b = m.group(1), m.group(2)
+    if a == "" and b == "":
+        return None
+    if a == "":  # suffix: last n bytes
+        n = int(b)
+        if n == 0 or size == 0:
+            return "416"
+        return max(0, size - n), size - 1
+    start = int(a)
+    end = int(b) if b != "" else size - 1
+    if b != "" and end < start:
+        return None  # invalid: ignore
+    if start >= size:
+        return "416"
+    return start, min(end, size - 1)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-cdn"
+    timeout = 300
+    root: Path
+    secret: bytes
+    jlog: JsonLog
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _error(self, status: int, body: str, ctype: str = "application/xml") -> int:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+            return len(data)
+        return 0
+
+    def _serve(self) -> dict[str, Any]:
+        rid = uuid.uuid4().hex[:16].upper()
+        url = urlsplit(self.path)
+        q = parse_qs(url.query, keep_blank_values=True)
+        rec: dict[str, Any] = {
+            "method": self.command,
+            "path": url.path,
+            "has_query_signature": "signature" in q,
+            "authorization_present": self.headers.get("Authorization") is not None,
+            "range": self.headers.get("Range"),
+        }
+        if self.command not in ("GET", "HEAD"):
+            rec.update(status=405, reason="method not allowed")
+            self.close_connection = True  # we never read a request body
+            rec["bytes"] = self._error(405, S3_DENIED.format(msg="Method Not Allowed", rid=rid))
+            return rec
+        auth = self.headers.get("Authorization")
+        if auth is not None:
+            scheme = auth.strip().split(" ", 1)[0] or "(empty)"
+            rec.update(status=400, reason="only one auth mechanism allowed")
+            rec["bytes"] = self._error(400, S3_MULTI_AUTH.format(scheme=scheme[:20], rid=rid))
+            return rec
+        reason = verify_cdn_signature(self.secret, url.path, (q.get("expires") or [None])[0],
+                                      (q.get("signature") or [None])[0])
+        if reason:
+            rec.update(status=403, reason=reason)
+            rec["bytes"] = self._error(403, S3_DENIED.format(msg=reason, rid=rid))
+            return rec
+
+        rel = unquote(url.path).lstrip("/")
+        target = (self.root / rel).resolve()
+        if self.root not in target.parents or not target.is_file():
+            rec.update(status=404, reason="no such key")
+            rec["bytes"] = self._error(404, S3_DENIED.format(msg="The specified key does not exist.", rid=rid)
+                                       .replace("AccessDenied", "NoSuchKey"))
+            return rec
+
+        with open(target, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            m = _BLOB_RE.search(url.path)
+            etag = f'"{m.group(1)}"' if m else f'"{size:x}-{st.st_mtime_ns:x}"'
+            inm = self.headers.get("If-None-Match")
+            if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.end_headers()
+                rec.update(status=304, bytes=0)
+                return rec
+            start, end, status = 0, size - 1, 200
+            rng = self.headers.get("Range")
+            if rng is not None:
+                if_range = self.headers.get("If-Range")
+                parsed = parse_range(rng, size) if (if_range is None or if_range.strip() == etag) else None
+                if parsed == "416":
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Type", "application/xml")
+                    body = S3_DENIED.format(msg="The requested range is not satisfiable", rid=rid) \
+                        .replace("AccessDenied", "InvalidRange").encode()
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
+                    rec.update(status=416, bytes=0 if self.command == "HEAD" else len(body))
+                    return rec
+                if parsed is not None:
+                    start, end = parsed
+                    status = 206
+            length = end - start + 1 if size else 0
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", etag)
+            self.send_header("Cache-Control", "public, max-age=14400")
+            self.send_header("x-amz-request-id", rid)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()  # flushes headers (wfile is unbuffered)
+            sent = 0
+            rec["status"] = status
+            if self.command == "GET" and length:
+                try:
+                    sent = self.connection.sendfile(f, offset=start, count=length)
+                finally:
+                    rec["bytes"] = sent
+                if sent != length:
+                    self.close_connection = True
+            else:
+                rec["bytes"] = 0
+            return rec
+
+    def _handle(self) -> None:
+        rec: dict[str, Any] = {"method": self.command, "path": self.path}
+        try:
+            rec = self._serve()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            rec.setdefault("status", None)
+            rec["error"] = type(exc).__name__
+            self.close_connection = True
+        finally:
+            self.jlog.write(rec)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+    def handle_expect_100(self) -> bool:  # never invite a body
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="fake blob CDN")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--root", required=True, type=Path, help="registry storage root directory")
+    ap.add_argument("--secret-file", required=True, type=Path)
+    ap.add_argument("--log", type=Path)
+    ap.add_argument("--ready-file", type=Path)
+    args = ap.parse_args(argv)
+
+    install_term_handler()
+    watch_parent()
+    args.root.mkdir(parents=True, exist_ok=True)
+    attrs = {"root": args.root.resolve(), "secret": load_secret(args.secret_file), "jlog": JsonLog(args.log)}
+    httpd = Server((args.host, args.port), type("BoundHandler", (Handler,), attrs))
+    port = httpd.server_address[1]
+    if args.ready_file:
+        write_ready_file(args.ready_file, port=port, url=f"http://{args.host}:{port}")
+    httpd.serve_forever(poll_interval=0.5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Orchestrates the fake Docker Hub: token server, CDN, distribution, edge.
+
+    from tests.support.upstream import Upstream
+    with Upstream(Path("/tmp/hub")) as up:
+        up.api_url        # "registry-1.docker.io": point the mirror here
+        up.registry_url   # distribution directly (pushes)
+        ...
+
+Can also be run by hand:  python -m tests.support.upstream WORKDIR
+(prints the URLs and users as JSON, then runs until interrupted).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+
+from tests.support.common import read_json_lines, set_pdeathsig, sign_cdn_path
+from tests.support.token_server import DEFAULT_ACL, DEFAULT_ISSUER, DEFAULT_SERVICE, ensure_signing_cert
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REGISTRY_BIN = "/usr/bin/docker-registry"
+
+
+class UpstreamError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_bytes()[-16384:].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return "(no log file)"
+    return "\n".join(data.splitlines()[-lines:]) or "(empty log)"
+
+
+class _Proc:
+    """One child process with its stdout/stderr going to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], pdeathsig: bool = False):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT), env=env, preexec_fn=set_pdeathsig if pdeathsig else None, close_fds=True)
+
+    def check_alive(self) -> None:
+        rc = self.popen.poll()
+        if rc is not None:
+            raise UpstreamError(f"{self.name} exited with code {rc} during startup; "
+                                f"command: {' '.join(self.argv)}\n--- {self.log_path} (tail) ---\n"
+                                f"{_tail(self.log_path)}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def _stop_all(procs: list[_Proc]) -> None:
+    for p in reversed(procs):
+        try:
+            p.stop()
+        except Exception:
+            pass
+    procs.clear()
+
+
+class Upstream:
+    """The whole fake Docker Hub, as four local processes.
+
+    ``users``: name -> password.  Default: ``alice`` and ``admin`` with random
+    passwords.  An ``admin`` user is always needed by the push helpers (give
+    it explicitly, or a random one is added).  ``acl``: token-server rules
+    (see token_server.py); default: anonymous pulls everything except
+    ``private/*``, alice pulls everything, admin may do anything.
+
+    Children never outlive us: ``stop()``, a finalizer at exit, the Python
+    servers watch their parent pid, and docker-registry gets PR_SET_PDEATHSIG
+    (``die_with_parent``).  Linux sends that signal when the *thread* that
+    started it exits, so call ``start()`` from a thread that lives as long as
+    the Upstream (the main thread normally) or pass ``die_with_parent=False``.
+    """
+
+    def __init__(self, workdir: Path | str, users: dict[str, str] | None = None, *,
+                 acl: list[dict[str, Any]] | None = None, service: str = DEFAULT_SERVICE,
+                 issuer: str = DEFAULT_ISSUER, token_expires_in: int = 300, cdn_sign_ttl: float = 1200,
+                 ratelimit: int = 100, enforce_ratelimit: bool = False, registry_log_level: str = "info",
+                 startup_timeout: float = 30.0, die_with_parent: bool = True):
+        self.workdir = Path(workdir).resolve()
+        self.users: dict[str, str] = dict(users) if users is not None else {
+            "alice": secrets.token_urlsafe(12), "admin": secrets.token_urlsafe(12)}
+        self.users.setdefault("admin", secrets.token_urlsafe(12))
+        self.acl = acl if acl is not None else DEFAULT_ACL
+        self.service, self.issuer = service, issuer
+        self.token_expires_in, self.cdn_sign_ttl = token_expires_in, cdn_sign_ttl
+        self.ratelimit, self.enforce_ratelimit = ratelimit, enforce_ratelimit
+        self.registry_log_level = registry_log_level
+        self.startup_timeout = startup_timeout
+        self.die_with_parent = die_with_parent
+
+        self.storage_root = self.workdir / "storage"
+        self.logs_dir = self.workdir / "logs"
+        self.run_dir = self.workdir / "run"
+        self.cdn_log_path = self.logs_dir / "cdn.jsonl"
+        self.token_log_path = self.logs_dir / "token.jsonl"
+        self.edge_log_path = self.logs_dir / "edge.jsonl"
+        self.registry_log_path = self.logs_dir / "registry.log"
+
+        self.api_url = self.registry_url = self.token_realm = self.cdn_url = ""
+        self._procs: list[_Proc] = []
+        self._secret = b""
+        # runs at garbage collection or, at the latest, at interpreter exit
+        self._finalizer = weakref.finalize(self, _stop_all, self._procs)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Upstream":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._procs) and all(p.popen.poll() is None for p in self._procs)
+
+    def start(self) -> "Upstream":
+        if self._procs:
+            raise UpstreamError("already started")
+        if not os.path.exists(REGISTRY_BIN):
+            raise UpstreamError(f"{REGISTRY_BIN} not found (apt-get install docker-registry)")
+        for d in (self.storage_root, self.logs_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for ready in self.run_dir.glob("*.ready"):
+            ready.unlink()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn_py(self, name: str, module: str, args: list[str]) -> dict[str, Any]:
+        ready = self.run_dir / f"{name}.ready"
+        argv = [sys.executable, "-m", f"tests.support.{module}", *args, "--ready-file", str(ready)]
+        proc = _Proc(name, argv, self.logs_dir / f"{name}.stderr.log", self._env())
+        self._procs.append(proc)
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready.exists():
+            proc.check_alive()
+            if time.monotonic() > deadline:
+                raise UpstreamError(f"{name} not ready after {self.startup_timeout}s\n"
+                                    f"--- {proc.log_path} (tail) ---\n{_tail(proc.log_path)}")
+            time.sleep(0.05)
+        return json.loads(ready.read_text())
+
+    def _start(self) -> None:
+        env = self._env()
+        key, cert = self.run_dir / "token.key", self.run_dir / "token.crt"
+        ensure_signing_cert(key, cert)
+        self.token_cert_path = cert
+        secret_file = self.run_dir / "cdn.secret"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_hex(32))
+            os.chmod(secret_file, 0o600)
+        self._secret = secret_file.read_bytes().strip()
+        users_file = self.run_dir / "users.json"
+        users_file.write_text(json.dumps({"users": self.users, "acl": self.acl}))
+        os.chmod(users_file, 0o600)
+
+        # 1. token server
+        info = self._spawn_py("token", "token_server", [
+            "--key", str(key), "--cert", str(cert), "--config", str(users_file),
+            "--service", self.service, "--issuer", self.issuer,
+            "--expires-in", str(self.token_expires_in), "--log", str(self.token_log_path)])
+        self.token_realm = info["url"]
+
+        # 2. CDN
+        info = self._spawn_py("cdn", "cdn_server", [
+            "--root", str(self.storage_root), "--secret-file", str(secret_file), "--log", str(self.cdn_log_path)])
+        self.cdn_url = info["url"]
+
+        # 3. distribution (port chosen here; retried if somebody grabbed it)
+        last_err: Exception | None = None
+        for _ in range(3):
+            port = _free_port()
+            try:
+                self._start_registry(port, cert, env)
+                break
+            except UpstreamError as exc:
+                last_err = exc
+                if "address already in use" not in str(exc):
+                    raise
+        else:
+            raise last_err  # type: ignore[misc]
+
+        # 4. edge
+        info = self._spawn_py("edge", "edge", [
+            "--upstream", self.registry_url, "--cdn-base", self.cdn_url, "--secret-file", str(secret_file),
+            "--sign-ttl", str(self.cdn_sign_ttl), "--ratelimit", str(self.ratelimit),
+            *(["--enforce-ratelimit"] if self.enforce_ratelimit else []), "--log", str(self.edge_log_path)])
+        self.api_url = info["url"]
+        self._wait_http(self.api_url + "/v2/", 401, "edge")
+
+    def _start_registry(self, port: int, cert: Path, env: dict[str, str]) -> None:
+        config = {
+            "version": 0.1,
+            "log": {"level": self.registry_log_level, "formatter": "text",
+                    "fields": {"service": "registry"}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage_root)},
+                "delete": {"enabled": True},
+                "redirect": {"disable": False},
+                "cache": {"blobdescriptor": "inmemory"},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16),
+                     "headers": {"X-Content-Type-Options": ["nosniff"]}},
+            "auth": {"token": {"realm": self.token_realm, "service": self.service, "issuer": self.issuer,
+                               "rootcertbundle": str(cert)}},
+            "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]},
+            "health": {"storagedriver": {"enabled": False}},
+        }
+        cfg_path = self.run_dir / "registry.yml"
+        cfg_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+        proc = _Proc("registry", [REGISTRY_BIN, "serve", str(cfg_path)], self.registry_log_path, env,
+                      pdeathsig=self.die_with_parent)
+        self._procs.append(proc)
+        self.registry_url = f"http://127.0.0.1:{port}"
+        try:
+            self._wait_http(self.registry_url + "/v2/", 401, "registry", proc)
+        except UpstreamError:
+            proc.stop()
+            self._procs.remove(proc)
+            raise
+
+    def _wait_http(self, url: str, status: int, name: str, proc: _Proc | None = None) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for p in ([proc] if proc else self._procs):
+                p.check_alive()
+            try:
+                r = httpx.get(url, timeout=2)
+                if r.status_code == status:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.05)
+        log = proc.log_path if proc else self.logs_dir
+        raise UpstreamError(f"{name} at {url} not ready after {self.startup_timeout}s (last: {last})\n"
+                            f"--- {log} (tail) ---\n{_tail(log) if proc else ''}")
+
+    def stop(self) -> None:
+        _stop_all(self._procs)
+
+    # ------------------------------------------------------------ convenience
+
+    @property
+    def api_host(self) -> str:
+        """``127.0.0.1:<port>`` of the edge (for ``docker://HOST/...`` refs)."""
+        return urlsplit(self.api_url).netloc
+
+    @property
+    def registry_host(self) -> str:
+        return urlsplit(self.registry_url).netloc
+
+    def sign_cdn_url(self, path: str, ttl: float | None = None) -> str:
+        """A signed CDN URL for a storage path (``/docker/registry/v2/...``)."""
+        return f"{self.cdn_url}{path}?{sign_cdn_path(self._secret, path, self.cdn_sign_ttl if ttl is None else ttl)}"
+
+    @staticmethod
+    def blob_storage_path(digest: str) -> str:
+        algo, hexd = digest.split(":", 1)
+        return f"/docker/registry/v2/blobs/{algo}/{hexd[:2]}/{hexd}/data"
+
+    def get_token(self, scopes: list[str] | str = (), user: str | None = None, *,
+                  service: str | None = None) -> str:
+        """A bearer token from the token server (``user`` None = anonymous)."""
+        if isinstance(scopes, str):
+            scopes = [scopes]
+        params = [("service", service or self.service)] + [("scope", s) for s in scopes]
+        auth = (user, self.users[user]) if user else None
+        r = httpx.get(f"{self.token_realm}?{urlencode(params)}", auth=auth, timeout=10)
+        r.raise_for_status()
+        return r.json()["token"]
+
+    def basic_auth_header(self, user: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+
+    # ------------------------------------------------------------ logs
+
+    def _read_log(self, path: Path, min_count: int, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = read_json_lines(path)
+            if len(recs) >= min_count or time.monotonic() >= deadline:
+                return recs
+            time.sleep(0.02)
+
+    def cdn_requests(self, min_count: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Parsed CDN access log.  CDN records are written *after* the body was
+        sent, so pass ``min_count`` to wait (up to ``timeout``) for them."""
+        return self._read_log(self.cdn_log_path, min_count, timeout)
+
+    def token_requests(self, min_count: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self._read_log(self.token_log_path, min_count, timeout)
+
+    def edge_requests(self, min_count: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self._read_log(self.edge_log_path, min_count, timeout)
+
+    def clear_logs(self) -> None:
+        for p in (self.cdn_log_path, self.token_log_path, self.edge_log_path):
+            if p.exists():
+                with open(p, "r+b") as f:
+                    f.truncate(0)
+
+    # ------------------------------------------------------------ rate limit
+
+    def set_ratelimit(self, remaining: int, *, limit: int | None = None, enforce: bool | None = None) -> dict:
+        params: dict[str, Any] = {"remaining": remaining}
+        if limit is not None:
+            params["limit"] = limit
+        if enforce is not None:
+            params["enforce"] = int(enforce)
+        r = httpx.post(f"{self.api_url}/_edge/ratelimit", params=params, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def get_ratelimit(self) -> dict:
+        r = httpx.get(f"{self.api_url}/_edge/ratelimit", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def describe(self) -> dict[str, Any]:
+        return {"api_url": self.api_url, "registry_url": self.registry_url, "token_realm": self.token_realm,
+                "service": self.service, "cdn_url": self.cdn_url, "storage_root": str(self.storage_root),
+                "logs": str(self.logs_dir), "users": sorted(self.users)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="run the fake Docker Hub until interrupted")
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--push-standard", action="store_true", help="push the standard image set")
+    ap.add_argument("--big-size", type=int, default=256 << 20)
+    ap.add_argument("--print-passwords", action="store_true")
+    args = ap.parse_args(argv)
+    with Upstream(args.workdir) as up:
+        if args.push_standard:
+            from tests.support.images import standard_images
+            standard_images(up, big_size=args.big_size)
+        info = up.describe()
+        if args.print_passwords:
+            info["users"] = up.users
+        print(json.dumps(info, indent=2), flush=True)
+        sigs = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        signal.sigwait(sigs)
+
+
+if __name__ == "__main__":
+    main()
