@@ -176,7 +176,20 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "mitmproxy": mitmproxy.version.VERSION,
         "curl": " ".join(curl.split()[:2]),
+        "git": git_state(),
     }
+
+
+def git_state() -> str:
+    """HEAD commit, plus "+dirty" when hubrewrite/ or addons/ differ from it (what was measured)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hubrewrite", "addons", "mitm.conf"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
 
 
 def exact_command() -> str:
@@ -320,9 +333,10 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     out.append(f"- mirror peak RSS < {RSS_TARGET / MB:.0f} MB: {peak['mirror'] / MB:.1f} MB -> "
                f"{'PASS' if rss_ok else 'FAIL'}\n")
     out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, "
-               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}")
+               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}; "
+               f"repo {facts['git']}")
     out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end "
-               f"(other processes on the machine skew the numbers).")
+               f"(the run itself keeps about 2 CPUs busy; a high start value means other work was running).")
     out.append(f"Command: `{result['command']}`")
     out.append(f"Wall time: {result['wall_seconds']:.0f}s")
     print("\n".join(out), flush=True)

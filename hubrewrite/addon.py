@@ -17,15 +17,22 @@ One request's story (reverse mode, ``--mode reverse:https://registry-1.docker.io
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
 
 from . import challenge, conffile, names, tokens
 from . import headers as hdrs
+from .access import AccessMemory, client_identity
+from .pullthrough import CachingStream, Download, PullThrough
+from .store import Store
 from .errors import error_response, make_response
 from .upstream import UpstreamClient, UpstreamError, make_ssl_context, redirect_target
 from .upstreams import Upstream, public_url_of, upstream_of, validate_public_url
@@ -64,6 +71,10 @@ CLIENT_OPTIONS = {
     "ssl_verify_upstream_trusted_confdir",
 }
 
+CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
+CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
+STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
+
 # flow.metadata keys
 META_BLOB = "hub_blob"  # dict: set on a flow retargeted to stream a blob
 
@@ -71,9 +82,12 @@ META_BLOB = "hub_blob"  # dict: set on a flow retargeted to stream a blob
 class HubRewrite:
     def __init__(self) -> None:
         self.client: UpstreamClient | None = None
-        # upstream base URL -> token realm learned from that upstream's challenge
-        self.realms: dict[str, str] = {}
+        # upstream base URL -> (token realm, service) learned from that upstream's challenge
+        self.realms: dict[str, tuple[str, str | None]] = {}
         self.public_url = ""
+        self.cache: PullThrough | None = None
+        # (upstream, rate-limit source) -> latest ratelimit-remaining the upstream sent
+        self.ratelimits: dict[tuple[str, str], str] = {}
 
     # ---- options -------------------------------------------------------
 
@@ -131,6 +145,43 @@ class HubRewrite:
             """,
         )
 
+        loader.add_option(
+            "hub_cache_dir",
+            str,
+            "",
+            """
+            Directory of the pull-through cache (blobs and manifests, verified by
+            digest; several mirror processes may share it). Empty: no cache.
+            """,
+        )
+        loader.add_option(
+            "hub_cache_max_size",
+            str,
+            "20g",
+            """
+            Size limit of cached blobs (e.g. 500m, 20g); least recently used
+            blobs are evicted beyond it. 0: no limit.
+            """,
+        )
+        loader.add_option(
+            "hub_cache_stale",
+            int,
+            3600,
+            """
+            Seconds for which cached content is still served while the upstream
+            is unreachable or answers 429/5xx (marked with a Warning header).
+            """,
+        )
+        loader.add_option(
+            "hub_cache_auth_ttl",
+            int,
+            60,
+            """
+            Seconds a client's upstream-confirmed access to a repository is
+            remembered when its token's lifetime cannot be read.
+            """,
+        )
+
     def apply_config_file(self) -> None:
         path_option = ctx.options.hub_config
         if not path_option:
@@ -183,6 +234,8 @@ class HubRewrite:
                     )
         if updated & CLIENT_OPTIONS or self.client is None:
             self._replace_client()
+        if updated & CACHE_OPTIONS:
+            self._replace_cache()
 
     def _replace_client(self) -> None:
         old = self.client
@@ -198,7 +251,32 @@ class HubRewrite:
         if old is not None:
             _close_later(old)
 
+    def _replace_cache(self) -> None:
+        directory = ctx.options.hub_cache_dir
+        if self.cache is not None:
+            _close_later(self.cache.fileserver)
+            self.cache = None
+        if not directory:
+            return
+        try:
+            max_bytes = human.parse_size(ctx.options.hub_cache_max_size) or 0
+        except ValueError as e:
+            raise exceptions.OptionsError(f"hub_cache_max_size: {e}") from e
+        if ctx.options.hub_cache_stale < 0 or ctx.options.hub_cache_auth_ttl < 1:
+            raise exceptions.OptionsError("hub_cache_stale must be >= 0 and hub_cache_auth_ttl >= 1")
+        try:
+            store = Store(Path(directory).expanduser(), max_bytes)
+        except OSError as e:
+            raise exceptions.OptionsError(f"hub_cache_dir {directory}: {e.strerror}") from e
+        access = AccessMemory(ctx.options.hub_cache_auth_ttl, ctx.options.hub_cache_stale)
+        # a waiting client gives up on another's download after this long
+        wait_timeout = max(600, 20 * ctx.options.hub_upstream_timeout)
+        self.cache = PullThrough(store, access, wait_timeout)
+        log.info("hub_rewrite: caching in %s (limit %s)", directory, ctx.options.hub_cache_max_size)
+
     async def done(self) -> None:
+        if self.cache is not None:
+            await self.cache.fileserver.stop()
         if self.client is not None:
             await self.client.aclose()
             self.client = None
@@ -231,9 +309,15 @@ class HubRewrite:
         if blob is None or flow.response is None:
             return
         response = flow.response
+        download: Download | None = blob.get("download")
+        if download is not None and response.status_code != 200:
+            download.abort()  # only a whole, successful answer can fill the cache
         if 200 <= response.status_code < 300:
-            # The CDN's bytes go to the client as they arrive: blobs can be many GB.
-            response.stream = True
+            # The bytes go to the client as they arrive: blobs can be many GB.
+            if download is not None and response.status_code == 200:
+                response.stream = CachingStream(flow, download, _cache_outcome(blob["digest"]))
+            else:
+                response.stream = True
             for name, value in blob["headers"]:
                 if name.lower() not in response.headers:
                     response.headers[name] = value
@@ -242,7 +326,11 @@ class HubRewrite:
 
     def response(self, flow: http.HTTPFlow) -> None:
         blob = flow.metadata.get(META_BLOB)
-        if blob is None or flow.response is None or flow.response.status_code < 300:
+        if blob is None or flow.response is None:
+            return
+        if blob.get("download") is not None:
+            blob["download"].abort()  # no-op when the stream already committed it
+        if flow.response.status_code < 300:
             return
         status = flow.response.status_code
         if status == 416:
@@ -257,8 +345,14 @@ class HubRewrite:
         _add_headers(flow.response, CORS_HEADERS)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(META_BLOB) is not None and flow.error:
-            log.warning("blob transfer from %s failed: %s", flow.request.host, flow.error.msg)
+        blob = flow.metadata.get(META_BLOB)
+        if blob is None:
+            return
+        if blob.get("download") is not None:
+            # truncated, aborted by either side, or killed on a digest mismatch
+            blob["download"].abort()
+        if flow.error:
+            log.warning("blob %s transfer from %s failed: %s", blob["digest"], flow.request.host, flow.error.msg)
 
     # ---- the mirror's answers ----------------------------------------
 
@@ -291,6 +385,8 @@ class HubRewrite:
             return error_response(405, "UNSUPPORTED", f"method {method} is not supported")
         if route.kind is names.Kind.BLOB:
             return await self.blob(flow, upstream, route, path_and_query)
+        if route.kind is names.Kind.MANIFEST and self.cache is not None:
+            return await self.cached_manifest(flow, upstream, route, path_and_query)
         return await self.relay(flow, upstream, path_and_query)
 
     async def relay(self, flow: http.HTTPFlow, upstream: Upstream, path_and_query: str) -> http.Response:
@@ -303,6 +399,10 @@ class HubRewrite:
             )
         except UpstreamError as e:
             log.warning("%s %s: %s", flow.request.method, path_and_query.partition("?")[0], e.message)
+            if path_and_query.startswith("/v2/?") or path_and_query == "/v2/":
+                challenge_answer = self.offline_challenge(flow, upstream)
+                if challenge_answer is not None:
+                    return challenge_answer
             return error_response(e.status, e.code, e.message)
         if fetched.redirected_to:
             flow.comment = f"hub: followed upstream redirect to {fetched.redirected_to}"
@@ -311,8 +411,32 @@ class HubRewrite:
     async def blob(
         self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route, path_and_query: str
     ) -> http.Response | None:
-        """Probe the registry once; stream the blob from wherever it redirects."""
+        """Serve from the cache, or probe the registry once and stream the blob
+        from wherever it redirects (filling the cache on the way)."""
         assert self.client is not None
+        download: Download | None = None
+        if self.cache is not None:
+            handled, answer, download = await self.blob_from_cache(flow, upstream, route)
+            if handled:
+                return answer
+        try:
+            answer = await self.blob_from_upstream(flow, upstream, route, path_and_query, download)
+        except BaseException:
+            if download is not None:
+                download.abort()
+            raise
+        if answer is not None and download is not None:
+            download.abort()
+        return answer
+
+    async def blob_from_upstream(
+        self,
+        flow: http.HTTPFlow,
+        upstream: Upstream,
+        route: names.Route,
+        path_and_query: str,
+        download: Download | None,
+    ) -> http.Response | None:
         request = flow.request
         url = upstream.url(path_and_query)
         client_headers = _fields(request.headers)
@@ -344,7 +468,10 @@ class HubRewrite:
             # distribution's redirect does not carry it, the CDN knows nothing
             # of digests, but clients (containerd) use it: the path names it.
             kept.append(("Docker-Content-Digest", route.reference))
-        flow.metadata[META_BLOB] = {"digest": route.reference, "headers": kept}
+        if self.cache is not None:
+            self.confirm_access(flow, upstream, route.name, route.reference)
+            kept.append((CACHE_HEADER, "miss"))
+        flow.metadata[META_BLOB] = {"digest": route.reference, "headers": kept, "download": download}
         if target is None:
             request.path = path_and_query
             return None
@@ -356,6 +483,256 @@ class HubRewrite:
         request.url = target
         flow.comment = f"hub: blob {route.reference} streamed from {urlsplit(target).hostname}"
         return None
+
+    # ---- the pull-through cache ----------------------------------------
+
+    async def blob_from_cache(
+        self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route
+    ) -> tuple[bool, http.Response | None, Download | None]:
+        """(handled, answer, download): served from the cache, or who fetches it upstream.
+
+        Only a whole-blob GET may become the blob's download; a client asking
+        for a blob someone else is downloading waits for it, then is served
+        from disk: one upstream fetch per digest.
+        """
+        assert self.cache is not None
+        digest = route.reference
+        whole_get = flow.request.method == "GET" and "range" not in flow.request.headers
+        for _ in range(3):
+            if await self.cache.verified_blob(digest):
+                return True, await self.serve_cached_blob(flow, upstream, route), None
+            if not whole_get:
+                break
+            download = self.cache.lead(digest)
+            if download is not None:
+                return False, None, download
+            await self.cache.wait_for(digest)
+        return False, None, None
+
+    async def serve_cached_blob(self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route) -> http.Response | None:
+        """Retarget the flow to the cache's file server, once this client may have the blob."""
+        assert self.cache is not None and self.client is not None
+        request = flow.request
+        digest = route.reference
+        refusal, stale = await self.check_access(flow, upstream, route.name, digest, route.path())
+        if refusal is not None:
+            return refusal
+        await self.cache.fileserver.start()
+        self.cache.store.touch(digest)
+        headers = [("Docker-Content-Digest", digest), (CACHE_HEADER, "stale" if stale else "hit")]
+        if stale:
+            headers.append(STALE_WARNING)
+        flow.metadata[META_BLOB] = {"digest": digest, "headers": headers, "download": None}
+        for name in hdrs.CREDENTIAL_HEADERS:
+            request.headers.pop(name, None)
+        request.url = self.cache.fileserver.url(digest)
+        flow.comment = f"hub: blob {digest} served from the cache" + (" (stale)" if stale else "")
+        return None
+
+    async def check_access(
+        self, flow: http.HTTPFlow, upstream: Upstream, repository: str, digest: str, path: str
+    ) -> tuple[http.Response | None, bool]:
+        """(refusal, stale): may this client have this digest of this repository?
+
+        Known if the upstream confirmed it for this client's token and this
+        repository holds the digest; otherwise asked with a HEAD (which Docker
+        Hub does not count against the rate limit) carrying the client's token.
+        """
+        assert self.cache is not None and self.client is not None
+        access, store = self.cache.access, self.cache.store
+        identity = client_identity(flow.request.headers.get("authorization"))
+        if access.allowed(identity, upstream.base, repository) and store.is_member(upstream.base, repository, digest):
+            return None, False
+        failure: UpstreamError | None = None
+        try:
+            head = await self.client.fetch(
+                "HEAD", upstream.url(path), hdrs.upstream_request_headers(_fields(flow.request.headers)),
+                follow_redirects=False,
+            )
+        except UpstreamError as e:
+            head, failure = None, e
+        if head is not None and 200 <= head.status < 400:
+            self.confirm_access(flow, upstream, repository, digest)
+            return None, False
+        unavailable = head is None or head.status == 429 or head.status >= 500
+        if unavailable and access.allowed_stale(identity, upstream.base, repository) and store.is_member(
+            upstream.base, repository, digest
+        ):
+            return None, True
+        if head is None:
+            assert failure is not None
+            return error_response(failure.status, failure.code, failure.message), False
+        return self.refusal_from_head(flow, upstream, head.status, head.headers), False
+
+    def refusal_from_head(
+        self, flow: http.HTTPFlow, upstream: Upstream, status: int, fields: list[tuple[str, str]]
+    ) -> http.Response:
+        """The upstream's answer to a HEAD, with a registry error body for a GET."""
+        code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}.get(status, "UNAVAILABLE")
+        body = b""
+        if flow.request.method != "HEAD":
+            body = json.dumps({"errors": [{"code": code, "message": f"upstream answered {status}"}]}).encode()
+        fields = hdrs.without(fields, ["content-type", "content-length", "docker-content-digest", "etag"])
+        response = self.relayed_response(flow, upstream, status, fields + [("Content-Type", "application/json")], body)
+        return response
+
+    def confirm_access(self, flow: http.HTTPFlow, upstream: Upstream, repository: str, digest: str) -> None:
+        """The upstream just let this client read this digest of this repository."""
+        assert self.cache is not None
+        authorization = flow.request.headers.get("authorization")
+        self.cache.access.confirm(client_identity(authorization), authorization, upstream.base, repository)
+        self.cache.store.add_member(upstream.base, repository, digest)
+
+    async def cached_manifest(
+        self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route, path_and_query: str
+    ) -> http.Response:
+        """Manifests from the cache by digest; a tag resolved with an upstream HEAD.
+
+        HEAD requests do not count against Docker Hub's pull rate limit; a
+        cached manifest is then served without any upstream GET.
+        """
+        assert self.cache is not None and self.client is not None
+        store, access = self.cache.store, self.cache.access
+        request = flow.request
+        identity = client_identity(request.headers.get("authorization"))
+        # one tag answers with an index, a manifest or a legacy schema depending on Accept
+        accept = "\n".join(request.headers.get_all("accept"))
+        if route.is_digest and access.allowed(identity, upstream.base, route.name) and store.is_member(
+            upstream.base, route.name, route.reference
+        ):
+            cached = store.get_manifest(route.reference)
+            if cached is not None:
+                return self.manifest_answer(flow, route.reference, cached, "hit")
+
+        headers = hdrs.upstream_request_headers(_fields(request.headers))
+        url = upstream.url(path_and_query)
+        failure: UpstreamError | None = None
+        try:
+            head = await self.client.fetch("HEAD", url, headers)
+        except UpstreamError as e:
+            head, failure = None, e
+        digest = head.header("docker-content-digest") if head is not None else None
+        if head is not None and head.status == 200 and digest and digest.startswith("sha256:"):
+            self.note_ratelimit(upstream, head.headers)
+            self.confirm_access(flow, upstream, route.name, digest)
+            if not route.is_digest:
+                store.put_tag(upstream.base, route.name, route.reference, accept, digest, head.header("content-type") or "")
+            if request.method == "HEAD":
+                answer = self.relayed_response(flow, upstream, head.status, head.headers, b"")
+                answer.headers[CACHE_HEADER] = "hit" if store.get_manifest(digest) else "miss"
+                return answer
+            cached = store.get_manifest(digest)
+            if cached is not None:
+                return self.manifest_answer(flow, digest, cached, "hit")
+            answer = await self.relay(flow, upstream, path_and_query)
+            if answer.status_code == 200 and answer.headers.get("docker-content-digest") == digest:
+                # stored only if the bytes match the digest (a compressed answer does not)
+                store.put_manifest(digest, answer.headers.get("content-type", ""), answer.raw_content or b"")
+            answer.headers[CACHE_HEADER] = "miss"
+            return answer
+        if head is None or head.status == 429 or head.status >= 500:
+            stale = self.stale_manifest(flow, upstream, route, identity, accept)
+            if stale is not None:
+                return stale
+            if head is None:
+                assert failure is not None
+                return error_response(failure.status, failure.code, failure.message)
+        # a refusal or an unusual answer: the client gets the upstream's own
+        return await self.relay(flow, upstream, path_and_query)
+
+    def stale_manifest(
+        self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route, identity: str, accept: str
+    ) -> http.Response | None:
+        """A cached manifest for an unavailable upstream, within the stale window."""
+        assert self.cache is not None
+        store, access = self.cache.store, self.cache.access
+        if route.is_digest:
+            digest = route.reference
+        else:
+            entry = store.get_tag(upstream.base, route.name, route.reference, accept)
+            if entry is None or time.time() - entry.stored_at > access.stale_seconds:
+                return None
+            digest = entry.digest
+        if not (store.is_member(upstream.base, route.name, digest) and access.allowed_stale(identity, upstream.base, route.name)):
+            return None
+        cached = store.get_manifest(digest)
+        if cached is None:
+            return None
+        log.warning("serving %s@%s from the cache: upstream unavailable", route.name, digest)
+        return self.manifest_answer(flow, digest, cached, "stale")
+
+    def manifest_answer(self, flow: http.HTTPFlow, digest: str, cached: tuple[str, bytes], state: str) -> http.Response:
+        media_type, body = cached
+        headers = [
+            ("Content-Type", media_type),
+            ("Docker-Content-Digest", digest),
+            ("ETag", f'"{digest}"'),
+            ("Content-Length", str(len(body))),
+            ("Docker-Distribution-API-Version", "registry/2.0"),
+            (CACHE_HEADER, state),
+        ]
+        if state == "stale":
+            headers.append(STALE_WARNING)
+        return make_response(200, headers, b"" if flow.request.method == "HEAD" else body)
+
+    def offline_challenge(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response | None:
+        """/v2/ while the upstream is unreachable: the challenge it sent before, so
+        clients go on to /token and to cached content."""
+        if self.cache is None or upstream.base not in self.realms:
+            return None
+        _, service = self.realms[upstream.base]
+        c = challenge.Challenge("Bearer", {"realm": "x"} | ({"service": service} if service else {}))
+        token_url = (self.public_url or public_url_of(flow.client_conn)) + TOKEN_PATH
+        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        return make_response(401, [
+            ("WWW-Authenticate", c.with_param("realm", token_url).format()),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            (CACHE_HEADER, "stale"),
+            STALE_WARNING,
+        ], body)
+
+    def offline_token(self) -> http.Response:
+        """A token for a client without credentials while the token service is down.
+
+        It is the mirror's own, worthless upstream, and opens only what
+        anonymous clients were seen to pull within the stale window.
+        """
+        assert self.cache is not None
+        token = "hub-rewrite-offline." + secrets.token_urlsafe(24)
+        self.cache.access.note_anonymous_token(token)
+        body = json.dumps({"token": token, "access_token": token, "expires_in": 300,
+                           "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                   (CACHE_HEADER, "stale"), STALE_WARNING], body)
+
+    def note_anonymous_grant(self, body: bytes) -> None:
+        """Tokens handed to clients without credentials mark what anyone may pull."""
+        assert self.cache is not None
+        try:
+            grant = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(grant, dict):
+            return
+        for key in ("token", "access_token"):
+            if isinstance(grant.get(key), str):
+                self.cache.access.note_anonymous_token(grant[key])
+
+    def note_ratelimit(self, upstream: Upstream, fields: list[tuple[str, str]]) -> None:
+        """Keep the latest Docker Hub pull allowance per upstream identity."""
+        remaining = source = None
+        for name, value in fields:
+            if name.lower() == "ratelimit-remaining":
+                remaining = value
+            elif name.lower() == "docker-ratelimit-source":
+                source = value
+        if remaining is None:
+            return
+        key = (upstream.base, source or "-")
+        if self.ratelimits.get(key) != remaining:
+            log.info("rate limit at %s for %s: %s remaining", upstream.base, source or "this mirror", remaining)
+        self.ratelimits[key] = remaining
 
     async def token(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response:
         """Forward a token request to the realm learned from the upstream."""
@@ -386,19 +763,22 @@ class HubRewrite:
             )
         except UpstreamError as e:
             log.warning("token request to %s: %s", urlsplit(realm).hostname, e.message)
+            if self.cache is not None and "authorization" not in request.headers:
+                return self.offline_token()
             return error_response(e.status, e.code, f"token service: {e.message}")
+        if self.cache is not None and fetched.status == 200 and "authorization" not in request.headers:
+            self.note_anonymous_grant(fetched.body)
         answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
         return make_response(fetched.status, _with_length(answer_headers, fetched.body, request.method), fetched.body)
 
     async def learned_realm(self, upstream: Upstream) -> str | None:
         """The upstream's token realm; asks its /v2/ once if no challenge was seen yet."""
-        realm = self.realms.get(upstream.base)
-        if realm is None:
+        if upstream.base not in self.realms:
             assert self.client is not None
             fetched = await self.client.fetch("GET", upstream.url("/v2/"), [], follow_redirects=False)
             self.learn_challenges(upstream, fetched.headers)
-            realm = self.realms.get(upstream.base)
-        return realm
+        learned = self.realms.get(upstream.base)
+        return learned[0] if learned else None
 
     def learn_challenges(self, upstream: Upstream, fields: list[tuple[str, str]]) -> None:
         for name, value in fields:
@@ -411,7 +791,7 @@ class HubRewrite:
             for c in parsed:
                 realm = c.get("realm")
                 if c.is_bearer and realm and urlsplit(realm).scheme in ("http", "https"):
-                    self.realms[upstream.base] = realm
+                    self.realms[upstream.base] = (realm, c.get("service"))
 
     def relayed_response(
         self,
@@ -423,6 +803,7 @@ class HubRewrite:
     ) -> http.Response:
         """An upstream answer as the client should see it."""
         self.learn_challenges(upstream, fields)
+        self.note_ratelimit(upstream, fields)
         token_url = (self.public_url or public_url_of(flow.client_conn)) + TOKEN_PATH
         out: list[tuple[str, str]] = []
         for name, value in hdrs.end_to_end(fields):
@@ -461,8 +842,19 @@ def _add_headers(response: http.Response, fields: list[tuple[str, str]]) -> None
             response.headers[name] = value
 
 
-def _close_later(client: UpstreamClient) -> None:
+def _close_later(closable) -> None:
+    """Close an UpstreamClient (aclose) or FileServer (stop) replaced by a new configuration."""
+    closer = getattr(closable, "aclose", None) or closable.stop
     try:
-        asyncio.get_running_loop().create_task(client.aclose())
+        asyncio.get_running_loop().create_task(closer())
     except RuntimeError:
-        pass  # no loop (tests, shutdown): the client is garbage collected
+        pass  # no loop (tests, shutdown): garbage collected
+
+
+def _cache_outcome(digest: str):
+    def outcome(committed: bool, size: int) -> None:
+        if committed:
+            log.info("cached blob %s (%d bytes)", digest, size)
+        else:
+            log.error("blob %s from upstream does not match its digest: discarded, transfer aborted", digest)
+    return outcome

@@ -136,7 +136,7 @@ def test_base_challenge_realm_points_at_mirror(addon_ctx, upstream):
     assert flow.response.headers["www-authenticate"] == (
         'Bearer realm="http://127.0.0.1:5000/token",service="test-registry"'
     )
-    assert addon.realms[upstream.url] == realm
+    assert addon.realms[upstream.url] == (realm, "test-registry")
 
 
 def test_public_url_option_used_for_realm(addon_ctx, upstream):

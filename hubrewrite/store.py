@@ -1,0 +1,314 @@
+"""The on-disk cache: content-addressed blobs and manifests, tag lookups, and
+which repository holds which digest.
+
+Layout under the cache directory (several mirror processes may share it):
+
+    blobs/sha256/ab/<hex>        verified blob bytes (never written in place)
+    blobs/sha256/ab/<hex>.ok     stamp: size, mtime and inode the bytes had when
+                                 verified; its own mtime is the last use (LRU)
+    manifests/sha256/ab/<hex>    verified manifest bytes
+    manifests/sha256/ab/<hex>.type   its media type
+    tags/<key>.json              (upstream, repository, tag, Accept) -> digest
+    repos/<key>/<hex>            the upstream confirmed this repository holds it
+    tmp/                         downloads in progress and their locks
+
+Nothing is ever visible under its final name before it is complete and
+verified: files are written in tmp/ and renamed into place. A blob whose stamp
+no longer matches its file (it was modified) is hashed again before it is
+served, and deleted if it does not match its digest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def _hex(digest: str) -> str:
+    algorithm, _, hex_part = digest.partition(":")
+    if algorithm != "sha256" or len(hex_part) != 64:
+        raise ValueError(f"the cache stores sha256 digests only, not {digest!r}")
+    return hex_part
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _stat_signature(st: os.stat_result) -> str:
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def sha256_of_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class TagEntry:
+    digest: str
+    media_type: str
+    stored_at: float
+
+
+class BlobWriter:
+    """Receives a blob as it streams to the client; commits it only if complete and verified."""
+
+    def __init__(self, store: Store, digest: str) -> None:
+        self.store = store
+        self.digest = digest
+        self.hex = _hex(digest)
+        self.path = store.tmp / f"{self.hex}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        self.file = open(self.path, "wb")
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.done = False
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> bool:
+        """Verify and commit; False (and nothing kept) if the bytes do not match the digest."""
+        if self.done:
+            return False
+        self.done = True
+        self.file.close()
+        if self.hasher.hexdigest() != self.hex:
+            self.path.unlink(missing_ok=True)
+            return False
+        self.store.commit_blob(self.path, self.hex, self.size)
+        return True
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Store:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.tmp = root / "tmp"
+        for sub in ("blobs/sha256", "manifests/sha256", "tags", "repos", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp()
+        # digests this process is serving right now: never evicted
+        self.in_use: dict[str, int] = {}
+
+    # ---- blobs -----------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        hex_part = _hex(digest)
+        return self.root / "blobs" / "sha256" / hex_part[:2] / hex_part
+
+    def _stamp(self, path: Path) -> Path:
+        return path.with_name(path.name + ".ok")
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).exists()
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def check_blob(self, digest: str) -> bool:
+        """True if the cached blob may be served: unchanged since verified, or verified now.
+
+        A file whose bytes do not match its digest is deleted. Blocking (it may
+        hash the whole file): run it in a thread.
+        """
+        path = self.blob_path(digest)
+        stamp = self._stamp(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        try:
+            if stamp.read_text() == _stat_signature(st):
+                return True
+        except FileNotFoundError:
+            pass
+        if sha256_of_file(path) != digest:
+            self.remove_blob(digest)
+            return False
+        self._write_stamp(path)
+        return True
+
+    def touch(self, digest: str) -> None:
+        """Mark a blob as just used (LRU)."""
+        try:
+            os.utime(self._stamp(self.blob_path(digest)))
+        except FileNotFoundError:
+            pass
+
+    def new_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    def commit_blob(self, tmp_path: Path, hex_part: str, size: int) -> None:
+        final = self.root / "blobs" / "sha256" / hex_part[:2] / hex_part
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path, final)
+        self._write_stamp(final)
+        self.evict(keep=f"sha256:{hex_part}")
+
+    def _write_stamp(self, path: Path) -> None:
+        stamp = self._stamp(path)
+        tmp = self.tmp / f"{stamp.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(_stat_signature(path.stat()))
+        os.replace(tmp, stamp)
+
+    def remove_blob(self, digest: str) -> None:
+        path = self.blob_path(digest)
+        # the stamp first: a blob without a stamp is re-verified, never trusted
+        self._stamp(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+    def download_lock(self, digest: str) -> int | None:
+        """An exclusive lock on downloading this blob, across processes; None if held elsewhere."""
+        fd = os.open(self.tmp / f"{_hex(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def release_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    # ---- eviction ----------------------------------------------------------
+
+    def blob_entries(self) -> list[tuple[float, int, str]]:
+        """(last use, size, digest) of every committed blob."""
+        entries = []
+        for path in (self.root / "blobs" / "sha256").glob("*/*"):
+            if path.name.endswith(".ok"):
+                continue
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            try:
+                used = self._stamp(path).stat().st_mtime
+            except FileNotFoundError:
+                used = 0.0
+            entries.append((used, size, f"sha256:{path.name}"))
+        return entries
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.blob_entries())
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Delete least recently used blobs until under the size limit."""
+        if self.max_bytes <= 0:
+            return []
+        entries = self.blob_entries()
+        total = sum(size for _, size, _ in entries)
+        evicted = []
+        for _, size, digest in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if digest == keep or self.in_use.get(digest):
+                continue
+            self.remove_blob(digest)
+            total -= size
+            evicted.append(digest)
+        return evicted
+
+    # ---- manifests -----------------------------------------------------------
+
+    def _manifest_path(self, digest: str) -> Path:
+        hex_part = _hex(digest)
+        return self.root / "manifests" / "sha256" / hex_part[:2] / hex_part
+
+    def put_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
+        """Store a manifest if its bytes match the digest."""
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            return False
+        path = self._manifest_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = f".{os.getpid()}.{secrets.token_hex(4)}"
+        type_tmp = self.tmp / (path.name + ".type" + suffix)
+        type_tmp.write_text(media_type)
+        os.replace(type_tmp, path.with_name(path.name + ".type"))
+        body_tmp = self.tmp / (path.name + suffix)
+        body_tmp.write_bytes(body)
+        os.replace(body_tmp, path)
+        return True
+
+    def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, bytes), verified on every read; a corrupted one is deleted."""
+        path = self._manifest_path(digest)
+        try:
+            body = path.read_bytes()
+            media_type = path.with_name(path.name + ".type").read_text()
+        except FileNotFoundError:
+            return None
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return media_type, body
+
+    # ---- tags ---------------------------------------------------------------
+
+    def _tag_path(self, upstream: str, repository: str, tag: str, accept: str) -> Path:
+        return self.root / "tags" / f"{_key(upstream, repository, tag, accept)}.json"
+
+    def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> None:
+        path = self._tag_path(upstream, repository, tag, accept)
+        tmp = self.tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps({"digest": digest, "media_type": media_type, "stored_at": time.time()}))
+        os.replace(tmp, path)
+
+    def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
+        try:
+            data = json.loads(self._tag_path(upstream, repository, tag, accept).read_text())
+            return TagEntry(data["digest"], data["media_type"], float(data["stored_at"]))
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    # ---- repository membership ---------------------------------------------------
+
+    def _member_path(self, upstream: str, repository: str, digest: str) -> Path:
+        return self.root / "repos" / _key(upstream, repository) / _hex(digest)
+
+    def add_member(self, upstream: str, repository: str, digest: str) -> None:
+        path = self._member_path(upstream, repository, digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+    def is_member(self, upstream: str, repository: str, digest: str) -> bool:
+        return self._member_path(upstream, repository, digest).exists()
+
+    # ---- housekeeping ----------------------------------------------------------
+
+    def _clean_stale_tmp(self, older_than: float = 24 * 3600) -> None:
+        """Remove leftovers of crashed downloads (another process may be writing newer ones)."""
+        now = time.time()
+        for path in self.tmp.iterdir():
+            try:
+                if now - path.stat().st_mtime > older_than:
+                    path.unlink()
+            except (FileNotFoundError, IsADirectoryError):
+                pass
