@@ -271,21 +271,42 @@ class Store:
 
     # ---- tags ---------------------------------------------------------------
 
-    def _tag_path(self, upstream: str, repository: str, tag: str, accept: str) -> Path:
-        return self.root / "tags" / f"{_key(upstream, repository, tag, accept)}.json"
+    def _tag_path(self, upstream: str, repository: str, tag: str) -> Path:
+        return self.root / "tags" / f"{_key(upstream, repository, tag)}.json"
+
+    def _read_tag_file(self, path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
 
     def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> None:
-        path = self._tag_path(upstream, repository, tag, accept)
+        """Remember what a tag resolved to for this Accept header (read-modify-write:
+        a concurrent writer may drop another's entry, which only costs a lookup)."""
+        path = self._tag_path(upstream, repository, tag)
+        entries = self._read_tag_file(path)
+        entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
         tmp = self.tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps({"digest": digest, "media_type": media_type, "stored_at": time.time()}))
+        tmp.write_text(json.dumps(entries))
         os.replace(tmp, path)
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
-        try:
-            data = json.loads(self._tag_path(upstream, repository, tag, accept).read_text())
-            return TagEntry(data["digest"], data["media_type"], float(data["stored_at"]))
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+        """The tag's digest for exactly this Accept header or, failing that, the
+        newest one whose media type the client accepts."""
+        entries = self._read_tag_file(self._tag_path(upstream, repository, tag))
+        candidates = []
+        accepted = {t.split(";")[0].strip() for line in accept.split("\n") for t in line.split(",")}
+        for key, data in entries.items():
+            try:
+                entry = TagEntry(data["digest"], data["media_type"], float(data["stored_at"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if key == accept:
+                return entry
+            if entry.media_type in accepted:
+                candidates.append(entry)
+        return max(candidates, key=lambda e: e.stored_at, default=None)
 
     # ---- repository membership ---------------------------------------------------
 

@@ -445,3 +445,100 @@ def test_shipped_mitm_conf_loads(tmp_path: Path):
         assert tctx.options.block_global is False
     finally:
         ctx.__exit__(None, None, None)
+
+
+def stream_body(flow, data: bytes, chunk: int = 4) -> bytes:
+    """Feed a body through the flow's stream callable as mitmproxy does; return what the client got."""
+    out = b""
+    for i in range(0, len(data), chunk):
+        out += flow.response.stream(data[i : i + chunk])
+    return out + flow.response.stream(b"")
+
+
+def test_cache_fill_then_hit_with_confirmed_access(addon_ctx, upstream, tmp_path):
+    import hashlib
+
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
+    data = b"layer-bytes" * 100
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path = f"/v2/library/nginx/blobs/{digest}"
+    upstream.routes[("*", blob_path)] = Canned(307, [("Location", "http://127.0.0.2:9/cdn/x?sig=1")])
+
+    async def scenario():
+        cold = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer t1")])
+        await addon.request(cold)
+        assert cold.request.host == "127.0.0.2"
+        cold.response = http.Response.make(200, b"", {"Content-Length": str(len(data))})
+        addon.responseheaders(cold)
+        assert stream_body(cold, data) == data
+        addon.response(cold)
+        assert addon.cache.store.has_blob(digest)
+
+        # same token: access remembered, no upstream request at all
+        upstream.received.clear()
+        warm = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer t1"), ("Range", "bytes=0-3")])
+        await addon.request(warm)
+        assert warm.request.host == "127.0.0.1" and warm.request.port == addon.cache.fileserver.port
+        assert "authorization" not in warm.request.headers and warm.request.headers["range"] == "bytes=0-3"
+        assert upstream.received == []
+
+        # another token the upstream refuses: the cached bytes are not served
+        upstream.routes[("HEAD", blob_path)] = Canned(401, [("WWW-Authenticate", 'Bearer realm="http://a/t",error="insufficient_scope"')])
+        other = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer other")])
+        await addon.request(other)
+        assert other.response.status_code == 401
+        assert json.loads(other.response.content)["errors"][0]["code"] == "UNAUTHORIZED"
+        assert [r.method for r in upstream.received] == ["HEAD"]
+        await addon.done()
+
+    run(scenario())
+
+
+def test_cache_mismatch_kills_transfer_and_keeps_nothing(addon_ctx, upstream, tmp_path):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
+    digest = "sha256:" + "c" * 64
+    blob_path = f"/v2/library/nginx/blobs/{digest}"
+    upstream.routes[("*", blob_path)] = Canned(307, [("Location", "http://127.0.0.2:9/cdn/x")])
+
+    async def scenario():
+        flow = make_flow(upstream.url, "GET", blob_path)
+        await addon.request(flow)
+        flow.response = http.Response.make(200, b"", {"Content-Length": "12"})
+        addon.responseheaders(flow)
+        got = stream_body(flow, b"not-the-blob")
+        assert got == b"not-the-blob"[: len(got)] and len(got) < 12  # the last chunk never left
+        assert flow.error and flow.error.msg == flow.error.KILLED_MESSAGE
+        assert not addon.cache.store.has_blob(digest)
+        assert digest not in addon.cache.inflight
+        await addon.done()
+
+    run(scenario())
+
+
+def test_cache_aborted_transfer_releases_download(addon_ctx, upstream, tmp_path):
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
+    digest = "sha256:" + "d" * 64
+    blob_path = f"/v2/library/nginx/blobs/{digest}"
+    upstream.routes[("*", blob_path)] = Canned(307, [("Location", "http://127.0.0.2:9/cdn/x")])
+
+    async def scenario():
+        flow = make_flow(upstream.url, "GET", blob_path)
+        await addon.request(flow)
+        flow.response = http.Response.make(200, b"", {"Content-Length": "100"})
+        addon.responseheaders(flow)
+        flow.response.stream(b"partial")
+        flow.error = flow.error or __import__("mitmproxy").flow.Error("connection closed")
+        addon.error(flow)
+        assert not addon.cache.store.has_blob(digest)
+        assert list(addon.cache.store.tmp.glob("*.part")) == []
+        # the next client may download it again
+        again = make_flow(upstream.url, "GET", blob_path)
+        await addon.request(again)
+        assert again.metadata[META_BLOB]["download"] is not None
+        again.metadata[META_BLOB]["download"].abort()
+        await addon.done()
+
+    run(scenario())

@@ -1,0 +1,118 @@
+import hashlib
+import os
+import time
+
+import pytest
+
+from hubrewrite.store import Store
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def put_blob(store: Store, data: bytes) -> str:
+    digest = digest_of(data)
+    writer = store.new_writer(digest)
+    for i in range(0, len(data), 7):
+        writer.write(data[i : i + 7])
+    assert writer.finish()
+    return digest
+
+
+def test_blob_committed_only_when_verified(tmp_path):
+    store = Store(tmp_path, 0)
+    good = put_blob(store, b"hello world")
+    assert store.has_blob(good) and store.check_blob(good)
+    assert store.blob_path(good).read_bytes() == b"hello world"
+
+    wrong = store.new_writer(digest_of(b"something else"))
+    wrong.write(b"hello world")
+    assert not wrong.finish()
+    assert not store.has_blob(digest_of(b"something else"))
+    assert list(store.tmp.glob("*.part")) == []
+
+
+def test_aborted_download_leaves_nothing(tmp_path):
+    store = Store(tmp_path, 0)
+    writer = store.new_writer(digest_of(b"abc"))
+    writer.write(b"ab")
+    writer.abort()
+    assert not store.has_blob(digest_of(b"abc"))
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_modified_blob_is_detected_and_removed(tmp_path):
+    store = Store(tmp_path, 0)
+    digest = put_blob(store, b"x" * 1000)
+    path = store.blob_path(digest)
+    time.sleep(0.01)
+    with open(path, "r+b") as f:
+        f.seek(500)
+        f.write(b"y")
+    assert not store.check_blob(digest)
+    assert not path.exists()
+
+
+def test_unstamped_blob_is_hashed_before_trusted(tmp_path):
+    store = Store(tmp_path, 0)
+    digest = put_blob(store, b"data")
+    store._stamp(store.blob_path(digest)).unlink()
+    assert store.check_blob(digest)  # re-verified, stamped again
+    assert store._stamp(store.blob_path(digest)).exists()
+
+
+def test_lru_eviction_spares_recent_and_in_use(tmp_path):
+    store = Store(tmp_path, 250)
+    a = put_blob(store, b"a" * 100)
+    b = put_blob(store, b"b" * 100)
+    old = time.time() - 100
+    os.utime(store._stamp(store.blob_path(a)), (old, old))
+    os.utime(store._stamp(store.blob_path(b)), (old + 10, old + 10))
+    store.in_use[a] = 1  # being served: never evicted
+    c = put_blob(store, b"c" * 100)  # over the limit: evicts the oldest not in use
+    assert store.has_blob(a) and not store.has_blob(b) and store.has_blob(c)
+    assert store.total_bytes() == 200
+
+
+def test_manifests_verified_on_read(tmp_path):
+    store = Store(tmp_path, 0)
+    body = b'{"schemaVersion":2}'
+    digest = digest_of(body)
+    assert not store.put_manifest(digest, "t", b"other")
+    assert store.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json", body)
+    assert store.get_manifest(digest) == ("application/vnd.oci.image.manifest.v1+json", body)
+    store._manifest_path(digest).write_bytes(b"tampered")
+    assert store.get_manifest(digest) is None
+
+
+def test_tags_keyed_by_accept_and_membership(tmp_path):
+    store = Store(tmp_path, 0)
+    store.put_tag("https://r", "library/a", "1", "index", digest_of(b"1"), "index-type")
+    store.put_tag("https://r", "library/a", "1", "single", digest_of(b"2"), "single-type")
+    assert store.get_tag("https://r", "library/a", "1", "index").digest == digest_of(b"1")
+    assert store.get_tag("https://r", "library/a", "1", "single").digest == digest_of(b"2")
+    assert store.get_tag("https://r", "library/b", "1", "index") is None
+    # another Accept header: an entry whose media type it accepts
+    assert store.get_tag("https://r", "library/a", "1", "x, single-type;q=0.9").digest == digest_of(b"2")
+    assert store.get_tag("https://r", "library/a", "1", "unrelated") is None
+    store.add_member("https://r", "library/a", digest_of(b"1"))
+    assert store.is_member("https://r", "library/a", digest_of(b"1"))
+    assert not store.is_member("https://r", "private/x", digest_of(b"1"))
+
+
+def test_download_lock_is_exclusive(tmp_path):
+    store = Store(tmp_path, 0)
+    fd = store.download_lock(digest_of(b"z"))
+    assert fd is not None
+    assert store.download_lock(digest_of(b"z")) is None
+    Store.release_lock(fd)
+    fd2 = store.download_lock(digest_of(b"z"))
+    assert fd2 is not None
+    Store.release_lock(fd2)
+
+
+def test_only_sha256(tmp_path):
+    store = Store(tmp_path, 0)
+    with pytest.raises(ValueError):
+        store.blob_path("sha512:" + "a" * 128)
