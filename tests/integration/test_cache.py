@@ -182,3 +182,48 @@ def test_cached_image_pulls_while_upstream_is_down(tmp_path):
             assert r.status_code == 502
             assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
             assert "Traceback" not in m.log_text()
+
+
+def fresh_image(upstream, tmp_path: Path, repo: str, size: int, seed: bytes) -> str:
+    layer = tmp_path / f"{repo.replace('/', '_')}.tar"
+    digest, _ = make_big_layer(layer, size, seed=seed)
+    push_image(upstream, repo, "1", [layer], media="oci")
+    return digest
+
+
+def assert_nothing_cached(cache_dir: Path, digest: str) -> None:
+    assert not (cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+    assert list((cache_dir / "tmp").glob("*.part")) == []
+
+
+def test_cdn_cutting_the_blob_leaves_nothing_in_the_cache(mirror, upstream, cache_dir, tmp_path):
+    digest = fresh_image(upstream, tmp_path, "team/cut", 8 * 1024 * 1024, b"cut")
+    upstream.set_cdn_fault("cut", times=1, after=3 * 1024 * 1024)
+    try:
+        failed = copy(f"docker://{mirror.host}/team/cut:1", tmp_path / "failed")
+        assert failed.returncode != 0
+    finally:
+        upstream.clear_faults()
+    assert_nothing_cached(cache_dir, digest)
+    ok = copy(f"docker://{mirror.host}/team/cut:1", tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr
+    assert sha256_file(tmp_path / "ok" / digest[7:]) == digest
+
+
+def test_corrupted_upstream_bytes_end_as_a_failed_transfer(mirror, upstream, cache_dir, tmp_path):
+    digest = fresh_image(upstream, tmp_path, "team/corrupt", 4 * 1024 * 1024, b"corrupt")
+    token = httpx.get(f"{mirror.url}/token", params={"service": upstream.service, "scope": "repository:team/corrupt:pull"}).json()["token"]
+    upstream.set_cdn_fault("corrupt", times=1)
+    try:
+        received = 0
+        with pytest.raises(httpx.HTTPError):
+            with httpx.stream("GET", f"{mirror.url}/v2/team/corrupt/blobs/{digest}",
+                              headers={"Authorization": f"Bearer {token}"}, timeout=30) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw():
+                    received += len(chunk)
+        assert received < 4 * 1024 * 1024 + 10240  # never the whole, complete-looking body
+    finally:
+        upstream.clear_faults()
+    assert_nothing_cached(cache_dir, digest)
+    assert "does not match its digest" in mirror.log_text()

@@ -15,6 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -455,3 +456,245 @@ def test_edge_framing_and_headers(edge_on_backend):
     loc = r.headers["Location"]
     assert r.status == 307 and "?expires=" in loc and "&signature=" in loc
     conn.close()
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+@pytest.fixture
+def faulty(upstream):
+    """The shared upstream with all faults cleared before and after the test."""
+    upstream.clear_faults()
+    try:
+        yield upstream
+    finally:
+        upstream.clear_faults()
+
+
+def _wait_records(read, pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = [r for r in read() if pred(r)]
+        if recs or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def small_blob(upstream, upstream_images):
+    digest = upstream_images["team/ociapp"]["layer_digests"][1]
+    url = upstream.sign_cdn_url(upstream.blob_storage_path(digest))
+    data = httpx.get(url).content
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == digest and len(data) > 20
+    return digest, url, data
+
+
+def test_cdn_fault_cut(faulty, small_blob):
+    digest, url, data = small_blob
+    st = faulty.set_cdn_fault("cut", after=10)
+    assert st["mode"] == "cut" and st["remaining"] == 1 and st["params"] == {"after": 10}
+    assert httpx.head(url).status_code == 200  # HEAD is never faulted
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    try:
+        conn.request("GET", f"{u.path}?{u.query}")
+        r = conn.getresponse()
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
+        with pytest.raises(http.client.IncompleteRead) as ei:
+            r.read()
+        assert ei.value.partial == data[:10]
+    finally:
+        conn.close()
+    assert faulty.faults()["cdn"]["mode"] == "none"  # times=1: cleared itself
+    assert httpx.get(url).content == data
+    rec = _wait_records(faulty.cdn_requests, lambda r: r.get("fault") == "cut")
+    assert rec and rec[-1]["status"] == 200 and rec[-1]["bytes"] == 10
+    # default cut point (half), seen by httpx as a protocol error
+    faulty.set_cdn_fault("cut")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(url, timeout=5)
+    assert httpx.get(url).content == data
+
+
+def test_cdn_fault_corrupt(faulty, small_blob):
+    digest, url, data = small_blob
+    faulty.set_cdn_fault("corrupt")
+    r = httpx.get(url, timeout=5)
+    assert r.status_code == 200 and len(r.content) == len(data) == int(r.headers["content-length"])
+    assert "sha256:" + hashlib.sha256(r.content).hexdigest() != digest
+    diff = [i for i, (a, b) in enumerate(zip(r.content, data)) if a != b]
+    assert diff == [len(data) // 2]
+    assert httpx.get(url).content == data  # one-shot
+    rec = _wait_records(faulty.cdn_requests, lambda r: r.get("fault") == "corrupt")
+    assert rec and rec[-1]["bytes"] == len(data) and rec[-1]["fault_offset"] == len(data) // 2
+    # explicit offset, on a range request
+    faulty.set_cdn_fault("corrupt", after=0)
+    r = httpx.get(url, headers={"Range": "bytes=5-14"})
+    assert r.status_code == 206 and r.content[1:] == data[6:15] and r.content[0] != data[5]
+
+
+def test_cdn_fault_status403_counted(faulty, small_blob):
+    _, url, data = small_blob
+    applied = faulty.faults()["cdn"]["applied"]
+    faulty.set_cdn_fault("status403", times=2)
+    for left in (1, 0):
+        r = httpx.get(url)
+        assert r.status_code == 403 and "<Message>Request has expired</Message>" in r.text
+        assert r.headers["content-type"] == "application/xml"
+        assert faulty.faults()["cdn"]["remaining"] == left
+    assert httpx.get(url).content == data
+    st = faulty.faults()["cdn"]
+    assert st["mode"] == "none" and st["applied"] == applied + 2
+    recs = _wait_records(faulty.cdn_requests, lambda r: r.get("fault") == "status403")
+    assert len(recs) >= 2 and all(r["status"] == 403 for r in recs)
+
+
+def test_cdn_fault_hang_does_not_block_others(faulty, small_blob):
+    _, url, data = small_blob
+    faulty.set_cdn_fault("hang")
+    errors = []
+
+    def hanging():
+        try:
+            httpx.get(url, timeout=1.0)
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=hanging)
+    t.start()
+    deadline = time.monotonic() + 5
+    while faulty.faults()["cdn"]["mode"] != "none":  # consumed by the hanging request
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    assert httpx.get(url, timeout=5).content == data  # served while the other one hangs
+    assert time.monotonic() - t0 < 0.8
+    t.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], httpx.ReadTimeout)
+    rec = _wait_records(faulty.cdn_requests, lambda r: r.get("fault") == "hang")
+    assert rec and rec[-1]["reason"] == "injected hang: client_disconnected" and rec[-1]["bytes"] == 0
+
+
+def test_fault_control_sticky_clear_and_validation(faulty, small_blob):
+    _, url, data = small_blob
+    faulty.set_cdn_fault("status403", times=0)  # until cleared
+    assert [httpx.get(url).status_code for _ in range(3)] == [403, 403, 403]
+    assert faulty.faults()["cdn"]["mode"] == "status403"
+    faulty.set_cdn_fault("none")
+    assert httpx.get(url).content == data
+    for path in (faulty.cdn_url + "/_cdn/fault", faulty.api_url + "/_edge/fault",
+                 faulty.service_url("token") + "/_token/fault"):
+        assert httpx.post(path, params={"mode": "bogus"}).status_code == 400
+        assert httpx.post(path, params={"mode": "hang", "nope": "1"}).status_code == 400
+    faulty.set_cdn_fault("cut", times=0)
+    faulty.set_edge_fault("close", times=0)
+    faulty.set_token_fault("status500", times=0)
+    faulty.clear_faults()
+    assert {st["mode"] for st in faulty.faults().values()} == {"none"}
+    # control requests are not in the CDN/token access logs
+    assert not any("/_cdn/" in r["path"] for r in faulty.cdn_requests())
+    assert not any("/_token/" in r["path"] for r in faulty.token_requests())
+
+
+def test_edge_fault_status500_path_contains(faulty, upstream_images):
+    h = bearer(faulty, "library/alpine")
+    st = faulty.set_edge_fault("status500", path_contains="/manifests/")
+    assert st["params"] == {"path_contains": "/manifests/"}
+    assert httpx.get(f"{faulty.api_url}/v2/").status_code == 401  # not matched, not consumed
+    url = f"{faulty.api_url}/v2/library/alpine/manifests/3.19"
+    r = httpx.get(url, headers=h)
+    assert r.status_code == 500
+    assert r.json()["errors"][0]["code"] == "UNKNOWN"
+    assert r.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert httpx.head(url, headers={**h, "Accept": DOCKER_LIST}).status_code == 200  # one-shot
+    rec = _wait_records(faulty.edge_requests, lambda r: r.get("fault") == "status500")
+    assert rec and rec[-1]["status"] == 500 and rec[-1]["path"].endswith("/manifests/3.19")
+    # method filter
+    faulty.set_edge_fault("status500", path_contains="/manifests/", method="GET")
+    assert httpx.head(url, headers={**h, "Accept": DOCKER_LIST}).status_code == 200
+    assert httpx.get(url, headers=h).status_code == 500
+
+
+def test_edge_fault_status429(faulty):
+    faulty.set_edge_fault("status429", times=2)
+    for _ in range(2):
+        r = httpx.get(f"{faulty.api_url}/v2/")
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert httpx.get(f"{faulty.api_url}/v2/").status_code == 401
+
+
+def test_edge_fault_hang_and_close(faulty):
+    v2 = f"{faulty.api_url}/v2/"
+    faulty.set_edge_fault("hang")
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(v2, timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    assert httpx.get(v2).status_code == 401
+    faulty.set_edge_fault("close")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(v2, timeout=5)
+    assert httpx.get(v2).status_code == 401
+    modes = [r.get("fault") for r in faulty.edge_requests()]
+    assert "hang" in modes and "close" in modes
+
+
+def test_token_faults(faulty):
+    faulty.set_token_fault("status500")
+    r = httpx.get(faulty.token_realm, params={"service": faulty.service})
+    assert r.status_code == 500
+    assert faulty.get_token("repository:library/alpine:pull")  # one-shot
+    faulty.set_token_fault("hang")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(faulty.token_realm, params={"service": faulty.service}, timeout=0.5)
+    faulty.set_token_fault("close")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(faulty.token_realm, data={"grant_type": "password", "username": "alice",
+                                             "password": faulty.users["alice"], "service": faulty.service})
+    assert faulty.get_token("repository:library/alpine:pull", user="alice")
+    modes = [r.get("fault") for r in faulty.token_requests()]
+    assert {"status500", "hang", "close"} <= set(modes)
+
+
+def test_stop_and_start_services_on_same_port(tmp_path):
+    """On a private Upstream: each service can go down and come back on its port."""
+    from tests.support.upstream import SERVICES, Upstream
+
+    with Upstream(tmp_path / "hub") as up:
+        urls = {n: up.service_url(n) for n in SERVICES}
+        v2 = up.api_url + "/v2/"
+
+        up.stop_service("edge")
+        assert not up.running
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(v2, timeout=2)
+        up.start_service("edge")
+        assert up.running and httpx.get(v2).status_code == 401
+
+        with up.service_stopped("registry"):
+            r = httpx.get(v2)
+            assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(up.registry_url + "/v2/", timeout=2)
+        assert httpx.get(v2).status_code == 401
+
+        with up.service_stopped("token"):
+            with pytest.raises(httpx.ConnectError):
+                up.get_token("repository:x/y:pull")
+            assert up.faults().keys() == {"cdn", "edge"}
+            up.clear_faults()  # skips the stopped service
+        tok = up.get_token("repository:x/y:pull")
+        assert httpx.get(v2, headers={"Authorization": "Bearer " + tok}).status_code == 200
+
+        missing = up.sign_cdn_url(up.blob_storage_path("sha256:" + "0" * 64))
+        up.set_cdn_fault("status403", times=0)
+        up.stop_service("cdn")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(missing, timeout=2)
+        up.start_service("cdn")
+        assert httpx.get(missing).status_code == 404
+        assert up.faults()["cdn"]["mode"] == "none"  # fresh process, no faults
+
+        assert {n: up.service_url(n) for n in SERVICES} == urls
+        assert up.running

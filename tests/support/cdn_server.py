@@ -17,18 +17,41 @@ Cloudflare blob hosts:
 
 One JSON line per request is appended to ``--log`` *after* the response was
 sent: method, path, has_query_signature, authorization_present, range,
-status, bytes (body bytes actually sent), reason.
+status, bytes (body bytes actually sent), reason, and ``fault`` (the injected
+fault's mode) when one was applied.
+
+Fault injection (not part of Docker Hub; loopback clients only, no signature,
+never logged): ``POST /_cdn/fault?mode=M[&times=N][&after=BYTES][&seconds=S]``
+arms fault ``M`` for the next ``N`` (default 1; 0 = until cleared) blob GETs
+that would otherwise be answered 200/206 with a body; ``mode=none`` clears;
+``GET /_cdn/fault`` reads the state.  Modes:
+
+* ``cut``: headers with the full Content-Length, then only the first ``after``
+  body bytes (default: half; always fewer than the full length), then close;
+* ``corrupt``: the full body, valid framing, with the byte at body offset
+  ``after`` (default: the middle) inverted, so it no longer matches the digest;
+* ``status403``: 403 with S3's "Request has expired" XML (an expired signed URL);
+* ``hang``: never answer; the connection is closed when the client goes away
+  or after ``seconds`` (default 60).  Other requests are not affected.
+
+``FaultSwitch``, ``fault_control`` and ``hang_until_disconnect`` are shared
+with edge.py and token_server.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import select
+import socket
+import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.support.common import (JsonLog, Server, install_term_handler, load_secret,
@@ -48,6 +71,116 @@ S3_DENIED = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     "<Error><Code>AccessDenied</Code><Message>{msg}</Message><RequestId>{rid}</RequestId></Error>"
 )
+
+
+S3_EXPIRED = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>AccessDenied</Code><Message>Request has expired</Message>"
+    "<X-Amz-Expires>1200</X-Amz-Expires><Expires>{expires}</Expires><ServerTime>{now}</ServerTime>"
+    "<RequestId>{rid}</RequestId></Error>"
+)
+
+# ---------------------------------------------------------------- fault injection (shared)
+
+_FAULT_OFF = ("none", "off", "clear", "")
+CDN_FAULT_MODES = frozenset({"cut", "corrupt", "status403", "hang"})
+
+
+class FaultSwitch:
+    """One armed fault at a time, switched at runtime through a control endpoint.
+
+    ``params`` names the extra query parameters a server accepts, with their
+    converters (e.g. ``{"after": int}``).  ``times`` > 0 counts down and then
+    clears itself; ``times=0`` keeps the fault until ``mode=none``.
+    """
+
+    def __init__(self, modes: set[str] | frozenset[str], params: dict[str, Callable[[str], Any]] | None = None):
+        self.modes = frozenset(modes)
+        self.param_types = {"seconds": float, **(params or {})}
+        self._lock = threading.Lock()
+        self._mode: str | None = None
+        self._times = 0
+        self._remaining = 0
+        self._params: dict[str, Any] = {}
+        self._applied = 0  # faults applied since the process started (any mode)
+
+    def configure(self, query: dict[str, str]) -> dict[str, Any]:
+        """Apply a control request; raises ValueError on bad input."""
+        mode = query.get("mode", "").strip().lower()
+        unknown = set(query) - {"mode", "times", *self.param_types}
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        if mode in _FAULT_OFF:
+            with self._lock:
+                self._mode, self._times, self._remaining, self._params = None, 0, 0, {}
+            return self.snapshot()
+        if mode not in self.modes:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(self.modes)} or none")
+        times = int(query.get("times", "1"))
+        if times < 0:
+            raise ValueError("times must be >= 0")
+        params: dict[str, Any] = {}
+        for k, conv in self.param_types.items():
+            if query.get(k) not in (None, ""):
+                params[k] = conv(query[k])
+        with self._lock:
+            self._mode, self._times, self._remaining, self._params = mode, times, times, params
+        return self.snapshot()
+
+    def take(self, match: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+        """Consume one application of the armed fault if ``match(params)``
+        allows it; returns ``{"mode": ..., **params}`` or None."""
+        with self._lock:
+            if self._mode is None or (match is not None and not match(self._params)):
+                return None
+            fault = {"mode": self._mode, **self._params}
+            self._applied += 1
+            if self._times:
+                self._remaining -= 1
+                if self._remaining <= 0:
+                    self._mode, self._times, self._remaining, self._params = None, 0, 0, {}
+            return fault
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"mode": self._mode or "none", "times": self._times,
+                    "remaining": self._remaining if self._times else (None if self._mode else 0),
+                    "params": dict(self._params), "applied": self._applied}
+
+
+def fault_control(switch: FaultSwitch, command: str, query: str) -> tuple[int, dict[str, Any]]:
+    """Handle ``GET``/``POST`` on a fault control endpoint -> (status, JSON body)."""
+    if command == "GET":
+        return 200, switch.snapshot()
+    if command != "POST":
+        return 405, {"error": "use GET or POST"}
+    q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    try:
+        return 200, switch.configure(q)
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
+def hang_until_disconnect(sock: socket.socket, seconds: float | None = None) -> str:
+    """Answer nothing until the peer closes the connection or ``seconds``
+    (default 60) pass.  Returns "client_disconnected" or "timeout"."""
+    deadline = time.monotonic() + (60.0 if seconds is None else seconds)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        try:
+            readable, _, _ = select.select([sock], [], [], min(left, 0.1))
+            if readable:
+                data = sock.recv(65536)  # EOF, or more (pipelined) data we discard
+                if not data:
+                    return "client_disconnected"
+        except (OSError, ValueError):
+            return "client_disconnected"
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None | str:
@@ -81,6 +214,7 @@ class Handler(BaseHTTPRequestHandler):
     root: Path
     secret: bytes
     jlog: JsonLog
+    faults: FaultSwitch
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -166,6 +300,24 @@ class Handler(BaseHTTPRequestHandler):
                     start, end = parsed
                     status = 206
             length = end - start + 1 if size else 0
+            fault = None
+            if self.command == "GET" and length and m:
+                fault = self.faults.take()
+            if fault is not None:
+                rec["fault"] = fault["mode"]
+                if fault["mode"] == "status403":
+                    now = time.time()
+                    body = S3_EXPIRED.format(
+                        rid=rid, expires=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 60)),
+                        now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+                    rec.update(status=403, reason="injected fault: request has expired")
+                    rec["bytes"] = self._error(403, body)
+                    return rec
+                if fault["mode"] == "hang":
+                    rec.update(status=None, bytes=0)
+                    rec["reason"] = "injected hang: " + hang_until_disconnect(self.connection, fault.get("seconds"))
+                    self.close_connection = True
+                    return rec
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(length))
@@ -178,7 +330,31 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()  # flushes headers (wfile is unbuffered)
             sent = 0
             rec["status"] = status
-            if self.command == "GET" and length:
+            if fault is not None and fault["mode"] == "cut":
+                n = fault.get("after")
+                n = max(0, min(length // 2 if n is None else n, length - 1))
+                try:
+                    sent = self.connection.sendfile(f, offset=start, count=n) if n else 0
+                finally:
+                    rec["bytes"] = sent
+                self.close_connection = True
+            elif fault is not None and fault["mode"] == "corrupt":
+                off = fault.get("after")
+                off = max(0, min(length // 2 if off is None else off, length - 1))
+                rec["fault_offset"] = start + off
+                try:
+                    if off:
+                        sent += self.connection.sendfile(f, offset=start, count=off)
+                    byte = os.pread(f.fileno(), 1, start + off)
+                    self.wfile.write(bytes([byte[0] ^ 0xFF]))
+                    sent += 1
+                    if length - off - 1:
+                        sent += self.connection.sendfile(f, offset=start + off + 1, count=length - off - 1)
+                finally:
+                    rec["bytes"] = sent
+                if sent != length:
+                    self.close_connection = True
+            elif self.command == "GET" and length:
                 try:
                     sent = self.connection.sendfile(f, offset=start, count=length)
                 finally:
@@ -189,7 +365,32 @@ class Handler(BaseHTTPRequestHandler):
                 rec["bytes"] = 0
             return rec
 
+    def _control(self) -> None:
+        url = urlsplit(self.path)
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(n)
+        if not is_loopback(self.client_address[0]):
+            status, obj = 403, {"error": "control endpoint is loopback-only"}
+        elif url.path == "/_cdn/fault":
+            status, obj = fault_control(self.faults, self.command, url.query)
+        else:
+            status, obj = 404, {"error": "not found"}
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def _handle(self) -> None:
+        if self.path.startswith("/_cdn/"):
+            try:
+                self._control()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            return
         rec: dict[str, Any] = {"method": self.command, "path": self.path}
         try:
             rec = self._serve()
@@ -219,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     install_term_handler()
     watch_parent()
     args.root.mkdir(parents=True, exist_ok=True)
-    attrs = {"root": args.root.resolve(), "secret": load_secret(args.secret_file), "jlog": JsonLog(args.log)}
+    attrs = {"root": args.root.resolve(), "secret": load_secret(args.secret_file), "jlog": JsonLog(args.log),
+             "faults": FaultSwitch(CDN_FAULT_MODES, {"after": int})}
     httpd = Server((args.host, args.port), type("BoundHandler", (Handler,), attrs))
     port = httpd.server_address[1]
     if args.ready_file:

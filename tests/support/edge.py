@@ -21,8 +21,19 @@ The only changes:
   (``--enforce-ratelimit`` or the control endpoint), a manifest GET when N is
   0 gets Docker Hub's 429 TOOMANYREQUESTS instead.
 
-Control endpoint (not part of Docker Hub): ``POST /_edge/ratelimit?remaining=N
-[&limit=N][&enforce=0|1]`` resets the counter; ``GET /_edge/ratelimit`` reads it.
+Control endpoints (not part of Docker Hub; faults for loopback clients only):
+
+* ``POST /_edge/ratelimit?remaining=N[&limit=N][&enforce=0|1]`` resets the
+  counter; ``GET /_edge/ratelimit`` reads it.
+* ``POST /_edge/fault?mode=M[&times=N][&path_contains=S][&method=GET][&seconds=S]``
+  makes the next ``N`` (default 1; 0 = until cleared) proxied requests whose
+  path+query contains ``S`` (and whose method is ``method``, if given) fail
+  instead of being forwarded; ``mode=none`` clears, ``GET /_edge/fault`` reads
+  the state.  Modes: ``status500`` (500, registry error ``UNKNOWN``),
+  ``status429`` (429, ``Retry-After: 7``, ``TOOMANYREQUESTS``), ``hang`` (no
+  answer until the client goes away or ``seconds``, default 60, pass; other
+  connections unaffected), ``close`` (connection closed without an answer).
+  The log record of a faulted request has ``"fault": "<mode>"``.
 
 One JSON line per request goes to ``--log`` before the response is sent:
 method, path, query_keys, status, authorization/auth_scheme (never the
@@ -43,8 +54,13 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+from tests.support.cdn_server import FaultSwitch, fault_control, hang_until_disconnect, is_loopback
 from tests.support.common import (JsonLog, Server, auth_summary, install_term_handler, load_secret,
                                   sign_cdn_path, watch_parent, write_ready_file)
+
+EDGE_FAULT_MODES = frozenset({"status500", "status429", "hang", "close"})
+TOOMANYREQUESTS_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by "
+                           "authenticating and upgrading: https://www.docker.com/increase-rate-limit")
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
               "upgrade", "expect"}
@@ -112,6 +128,7 @@ class Handler(BaseHTTPRequestHandler):
     sign_ttl: float
     rl: RateLimit
     jlog: JsonLog
+    faults: FaultSwitch
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -200,6 +217,12 @@ class Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
 
+        # ---- injected fault
+        fault = self.faults.take(self._fault_matches)
+        if fault is not None:
+            self._apply_fault(fault, rec, streaming_body=not (body is None or isinstance(body, bytes)))
+            return
+
         # ---- rate limit (manifest GET when exhausted and enforced)
         is_manifest = bool(MANIFEST_RE.match(url.path)) and self.command in ("GET", "HEAD")
         if is_manifest and self.command == "GET" and self.headers.get("Authorization"):
@@ -208,9 +231,7 @@ class Handler(BaseHTTPRequestHandler):
             if exhausted:
                 if not isinstance(body, bytes) and body is not None:
                     self.close_connection = True
-                err = {"errors": [{"code": "TOOMANYREQUESTS", "message":
-                       "You have reached your pull rate limit. You may increase the limit by "
-                       "authenticating and upgrading: https://www.docker.com/increase-rate-limit"}]}
+                err = {"errors": [{"code": "TOOMANYREQUESTS", "message": TOOMANYREQUESTS_MESSAGE}]}
                 data = json.dumps(err).encode()
                 self.send_response(429)
                 self.send_header("Content-Type", "application/json")
@@ -301,6 +322,42 @@ class Handler(BaseHTTPRequestHandler):
         if resp.will_close:
             self._drop_conn()
 
+    def _fault_matches(self, params: dict[str, Any]) -> bool:
+        if params.get("path_contains") and params["path_contains"] not in self.path:
+            return False
+        return not params.get("method") or params["method"].upper() == self.command
+
+    def _apply_fault(self, fault: dict[str, Any], rec: dict[str, Any], streaming_body: bool) -> None:
+        mode = fault["mode"]
+        rec.update(fault=mode, upstream_ms=0)
+        if streaming_body:  # request body not read: the connection cannot be reused
+            self.close_connection = True
+        if mode in ("hang", "close"):
+            rec["status"] = None
+            self.jlog.write(rec)
+            if mode == "hang":
+                hang_until_disconnect(self.connection, fault.get("seconds"))
+            self.close_connection = True
+            return
+        if mode == "status429":
+            status, extra = 429, [("Retry-After", "7")]
+            err = {"code": "TOOMANYREQUESTS", "message": TOOMANYREQUESTS_MESSAGE}
+        else:
+            status, extra = 500, []
+            err = {"code": "UNKNOWN", "message": "unknown error", "detail": "injected fault"}
+        data = json.dumps({"errors": [err]}).encode()
+        rec["status"] = status
+        self.jlog.write(rec)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        for k, v in extra:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def _ratelimit_headers(self, rec: dict[str, Any]) -> None:
         snap = self.rl.snapshot()
         self.send_header("ratelimit-limit", f"{snap['limit']};w={snap['window']}")
@@ -322,8 +379,13 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         if n:
             self.rfile.read(n)
-        status = 200
-        if url.path == "/_edge/ratelimit" and self.command == "POST":
+        status, obj = 200, None
+        if url.path == "/_edge/fault":
+            if is_loopback(self.client_address[0]):
+                status, obj = fault_control(self.faults, self.command, url.query)
+            else:
+                status, obj = 403, {"error": "fault control is loopback-only"}
+        elif url.path == "/_edge/ratelimit" and self.command == "POST":
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
             with self.rl.lock:
                 if "limit" in q:
@@ -333,7 +395,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.rl.enforce = q["enforce"] not in ("0", "false", "")
         elif not (url.path == "/_edge/ratelimit" and self.command == "GET"):
             status = 404
-        data = json.dumps(self.rl.snapshot() if status == 200 else {"error": "not found"}).encode()
+        if obj is None:
+            obj = self.rl.snapshot() if status == 200 else {"error": "not found"}
+        data = json.dumps(obj).encode()
         rec["status"] = status
         self.jlog.write(rec)
         self.send_response(status)
@@ -382,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         "secret": load_secret(args.secret_file), "sign_ttl": args.sign_ttl,
         "rl": RateLimit(args.ratelimit, args.ratelimit_window, args.enforce_ratelimit),
         "jlog": JsonLog(args.log),
+        "faults": FaultSwitch(EDGE_FAULT_MODES, {"path_contains": str, "method": str}),
     }
     httpd = Server((args.host, args.port), type("BoundHandler", (Handler,), attrs))
     port = httpd.server_address[1]

@@ -21,6 +21,14 @@ Responses: ``{"token", "access_token", "expires_in", "issued_at"[, "refresh_toke
 username or password"}``.  Scopes the caller may not have are silently left
 out of the grant (200), like Docker Hub.
 
+Fault injection (not part of Docker Hub; loopback clients only, never logged):
+``POST /_token/fault?mode=status500|hang|close[&times=N][&seconds=S]`` makes the
+next ``N`` (default 1; 0 = until cleared) ``/token`` requests answer 500
+(``{"details": "internal server error"}``), hang (no answer until the client
+goes away or ``seconds``, default 60, pass), or close the connection without
+an answer; ``mode=none`` clears, ``GET /_token/fault`` reads the state.  The
+log record of a faulted request has ``"fault": "<mode>"``.
+
 Config JSON: ``{"users": {"name": "password"}, "acl": [rule, ...]}``; a rule is
 ``{"account": "*"|"name", "type": "repository"|"*", "name": glob,
 "exclude": [glob...], "actions": [...]}`` (``"*"`` in actions = whatever was
@@ -50,9 +58,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.support.cdn_server import FaultSwitch, fault_control, hang_until_disconnect, is_loopback
 from tests.support.common import (JsonLog, Server, auth_summary, install_term_handler, watch_parent,
                                   write_ready_file)
 
+TOKEN_FAULT_MODES = frozenset({"status500", "hang", "close"})
 DEFAULT_SERVICE = "registry.docker.io"
 DEFAULT_ISSUER = "auth.docker.io"
 
@@ -235,6 +245,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "fake-auth.docker.io"
     timeout = 120
     svc: TokenService  # set on subclass
+    faults: FaultSwitch  # set on subclass
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass
@@ -273,8 +284,60 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return user, pw
 
-    # -- GET /token
+    # -- fault injection
+    def _control(self) -> None:
+        url = urlsplit(self.path)
+        n = int(self.headers.get("Content-Length") or 0)
+        if 0 < n <= 1 << 20:
+            self.rfile.read(n)
+        elif n:
+            self.close_connection = True
+        if not is_loopback(self.client_address[0]):
+            status, obj = 403, {"error": "control endpoint is loopback-only"}
+        elif url.path == "/_token/fault":
+            status, obj = fault_control(self.faults, self.command, url.query)
+        else:
+            status, obj = 404, {"error": "not found"}
+        self._send_json(status, obj)
+
+    def _fault(self) -> bool:
+        """Apply an armed fault to this /token request; True if one was applied."""
+        if urlsplit(self.path).path != "/token":
+            return False
+        fault = self.faults.take()
+        if fault is None:
+            return False
+        mode = fault["mode"]
+        if self.command == "POST":
+            n = int(self.headers.get("Content-Length") or 0)
+            if 0 < n <= 1 << 20:
+                self.rfile.read(n)
+            elif n:
+                self.close_connection = True
+        if mode == "status500":
+            self._record(status=500, fault=mode)
+            self._send_json(500, {"details": "internal server error"})
+            return True
+        self._record(status=None, fault=mode)
+        if mode == "hang":
+            hang_until_disconnect(self.connection, fault.get("seconds"))
+        self.close_connection = True
+        return True
+
     def do_GET(self) -> None:
+        if self.path.startswith("/_token/"):
+            self._control()
+        elif not self._fault():
+            self._get()
+
+    def do_POST(self) -> None:
+        if self.path.startswith("/_token/"):
+            self._control()
+        elif not self._fault():
+            self._post()
+
+    # -- GET /token
+    def _get(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/token":
             self._record(status=404, query_keys=[])
@@ -303,7 +366,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, resp)
 
     # -- POST /token (OAuth2)
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         if length > 1 << 20:
@@ -379,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         acl = cfg.get("acl") or DEFAULT_ACL
     svc = TokenService(JwtSigner(args.key, args.cert), users, Acl(acl), args.service, args.issuer,
                        args.expires_in, JsonLog(args.log))
-    handler = type("BoundHandler", (Handler,), {"svc": svc})
+    handler = type("BoundHandler", (Handler,), {"svc": svc, "faults": FaultSwitch(TOKEN_FAULT_MODES)})
     httpd = Server((args.host, args.port), handler)
     port = httpd.server_address[1]
     if args.ready_file:

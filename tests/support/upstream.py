@@ -6,6 +6,16 @@
         up.registry_url   # distribution directly (pushes)
         ...
 
+Misbehaving on purpose (see the servers' docstrings for details)::
+
+    up.set_cdn_fault("cut", after=1000)           # next blob GET truncated after 1000 bytes
+    up.set_cdn_fault("corrupt", times=2)          # next 2 blob GETs: one byte flipped
+    up.set_edge_fault("status429", path_contains="/manifests/")
+    up.set_token_fault("hang", times=0)           # every /token request hangs until cleared
+    up.clear_faults()
+    up.stop_service("registry"); ...; up.start_service("registry")   # same port
+    with up.service_stopped("cdn"): ...
+
 Can also be run by hand:  python -m tests.support.upstream WORKDIR
 (prints the URLs and users as JSON, then runs until interrupted).
 """
@@ -22,8 +32,9 @@ import subprocess
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -33,6 +44,7 @@ from tests.support.token_server import DEFAULT_ACL, DEFAULT_ISSUER, DEFAULT_SERV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_BIN = "/usr/bin/docker-registry"
+SERVICES = ("token", "cdn", "registry", "edge")
 
 
 class UpstreamError(RuntimeError):
@@ -135,6 +147,8 @@ class Upstream:
 
         self.api_url = self.registry_url = self.token_realm = self.cdn_url = ""
         self._procs: list[_Proc] = []
+        self._spawn_args: dict[str, tuple[str, list[str]]] = {}  # python service -> (module, args)
+        self._stopped: set[str] = set()  # services taken down by stop_service()
         self._secret = b""
         # runs at garbage collection or, at the latest, at interpreter exit
         self._finalizer = weakref.finalize(self, _stop_all, self._procs)
@@ -150,7 +164,7 @@ class Upstream:
 
     @property
     def running(self) -> bool:
-        return bool(self._procs) and all(p.popen.poll() is None for p in self._procs)
+        return bool(self._procs) and not self._stopped and all(p.popen.poll() is None for p in self._procs)
 
     def start(self) -> "Upstream":
         if self._procs:
@@ -176,7 +190,9 @@ class Upstream:
         return env
 
     def _spawn_py(self, name: str, module: str, args: list[str]) -> dict[str, Any]:
+        self._spawn_args[name] = (module, list(args))
         ready = self.run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", f"tests.support.{module}", *args, "--ready-file", str(ready)]
         proc = _Proc(name, argv, self.logs_dir / f"{name}.stderr.log", self._env())
         self._procs.append(proc)
@@ -289,6 +305,89 @@ class Upstream:
 
     def stop(self) -> None:
         _stop_all(self._procs)
+        self._stopped.clear()
+
+    # ------------------------------------------------------------ one service down / up
+
+    def _proc(self, name: str) -> _Proc | None:
+        for p in self._procs:
+            if p.name == name:
+                return p
+        return None
+
+    def service_url(self, name: str) -> str:
+        """Base URL (``http://127.0.0.1:PORT``) of one service."""
+        url = {"edge": self.api_url, "cdn": self.cdn_url, "token": self.token_realm,
+               "registry": self.registry_url}[name]
+        u = urlsplit(url)
+        return f"{u.scheme}://{u.netloc}"
+
+    def stop_service(self, name: str) -> None:
+        """Take one of "edge", "cdn", "token", "registry" down (its port then
+        refuses connections).  Idempotent.  Its armed faults are lost."""
+        if name not in SERVICES:
+            raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
+        if not self._procs:
+            raise UpstreamError("upstream not started")
+        proc = self._proc(name)
+        if proc is not None:
+            proc.stop()
+            self._procs.remove(proc)
+        self._stopped.add(name)
+
+    def start_service(self, name: str, timeout: float = 10.0) -> None:
+        """Bring a service stopped by ``stop_service`` back on the SAME port
+        (same URL, same storage/keys/config; in-memory state such as the
+        edge's rate-limit counter, refresh tokens and faults starts fresh).
+        Retries for ``timeout`` seconds if the port is still busy."""
+        if name not in SERVICES:
+            raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
+        if self._proc(name) is not None:
+            return  # running already
+        if name not in self._stopped:
+            raise UpstreamError("upstream not started")
+        port = urlsplit(self.service_url(name)).port
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if name == "registry":
+                    proc = _Proc("registry", [REGISTRY_BIN, "serve", str(self.run_dir / "registry.yml")],
+                                 self.registry_log_path, self._env(), pdeathsig=self.die_with_parent)
+                    self._procs.append(proc)
+                    try:
+                        self._wait_http(self.registry_url + "/v2/", 401, "registry", proc)
+                    except UpstreamError:
+                        proc.stop()
+                        self._procs.remove(proc)
+                        raise
+                else:
+                    module, args = self._spawn_args[name]
+                    info = self._spawn_py(name, module, [*args, "--port", str(port)])
+                    if info["port"] != port:  # cannot happen: --port is explicit
+                        raise UpstreamError(f"{name} came back on port {info['port']}, not {port}")
+                break
+            except UpstreamError as exc:
+                proc = self._proc(name)
+                if proc is not None:
+                    proc.stop()
+                    self._procs.remove(proc)
+                if "address already in use" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self._stopped.discard(name)
+
+    def restart_service(self, name: str) -> None:
+        self.stop_service(name)
+        self.start_service(name)
+
+    @contextmanager
+    def service_stopped(self, name: str) -> Iterator[None]:
+        """``with up.service_stopped("registry"): ...`` -- down inside, back up after."""
+        self.stop_service(name)
+        try:
+            yield
+        finally:
+            self.start_service(name)
 
     # ------------------------------------------------------------ convenience
 
@@ -367,6 +466,55 @@ class Upstream:
         r = httpx.get(f"{self.api_url}/_edge/ratelimit", timeout=5)
         r.raise_for_status()
         return r.json()
+
+    # ------------------------------------------------------------ fault injection
+
+    def _fault_post(self, service: str, path: str, mode: str, times: int, **params: Any) -> dict:
+        q: dict[str, Any] = {"mode": mode, "times": times}
+        q.update({k: v for k, v in params.items() if v is not None})
+        r = httpx.post(self.service_url(service) + path, params=q, timeout=5)
+        if r.status_code != 200:
+            raise UpstreamError(f"{service} fault control {q}: HTTP {r.status_code} {r.text}")
+        return r.json()
+
+    def set_cdn_fault(self, mode: str, times: int = 1, after: int | None = None,
+                      seconds: float | None = None) -> dict:
+        """Next ``times`` (0 = until cleared) CDN blob GETs misbehave.  ``mode``:
+        "cut" (full Content-Length, only ``after`` bytes, then close), "corrupt"
+        (one byte, at body offset ``after`` or the middle, inverted),
+        "status403" (S3 "Request has expired"), "hang" (no answer until the
+        client leaves or ``seconds``, default 60), "none".  Returns the state."""
+        return self._fault_post("cdn", "/_cdn/fault", mode, times, after=after, seconds=seconds)
+
+    def set_edge_fault(self, mode: str, times: int = 1, path_contains: str | None = None,
+                       method: str | None = None, seconds: float | None = None) -> dict:
+        """Next ``times`` (0 = until cleared) edge requests whose path+query
+        contains ``path_contains`` (and with ``method``, if given) get
+        "status500" (UNKNOWN), "status429" (TOOMANYREQUESTS, Retry-After: 7),
+        "hang" or "close" instead of being proxied; "none" clears."""
+        return self._fault_post("edge", "/_edge/fault", mode, times, path_contains=path_contains,
+                                method=method, seconds=seconds)
+
+    def set_token_fault(self, mode: str, times: int = 1, seconds: float | None = None) -> dict:
+        """Next ``times`` (0 = until cleared) ``/token`` requests get "status500",
+        "hang" or "close"; "none" clears."""
+        return self._fault_post("token", "/_token/fault", mode, times, seconds=seconds)
+
+    def faults(self) -> dict[str, dict]:
+        """Current fault state of each running Python service."""
+        out = {}
+        for name, path in (("cdn", "/_cdn/fault"), ("edge", "/_edge/fault"), ("token", "/_token/fault")):
+            if name not in self._stopped:
+                r = httpx.get(self.service_url(name) + path, timeout=5)
+                r.raise_for_status()
+                out[name] = r.json()
+        return out
+
+    def clear_faults(self) -> None:
+        """Disarm every fault (services that are stopped are skipped)."""
+        for name, path in (("cdn", "/_cdn/fault"), ("edge", "/_edge/fault"), ("token", "/_token/fault")):
+            if name not in self._stopped:
+                self._fault_post(name, path, "none", 0)
 
     def describe(self) -> dict[str, Any]:
         return {"api_url": self.api_url, "registry_url": self.registry_url, "token_realm": self.token_realm,
