@@ -44,18 +44,17 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
 }
 
-# Debian packages, installed only when a command is missing.
+# Debian packages, installed only when missing (without recommends: docker.io
+# would otherwise pull in half a desktop's worth of tools).
 ensure_debian_packages() {
-    local missing=() pair cmd pkg
-    for pair in "$@"; do
-        cmd="${pair%%:*}"
-        pkg="${pair##*:}"
-        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.common import set_pdeathsig
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 
@@ -44,6 +46,7 @@ class Mirror:
         plain: bool = False,
         tls: tuple[Path, str] | None = None,
         name: str = "mirror",
+        env: dict[str, str] | None = None,
     ) -> None:
         """tls: (PEM with certificate and key, host pattern) served to clients over HTTPS."""
         self.workdir = Path(workdir)
@@ -66,6 +69,7 @@ class Mirror:
             argv += ["--set", f"{key}={value}"]
         argv += extra_args or []
         self.argv = argv
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Mirror:
@@ -77,7 +81,9 @@ class Mirror:
     def start(self, timeout: float = 30) -> Mirror:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT)
+            self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+            env={**os.environ, **self.env},
+            preexec_fn=set_pdeathsig,  # never outlive a killed test run
         )
         log.close()
         deadline = time.monotonic() + timeout
