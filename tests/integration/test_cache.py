@@ -227,3 +227,28 @@ def test_corrupted_upstream_bytes_end_as_a_failed_transfer(mirror, upstream, cac
         upstream.clear_faults()
     assert_nothing_cached(cache_dir, digest)
     assert "does not match its digest" in mirror.log_text()
+
+
+def test_podman_pulls_twice_second_from_cache(mirror, upstream, tmp_path):
+    from .test_clients import Podman, need
+
+    need("podman", "podman")
+    image = upstream.images["library/alpine"]
+    ref = f"{mirror.host}/library/alpine:3.19"
+    first = Podman(tmp_path / "first")
+    try:
+        pulled = first("pull", "--tls-verify=false", ref)
+        assert pulled.returncode == 0, pulled.stderr
+        assert first.inspect(ref)["Digest"] == image["digest"]
+    finally:
+        first.close()
+    cdn_before, gets_before = cdn_count(upstream), manifest_gets(upstream)
+    second = Podman(tmp_path / "second")  # empty local storage: everything comes from the mirror
+    try:
+        pulled = second("pull", "--tls-verify=false", ref)
+        assert pulled.returncode == 0, pulled.stderr
+        assert second.inspect(ref)["Digest"] == image["digest"]
+    finally:
+        second.close()
+    assert cdn_count(upstream) == cdn_before
+    assert manifest_gets(upstream) == gets_before
