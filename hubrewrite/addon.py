@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
@@ -73,6 +73,7 @@ CLIENT_OPTIONS = {
 
 CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
+RETRY_PARAM = "_hub_retry"
 STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
@@ -118,6 +119,16 @@ class HubRewrite:
             """
             Namespace of official images on the upstream: a one-segment name such
             as "nginx" becomes "library/nginx" in paths and token scopes. Empty: off.
+            """,
+        )
+        loader.add_option(
+            "hub_registry_name",
+            str,
+            "docker.io",
+            """
+            The registry the upstream stands for. containerd names it in the
+            ?ns= parameter of every mirror request; requests naming another
+            registry get 404 NAME_UNKNOWN.
             """,
         )
         loader.add_option(
@@ -336,6 +347,12 @@ class HubRewrite:
         if status == 416:
             return  # Range Not Satisfiable is the storage's honest answer
         log.warning("blob %s: storage at %s answered %d", blob["digest"], flow.request.host, status)
+        if status == 403 and "client_path" in blob and not blob["retried"]:
+            # A signed URL that expired (or was refused): send the client back to
+            # the mirror once; its next request probes the registry for a new one.
+            location = f"{blob['client_path']}?{RETRY_PARAM}=1"
+            flow.response = make_response(307, [("Location", location), ("Content-Length", "0")], b"")
+            return
         if status == 404:
             flow.response = error_response(404, "BLOB_UNKNOWN", "blob unknown to registry storage")
         else:
@@ -360,8 +377,7 @@ class HubRewrite:
         """Answer a client request, or retarget the flow and return None."""
         request = flow.request
         method = request.method
-        path, _, query = request.path.partition("?")
-        query = f"?{query}" if query else ""
+        path = request.path.partition("?")[0]
 
         if method == "OPTIONS":
             return make_response(204, PREFLIGHT_HEADERS, b"")
@@ -369,6 +385,7 @@ class HubRewrite:
             return await self.token(flow, upstream)
         try:
             route = names.parse_route(path)
+            query = self.served_query(request, upstream)
         except names.RouteError as e:
             return error_response(e.status, e.code, e.message)
         route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
@@ -388,6 +405,21 @@ class HubRewrite:
         if route.kind is names.Kind.MANIFEST and self.cache is not None:
             return await self.cached_manifest(flow, upstream, route, path_and_query)
         return await self.relay(flow, upstream, path_and_query)
+
+    def served_query(self, request: http.Request, upstream: Upstream) -> str:
+        """The query to forward, without the mirror's own parameters.
+
+        ``ns`` (containerd) must name the registry this mirror serves; it is
+        not sent upstream. ``_hub_retry`` marks a blob request the mirror sent
+        back to itself after the storage refused a signed URL.
+        """
+        for ns in request.query.get_all("ns"):
+            if not names.REGISTRY_HOST_RE.fullmatch(ns):
+                raise names.RouteError(400, "NAME_INVALID", "invalid ns parameter")
+            if ns not in (ctx.options.hub_registry_name, upstream.host, f"{upstream.host}:{upstream.port}"):
+                raise names.RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {ns}")
+        kept = [(k, v) for k, v in request.query.items(multi=True) if k not in ("ns", RETRY_PARAM)]
+        return "?" + urlencode(kept) if kept else ""
 
     async def relay(self, flow: http.HTTPFlow, upstream: Upstream, path_and_query: str) -> http.Response:
         """A small exchange made by the mirror itself, redirects followed."""
@@ -471,7 +503,14 @@ class HubRewrite:
         if self.cache is not None:
             self.confirm_access(flow, upstream, route.name, route.reference)
             kept.append((CACHE_HEADER, "miss"))
-        flow.metadata[META_BLOB] = {"digest": route.reference, "headers": kept, "download": download}
+        flow.metadata[META_BLOB] = {
+            "digest": route.reference,
+            "headers": kept,
+            "download": download,
+            # for sending the client back to the mirror once if the storage refuses the signed URL
+            "client_path": route.path(),
+            "retried": RETRY_PARAM in request.query,
+        }
         if target is None:
             request.path = path_and_query
             return None

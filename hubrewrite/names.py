@@ -18,6 +18,8 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
 MAX_NAME_LENGTH = 255
+# a registry host as containerd names it in ?ns=: host name or IP, optional port
+REGISTRY_HOST_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*(?::[0-9]{1,5})?", re.I)
 # The only algorithms the mirror can verify; others are refused as invalid.
 DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEX_RE = re.compile(r"[0-9a-f]+")

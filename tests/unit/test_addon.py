@@ -542,3 +542,57 @@ def test_cache_aborted_transfer_releases_download(addon_ctx, upstream, tmp_path)
         await addon.done()
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    "ns,status,code",
+    [
+        ("evil.example", 404, "NAME_UNKNOWN"),
+        ("http://evil.example", 400, "NAME_INVALID"),
+        ("docker.io/x", 400, "NAME_INVALID"),
+        ("docker.io\r\nX: 1", 400, "NAME_INVALID"),
+    ],
+)
+def test_ns_must_name_the_served_registry(addon_ctx, upstream, ns, status, code):
+    from urllib.parse import quote
+
+    addon, _ = addon_ctx
+    flow = make_flow(upstream.url, "GET", f"/v2/library/nginx/manifests/1?ns={quote(ns)}")
+    run(addon.request(flow))
+    assert flow.response.status_code == status
+    assert body_json(flow.response)["errors"][0]["code"] == code
+    assert upstream.received == []
+
+
+def test_ns_of_the_served_registry_is_accepted_and_not_forwarded(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    upstream.routes[("GET", "/v2/library/nginx/manifests/1")] = Canned(200, [], b"{}")
+    flow = make_flow(upstream.url, "GET", "/v2/library/nginx/manifests/1?ns=docker.io")
+    run(addon.request(flow))
+    assert flow.response.status_code == 200
+    assert upstream.received[0].path == "/v2/library/nginx/manifests/1"
+
+
+def test_expired_signed_url_sends_client_back_once(addon_ctx, upstream):
+    addon, _ = addon_ctx
+    blob_path = f"/v2/library/nginx/blobs/{DIGEST}"
+    upstream.routes[("*", blob_path)] = Canned(307, [("Location", "http://127.0.0.2:9/cdn?sig=old")])
+
+    async def scenario():
+        flow = make_flow(upstream.url, "GET", blob_path)
+        await addon.request(flow)
+        flow.response = http.Response.make(403, b"<Error>Request has expired</Error>")
+        addon.responseheaders(flow)
+        addon.response(flow)
+        assert flow.response.status_code == 307
+        assert flow.response.headers["location"] == f"{blob_path}?_hub_retry=1"
+
+        again = make_flow(upstream.url, "GET", f"{blob_path}?_hub_retry=1")
+        await addon.request(again)
+        assert upstream.received[-1].path == blob_path  # the marker is the mirror's own
+        again.response = http.Response.make(403, b"expired")
+        addon.responseheaders(again)
+        addon.response(again)
+        assert again.response.status_code == 502
+
+    run(scenario())
