@@ -31,6 +31,7 @@ from mitmproxy.utils import human
 from . import challenge, conffile, names, tokens
 from . import headers as hdrs
 from .access import AccessMemory, client_identity
+from .observe import CountingStream, Metrics, health_body, pull_log_line, status_page
 from .pullthrough import CachingStream, Download, PullThrough
 from .store import Store
 from .errors import error_response, make_response
@@ -78,6 +79,11 @@ STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
 META_BLOB = "hub_blob"  # dict: set on a flow retargeted to stream a blob
+META_STEP = "hub_step"  # dict: what a client request was, for its log line and metrics
+
+# the mirror's own pages, outside the registry API
+METRICS_PATH = "/_hub/metrics"
+HEALTH_PATH = "/_hub/health"
 
 
 class HubRewrite:
@@ -89,6 +95,7 @@ class HubRewrite:
         self.cache: PullThrough | None = None
         # (upstream, rate-limit source) -> latest ratelimit-remaining the upstream sent
         self.ratelimits: dict[tuple[str, str], str] = {}
+        self.metrics = Metrics()
 
     # ---- options -------------------------------------------------------
 
@@ -258,6 +265,7 @@ class HubRewrite:
             ),
             timeout=ctx.options.hub_upstream_timeout,
             max_body=ctx.options.hub_max_buffered_body,
+            on_answer=self._observe_upstream,
         )
         if old is not None:
             _close_later(old)
@@ -282,6 +290,7 @@ class HubRewrite:
         access = AccessMemory(ctx.options.hub_cache_auth_ttl, ctx.options.hub_cache_stale)
         # a waiting client gives up on another's download after this long
         wait_timeout = max(600, 20 * ctx.options.hub_upstream_timeout)
+        store.on_evict = lambda digests: self.metrics.cache_evictions.inc(len(digests))
         self.cache = PullThrough(store, access, wait_timeout)
         log.info("hub_rewrite: caching in %s (limit %s)", directory, ctx.options.hub_cache_max_size)
 
@@ -325,10 +334,13 @@ class HubRewrite:
             download.abort()  # only a whole, successful answer can fill the cache
         if 200 <= response.status_code < 300:
             # The bytes go to the client as they arrive: blobs can be many GB.
+            served = self._count_served(flow, "cache" if download is None and blob.get("cached") else "upstream")
             if download is not None and response.status_code == 200:
-                response.stream = CachingStream(flow, download, _cache_outcome(blob["digest"]))
+                response.stream = CachingStream(flow, download, _cache_outcome(blob["digest"]), served)
             else:
-                response.stream = True
+                response.stream = CountingStream(served)
+            self.metrics.in_flight.inc()
+            blob["in_flight"] = True
             for name, value in blob["headers"]:
                 if name.lower() not in response.headers:
                     response.headers[name] = value
@@ -336,6 +348,10 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self.replace_storage_error(flow)
+        self.finish_step(flow)
+
+    def replace_storage_error(self, flow: http.HTTPFlow) -> None:
         blob = flow.metadata.get(META_BLOB)
         if blob is None or flow.response is None:
             return
@@ -364,12 +380,14 @@ class HubRewrite:
     def error(self, flow: http.HTTPFlow) -> None:
         blob = flow.metadata.get(META_BLOB)
         if blob is None:
+            self.finish_step(flow)
             return
         if blob.get("download") is not None:
             # truncated, aborted by either side, or killed on a digest mismatch
             blob["download"].abort()
         if flow.error:
             log.warning("blob %s transfer from %s failed: %s", blob["digest"], flow.request.host, flow.error.msg)
+        self.finish_step(flow)
 
     # ---- the mirror's answers ----------------------------------------
 
@@ -379,9 +397,13 @@ class HubRewrite:
         method = request.method
         path = request.path.partition("?")[0]
 
+        flow.metadata[META_STEP] = {"start": time.time(), "upstream": upstream.base, "kind": "other", "repo": "", "ref": ""}
         if method == "OPTIONS":
             return make_response(204, PREFLIGHT_HEADERS, b"")
+        if path in ("/", METRICS_PATH, HEALTH_PATH) and method in READ_METHODS:
+            return await self.own_page(flow, upstream, path)
         if path == TOKEN_PATH:
+            flow.metadata[META_STEP]["kind"] = "token"
             return await self.token(flow, upstream)
         try:
             route = names.parse_route(path)
@@ -389,6 +411,7 @@ class HubRewrite:
         except names.RouteError as e:
             return error_response(e.status, e.code, e.message)
         route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
+        flow.metadata[META_STEP].update(kind=route.kind.value, repo=route.name, ref=route.reference)
         path_and_query = route.path() + query
 
         if method in WRITE_METHODS:
@@ -561,7 +584,7 @@ class HubRewrite:
         headers = [("Docker-Content-Digest", digest), (CACHE_HEADER, "stale" if stale else "hit")]
         if stale:
             headers.append(STALE_WARNING)
-        flow.metadata[META_BLOB] = {"digest": digest, "headers": headers, "download": None}
+        flow.metadata[META_BLOB] = {"digest": digest, "headers": headers, "download": None, "cached": True}
         for name in hdrs.CREDENTIAL_HEADERS:
             request.headers.pop(name, None)
         request.url = self.cache.fileserver.url(digest)
@@ -769,9 +792,101 @@ class HubRewrite:
         if remaining is None:
             return
         key = (upstream.base, source or "-")
+        count = remaining.split(";")[0].strip()
+        if count.isdigit():
+            self.metrics.ratelimit_remaining.labels(upstream.base, source or "-").set(int(count))
         if self.ratelimits.get(key) != remaining:
             log.info("rate limit at %s for %s: %s remaining", upstream.base, source or "this mirror", remaining)
         self.ratelimits[key] = remaining
+
+    # ---- observability -----------------------------------------------------
+
+    async def own_page(self, flow: http.HTTPFlow, upstream: Upstream, path: str) -> http.Response:
+        """The status page, metrics and health: the mirror's own, not the registry's."""
+        flow.metadata[META_STEP]["kind"] = "page"
+        cache_bytes = None
+        if self.cache is not None:
+            cache_bytes = await asyncio.to_thread(self.cache.store.total_bytes)
+            self.metrics.cache_bytes.set(cache_bytes)
+        if path == METRICS_PATH:
+            body, content_type = self.metrics.exposition()
+            return make_response(200, [("Content-Type", content_type), ("Content-Length", str(len(body)))], body)
+        if path == HEALTH_PATH:
+            ok, details = await asyncio.to_thread(self.health_details)
+            body = health_body(ok, details)
+            return make_response(200 if ok else 503, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
+        body = status_page(
+            self.public_url or public_url_of(flow.client_conn),
+            upstream.base,
+            ctx.options.hub_registry_name,
+            ctx.options.hub_cache_dir,
+            cache_bytes,
+            ctx.options.hub_cache_max_size,
+            self.metrics.hit_rate(),
+            self.ratelimits,
+            sum(s.value for m in self.metrics.requests.collect() for s in m.samples if s.name.endswith("_total")),
+        )
+        return make_response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))], body)
+
+    def health_details(self) -> tuple[bool, dict]:
+        """Configured, and the cache (if any) writable. Blocking: run in a thread."""
+        details: dict = {"client": self.client is not None, "cache": "off"}
+        ok = self.client is not None
+        if self.cache is not None:
+            probe = self.cache.store.tmp / f"health.{secrets.token_hex(4)}"
+            try:
+                probe.write_bytes(b"ok")
+                probe.unlink()
+                details["cache"] = "writable"
+            except OSError as e:
+                details["cache"] = f"not writable: {e.strerror}"
+                ok = False
+        return ok, details
+
+    def _observe_upstream(self, host: str, seconds: float) -> None:
+        self.metrics.upstream_latency.labels(host).observe(seconds)
+
+    def _count_served(self, flow: http.HTTPFlow, source: str):
+        step = flow.metadata.setdefault(META_STEP, {})
+        step["streamed"] = 0
+        served = self.metrics.bytes_served.labels(source)
+        fetched = self.metrics.bytes_fetched.labels(step.get("upstream", "-")) if source == "upstream" else None
+
+        def on_bytes(n: int) -> None:
+            step["streamed"] += n
+            served.inc(n)
+            if fetched is not None:
+                fetched.inc(n)
+        return on_bytes
+
+    def finish_step(self, flow: http.HTTPFlow) -> None:
+        """One log line and the metrics of a finished client request."""
+        step = flow.metadata.get(META_STEP)
+        if step is None or step.get("done"):
+            return
+        step["done"] = True
+        blob = flow.metadata.get(META_BLOB)
+        if blob is not None and blob.pop("in_flight", False):
+            self.metrics.in_flight.dec()
+        response = flow.response
+        status: int | str = response.status_code if response is not None and not flow.error else "error"
+        cache_state = response.headers.get(CACHE_HEADER, "") if response is not None else ""
+        if "streamed" in step:
+            size = step["streamed"]
+        else:
+            size = len(response.raw_content or b"") if response is not None else 0
+            if size:
+                self.metrics.bytes_served.labels("mirror").inc(size)
+        self.metrics.requests.labels(step["upstream"], step["kind"], str(status)).inc()
+        if cache_state in ("hit", "miss", "stale") and step["kind"] in ("blob", "manifest"):
+            self.metrics.cache_requests.labels(step["kind"], cache_state).inc()
+        if step["kind"] == "page":
+            return
+        log.info(pull_log_line(
+            flow.client_conn.peername[0] if flow.client_conn.peername else "-",
+            step["upstream"], flow.request.method, step["kind"], step["repo"], step["ref"],
+            status, size, time.time() - step["start"], cache_state,
+        ))
 
     async def token(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response:
         """Forward a token request to the realm learned from the upstream."""

@@ -68,8 +68,15 @@ class CachingStream:
     transfer instead of a complete, wrong blob.
     """
 
-    def __init__(self, flow: http.HTTPFlow, download: Download, on_done: Callable[[bool, int], None]) -> None:
+    def __init__(
+        self,
+        flow: http.HTTPFlow,
+        download: Download,
+        on_done: Callable[[bool, int], None],
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> None:
         self.flow = flow
+        self.on_bytes = on_bytes
         self.download = download
         self.writer = download.start_writing()
         self.held = b""
@@ -79,10 +86,12 @@ class CachingStream:
         if chunk:
             self.writer.write(chunk)
             out, self.held = self.held, chunk
+            self.on_bytes(len(out))
             return out
         size = self.writer.size
         if self.download.finish():
             self.on_done(True, size)
+            self.on_bytes(len(self.held))
             return self.held
         self.on_done(False, size)
         if self.flow.killable:

@@ -110,6 +110,7 @@ class Store:
         self._clean_stale_tmp()
         # digests this process is serving right now: never evicted
         self.in_use: dict[str, int] = {}
+        self.on_evict = lambda digests: None
 
     # ---- blobs -----------------------------------------------------------
 
@@ -233,6 +234,8 @@ class Store:
             self.remove_blob(digest)
             total -= size
             evicted.append(digest)
+        if evicted:
+            self.on_evict(evicted)
         return evicted
 
     # ---- manifests -----------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -90,8 +91,15 @@ def describe_error(exc: Exception) -> UpstreamError:
 
 
 class UpstreamClient:
-    def __init__(self, verify: ssl.SSLContext, timeout: float, max_body: int) -> None:
+    def __init__(
+        self,
+        verify: ssl.SSLContext,
+        timeout: float,
+        max_body: int,
+        on_answer: Callable[[str, float], None] = lambda host, seconds: None,
+    ) -> None:
         self.max_body = max_body
+        self.on_answer = on_answer  # (upstream host, seconds to its answer headers)
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(timeout),
@@ -116,7 +124,9 @@ class UpstreamClient:
         """One request, no redirects followed, body not yet read."""
         try:
             request = self._client.build_request(method, url, headers=headers)
+            started = time.monotonic()
             response = await self._client.send(request, stream=True)
+            self.on_answer(request.url.host, time.monotonic() - started)
         except Exception as exc:
             raise describe_error(exc) from exc
         try:
@@ -154,7 +164,9 @@ class UpstreamClient:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 request = self._client.build_request(method, url, headers=headers, content=content)
+                started = time.monotonic()
                 response = await self._client.send(request, stream=True)
+                self.on_answer(request.url.host, time.monotonic() - started)
             except Exception as exc:
                 raise describe_error(exc) from exc
             try:

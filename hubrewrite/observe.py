@@ -1,0 +1,150 @@
+"""What the mirror tells its operator: Prometheus metrics, a health answer, a
+status page, and one log line per pull step (never a secret)."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # a registry of its own: a reloaded script must not collide with the old one's metrics
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hub_requests", "Client requests answered", ["upstream", "kind", "status"], registry=r)
+        self.bytes_served = Counter("hub_served_bytes", "Body bytes sent to clients", ["source"], registry=r)
+        self.bytes_fetched = Counter("hub_upstream_fetched_bytes", "Body bytes received from upstreams and their CDNs", ["upstream"], registry=r)
+        self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
+        self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
+        self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
+        self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)
+        self.upstream_latency = Histogram(
+            "hub_upstream_latency_seconds", "Time to the upstream's answer headers", ["upstream"], registry=r
+        )
+        self.ratelimit_remaining = Gauge(
+            "hub_ratelimit_remaining", "Latest ratelimit-remaining from the upstream", ["upstream", "source"], registry=r
+        )
+        self.started = time.time()
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def hit_rate(self) -> float | None:
+        hits = sum(self.value("hub_cache_requests_total", kind=k, outcome="hit") for k in ("blob", "manifest"))
+        misses = sum(self.value("hub_cache_requests_total", kind=k, outcome="miss") for k in ("blob", "manifest"))
+        return hits / (hits + misses) if hits + misses else None
+
+
+class CountingStream:
+    """A pass-through stream callable that counts the bytes it forwards."""
+
+    def __init__(self, on_bytes) -> None:
+        self.on_bytes = on_bytes
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.count += len(chunk)
+        if chunk:
+            self.on_bytes(len(chunk))
+        return chunk
+
+
+def pull_log_line(
+    client: str, upstream: str, method: str, kind: str, repository: str, reference: str,
+    status: int | str, size: int, seconds: float, cache: str,
+) -> str:
+    """One line per pull step: who, what, outcome. Never a header, query or body."""
+    if not repository:
+        what = kind  # /v2/, token, ...
+    elif reference.startswith("sha256:"):
+        what = f"{kind} {repository}@{reference}"
+    else:
+        what = f"{kind} {repository}:{reference}" if reference else f"{kind} {repository}"
+    return f"pull client={client} upstream={upstream} {method} {what} status={status} bytes={size} time={seconds:.3f}s cache={cache or '-'}"
+
+
+def health_body(ok: bool, details: dict) -> bytes:
+    return json.dumps({"status": "ok" if ok else "unavailable", **details}).encode()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def status_page(
+    mirror_url: str,
+    upstream: str,
+    registry_name: str,
+    cache_dir: str,
+    cache_bytes: int | None,
+    cache_limit: str,
+    hit_rate: float | None,
+    ratelimits: dict[tuple[str, str], str],
+    requests_served: float,
+) -> bytes:
+    """The page people see when they open the mirror in a browser. No external assets."""
+    e = html.escape
+    host = mirror_url.split("://", 1)[1].rstrip("/")
+    insecure = mirror_url.startswith("http://")
+    if ratelimits:
+        rate_rows = "".join(
+            f"<tr><td>{e(up)}</td><td>{e(src)}</td><td>{e(rem.split(';')[0])}</td></tr>" for (up, src), rem in sorted(ratelimits.items())
+        )
+        rate = f"<table><tr><th>upstream</th><th>as seen from</th><th>pulls left</th></tr>{rate_rows}</table>"
+    else:
+        rate = "<p>No rate-limit headers seen yet.</p>"
+    if cache_dir:
+        rate_text = "no lookups yet" if hit_rate is None else f"{hit_rate * 100:.0f}% hits"
+        cache = (
+            f"<p>Pull-through cache: <b>{_fmt_bytes(cache_bytes or 0)}</b> of {e(cache_limit)} used, {rate_text}.</p>"
+        )
+    else:
+        cache = "<p>The cache is off (set <code>hub_cache_dir</code>).</p>"
+    daemon_json = json.dumps({"registry-mirrors": [mirror_url]} | ({"insecure-registries": [host]} if insecure else {}), indent=2)
+    registries_conf = (
+        f'[[registry]]\nprefix = "{registry_name}"\nlocation = "{registry_name}"\n\n'
+        f'[[registry.mirror]]\nlocation = "{host}"\n' + ("insecure = true\n" if insecure else "")
+    )
+    hosts_toml = f'server = "https://{registry_name}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1b1f24; }}
+h1 {{ font-size: 1.6rem; }} h2 {{ font-size: 1.15rem; margin-top: 1.8rem; border-bottom: 1px solid #d0d7de; }}
+pre {{ background: #f6f8fa; padding: .8rem; border-radius: 6px; overflow-x: auto; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }}
+.muted {{ color: #57606a; }}
+</style></head>
+<body>
+<h1>hub-rewrite: a mirror of {e(registry_name)}</h1>
+<p>This mirror at <code>{e(mirror_url)}</code> serves <b>{e(registry_name)}</b> (upstream <code>{e(upstream)}</code>), read-only.
+<span class="muted">{requests_served:.0f} requests answered since start.</span></p>
+<h2>Cache</h2>
+{cache}
+<h2>Docker Hub rate limit</h2>
+{rate}
+<h2>docker</h2>
+<p>Pull by name: <code>docker pull {e(host)}/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
+<pre>{e(daemon_json)}</pre>
+<h2>containerd</h2>
+<p><code>/etc/containerd/certs.d/{e(registry_name)}/hosts.toml</code>:</p>
+<pre>{e(hosts_toml)}</pre>
+<h2>podman, skopeo, buildah</h2>
+<p><code>/etc/containers/registries.conf</code>:</p>
+<pre>{e(registries_conf)}</pre>
+<p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
+</body></html>
+"""
+    return page.encode()

@@ -1,0 +1,48 @@
+import html
+
+from hubrewrite.observe import CountingStream, Metrics, pull_log_line, status_page
+
+
+def test_pull_log_line_names_the_step_and_nothing_else():
+    line = pull_log_line("10.0.0.1", "https://registry-1.docker.io", "GET", "blob", "library/nginx",
+                         "sha256:" + "a" * 64, 200, 1234, 0.5, "hit")
+    assert line == (
+        "pull client=10.0.0.1 upstream=https://registry-1.docker.io GET blob library/nginx@sha256:" + "a" * 64
+        + " status=200 bytes=1234 time=0.500s cache=hit"
+    )
+    assert "manifest library/nginx:1.27 " in pull_log_line("c", "u", "HEAD", "manifest", "library/nginx", "1.27", 200, 0, 0, "")
+    assert " GET token status=401 " in pull_log_line("c", "u", "GET", "token", "", "", 401, 0, 0, "")
+
+
+def test_metrics_exposition_and_hit_rate():
+    metrics = Metrics()
+    assert metrics.hit_rate() is None
+    metrics.cache_requests.labels("blob", "hit").inc(3)
+    metrics.cache_requests.labels("manifest", "miss").inc()
+    metrics.requests.labels("https://r", "blob", "200").inc()
+    assert metrics.hit_rate() == 0.75
+    body, content_type = metrics.exposition()
+    assert content_type.startswith("text/plain")
+    assert b'hub_requests_total{kind="blob",status="200",upstream="https://r"} 1.0' in body
+
+
+def test_counting_stream_passes_chunks_through():
+    seen = []
+    stream = CountingStream(seen.append)
+    assert stream(b"abc") == b"abc" and stream(b"") == b""
+    assert stream.count == 3 and seen == [3]
+
+
+def test_status_page_fills_in_the_mirror_url_and_escapes():
+    page = status_page("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io",
+                       "/var/cache/hub", 3 * 1024**3, "20g", 0.5,
+                       {("https://registry-1.docker.io", "1.2.3.4"): "87;w=21600"}, 42).decode()
+    page = html.unescape(page)
+    assert "docker pull mirror.example:5000/library/nginx" in page
+    assert '"registry-mirrors": [\n    "http://mirror.example:5000"\n  ]' in page
+    assert '[host."http://mirror.example:5000"]' in page
+    assert 'location = "mirror.example:5000"' in page and "insecure = true" in page
+    assert "3.0 GiB" in page and "50% hits" in page and "<td>87</td>" in page
+    assert "<script" not in page and "<link" not in page and "src=" not in page  # no external assets
+    evil = status_page("https://<x>", "u", "docker.io", "", None, "0", None, {}, 0).decode()
+    assert "<x>" not in evil and "&lt;x&gt;" in evil
