@@ -116,7 +116,8 @@ def status_page(
         f'[[registry]]\nprefix = "{registry_name}"\nlocation = "{registry_name}"\n\n'
         f'[[registry.mirror]]\nlocation = "{host}"\n' + ("insecure = true\n" if insecure else "")
     )
-    hosts_toml = f'server = "https://{registry_name}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
+    server = "https://registry-1.docker.io" if registry_name == "docker.io" else f"https://{registry_name}"
+    hosts_toml = f'server = "{server}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -1,0 +1,127 @@
+"""Metrics, health and the status page of a running mirror; the page is
+rendered by headless Chromium and looked at as a screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.mirror import Mirror
+
+from .test_mirror import copy
+
+
+@pytest.fixture(scope="module")
+def mirror(upstream, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("obs-cache")
+    with Mirror(tmp_path_factory.mktemp("obs-mirror"), upstream.api_url, options={"hub_cache_dir": str(cache)}) as m:
+        m.cache_dir = cache
+        yield m
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")):
+            got = line[len(name):].split(" ")[0].strip("{}")
+            if not labels or ",".join(sorted(got.split(","))) == want:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_pulls_cache_and_rate_limit(mirror, upstream, tmp_path):
+    for run in ("cold", "warm"):
+        result = copy(f"docker://{mirror.host}/library/alpine:3.19", tmp_path / run, "--all")
+        assert result.returncode == 0, result.stderr
+    r = httpx.get(f"{mirror.url}/_hub/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    up = upstream.api_url
+    assert metric(text, "hub_requests_total", upstream=up, kind="blob", status="200") >= 12
+    assert metric(text, "hub_cache_requests_total", kind="blob", outcome="miss") == 6
+    assert metric(text, "hub_cache_requests_total", kind="blob", outcome="hit") == 6
+    assert metric(text, "hub_served_bytes_total", source="cache") == metric(text, "hub_served_bytes_total", source="upstream") > 0
+    assert metric(text, "hub_cache_bytes") > 0
+    assert metric(text, "hub_transfers_in_flight") == 0
+    assert metric(text, "hub_upstream_latency_seconds_count", upstream="127.0.0.1") > 0
+    assert 0 < metric(text, "hub_ratelimit_remaining", upstream=up, source="127.0.0.1") <= 100
+
+
+def test_one_log_line_per_pull_step(mirror, upstream):
+    lines = [line for line in mirror.log_text().splitlines() if " pull client=" in line]
+    blob_lines = [line for line in lines if " GET blob library/alpine@sha256:" in line]
+    assert len(blob_lines) >= 12
+    assert any("cache=miss" in line for line in blob_lines) and any("cache=hit" in line for line in blob_lines)
+    assert all("status=200" in line and "bytes=" in line and "time=" in line for line in blob_lines)
+    assert any(" GET manifest library/alpine:3.19 " in line for line in lines)
+    for password in upstream.users.values():
+        assert password not in mirror.log_text()
+
+
+def test_health(mirror, tmp_path):
+    r = httpx.get(f"{mirror.url}/_hub/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "client": True, "cache": "writable"}
+    tmp = mirror.cache_dir / "tmp"
+    shutil.rmtree(tmp)
+    tmp.write_text("not a directory")  # the cache can no longer take downloads
+    try:
+        r = httpx.get(f"{mirror.url}/_hub/health")
+        assert r.status_code == 503
+        assert r.json()["status"] == "unavailable"
+    finally:
+        tmp.unlink()
+        tmp.mkdir()
+    assert httpx.get(f"{mirror.url}/_hub/health").status_code == 200
+
+
+def png_pixels(path: Path) -> tuple[int, int, bytes]:
+    """Width, height and the decompressed scanlines of a PNG (no imaging library needed)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return width, height, zlib.decompress(idat)
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("chromium not installed (Debian package chromium)")
+    return subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+         "--user-data-dir=" + str(Path(args[0]).parent / "chromium-profile"), *args[1:]],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_status_page_renders_in_a_browser(mirror, tmp_path):
+    dom = chromium(str(tmp_path / "x"), "--dump-dom", f"{mirror.url}/")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "hub-rewrite: a mirror of docker.io" in dom.stdout
+    assert f"docker pull {mirror.host}/library/nginx" in dom.stdout
+    assert f"[host.&quot;{mirror.url}&quot;]" in dom.stdout or f'[host."{mirror.url}"]' in dom.stdout
+    assert "% hits" in dom.stdout
+
+    shot = Path(os.environ.get("HUB_SCREENSHOT_DIR", tmp_path)) / "status.png"
+    result = chromium(str(tmp_path / "y"), f"--screenshot={shot}", "--window-size=1000,1400", f"{mirror.url}/")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    width, height, pixels = png_pixels(shot)
+    assert (width, height) == (1000, 1400)
+    # a rendered page, not a blank screen: a blank page compresses to a handful of distinct (filtered) bytes
+    assert len(set(pixels)) > 50
