@@ -1,0 +1,544 @@
+"""Pull-through cache benchmark: skopeo pulls direct vs. mirror cold vs. mirror warm,
+upstream traffic per pull, and the mirror's memory under 8 concurrent pulls.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_cache.py [--size-mib 1024] [--reps 3] [--json out.json]
+
+Starts the fake Docker Hub (tests/support/upstream.py) in a temporary
+directory and pushes two images:
+
+* ``bench/big:1.0``: one uncompressed layer of ``--size-mib`` MiB;
+* ``bench/multi:1.0``: a Docker manifest list, amd64 + arm64, each image with
+  two uncompressed layers (4 MiB and 1 MiB of random data) and its config.
+
+Then, ``--reps`` times:
+
+* ``direct``: ``skopeo copy`` of each image straight from the fake Hub's API
+  (the edge, which redirects blobs to the CDN): the reference;
+* ``cold``:   a fresh mitmdump + addon with a fresh, empty ``hub_cache_dir``;
+  ``skopeo copy`` of each image through it;
+* ``warm``:   the same mirror (same cache) again.
+
+Every pull is timed (wall clock around skopeo) and must succeed with every
+blob present at its size in the ``dir:`` output (skopeo verifies digests
+itself), or the benchmark fails with exit code 1.  For each pull the deltas of
+the fake Hub's access logs give the CDN requests and the body bytes the CDN
+sent, and the edge's manifest GETs/HEADs and blob requests.
+
+Finally, with one fresh mirror: 8 concurrent ``curl`` GETs of the big blob
+with a cold cache, then 8 more with the now warm cache; the mirror's peak RSS
+(VmHWM, reset before each phase) is recorded for each.
+
+Units: MB = 10^6 bytes, MiB = 2^20 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlencode
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for p in (str(REPO_ROOT), str(BENCH_DIR)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import httpx  # noqa: E402
+
+from bench_pull import (BenchError, _sigterm, exact_command, loadavg, log,  # noqa: E402
+                        machine_facts, rss_bytes)
+from tests.support.images import make_big_layer, make_tar, push_image, push_index  # noqa: E402
+from tests.support.mirror import Mirror  # noqa: E402
+from tests.support.upstream import Upstream  # noqa: E402
+
+BIG = ("bench/big", "1.0")
+MULTI = ("bench/multi", "1.0")
+MULTI_LAYERS = (4 << 20, 1 << 20)  # per arch
+IMAGES = ("big", "multi")
+PATHS = ("direct", "cold", "warm")
+PATH_LABELS = {"direct": "direct (edge + CDN)", "cold": "mirror, cold cache", "warm": "mirror, warm cache"}
+CONCURRENCY = 8
+RSS_TARGET = 150_000_000  # bytes
+SKOPEO_TIMEOUT = 900
+CURL_TIMEOUT = 900
+MB = 1e6
+MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
+BLOB_RE = re.compile(r"^/v2/.+/blobs/[^/]+$")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class LogCursor:
+    """Deltas of one of the fake Hub's JSON-lines access logs."""
+
+    def __init__(self, read: Callable[..., list[dict[str, Any]]]) -> None:
+        self.read = read
+        self.pos = len(read())
+
+    def take(self, settle: float = 0.4, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """New records since the last take, once the log stopped growing for ``settle`` s
+        (the CDN writes its record only after the body was sent)."""
+        deadline = time.monotonic() + timeout
+        n = len(self.read())
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            m = len(self.read())
+            if m == n:
+                break
+            n = m
+        recs = self.read()
+        new, self.pos = recs[self.pos:], len(recs)
+        return new
+
+
+def count_upstream(cdn: list[dict[str, Any]], edge: list[dict[str, Any]], tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    blob_gets = [r for r in cdn if r.get("method") == "GET"]
+    per_path: dict[str, int] = {}
+    for r in blob_gets:
+        per_path[r["path"]] = per_path.get(r["path"], 0) + 1
+
+    def edge_count(method: str, regex: re.Pattern) -> int:
+        return sum(1 for r in edge if r.get("method") == method and regex.match(r.get("path", "")))
+
+    manifest_get, manifest_head = edge_count("GET", MANIFEST_RE), edge_count("HEAD", MANIFEST_RE)
+    blob_get, blob_head = edge_count("GET", BLOB_RE), edge_count("HEAD", BLOB_RE)
+    return {
+        "cdn_requests": len(cdn),
+        "cdn_gets": len(blob_gets),
+        "cdn_bytes": sum(int(r.get("bytes") or 0) for r in cdn),
+        "cdn_statuses": sorted({r.get("status") for r in cdn}, key=str),
+        "cdn_max_gets_per_blob": max(per_path.values(), default=0),
+        "cdn_distinct_blobs": len(per_path),
+        "edge_requests": len(edge),
+        "edge_manifest_get": manifest_get,
+        "edge_manifest_head": manifest_head,
+        "edge_blob_get": blob_get,
+        "edge_blob_head": blob_head,
+        "edge_other": len(edge) - manifest_get - manifest_head - blob_get - blob_head,
+        "token_requests": len(tokens),
+    }
+
+
+def image_blobs(images: list[dict[str, Any]]) -> dict[str, int]:
+    """digest -> size of every config and layer of some pushed images."""
+    out: dict[str, int] = {}
+    for img in images:
+        out[img["config_digest"]] = len(img["config_bytes"])
+        out.update(zip(img["layer_digests"], img["layer_sizes"]))
+    return out
+
+
+def skopeo_pull(host: str, repo: str, tag: str, dest: Path, blobs: dict[str, int], multi: bool) -> float:
+    """One timed ``skopeo copy`` into ``dir:dest``; raises BenchError unless every blob arrived whole."""
+    argv = ["skopeo", "copy", "--src-tls-verify=false", "--src-no-creds"]
+    if multi:
+        argv.append("--all")
+    argv += [f"docker://{host}/{repo}:{tag}", f"dir:{dest}"]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=SKOPEO_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"skopeo timed out after {SKOPEO_TIMEOUT}s: {shlex.join(argv)}") from None
+    seconds = time.monotonic() - t0
+    if p.returncode != 0:
+        raise BenchError(f"skopeo exited {p.returncode}: {p.stderr.strip()[-1500:]}")
+    if not (dest / "manifest.json").is_file():
+        raise BenchError(f"skopeo wrote no manifest.json to {dest}")
+    for digest, size in blobs.items():
+        f = dest / digest.split(":", 1)[1]
+        got = f.stat().st_size if f.is_file() else None
+        if got != size:
+            raise BenchError(f"skopeo output: blob {digest[:19]}... has {got} bytes, expected {size}")
+    return seconds
+
+
+@contextmanager
+def running_mirror(workdir: Path, upstream_url: str, cache_dir: Path) -> Iterator[Mirror]:
+    """A mitmdump + addon with ``hub_cache_dir``; stopped even when its startup is
+    interrupted (``with Mirror(...)`` would leave it running then)."""
+    mirror = Mirror(workdir, upstream_url, options={"hub_cache_dir": str(cache_dir)}, name="mirror")
+    try:
+        mirror.start()
+        yield mirror
+    finally:
+        mirror.stop()
+
+
+def mirror_token(mirror: Mirror, up: Upstream, repo: str) -> str:
+    q = urlencode({"service": up.service, "scope": f"repository:{repo}:pull"})
+    r = httpx.get(f"{mirror.url}/token?{q}", timeout=30)
+    if r.status_code != 200:
+        raise BenchError(f"mirror /token answered {r.status_code}: {r.text[:300]}")
+    return r.json()["token"]
+
+
+def concurrent_pulls(mirror: Mirror, token: str, repo: str, digest: str, size: int, n: int,
+                     tmp: Path) -> dict[str, Any]:
+    """``n`` simultaneous curl GETs of one blob through the mirror; the first one is
+    piped into sha256sum.  Raises BenchError unless all got 200 with ``size`` bytes."""
+    url = f"{mirror.url}/v2/{repo}/blobs/{digest}"
+    procs: list[tuple[subprocess.Popen, subprocess.Popen | None, Path]] = []
+    t0 = time.monotonic()
+    try:
+        for i in range(n):
+            hdr = tmp / f"headers-{i}.txt"
+            base = ["curl", "-sS", "--http1.1", "--max-time", str(CURL_TIMEOUT), "-D", str(hdr),
+                    "-H", f"Authorization: Bearer {token}"]
+            if i == 0:
+                curl = subprocess.Popen(base + ["-o", "-", "-w", "%{stderr}\nW %{http_code} %{size_download} %{time_total}\n",
+                                                url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                sha = subprocess.Popen(["sha256sum"], stdin=curl.stdout, stdout=subprocess.PIPE)
+                assert curl.stdout is not None
+                curl.stdout.close()  # sha256sum owns the pipe now
+                procs.append((curl, sha, hdr))
+            else:
+                curl = subprocess.Popen(base + ["-o", "/dev/null", "-w", "\nW %{http_code} %{size_download} %{time_total}\n",
+                                                url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                procs.append((curl, None, hdr))
+        results = []
+        for i, (curl, sha, hdr) in enumerate(procs):
+            out, err = curl.communicate(timeout=CURL_TIMEOUT + 30)
+            text = (err if sha is not None else out).decode(errors="replace")
+            wline = [ln for ln in text.splitlines() if ln.startswith("W ")]
+            rec: dict[str, Any] = {"client": i, "curl_rc": curl.returncode}
+            if wline:
+                _, code, got, total = wline[-1].split()
+                rec.update(status=int(code), bytes=int(got), time_total=float(total))
+            if sha is not None:
+                sha_out, _ = sha.communicate(timeout=60)
+                rec["sha256"] = "sha256:" + sha_out.decode().split()[0] if sha_out else None
+            cache = [ln.split(":", 1)[1].strip() for ln in (hdr.read_text(errors="replace").splitlines()
+                                                             if hdr.exists() else [])
+                     if ln.lower().startswith("x-hub-cache:")]
+            rec["x_hub_cache"] = cache[-1] if cache else None
+            rec["curl_stderr"] = err.decode(errors="replace").strip()[-300:] if curl.returncode else ""
+            results.append(rec)
+        wall = time.monotonic() - t0
+    finally:
+        for curl, sha, _ in procs:
+            for p in (curl, sha):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+    bad = [r for r in results if r["curl_rc"] != 0 or r.get("status") != 200 or r.get("bytes") != size]
+    if bad:
+        raise BenchError(f"{len(bad)} of {n} concurrent pulls failed: {bad}")
+    if results[0].get("sha256") != digest:
+        raise BenchError(f"concurrent pull 0 hashed to {results[0].get('sha256')}, expected {digest}")
+    states: dict[str, int] = {}
+    for r in results:
+        states[str(r["x_hub_cache"])] = states.get(str(r["x_hub_cache"]), 0) + 1
+    return {"clients": results, "wall_seconds": wall, "x_hub_cache": states,
+            "aggregate_mb_per_s": n * size / wall / MB, "digest_verified": True}
+
+
+def skopeo_version() -> str:
+    try:
+        return subprocess.run(["skopeo", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def push_images(up: Upstream, workdir: Path, size_mib: int) -> dict[str, Any]:
+    t0 = time.monotonic()
+    layer = workdir / "layer.tar"
+    log(f"writing a {size_mib} MiB layer")
+    digest, size = make_big_layer(layer, size_mib << 20, seed=b"bench-cache")
+    log(f"layer {digest} ({size} bytes) written ({time.monotonic() - t0:.1f}s); pushing {BIG[0]}:{BIG[1]}")
+    try:
+        big = push_image(up, BIG[0], BIG[1], [layer], media="oci")
+    finally:
+        layer.unlink(missing_ok=True)  # the registry has its own copy
+    arch_images = []
+    for arch in ("amd64", "arm64"):
+        layers = [{f"data/{arch}-{i}.bin": os.urandom(n)} for i, n in enumerate(MULTI_LAYERS)]
+        arch_images.append(push_image(up, MULTI[0], None, layers, media="docker", arch=arch, compress=False))
+    index = push_index(up, MULTI[0], MULTI[1], arch_images, media="docker")
+    log(f"pushed both images ({time.monotonic() - t0:.1f}s)")
+    out = {
+        "big": {"repo": BIG[0], "tag": BIG[1], "multi": False, "manifest_digest": big["digest"],
+                "blobs": image_blobs([big]), "layer_digest": digest, "layer_size": size, "manifests": 1},
+        "multi": {"repo": MULTI[0], "tag": MULTI[1], "multi": True, "manifest_digest": index["digest"],
+                  "blobs": image_blobs(arch_images), "manifests": 1 + len(arch_images)},
+    }
+    for info in out.values():
+        info["blob_bytes"] = sum(info["blobs"].values())
+    return out
+
+
+def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
+    with Upstream(workdir / "hub") as up:
+        images = push_images(up, workdir, args.size_mib)
+        result["images"] = images
+        cdn_log, edge_log, token_log = (LogCursor(up.cdn_requests), LogCursor(up.edge_requests),
+                                        LogCursor(up.token_requests))
+
+        def measured(label: str, fn: Callable[[], float], mirror: Mirror | None) -> dict[str, Any]:
+            cdn_log.take(settle=0.1)
+            edge_log.take(settle=0.0)
+            token_log.take(settle=0.0)
+            if mirror is not None:
+                mirror.reset_peak_rss()
+            try:
+                seconds = fn()
+            except BenchError as e:
+                raise BenchError(f"{label}: {e}") from None
+            rec: dict[str, Any] = {"seconds": seconds}
+            if mirror is not None:
+                rec["peak_rss"] = mirror.peak_rss()
+                if mirror.proc.poll() is not None:
+                    raise BenchError(f"{label}: mitmdump exited:\n{mirror.log_text()[-2000:]}")
+            rec.update(count_upstream(cdn_log.take(), edge_log.take(settle=0.0), token_log.take(settle=0.0)))
+            return rec
+
+        def pull(image: str, host: str, mirror: Mirror | None, label: str) -> dict[str, Any]:
+            info = images[image]
+            dest = workdir / "out"
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                rec = measured(label, lambda: skopeo_pull(host, info["repo"], info["tag"], dest, info["blobs"],
+                                                          info["multi"]), mirror)
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+            rec["mb_per_s"] = info["blob_bytes"] / rec["seconds"] / MB
+            extra = f", peak RSS {rec['peak_rss'] / MB:.1f} MB" if "peak_rss" in rec else ""
+            log(f"{label}: {rec['seconds']:.2f}s, CDN {rec['cdn_requests']} req / {rec['cdn_bytes']} B, "
+                f"edge manifest GET {rec['edge_manifest_get']} HEAD {rec['edge_manifest_head']}{extra}")
+            return rec
+
+        samples: dict[str, dict[str, list[dict[str, Any]]]] = {i: {p: [] for p in PATHS} for i in IMAGES}
+        for rep in range(1, args.reps + 1):
+            for image in IMAGES:
+                rec = pull(image, up.api_host, None, f"rep {rep}/{args.reps} {image} direct")
+                samples[image]["direct"].append(rec | {"rep": rep})
+            cache_dir = workdir / f"cache-{rep}"
+            with running_mirror(workdir / f"mirror-{rep}", up.api_url, cache_dir) as mirror:
+                for path in ("cold", "warm"):
+                    for image in IMAGES:
+                        rec = pull(image, mirror.host, mirror, f"rep {rep}/{args.reps} {image} {path}")
+                        samples[image][path].append(rec | {"rep": rep})
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            shutil.rmtree(workdir / f"mirror-{rep}", ignore_errors=True)
+        result["samples"] = samples
+
+        # ---- 8 concurrent pulls of the big blob: cold, then warm
+        big = images["big"]
+        digest, size = big["layer_digest"], big["layer_size"]
+        storage_path = up.blob_storage_path(digest)
+        cache_dir = workdir / "cache-concurrent"
+        conc: dict[str, Any] = {}
+        with running_mirror(workdir / "mirror-concurrent", up.api_url, cache_dir) as mirror:
+            time.sleep(1.0)
+            conc["idle_rss"] = rss_bytes(mirror.proc.pid)
+            token = mirror_token(mirror, up, big["repo"])
+            for phase in ("cold", "warm"):
+                label = f"{CONCURRENCY} concurrent pulls, {phase} cache"
+                cdn_log.take(settle=0.1)
+                edge_log.take(settle=0.0)
+                mirror.reset_peak_rss()
+                tmp = workdir / f"curl-{phase}"
+                tmp.mkdir()
+                try:
+                    rec = concurrent_pulls(mirror, token, big["repo"], digest, size, CONCURRENCY, tmp)
+                except BenchError as e:
+                    raise BenchError(f"{label}: {e}") from None
+                rec["peak_rss"] = mirror.peak_rss()
+                if mirror.proc.poll() is not None:
+                    raise BenchError(f"{label}: mitmdump exited:\n{mirror.log_text()[-2000:]}")
+                cdn = cdn_log.take()
+                rec.update(count_upstream(cdn, edge_log.take(settle=0.0), []))
+                rec.pop("token_requests")
+                rec["cdn_blob_gets"] = sum(1 for r in cdn if r.get("method") == "GET" and r.get("path") == storage_path)
+                rec["cdn_blob_full_200"] = sum(1 for r in cdn if r.get("path") == storage_path
+                                               and r.get("status") == 200 and r.get("bytes") == size)
+                log(f"{label}: {rec['wall_seconds']:.2f}s, {rec['aggregate_mb_per_s']:.0f} MB/s aggregate, "
+                    f"X-Hub-Cache {rec['x_hub_cache']}, CDN {rec['cdn_requests']} req, "
+                    f"peak RSS {rec['peak_rss'] / MB:.1f} MB")
+                conc[phase] = rec
+            conc["final_rss"] = rss_bytes(mirror.proc.pid)
+        result["concurrent"] = conc
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt_counts(values: list[Any]) -> str:
+    """One value when all reps agree, else all of them."""
+    return str(values[0]) if len(set(values)) == 1 else "/".join(str(v) for v in values)
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
+    images, samples, conc = result["images"], result["samples"], result["concurrent"]
+    targets: list[tuple[str, str, bool]] = []
+    summary: dict[str, Any] = {}
+    for image in IMAGES:
+        blob_bytes, n_blobs = images[image]["blob_bytes"], len(images[image]["blobs"])
+        s = {p: statistics.median(r["seconds"] for r in samples[image][p]) for p in PATHS}
+        summary[image] = {"median_seconds": s}
+        cold, warm = samples[image]["cold"], samples[image]["warm"]
+        cdn_cold = [r["cdn_bytes"] for r in cold]
+        targets.append((f"{image}: cold pull CDN bytes == image blob bytes ({blob_bytes}), every rep",
+                        fmt_counts(cdn_cold), all(b == blob_bytes for b in cdn_cold)))
+        targets.append((f"{image}: cold pull fetches each of the {n_blobs} blobs from the CDN exactly once",
+                        f"{fmt_counts([r['cdn_gets'] for r in cold])} GETs, "
+                        f"max {fmt_counts([r['cdn_max_gets_per_blob'] for r in cold])} per blob",
+                        all(r["cdn_gets"] == n_blobs and r["cdn_max_gets_per_blob"] == 1 for r in cold)))
+        targets.append((f"{image}: warm pull makes 0 CDN requests",
+                        fmt_counts([r["cdn_requests"] for r in warm]), all(r["cdn_requests"] == 0 for r in warm)))
+        targets.append((f"{image}: warm pull makes 0 upstream manifest GETs",
+                        fmt_counts([r["edge_manifest_get"] for r in warm]),
+                        all(r["edge_manifest_get"] == 0 for r in warm)))
+        targets.append((f"{image}: warm pull faster than cold (medians)",
+                        f"{s['warm']:.2f}s vs {s['cold']:.2f}s", s["warm"] < s["cold"]))
+    for phase in ("cold", "warm"):
+        c = conc[phase]
+        if phase == "cold":
+            targets.append((f"{CONCURRENCY} concurrent, cold: exactly 1 CDN request for the blob",
+                            f"{c['cdn_requests']} CDN requests ({c['cdn_blob_full_200']} full 200)",
+                            c["cdn_requests"] == 1 and c["cdn_blob_full_200"] == 1))
+        else:
+            targets.append((f"{CONCURRENCY} concurrent, warm: 0 CDN requests", str(c["cdn_requests"]),
+                            c["cdn_requests"] == 0))
+        targets.append((f"{CONCURRENCY} concurrent, {phase}: mirror peak RSS < {RSS_TARGET / MB:.0f} MB",
+                        f"{c['peak_rss'] / MB:.1f} MB", c["peak_rss"] < RSS_TARGET))
+    all_ok = all(ok for _, _, ok in targets)
+    result["summary"] = {"per_image": summary, "targets": [{"target": t, "value": v, "ok": ok} for t, v, ok in targets],
+                         "all_targets_ok": all_ok}
+
+    facts = result["machine"]
+    big, multi = images["big"], images["multi"]
+    out = ["## hub-rewrite pull-through cache benchmark\n"]
+    out.append(f"Images: `{big['repo']}:{big['tag']}` (OCI, 1 layer of {big['layer_size']} bytes = "
+               f"{big['layer_size'] / 2**20:.1f} MiB, blobs {big['blob_bytes']} bytes); "
+               f"`{multi['repo']}:{multi['tag']}` (Docker manifest list, amd64 + arm64, "
+               f"{len(multi['blobs'])} blobs, {multi['blob_bytes']} bytes, pulled with `--all`). "
+               f"Client: {facts.get('skopeo', 'skopeo')} `copy --src-tls-verify=false --src-no-creds ... dir:`, "
+               f"loopback. {args.reps} reps; each rep: direct pull, then a fresh mirror + empty cache dir "
+               f"(cold pull of each image), then the same mirror again (warm). Times are medians over the reps; "
+               f"counts show one value when all reps agree, else each rep's.\n")
+    out.append("| image | path | median s | min s | max s | MB/s (median) | CDN requests | CDN bytes "
+               "| edge manifest GET | edge manifest HEAD | edge blob GET/HEAD | mirror peak RSS |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for image in IMAGES:
+        for p in PATHS:
+            rs = samples[image][p]
+            secs = [r["seconds"] for r in rs]
+            med = statistics.median(secs)
+            rss = f"{max(r['peak_rss'] for r in rs) / MB:.1f} MB" if "peak_rss" in rs[0] else "n/a"
+            out.append(f"| {image} | {PATH_LABELS[p]} | {med:.2f} | {min(secs):.2f} | {max(secs):.2f} | "
+                       f"{images[image]['blob_bytes'] / med / MB:.1f} | {fmt_counts([r['cdn_requests'] for r in rs])} | "
+                       f"{fmt_counts([r['cdn_bytes'] for r in rs])} | {fmt_counts([r['edge_manifest_get'] for r in rs])} | "
+                       f"{fmt_counts([r['edge_manifest_head'] for r in rs])} | "
+                       f"{fmt_counts([r['edge_blob_get'] for r in rs])}/{fmt_counts([r['edge_blob_head'] for r in rs])} "
+                       f"| {rss} |")
+    out.append("")
+    out.append(f"Concurrent pulls: {CONCURRENCY} simultaneous `curl --http1.1` GETs of the "
+               f"{big['layer_size'] / 2**20:.0f} MiB blob through one fresh mirror (one bearer token from its "
+               f"`/token`), first with an empty cache, then again with the cache filled; every client got 200 "
+               f"with the full size, client 0's bytes were piped through sha256sum and matched the digest.\n")
+    out.append("| cache | wall s | aggregate MB/s | X-Hub-Cache | CDN requests | CDN bytes | edge blob GET/HEAD "
+               "| mirror peak RSS |")
+    out.append("|---|---:|---:|---|---:|---:|---:|---:|")
+    for phase in ("cold", "warm"):
+        c = conc[phase]
+        states = ", ".join(f"{k} x{v}" for k, v in sorted(c["x_hub_cache"].items()))
+        out.append(f"| {phase} | {c['wall_seconds']:.2f} | {c['aggregate_mb_per_s']:.0f} | {states} | "
+                   f"{c['cdn_requests']} | {c['cdn_bytes']} | {c['edge_blob_get']}/{c['edge_blob_head']} | "
+                   f"{c['peak_rss'] / MB:.1f} MB |")
+    out.append("")
+    out.append(f"Mirror RSS: idle {conc['idle_rss'] / MB:.1f} MB after startup, {conc['final_rss'] / MB:.1f} MB "
+               f"after the concurrent pulls. Peak RSS = VmHWM of mitmdump, reset before each pull/phase. "
+               f"MB = 10^6 bytes.\n")
+    out.append("| target | measured | result |")
+    out.append("|---|---|---|")
+    for t, v, ok in targets:
+        out.append(f"| {t} | {v} | {'PASS' if ok else 'FAIL'} |")
+    out.append("")
+    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, "
+               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, "
+               f"{facts['curl']}, {facts.get('skopeo', '?')}; repo {facts['git']}")
+    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end.")
+    out.append(f"Command: `{result['command']}`")
+    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    print("\n".join(out), flush=True)
+    return all_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="big layer size in MiB (default 1024)")
+    ap.add_argument("--reps", type=int, default=3, help="direct/cold/warm repetitions (default 3)")
+    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
+    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+    args = ap.parse_args(argv)
+    if args.size_mib < 1 or args.reps < 1:
+        ap.error("--size-mib and --reps must be at least 1")
+    for tool in ("curl", "skopeo", "sha256sum"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} is required")
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    started = time.monotonic()
+    facts = machine_facts()
+    facts["skopeo"] = skopeo_version()
+    result: dict[str, Any] = {"command": exact_command(), "machine": facts, "size_mib": args.size_mib,
+                              "reps": args.reps, "concurrency": CONCURRENCY,
+                              "units": {"seconds": "wall clock", "mb_per_s": "10^6 bytes/s", "rss": "bytes",
+                                        "cdn_bytes": "body bytes the CDN sent"}}
+    workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-cache-"))
+    rc = 1
+    try:
+        result["loadavg_start"] = loadavg()
+        run(args, workdir, result)
+        result["loadavg_end"] = loadavg()
+        result["wall_seconds"] = time.monotonic() - started
+        ok = report(args, result)
+        rc = 0 if ok or not args.strict else 2
+    except BenchError as e:
+        result["error"] = str(e)
+        log(f"FAILED: {e}")
+        for lp in sorted(workdir.glob("mirror-*/mirror.log")):
+            log(f"--- {lp.relative_to(workdir)} (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
+    except KeyboardInterrupt:
+        result["error"] = "interrupted"
+        log("interrupted; cleaning up")
+        rc = 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
+        if args.keep_workdir:
+            for pattern in ("hub/storage/**/data", "cache-*/blobs/**/*", "out/*"):
+                for f in workdir.glob(pattern):
+                    if f.is_file():
+                        f.unlink(missing_ok=True)
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.setdefault("wall_seconds", time.monotonic() - started)
+        result["exit_code"] = rc
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
