@@ -454,7 +454,7 @@ class HubRewrite:
             )
         except UpstreamError as e:
             log.warning("%s %s: %s", flow.request.method, path_and_query.partition("?")[0], e.message)
-            if path_and_query.startswith("/v2/?") or path_and_query == "/v2/":
+            if e.status in (502, 503, 504) and (path_and_query.startswith("/v2/?") or path_and_query == "/v2/"):
                 challenge_answer = self.offline_challenge(flow, upstream)
                 if challenge_answer is not None:
                     return challenge_answer
@@ -910,6 +910,8 @@ class HubRewrite:
                 headers = hdrs.without(headers, ["content-type"]) + [("Content-Type", tokens.FORM_TYPE)]
         except (tokens.TokenRequestError, UnicodeDecodeError) as e:
             return error_response(400, "UNSUPPORTED", f"malformed token request: {e}")
+        # credentials come as Basic auth (GET) or in the form (POST password / refresh_token)
+        anonymous = "authorization" not in request.headers and not tokens.carries_credentials(body)
         try:
             # Not following redirects: the credentials go to this realm only.
             fetched = await self.client.fetch(
@@ -917,10 +919,15 @@ class HubRewrite:
             )
         except UpstreamError as e:
             log.warning("token request to %s: %s", urlsplit(realm).hostname, e.message)
-            if self.cache is not None and "authorization" not in request.headers:
+            if self.cache is not None and anonymous:
                 return self.offline_token()
             return error_response(e.status, e.code, f"token service: {e.message}")
-        if self.cache is not None and fetched.status == 200 and "authorization" not in request.headers:
+        if fetched.status >= 500:
+            log.warning("token request to %s: answered %d", urlsplit(realm).hostname, fetched.status)
+            if self.cache is not None and anonymous:
+                return self.offline_token()
+            return error_response(502, "UNAVAILABLE", f"token service answered {fetched.status}")
+        if self.cache is not None and fetched.status == 200 and anonymous:
             self.note_anonymous_grant(fetched.body)
         answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
         return make_response(fetched.status, _with_length(answer_headers, fetched.body, request.method), fetched.body)

@@ -53,3 +53,11 @@ def realm_url(realm: str, query: list[tuple[str, str]]) -> str:
 
 def token_request_headers(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in fields if k.lower() in TOKEN_REQUEST_HEADERS]
+
+
+def carries_credentials(form: bytes | None) -> bool:
+    """Does a POST token form carry a password or a refresh token?"""
+    if not form:
+        return False
+    fields = dict(parse_qsl(form.decode("utf-8", "replace"), keep_blank_values=True))
+    return bool(fields.get("password") or fields.get("refresh_token"))

@@ -70,10 +70,17 @@ def redirect_target(base_url: str, location: str) -> str:
     return target
 
 
+def _wire(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers as the bytes they arrived as (latin-1 round trip): httpx would refuse non-ASCII str values."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
 def describe_error(exc: Exception) -> UpstreamError:
     """Map a transport failure to what the client is told (no URLs: they may be signed)."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, httpx.InvalidURL):
+        return UpstreamError(414, "UNSUPPORTED", f"request URL not acceptable: {exc}")
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamError(504, "UNAVAILABLE", "upstream did not answer in time")
     if isinstance(exc, httpx.ConnectError):
@@ -123,7 +130,7 @@ class UpstreamClient:
     ) -> AsyncIterator[httpx.Response]:
         """One request, no redirects followed, body not yet read."""
         try:
-            request = self._client.build_request(method, url, headers=headers)
+            request = self._client.build_request(method, url, headers=_wire(headers))
             started = time.monotonic()
             response = await self._client.send(request, stream=True)
             self.on_answer(request.url.host, time.monotonic() - started)
@@ -163,7 +170,7 @@ class UpstreamClient:
         redirected_to: str | None = None
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                request = self._client.build_request(method, url, headers=headers, content=content)
+                request = self._client.build_request(method, url, headers=_wire(headers), content=content)
                 started = time.monotonic()
                 response = await self._client.send(request, stream=True)
                 self.on_answer(request.url.host, time.monotonic() - started)
