@@ -35,7 +35,7 @@ from .observe import CountingStream, Metrics, health_body, pull_log_line, status
 from .pullthrough import CachingStream, Download, PullThrough
 from .store import Store
 from .errors import error_response, make_response
-from .upstream import UpstreamClient, UpstreamError, make_ssl_context, redirect_target
+from .upstream import UpstreamClient, UpstreamError, check_reachable, make_ssl_context, redirect_target
 from .upstreams import Upstream, public_url_of, upstream_of, validate_public_url
 
 log = logging.getLogger("hub_rewrite")
@@ -537,6 +537,12 @@ class HubRewrite:
         if target is None:
             request.path = path_and_query
             return None
+        try:
+            await check_reachable(target, ctx.options.hub_upstream_timeout)
+        except UpstreamError as e:
+            log.warning("blob %s: %s", route.reference, e.message)
+            flow.metadata.pop(META_BLOB, None)
+            return error_response(e.status, e.code, e.message)  # blob() releases the download
         # Retarget this flow: mitmproxy opens the connection to the CDN after
         # this hook and streams its answer back. The client's credentials are
         # for the registry only (and storage services reject them with 400).

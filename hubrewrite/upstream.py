@@ -8,6 +8,7 @@ registry error instead of mitmproxy's HTML error page.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -95,6 +96,24 @@ def describe_error(exc: Exception) -> UpstreamError:
     if isinstance(exc, OSError):
         return UpstreamError(502, "UNAVAILABLE", f"upstream unreachable: {exc}")
     raise exc
+
+
+async def check_reachable(url: str, timeout: float) -> None:
+    """Open (and close) a TCP connection to where a redirect points.
+
+    A flow retargeted to a CDN is connected by mitmproxy itself, which answers a
+    failure with an HTML error page; checking first lets the mirror answer with
+    registry error JSON instead, at the cost of one handshake per blob.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), timeout)
+    except TimeoutError as e:
+        raise UpstreamError(504, "UNAVAILABLE", "blob storage did not accept a connection in time") from e
+    except OSError as e:
+        raise UpstreamError(502, "UNAVAILABLE", f"blob storage unreachable: {e.strerror or e}") from e
+    writer.close()
 
 
 class UpstreamClient:
