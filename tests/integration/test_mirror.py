@@ -233,8 +233,9 @@ def test_blob_head_and_manifest_head_headers(mirror, upstream):
 def test_cdn_never_sees_credentials(upstream):
     requests = upstream.cdn_requests(min_count=1)
     assert requests, "the blob pulls above should have reached the CDN"
-    assert all(not r["authorization_present"] for r in requests)
-    assert all(r["status"] in (200, 206) for r in requests), requests
+    assert all(not r.get("authorization_present") for r in requests)
+    # (other suites share this upstream and inject faults: those requests say so)
+    assert all(r["status"] in (200, 206) for r in requests if not r.get("fault")), requests
 
 
 def test_registries_conf_mirror_entry(mirror, upstream, tmp_path):
