@@ -502,18 +502,14 @@ class HubRewrite:
                 location = probe.headers.get("location")
                 if probe.status_code in (301, 302, 303, 307, 308) and location:
                     target = redirect_target(url, location)
-                    kept = [
-                        (k.decode("latin-1"), v.decode("latin-1"))
-                        for k, v in probe.headers.raw
-                        if k.decode("latin-1").lower() in BLOB_HEADERS_KEPT
-                    ]
+                    kept = [(k, v) for k, v in hdrs.decode_fields(probe.headers.raw) if k.lower() in BLOB_HEADERS_KEPT]
                 elif 200 <= probe.status_code < 300 and request.method == "GET":
                     # The registry serves the blob itself: let mitmproxy fetch it
                     # again so that it streams (a probe's body cannot be handed over).
                     target, kept = None, []
                 else:
                     body = b"" if request.method == "HEAD" else await self.client.read_body(probe)
-                    fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in probe.headers.raw]
+                    fields = hdrs.decode_fields(probe.headers.raw)
                     return self.relayed_response(flow, upstream, probe.status_code, fields, body)
         except UpstreamError as e:
             log.warning("%s blob %s: %s", request.method, route.reference, e.message)
@@ -993,7 +989,7 @@ def _rewrite_realm(value: str, token_url: str) -> str:
 
 
 def _fields(headers: http.Headers) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.fields]
+    return hdrs.decode_fields(headers.fields)
 
 
 def _with_length(fields: list[tuple[str, str]], body: bytes, method: str) -> list[tuple[str, str]]:

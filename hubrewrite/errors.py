@@ -11,6 +11,8 @@ import time
 
 from mitmproxy import http
 
+from .headers import encode_fields
+
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
@@ -53,7 +55,7 @@ def make_response(
         b"HTTP/1.1",
         status,
         b"",
-        http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]),
+        http.Headers(encode_fields(headers)),
         body,
         None,
         now,

@@ -29,6 +29,16 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"
 _REQUEST_REPLACED = frozenset({"host", "content-length", ":authority"})
 
 
+def decode_fields(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header fields as str, byte for byte (latin-1), from mitmproxy or httpx."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+
+
+def encode_fields(fields: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The inverse of decode_fields: the bytes the fields arrived as."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields]
+
+
 def _connection_tokens(fields: Iterable[tuple[str, str]]) -> set[str]:
     tokens: set[str] = set()
     for name, value in fields:

@@ -71,11 +71,6 @@ def redirect_target(base_url: str, location: str) -> str:
     return target
 
 
-def _wire(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """Headers as the bytes they arrived as (latin-1 round trip): httpx would refuse non-ASCII str values."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
 def describe_error(exc: Exception) -> UpstreamError:
     """Map a transport failure to what the client is told (no URLs: they may be signed)."""
     if isinstance(exc, UpstreamError):
@@ -149,7 +144,8 @@ class UpstreamClient:
     ) -> AsyncIterator[httpx.Response]:
         """One request, no redirects followed, body not yet read."""
         try:
-            request = self._client.build_request(method, url, headers=_wire(headers))
+            # as bytes: httpx refuses non-ASCII str header values a client may send
+            request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers))
             started = time.monotonic()
             response = await self._client.send(request, stream=True)
             self.on_answer(request.url.host, time.monotonic() - started)
@@ -189,7 +185,7 @@ class UpstreamClient:
         redirected_to: str | None = None
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                request = self._client.build_request(method, url, headers=_wire(headers), content=content)
+                request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers), content=content)
                 started = time.monotonic()
                 response = await self._client.send(request, stream=True)
                 self.on_answer(request.url.host, time.monotonic() - started)
@@ -208,7 +204,7 @@ class UpstreamClient:
                     redirected_to = urlsplit(url).hostname
                     continue
                 body = b"" if method == "HEAD" else await self.read_body(response)
-                fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+                fields = hdrs.decode_fields(response.headers.raw)
                 return Fetched(response.status_code, fields, body, url, redirected_to)
             finally:
                 await response.aclose()
