@@ -683,7 +683,7 @@ class HubRewrite:
                 store.put_tag(upstream.base, route.name, route.reference, accept, digest, head.header("content-type") or "")
             if request.method == "HEAD":
                 answer = self.relayed_response(flow, upstream, head.status, head.headers, b"")
-                answer.headers[CACHE_HEADER] = "hit" if store.get_manifest(digest) else "miss"
+                answer.headers[CACHE_HEADER] = "hit" if store.has_manifest(digest) else "miss"
                 return answer
             cached = store.get_manifest(digest)
             if cached is not None:

@@ -259,6 +259,9 @@ class Store:
         os.replace(body_tmp, path)
         return True
 
+    def has_manifest(self, digest: str) -> bool:
+        return self._manifest_path(digest).exists()
+
     def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, bytes), verified on every read; a corrupted one is deleted."""
         path = self._manifest_path(digest)
