@@ -20,12 +20,14 @@ import hashlib
 import hmac
 import json
 import os
+import select
+import socket
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Callable
+from urllib.parse import parse_qs, quote
 
 # ---------------------------------------------------------------- ready file
 
@@ -181,3 +183,114 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256
     daemon_threads = True
     allow_reuse_address = True
+
+
+# ---------------------------------------------------------------- fault injection (shared)
+
+_FAULT_OFF = ("none", "off", "clear", "")
+
+
+class FaultSwitch:
+    """One armed fault at a time, switched at runtime through a control endpoint.
+
+    ``params`` names the extra query parameters a server accepts, with their
+    converters (e.g. ``{"after": int}``).  ``times`` > 0 counts down and then
+    clears itself; ``times=0`` keeps the fault until ``mode=none``.
+    """
+
+    def __init__(self, modes: set[str] | frozenset[str], params: dict[str, Callable[[str], Any]] | None = None):
+        self.modes = frozenset(modes)
+        self.param_types = {"seconds": float, **(params or {})}
+        self._lock = threading.Lock()
+        self._mode: str | None = None
+        self._times = 0
+        self._remaining = 0
+        self._params: dict[str, Any] = {}
+        self._applied = 0  # faults applied since the process started (any mode)
+
+    def configure(self, query: dict[str, str]) -> dict[str, Any]:
+        """Apply a control request; raises ValueError on bad input."""
+        mode = query.get("mode", "").strip().lower()
+        unknown = set(query) - {"mode", "times", *self.param_types}
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        if mode in _FAULT_OFF:
+            with self._lock:
+                self._mode, self._times, self._remaining, self._params = None, 0, 0, {}
+            return self.snapshot()
+        if mode not in self.modes:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(self.modes)} or none")
+        times = int(query.get("times", "1"))
+        if times < 0:
+            raise ValueError("times must be >= 0")
+        params: dict[str, Any] = {}
+        for k, conv in self.param_types.items():
+            if query.get(k) not in (None, ""):
+                params[k] = conv(query[k])
+        with self._lock:
+            self._mode, self._times, self._remaining, self._params = mode, times, times, params
+        return self.snapshot()
+
+    def take(self, match: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+        """Consume one application of the armed fault if ``match(params)``
+        allows it; returns ``{"mode": ..., **params}`` or None."""
+        with self._lock:
+            if self._mode is None or (match is not None and not match(self._params)):
+                return None
+            fault = {"mode": self._mode, **self._params}
+            self._applied += 1
+            if self._times:
+                self._remaining -= 1
+                if self._remaining <= 0:
+                    self._mode, self._times, self._remaining, self._params = None, 0, 0, {}
+            return fault
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"mode": self._mode or "none", "times": self._times,
+                    "remaining": self._remaining if self._times else (None if self._mode else 0),
+                    "params": dict(self._params), "applied": self._applied}
+
+
+def fault_control(switch: FaultSwitch, command: str, query: str) -> tuple[int, dict[str, Any]]:
+    """Handle ``GET``/``POST`` on a fault control endpoint -> (status, JSON body)."""
+    if command == "GET":
+        return 200, switch.snapshot()
+    if command != "POST":
+        return 405, {"error": "use GET or POST"}
+    q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    try:
+        return 200, switch.configure(q)
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
+def hang_until_disconnect(sock: socket.socket, seconds: float | None = None) -> str:
+    """Answer nothing until the peer closes the connection or ``seconds``
+    (default 60) pass.  Returns "client_disconnected" or "timeout"."""
+    deadline = time.monotonic() + (60.0 if seconds is None else seconds)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        try:
+            readable, _, _ = select.select([sock], [], [], min(left, 0.1))
+            if readable:
+                data = sock.recv(65536)  # EOF, or more (pipelined) data we discard
+                if not data:
+                    return "client_disconnected"
+        except (OSError, ValueError):
+            return "client_disconnected"
+
+
+def serve(handler: type, host: str, port: int, ready_file: Path | None, url_path: str = "") -> None:
+    """Run a test server until terminated, announcing its port in ready_file."""
+    httpd = Server((host, port), handler)
+    port = httpd.server_address[1]
+    if ready_file:
+        write_ready_file(ready_file, port=port, url=f"http://{host}:{port}{url_path}")
+    httpd.serve_forever(poll_interval=0.5)

@@ -54,9 +54,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.cdn_server import FaultSwitch, fault_control, hang_until_disconnect, is_loopback
-from tests.support.common import (JsonLog, Server, auth_summary, install_term_handler, load_secret,
-                                  sign_cdn_path, watch_parent, write_ready_file)
+from tests.support.common import (FaultSwitch, JsonLog, auth_summary, fault_control, hang_until_disconnect,
+                                  install_term_handler, is_loopback, load_secret, serve, sign_cdn_path, watch_parent)
 
 EDGE_FAULT_MODES = frozenset({"status500", "status429", "hang", "close"})
 TOOMANYREQUESTS_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by "
@@ -448,11 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         "jlog": JsonLog(args.log),
         "faults": FaultSwitch(EDGE_FAULT_MODES, {"path_contains": str, "method": str}),
     }
-    httpd = Server((args.host, args.port), type("BoundHandler", (Handler,), attrs))
-    port = httpd.server_address[1]
-    if args.ready_file:
-        write_ready_file(args.ready_file, port=port, url=f"http://{args.host}:{port}")
-    httpd.serve_forever(poll_interval=0.5)
+    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file)
 
 
 if __name__ == "__main__":

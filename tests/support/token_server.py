@@ -58,9 +58,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.support.cdn_server import FaultSwitch, fault_control, hang_until_disconnect, is_loopback
-from tests.support.common import (JsonLog, Server, auth_summary, install_term_handler, watch_parent,
-                                  write_ready_file)
+from tests.support.common import (FaultSwitch, JsonLog, auth_summary, fault_control, hang_until_disconnect,
+                                  install_term_handler, is_loopback, serve, watch_parent)
 
 TOKEN_FAULT_MODES = frozenset({"status500", "hang", "close"})
 DEFAULT_SERVICE = "registry.docker.io"
@@ -443,11 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     svc = TokenService(JwtSigner(args.key, args.cert), users, Acl(acl), args.service, args.issuer,
                        args.expires_in, JsonLog(args.log))
     handler = type("BoundHandler", (Handler,), {"svc": svc, "faults": FaultSwitch(TOKEN_FAULT_MODES)})
-    httpd = Server((args.host, args.port), handler)
-    port = httpd.server_address[1]
-    if args.ready_file:
-        write_ready_file(args.ready_file, port=port, url=f"http://{args.host}:{port}/token")
-    httpd.serve_forever(poll_interval=0.5)
+    serve(handler, args.host, args.port, args.ready_file, "/token")
 
 
 if __name__ == "__main__":
