@@ -34,13 +34,10 @@ Units: MB = 10^6 bytes, MiB = 2^20 bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,9 +56,9 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
 
 import httpx  # noqa: E402
 
-from bench_pull import (BenchError, _sigterm, exact_command, loadavg, log,  # noqa: E402
-                        machine_facts, rss_bytes)
-from tests.support.images import make_big_layer, make_tar, push_image, push_index  # noqa: E402
+from bench_pull import (BenchError, exact_command, log, machine_facts, rss_bytes,  # noqa: E402
+                        run_benchmark)
+from tests.support.images import make_big_layer, push_image, push_index  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
 
@@ -496,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             ap.error(f"{tool} is required")
 
-    signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
     facts = machine_facts()
     facts["skopeo"] = skopeo_version()
@@ -505,39 +501,13 @@ def main(argv: list[str] | None = None) -> int:
                               "units": {"seconds": "wall clock", "mb_per_s": "10^6 bytes/s", "rss": "bytes",
                                         "cdn_bytes": "body bytes the CDN sent"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-cache-"))
-    rc = 1
-    try:
-        result["loadavg_start"] = loadavg()
-        run(args, workdir, result)
-        result["loadavg_end"] = loadavg()
-        result["wall_seconds"] = time.monotonic() - started
-        ok = report(args, result)
-        rc = 0 if ok or not args.strict else 2
-    except BenchError as e:
-        result["error"] = str(e)
-        log(f"FAILED: {e}")
-        for lp in sorted(workdir.glob("mirror-*/mirror.log")):
-            log(f"--- {lp.relative_to(workdir)} (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
-    except KeyboardInterrupt:
-        result["error"] = "interrupted"
-        log("interrupted; cleaning up")
-        rc = 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
-        if args.keep_workdir:
-            for pattern in ("hub/storage/**/data", "cache-*/blobs/**/*", "out/*"):
-                for f in workdir.glob(pattern):
-                    if f.is_file():
-                        f.unlink(missing_ok=True)
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        result.setdefault("wall_seconds", time.monotonic() - started)
-        result["exit_code"] = rc
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return rc
+
+    def finish(result: dict[str, Any]) -> int:
+        return 0 if report(args, result) or not args.strict else 2
+
+    return run_benchmark(args, result, started, workdir, run, finish,
+                         lambda w: sorted(w.glob("mirror-*/mirror.log")),
+                         ("hub/storage/**/data", "cache-*/blobs/**/*", "out/*"))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import random
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -56,8 +53,8 @@ for p in (REPO_ROOT, REPO_ROOT / "bench"):
 
 import httpx  # noqa: E402
 
-from bench_pull import (BenchError, _sigterm, exact_command, loadavg, log,  # noqa: E402
-                        machine_facts, rss_bytes)
+from bench_pull import (BenchError, exact_command, log, machine_facts, rss_bytes,  # noqa: E402
+                        run_benchmark)
 from tests.support.images import make_big_layer, push_image, standard_images  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
@@ -389,41 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.seconds <= 0 or args.latency_n < 1:
         ap.error("--clients, --seconds and --latency-n must be positive")
 
-    signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
     result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(),
                               "units": {"rss": "bytes", "latency": "ms (raw_*: seconds)"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-load-"))
-    rc = 1
-    try:
-        result["loadavg_start"] = loadavg()
-        run(args, workdir, result)
-        result["loadavg_end"] = loadavg()
-        result["wall_seconds"] = time.monotonic() - started
+
+    def finish(result: dict[str, Any]) -> int:
         report(result)
-        rc = 0 if result["load"]["errors"] == 0 else 1
-    except BenchError as e:
-        result["error"] = str(e)
-        log(f"FAILED: {e}")
-        lp = workdir / "mirror" / "mirror.log"
-        if lp.exists():
-            log("--- mirror.log (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
-    except KeyboardInterrupt:
-        result["error"] = "interrupted"
-        log("interrupted; cleaning up")
-        rc = 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if args.keep_workdir:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        result.setdefault("wall_seconds", time.monotonic() - started)
-        result["exit_code"] = rc
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return rc
+        return 0 if result["load"]["errors"] == 0 else 1
+
+    return run_benchmark(args, result, started, workdir, run, finish, lambda w: [w / "mirror" / "mirror.log"])
 
 
 if __name__ == "__main__":

@@ -351,6 +351,52 @@ def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwind as Ctrl-
     raise KeyboardInterrupt
 
 
+def run_benchmark(args, result: dict[str, Any], started: float, workdir: Path, measure, finish,
+                  log_paths, kept_data_patterns: tuple[str, ...] = ()) -> int:
+    """The part of every benchmark's main() around its measurements.
+
+    measure(args, workdir, result) runs the benchmark; finish(result) reports
+    and returns the exit code. A failed pull (BenchError) prints the tails of
+    log_paths(workdir); Ctrl-C or SIGTERM exits 130; either way the temporary
+    directory goes (or only its blob data, with --keep-workdir) and --json is
+    written.
+    """
+    signal.signal(signal.SIGTERM, _sigterm)
+    rc = 1
+    try:
+        result["loadavg_start"] = loadavg()
+        measure(args, workdir, result)
+        result["loadavg_end"] = loadavg()
+        result["wall_seconds"] = time.monotonic() - started
+        rc = finish(result)
+    except BenchError as e:
+        result["error"] = str(e)
+        log(f"FAILED: {e}")
+        for lp in log_paths(workdir):
+            if lp.exists():
+                log(f"--- {lp.relative_to(workdir)} (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
+    except KeyboardInterrupt:
+        result["error"] = "interrupted"
+        log("interrupted; cleaning up")
+        rc = 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
+        if args.keep_workdir:
+            for pattern in kept_data_patterns:
+                for f in workdir.glob(pattern):
+                    if f.is_file():
+                        f.unlink(missing_ok=True)
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.setdefault("wall_seconds", time.monotonic() - started)
+        result["exit_code"] = rc
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
@@ -364,46 +410,18 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("curl") is None:
         ap.error("curl is required")
 
-    signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
     result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(),
                               "size_mib": args.size_mib, "reps": args.reps,
                               "units": {"mb_per_s": "10^6 bytes/s", "rss": "bytes"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-"))
-    ok = False
-    rc = 1
-    try:
-        result["loadavg_start"] = loadavg()
-        run(args, workdir, result)
-        result["loadavg_end"] = loadavg()
-        result["wall_seconds"] = time.monotonic() - started
-        ok = report(args, result)
-        rc = 0 if ok or not args.strict else 2
-    except BenchError as e:
-        result["error"] = str(e)
-        log(f"FAILED: {e}")
-        for name in ("mirror", "plain"):
-            lp = workdir / name / f"{name}.log"
-            if lp.exists():
-                log(f"--- {name}.log (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
-    except KeyboardInterrupt:
-        result["error"] = "interrupted"
-        log("interrupted; cleaning up")
-        rc = 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
-        if args.keep_workdir:
-            for blob in (workdir / "hub" / "storage").rglob("data"):
-                blob.unlink(missing_ok=True)
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        result.setdefault("wall_seconds", time.monotonic() - started)
-        result["exit_code"] = rc
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return rc
+
+    def finish(result: dict[str, Any]) -> int:
+        return 0 if report(args, result) or not args.strict else 2
+
+    return run_benchmark(args, result, started, workdir, run, finish,
+                         lambda w: [w / name / f"{name}.log" for name in ("mirror", "plain")],
+                         ("hub/storage/**/data",))
 
 
 if __name__ == "__main__":
