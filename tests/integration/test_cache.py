@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -235,20 +234,18 @@ def test_podman_pulls_twice_second_from_cache(mirror, upstream, tmp_path):
     need("podman", "podman")
     image = upstream.images["library/alpine"]
     ref = f"{mirror.host}/library/alpine:3.19"
-    first = Podman(tmp_path / "first")
-    try:
-        pulled = first("pull", "--tls-verify=false", ref)
-        assert pulled.returncode == 0, pulled.stderr
-        assert first.inspect(ref)["Digest"] == image["digest"]
-    finally:
-        first.close()
+
+    def pull_into_empty_storage(storage: Path) -> None:
+        podman = Podman(storage)
+        try:
+            pulled = podman("pull", "--tls-verify=false", ref)
+            assert pulled.returncode == 0, pulled.stderr
+            assert podman.inspect(ref)["Digest"] == image["digest"]
+        finally:
+            podman.close()
+
+    pull_into_empty_storage(tmp_path / "first")
     cdn_before, gets_before = cdn_count(upstream), manifest_gets(upstream)
-    second = Podman(tmp_path / "second")  # empty local storage: everything comes from the mirror
-    try:
-        pulled = second("pull", "--tls-verify=false", ref)
-        assert pulled.returncode == 0, pulled.stderr
-        assert second.inspect(ref)["Digest"] == image["digest"]
-    finally:
-        second.close()
+    pull_into_empty_storage(tmp_path / "second")  # everything comes from the mirror again
     assert cdn_count(upstream) == cdn_before
     assert manifest_gets(upstream) == gets_before

@@ -274,10 +274,14 @@ class Upstream:
         }
         cfg_path = self.run_dir / "registry.yml"
         cfg_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
-        proc = _Proc("registry", [REGISTRY_BIN, "serve", str(cfg_path)], self.registry_log_path, env,
-                      pdeathsig=self.die_with_parent)
-        self._procs.append(proc)
         self.registry_url = f"http://127.0.0.1:{port}"
+        self._launch_registry(cfg_path, env)
+
+    def _launch_registry(self, cfg_path: Path, env: dict[str, str]) -> None:
+        """Run docker-registry with this config until it answers /v2/ (401: token auth)."""
+        proc = _Proc("registry", [REGISTRY_BIN, "serve", str(cfg_path)], self.registry_log_path, env,
+                     pdeathsig=self.die_with_parent)
+        self._procs.append(proc)
         try:
             self._wait_http(self.registry_url + "/v2/", 401, "registry", proc)
         except UpstreamError:
@@ -351,15 +355,7 @@ class Upstream:
         while True:
             try:
                 if name == "registry":
-                    proc = _Proc("registry", [REGISTRY_BIN, "serve", str(self.run_dir / "registry.yml")],
-                                 self.registry_log_path, self._env(), pdeathsig=self.die_with_parent)
-                    self._procs.append(proc)
-                    try:
-                        self._wait_http(self.registry_url + "/v2/", 401, "registry", proc)
-                    except UpstreamError:
-                        proc.stop()
-                        self._procs.remove(proc)
-                        raise
+                    self._launch_registry(self.run_dir / "registry.yml", self._env())
                 else:
                     module, args = self._spawn_args[name]
                     info = self._spawn_py(name, module, [*args, "--port", str(port)])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy import flow as mitmproxy_flow
 from mitmproxy.addons import block, dumper, proxyserver
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
@@ -455,15 +456,21 @@ def stream_body(flow, data: bytes, chunk: int = 4) -> bytes:
     return out + flow.response.stream(b"")
 
 
+def redirected_blob_with_cache(addon_ctx, upstream, tmp_path, digest: str, location: str = "/cdn/x"):
+    """A caching addon, and a blob path its upstream redirects to `location` on itself."""
+    addon, tctx = addon_ctx
+    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
+    blob_path = f"/v2/library/nginx/blobs/{digest}"
+    upstream.routes[("*", blob_path)] = Canned(307, [("Location", upstream.url + location)])
+    return addon, blob_path
+
+
 def test_cache_fill_then_hit_with_confirmed_access(addon_ctx, upstream, tmp_path):
     import hashlib
 
-    addon, tctx = addon_ctx
-    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
     data = b"layer-bytes" * 100
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    blob_path = f"/v2/library/nginx/blobs/{digest}"
-    upstream.routes[("*", blob_path)] = Canned(307, [("Location", upstream.url + "/cdn/x?sig=1")])
+    addon, blob_path = redirected_blob_with_cache(addon_ctx, upstream, tmp_path, digest, "/cdn/x?sig=1")
 
     async def scenario():
         cold = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer t1")])
@@ -496,11 +503,8 @@ def test_cache_fill_then_hit_with_confirmed_access(addon_ctx, upstream, tmp_path
 
 
 def test_cache_mismatch_kills_transfer_and_keeps_nothing(addon_ctx, upstream, tmp_path):
-    addon, tctx = addon_ctx
-    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
     digest = "sha256:" + "c" * 64
-    blob_path = f"/v2/library/nginx/blobs/{digest}"
-    upstream.routes[("*", blob_path)] = Canned(307, [("Location", upstream.url + "/cdn/x")])
+    addon, blob_path = redirected_blob_with_cache(addon_ctx, upstream, tmp_path, digest)
 
     async def scenario():
         flow = make_flow(upstream.url, "GET", blob_path)
@@ -518,11 +522,8 @@ def test_cache_mismatch_kills_transfer_and_keeps_nothing(addon_ctx, upstream, tm
 
 
 def test_cache_aborted_transfer_releases_download(addon_ctx, upstream, tmp_path):
-    addon, tctx = addon_ctx
-    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
     digest = "sha256:" + "d" * 64
-    blob_path = f"/v2/library/nginx/blobs/{digest}"
-    upstream.routes[("*", blob_path)] = Canned(307, [("Location", upstream.url + "/cdn/x")])
+    addon, blob_path = redirected_blob_with_cache(addon_ctx, upstream, tmp_path, digest)
 
     async def scenario():
         flow = make_flow(upstream.url, "GET", blob_path)
@@ -530,7 +531,7 @@ def test_cache_aborted_transfer_releases_download(addon_ctx, upstream, tmp_path)
         flow.response = http.Response.make(200, b"", {"Content-Length": "100"})
         addon.responseheaders(flow)
         flow.response.stream(b"partial")
-        flow.error = flow.error or __import__("mitmproxy").flow.Error("connection closed")
+        flow.error = mitmproxy_flow.Error("connection closed")
         addon.error(flow)
         assert not addon.cache.store.has_blob(digest)
         assert list(addon.cache.store.tmp.glob("*.part")) == []
