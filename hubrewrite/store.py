@@ -124,12 +124,6 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).exists()
 
-    def blob_size(self, digest: str) -> int | None:
-        try:
-            return self.blob_path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
-
     def check_blob(self, digest: str) -> bool:
         """True if the cached blob may be served: unchanged since verified, or verified now.
 
