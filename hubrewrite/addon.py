@@ -17,26 +17,33 @@ One request's story (reverse mode, ``--mode reverse:https://registry-1.docker.io
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from mitmproxy import ctx, exceptions, http
-from mitmproxy.proxy import mode_specs
+from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.utils import human
+from prometheus_client import start_http_server as start_metrics_server
 
-from . import challenge, conffile, names, tokens
+from . import challenge, conffile, names, registries, tokens
 from . import headers as hdrs
-from .access import AccessMemory, client_identity
+from .access import AccessMemory, client_identity, token_lifetime
+from .accounts import AccountsError, IssuedTokens, MirrorAccounts, bearer_token, load_users, parse_basic, split_credentials
+from .policy import CREDENTIALS_ENV_PREFIX, PolicyError, RepositoryRules, UpstreamCredentials
+from .registries import DEFAULT_UPSTREAMS, Registries, Routed
 from .observe import CountingStream, Metrics, health_body, pull_log_line, status_page
 from .pullthrough import CachingStream, Download, PullThrough
 from .store import Store
 from .errors import error_response, make_response
 from .upstream import UpstreamClient, UpstreamError, check_reachable, make_ssl_context, redirect_target
-from .upstreams import Upstream, public_url_of, upstream_of, validate_public_url
+from .upstreams import Upstream, is_forward_proxy, public_url_of, reverse_target, validate_public_url
 
 log = logging.getLogger("hub_rewrite")
 # httpx logs every request URL at INFO; signed CDN URLs and token queries stay
@@ -72,18 +79,31 @@ CLIENT_OPTIONS = {
     "ssl_verify_upstream_trusted_confdir",
 }
 
+TABLE_OPTIONS = {"hub_upstreams", "hub_host_map", "hub_registry_name"}
 CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
 RETRY_PARAM = "_hub_retry"
+# how long a refresh token handed to a signed-in user is honoured
+REFRESH_TOKEN_LIFETIME = 7 * 24 * 3600.0
 STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
 META_BLOB = "hub_blob"  # dict: set on a flow retargeted to stream a blob
 META_STEP = "hub_step"  # dict: what a client request was, for its log line and metrics
+META_VIEW = "hub_view"  # ClientView: how the client sees the registry it asked
 
 # the mirror's own pages, outside the registry API
 METRICS_PATH = "/_hub/metrics"
 HEALTH_PATH = "/_hub/health"
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """What the client of one request sees: the token realm to advertise, and
+    the registry prefix it wrote into repository names (path-prefix routing)."""
+
+    token_url: str
+    client_prefix: str = ""
 
 
 class HubRewrite:
@@ -96,6 +116,12 @@ class HubRewrite:
         # (upstream, rate-limit source) -> latest ratelimit-remaining the upstream sent
         self.ratelimits: dict[tuple[str, str], str] = {}
         self.metrics = Metrics()
+        self.registries = Registries({}, "docker.io")
+        self.accounts: MirrorAccounts | None = None
+        self.issued = IssuedTokens()
+        self.rules = RepositoryRules()
+        self.upstream_credentials = UpstreamCredentials()
+        self.metrics_server = None  # (server, thread) of the loopback metrics listener
 
     # ---- options -------------------------------------------------------
 
@@ -133,9 +159,75 @@ class HubRewrite:
             str,
             "docker.io",
             """
-            The registry the upstream stands for. containerd names it in the
-            ?ns= parameter of every mirror request; requests naming another
-            registry get 404 NAME_UNKNOWN.
+            The default registry: requests that name no registry (by ?ns=, host
+            name or path prefix) go to it, and the official-image prefix applies
+            to it. In reverse mode the listener's target is its API.
+            """,
+        )
+        loader.add_option(
+            "hub_upstreams",
+            Sequence[str],
+            list(DEFAULT_UPSTREAMS),
+            """
+            The registries this mirror serves: "name" (API at https://name) or
+            "name=URL" (e.g. docker.io=https://registry-1.docker.io). Nothing
+            outside this table is contacted on a client's behalf.
+            """,
+        )
+        loader.add_option(
+            "hub_host_map",
+            Sequence[str],
+            [],
+            """
+            Client-facing host names that select a registry, as
+            "host=registry" (e.g. ghcr.mirror.example=ghcr.io), matched against
+            the request's Host header or TLS server name.
+            """,
+        )
+        loader.add_option(
+            "hub_proxy_passthrough",
+            bool,
+            True,
+            """
+            Forward-proxy (regular) mode: pass traffic for hosts outside
+            hub_upstreams through untouched (TLS not intercepted). Off: refuse it.
+            """,
+        )
+        loader.add_option(
+            "hub_users_file",
+            str,
+            "",
+            """
+            Mirror accounts: htpasswd-style file of "user:hash" lines (bcrypt or
+            argon2; python -m hubrewrite.accounts USER prints one). When set,
+            /v2/ needs a token from the mirror's /token, which checks Basic
+            credentials "user" / "password[:upstream-user:upstream-password]".
+            """,
+        )
+        loader.add_option(
+            "hub_allow",
+            Sequence[str],
+            [],
+            """
+            If set, only repositories matching one of these patterns on
+            "registry/repository" are served (e.g. docker.io/library/*); others get DENIED.
+            """,
+        )
+        loader.add_option(
+            "hub_deny",
+            Sequence[str],
+            [],
+            'Repositories matching any of these "registry/repository" patterns get DENIED.',
+        )
+        loader.add_option(
+            "hub_upstream_credentials",
+            str,
+            "",
+            f"""
+            File of the operator's upstream accounts, "<registry> <user> <password>"
+            per line (also from {CREDENTIALS_ENV_PREFIX}<REGISTRY>=user:password
+            in the environment, e.g. {CREDENTIALS_ENV_PREFIX}DOCKER_IO). Used for
+            token requests of clients that bring no upstream credentials.
             """,
         )
         loader.add_option(
@@ -199,6 +291,24 @@ class HubRewrite:
             remembered when its token's lifetime cannot be read.
             """,
         )
+        loader.add_option(
+            "hub_metrics_listen",
+            str,
+            "",
+            """
+            Also serve the metrics on this loopback address (e.g. 127.0.0.1:9464),
+            for a local Prometheus. Empty: only at /_hub/metrics on the mirror.
+            """,
+        )
+        loader.add_option(
+            "hub_metrics_auth",
+            bool,
+            False,
+            """
+            /_hub/metrics on the mirror needs a mirror account (Basic auth,
+            hub_users_file). The loopback metrics listener is not affected.
+            """,
+        )
 
     def apply_config_file(self) -> None:
         path_option = ctx.options.hub_config
@@ -250,10 +360,67 @@ class HubRewrite:
                     raise exceptions.OptionsError(
                         f"hub_rewrite serves registries over http or https, not {mode.scheme!r} ({spec})"
                     )
+        if updated & TABLE_OPTIONS:
+            self.registries = self._read_table()
+        if "hub_users_file" in updated:
+            path = ctx.options.hub_users_file
+            try:
+                self.accounts = MirrorAccounts(load_users(Path(path).expanduser())) if path else None
+            except AccountsError as e:
+                raise exceptions.OptionsError(f"hub_users_file: {e}") from e
+            self.issued = IssuedTokens()
+        if updated & {"hub_allow", "hub_deny"}:
+            try:
+                self.rules = RepositoryRules.parse(ctx.options.hub_allow, ctx.options.hub_deny)
+            except PolicyError as e:
+                raise exceptions.OptionsError(f"hub_allow/hub_deny: {e}") from e
+        if updated & ({"hub_upstream_credentials"} | TABLE_OPTIONS):
+            try:
+                self.upstream_credentials = UpstreamCredentials.load(
+                    ctx.options.hub_upstream_credentials, set(self.registries.table) | {self.registries.default}
+                )
+            except PolicyError as e:
+                raise exceptions.OptionsError(f"hub_upstream_credentials: {e}") from e
+            if self.upstream_credentials.registries():
+                log.info("hub_rewrite: server-side upstream credentials for %s", ", ".join(self.upstream_credentials.registries()))
+        if ctx.options.hub_metrics_auth and self.accounts is None:
+            raise exceptions.OptionsError("hub_metrics_auth needs mirror accounts (hub_users_file)")
+        if "hub_metrics_listen" in updated:
+            self._replace_metrics_listener()
         if updated & CLIENT_OPTIONS or self.client is None:
             self._replace_client()
         if updated & CACHE_OPTIONS:
             self._replace_cache()
+
+    def _read_table(self) -> Registries:
+        default = ctx.options.hub_registry_name.lower()
+        if not names.REGISTRY_HOST_RE.fullmatch(default):
+            raise exceptions.OptionsError(f"hub_registry_name {default!r} is not a registry host name")
+        try:
+            table = registries.parse_table(ctx.options.hub_upstreams)
+            host_map = registries.parse_host_map(ctx.options.hub_host_map, set(table))
+        except registries.TableError as e:
+            raise exceptions.OptionsError(f"hub_upstreams/hub_host_map: {e}") from e
+        return Registries(table, default, host_map)
+
+    def _replace_metrics_listener(self) -> None:
+        self._stop_metrics_listener()
+        value = ctx.options.hub_metrics_listen
+        if not value:
+            return
+        host, port = _loopback_address(value)
+        try:
+            self.metrics_server = start_metrics_server(port, host, self.metrics.registry)
+        except OSError as e:
+            raise exceptions.OptionsError(f"hub_metrics_listen {value}: {e.strerror}") from e
+        log.info("hub_rewrite: metrics also at http://%s:%d/metrics", host, port)
+
+    def _stop_metrics_listener(self) -> None:
+        if self.metrics_server is not None:
+            server, _thread = self.metrics_server
+            server.shutdown()
+            server.server_close()
+            self.metrics_server = None
 
     def _replace_client(self) -> None:
         old = self.client
@@ -295,6 +462,7 @@ class HubRewrite:
         log.info("hub_rewrite: caching in %s (limit %s)", directory, ctx.options.hub_cache_max_size)
 
     async def done(self) -> None:
+        self._stop_metrics_listener()
         if self.cache is not None:
             await self.cache.fileserver.stop()
         if self.client is not None:
@@ -305,17 +473,19 @@ class HubRewrite:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # A push allowed through streams its (possibly huge) request body.
-        if flow.request.method in WRITE_METHODS and ctx.options.hub_allow_push and upstream_of(flow):
+        if flow.request.method in WRITE_METHODS and ctx.options.hub_allow_push and self.place_of(flow):
             flow.request.stream = True
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        upstream = upstream_of(flow)
-        if upstream is None:
-            return
+        place = self.place_of(flow)
+        if place is None:
+            if is_forward_proxy(flow) and not ctx.options.hub_proxy_passthrough:
+                flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
+            return  # forward-proxy traffic for other hosts passes untouched
         try:
-            response = await self.answer(flow, upstream)
+            response = await self.answer(flow, *place)
         except Exception:
             # A bug must never let the request through unchecked.
             log.exception("hub_rewrite: internal error on %s %s", flow.request.method, flow.request.path.partition("?")[0])
@@ -323,6 +493,46 @@ class HubRewrite:
         if response is not None:
             _add_headers(response, CORS_HEADERS)
             flow.response = response
+
+    def place_of(self, flow: http.HTTPFlow) -> tuple[Registries, Upstream | None] | None:
+        """The registries a flow may reach, and the one already fixed by the
+        host name the client used; None: not a flow the mirror serves."""
+        target = reverse_target(flow)
+        if target is not None:
+            served = self.registries.with_default(target)
+            # keep_host_header (mitm.conf) leaves the client's Host for the host map
+            mapped = served.for_client_host(flow.request.host_header) or served.for_client_host(flow.client_conn.sni)
+            return served, mapped
+        if is_forward_proxy(flow):
+            asked = self.registries.for_proxy_target(flow.request.host, flow.request.port)
+            return (self.registries, asked) if asked is not None else None
+        return None
+
+    # ---- forward-proxy mode: only registries are intercepted -------------
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """TLS to a host outside the table is passed through, not intercepted:
+        the client needs to trust mitmproxy's CA only for registries."""
+        if not is_forward_proxy(data.context.client) or not ctx.options.hub_proxy_passthrough:
+            return
+        address = data.context.server.address
+        port = address[1] if address else 443
+        asked = [data.client_hello.sni, address[0] if address else None]
+        if not any(host and self.registries.for_proxy_target(host, port) for host in asked):
+            data.ignore_connection = True
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if ctx.options.hub_proxy_passthrough:
+            return
+        if self.registries.for_proxy_target(flow.request.host, flow.request.port) is None:
+            flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # keep_host_header (mitm.conf) leaves the reverse target's TLS server
+        # name unset, and mitmproxy would then send the client's (the mirror's
+        # own name) upstream.
+        if isinstance(data.client.proxy_mode, mode_specs.ReverseMode) and data.server.sni is None and data.server.address:
+            data.server.sni = data.server.address[0]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         blob = flow.metadata.get(META_BLOB)
@@ -391,35 +601,50 @@ class HubRewrite:
 
     # ---- the mirror's answers ----------------------------------------
 
-    async def answer(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response | None:
+    async def answer(self, flow: http.HTTPFlow, served: Registries, fixed: Upstream | None) -> http.Response | None:
         """Answer a client request, or retarget the flow and return None."""
         request = flow.request
         method = request.method
         path = request.path.partition("?")[0]
 
-        flow.metadata[META_STEP] = {"start": time.time(), "upstream": upstream.base, "kind": "other", "repo": "", "ref": ""}
+        home = fixed or served.table.get(served.default)
+        flow.metadata[META_STEP] = {"start": time.time(), "upstream": home.base if home else "-", "kind": "other", "repo": "", "ref": ""}
         if method == "OPTIONS":
             return make_response(204, PREFLIGHT_HEADERS, b"")
         if path in ("/", METRICS_PATH, HEALTH_PATH) and method in READ_METHODS:
-            return await self.own_page(flow, upstream, path)
-        if path == TOKEN_PATH:
+            return await self.own_page(flow, served, path)
+        if path == TOKEN_PATH or path.startswith(TOKEN_PATH + "/"):
             flow.metadata[META_STEP]["kind"] = "token"
-            return await self.token(flow, upstream)
+            return await self.token(flow, served, fixed, path)
         try:
             route = names.parse_route(path)
-            query = self.served_query(request, upstream)
+            by_ns = served.by_ns(request.query.get_all("ns"))
+            if fixed is not None and by_ns not in (None, fixed):
+                raise names.RouteError(404, "NAME_UNKNOWN", f"this host serves {fixed.name}, not {by_ns.name}")
+            routed = served.route(by_ns or fixed, route.name) if route.name else Routed(by_ns or fixed or served.default_upstream, "")
         except names.RouteError as e:
             return error_response(e.status, e.code, e.message)
-        route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
-        flow.metadata[META_STEP].update(kind=route.kind.value, repo=route.name, ref=route.reference)
-        path_and_query = route.path() + query
+        upstream = routed.upstream
+        route = replace(route, name=routed.name)
+        if upstream.name == ctx.options.hub_registry_name.lower():
+            route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
+        flow.metadata[META_VIEW] = ClientView(self.token_url(flow, served, upstream), routed.client_prefix)
+        flow.metadata[META_STEP].update(upstream=upstream.base, kind=route.kind.value, repo=route.name, ref=route.reference)
+        path_and_query = route.path() + self.served_query(request)
 
+        if route.name and not self.rules.permits(upstream.name, route.name):
+            log.info("refused %s/%s: not allowed by hub_allow/hub_deny", upstream.name, route.name)
+            return error_response(403, "DENIED", f"repository {routed.client_name(route.name)} is not served by this mirror")
+        if self.accounts is not None:
+            refusal = await self.sign_in_required(flow, upstream, route, routed.client_prefix)
+            if refusal is not None:
+                return refusal
         if method in WRITE_METHODS:
             if not ctx.options.hub_allow_push:
                 return error_response(
                     405, "UNSUPPORTED", "this mirror is read-only", extra_headers=[("Allow", "GET, HEAD")]
                 )
-            request.path = path_and_query
+            request.url = upstream.url(path_and_query)
             return None  # mitmproxy forwards it, body streamed
         if method not in READ_METHODS:
             return error_response(405, "UNSUPPORTED", f"method {method} is not supported")
@@ -429,20 +654,50 @@ class HubRewrite:
             return await self.cached_manifest(flow, upstream, route, path_and_query)
         return await self.relay(flow, upstream, path_and_query)
 
-    def served_query(self, request: http.Request, upstream: Upstream) -> str:
+    def served_query(self, request: http.Request) -> str:
         """The query to forward, without the mirror's own parameters.
 
-        ``ns`` (containerd) must name the registry this mirror serves; it is
-        not sent upstream. ``_hub_retry`` marks a blob request the mirror sent
-        back to itself after the storage refused a signed URL.
+        ``ns`` (containerd) chose the registry and is not sent upstream.
+        ``_hub_retry`` marks a blob request the mirror sent back to itself
+        after the storage refused a signed URL.
         """
-        for ns in request.query.get_all("ns"):
-            if not names.REGISTRY_HOST_RE.fullmatch(ns):
-                raise names.RouteError(400, "NAME_INVALID", "invalid ns parameter")
-            if ns not in (ctx.options.hub_registry_name, upstream.host, f"{upstream.host}:{upstream.port}"):
-                raise names.RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {ns}")
         kept = [(k, v) for k, v in request.query.items(multi=True) if k not in ("ns", RETRY_PARAM)]
         return "?" + urlencode(kept) if kept else ""
+
+    def mirror_url(self, flow: http.HTTPFlow) -> str:
+        """The mirror's URL as this client reaches it (no trailing slash)."""
+        if is_forward_proxy(flow):
+            # the client believes it talks to the registry host itself
+            return f"{flow.request.scheme}://{flow.request.host_header or flow.request.pretty_host}"
+        return self.public_url or public_url_of(flow.client_conn)
+
+    def token_url(self, flow: http.HTTPFlow, served: Registries, upstream: Upstream) -> str:
+        """The realm advertised for an upstream: /token for the default registry, /token/<registry> otherwise."""
+        base = self.mirror_url(flow) + TOKEN_PATH
+        return base if upstream.name == served.default else f"{base}/{upstream.name}"
+
+    async def sign_in_required(
+        self, flow: http.HTTPFlow, upstream: Upstream, route: names.Route, client_prefix: str
+    ) -> http.Response | None:
+        """Mirror accounts: a /v2/ request needs a token the mirror issued to a user."""
+        if self.issued.user_of(bearer_token(flow.request.headers.get("authorization"))) is not None:
+            return None
+        service = None
+        try:
+            await self.learned_realm(upstream)
+            service = self.realms.get(upstream.base, (None, None))[1]
+        except UpstreamError:
+            pass  # the challenge still tells the client where to sign in
+        params = {"realm": flow.metadata[META_VIEW].token_url, "service": service or "hub-rewrite"}
+        if route.name:
+            params["scope"] = f"repository:{client_prefix}{route.name}:pull"
+        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"sign in to the mirror (docker login)"}]}'
+        return make_response(401, [
+            ("WWW-Authenticate", challenge.Challenge("Bearer", params).format()),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Docker-Distribution-API-Version", "registry/2.0"),
+        ], b"" if flow.request.method == "HEAD" else body)
 
     async def relay(self, flow: http.HTTPFlow, upstream: Upstream, path_and_query: str) -> http.Response:
         """A small exchange made by the mirror itself, redirects followed."""
@@ -531,7 +786,7 @@ class HubRewrite:
             "retried": RETRY_PARAM in request.query,
         }
         if target is None:
-            request.path = path_and_query
+            request.url = url
             return None
         try:
             await check_reachable(target, ctx.options.hub_upstream_timeout)
@@ -746,7 +1001,7 @@ class HubRewrite:
             return None
         _, service = self.realms[upstream.base]
         c = challenge.Challenge("Bearer", {"realm": "x"} | ({"service": service} if service else {}))
-        token_url = (self.public_url or public_url_of(flow.client_conn)) + TOKEN_PATH
+        token_url = flow.metadata[META_VIEW].token_url
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
         return make_response(401, [
             ("WWW-Authenticate", c.with_param("realm", token_url).format()),
@@ -756,7 +1011,7 @@ class HubRewrite:
             STALE_WARNING,
         ], body)
 
-    def offline_token(self) -> http.Response:
+    def offline_token(self, user: str | None = None) -> http.Response:
         """A token for a client without credentials while the token service is down.
 
         It is the mirror's own, worthless upstream, and opens only what
@@ -765,6 +1020,8 @@ class HubRewrite:
         assert self.cache is not None
         token = "hub-rewrite-offline." + secrets.token_urlsafe(24)
         self.cache.access.note_anonymous_token(token)
+        if user is not None:
+            self.issued.issue(token, user, 300)
         body = json.dumps({"token": token, "access_token": token, "expires_in": 300,
                            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
         return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
@@ -803,9 +1060,12 @@ class HubRewrite:
 
     # ---- observability -----------------------------------------------------
 
-    async def own_page(self, flow: http.HTTPFlow, upstream: Upstream, path: str) -> http.Response:
+    async def own_page(self, flow: http.HTTPFlow, served: Registries, path: str) -> http.Response:
         """The status page, metrics and health: the mirror's own, not the registry's."""
         flow.metadata[META_STEP]["kind"] = "page"
+        if path == METRICS_PATH and ctx.options.hub_metrics_auth and not await self.signed_in_basic(flow):
+            return error_response(401, "UNAUTHORIZED", "the metrics need a mirror account",
+                                  extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite metrics"')])
         cache_bytes = None
         if self.cache is not None:
             cache_bytes = await asyncio.to_thread(self.cache.store.total_bytes)
@@ -818,9 +1078,10 @@ class HubRewrite:
             body = health_body(ok, details)
             return make_response(200 if ok else 503, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
         body = status_page(
-            self.public_url or public_url_of(flow.client_conn),
-            upstream.base,
-            ctx.options.hub_registry_name,
+            self.mirror_url(flow),
+            served.default_upstream.base,
+            served.default,
+            sorted(served.table),
             ctx.options.hub_cache_dir,
             cache_bytes,
             ctx.options.hub_cache_max_size,
@@ -829,6 +1090,17 @@ class HubRewrite:
             sum(s.value for m in self.metrics.requests.collect() for s in m.samples if s.name.endswith("_total")),
         )
         return make_response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))], body)
+
+    async def signed_in_basic(self, flow: http.HTTPFlow) -> bool:
+        """Basic credentials of a mirror account (the mirror part of the password)."""
+        basic = parse_basic(flow.request.headers.get("authorization"))
+        if basic is None or self.accounts is None:
+            return False
+        try:
+            credentials = split_credentials(*basic)
+        except AccountsError:
+            return False
+        return await asyncio.to_thread(self.accounts.verify, credentials.mirror_user, credentials.mirror_password)
 
     def health_details(self) -> tuple[bool, dict]:
         """Configured, and the cache (if any) writable. Blocking: run in a thread."""
@@ -890,49 +1162,180 @@ class HubRewrite:
             status, size, time.time() - step["start"], cache_state,
         ))
 
-    async def token(self, flow: http.HTTPFlow, upstream: Upstream) -> http.Response:
-        """Forward a token request to the realm learned from the upstream."""
+    async def token(self, flow: http.HTTPFlow, served: Registries, fixed: Upstream | None, path: str) -> http.Response:
+        """Forward a token request to the realm learned from the upstream it is for.
+
+        The client's upstream credentials go to that realm only; with mirror
+        accounts on, the mirror part of them is checked here and kept back.
+        """
         assert self.client is not None
         request = flow.request
         if request.method not in ("GET", "POST"):
             return error_response(405, "UNSUPPORTED", "token requests are GET or POST")
+        try:
+            query = list(request.query.items(multi=True))
+            form = tokens.parse_form(request.raw_content or b"") if request.method == "POST" else None
+            upstream = self.token_upstream(served, fixed, path, query + (form or []))
+        except tokens.TokenRequestError as e:
+            return error_response(400, "UNSUPPORTED", f"malformed token request: {e}")
+        except names.RouteError as e:
+            return error_response(e.status, e.code, e.message)
+        flow.metadata[META_STEP]["upstream"] = upstream.base
         try:
             realm = await self.learned_realm(upstream)
         except UpstreamError as e:
             return error_response(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
         if realm is None:
             return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
-        prefix = ctx.options.hub_official_prefix
-        headers = tokens.token_request_headers(_fields(request.headers))
+
+        scope_map = self.scope_mapper(served, upstream)
+        query = tokens.rewrite_query(query, scope_map)
+        service = self.realms[upstream.base][1]
+        if service and any(k == "service" for k, _ in query):
+            # the client may have taken it from another registry's challenge (path prefix)
+            query = [(k, service if k == "service" else v) for k, v in query]
+        if form is not None:
+            form = tokens.rewrite_form(form, scope_map)
+            if service:
+                form = [(k, service if k == "service" else v) for k, v in form]
+        client_fields = _fields(request.headers)
+        authorization = next((v for k, v in client_fields if k.lower() == "authorization"), None)
+        user = None
+        if self.accounts is not None:
+            signed_in = await self.sign_in(authorization, form)
+            if isinstance(signed_in, http.Response):
+                return signed_in
+            user, authorization, form = signed_in
+        method = request.method
+        if method == "POST" and form is not None and not tokens.carries_credentials(form):
+            # a password grant whose password was only the mirror's: ask anonymously
+            method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
+        anonymous = authorization is None and not tokens.carries_credentials(form)
+        if anonymous:
+            authorization = self.upstream_credentials.basic_for(upstream.name)
+        headers = hdrs.without(tokens.token_request_headers(client_fields), ["authorization", "content-type"])
+        if authorization:
+            headers.append(("Authorization", authorization))
         body = None
-        try:
-            query = tokens.rewrite_query(list(request.query.items(multi=True)), prefix)
-            if request.method == "POST":
-                body = tokens.rewrite_form(request.raw_content or b"", prefix)
-                headers = hdrs.without(headers, ["content-type"]) + [("Content-Type", tokens.FORM_TYPE)]
-        except (tokens.TokenRequestError, UnicodeDecodeError) as e:
-            return error_response(400, "UNSUPPORTED", f"malformed token request: {e}")
-        # credentials come as Basic auth (GET) or in the form (POST password / refresh_token)
-        anonymous = "authorization" not in request.headers and not tokens.carries_credentials(body)
+        if form is not None:
+            body = tokens.encode_form(form)
+            headers.append(("Content-Type", tokens.FORM_TYPE))
+        as_anonymous = anonymous and authorization is None
         try:
             # Not following redirects: the credentials go to this realm only.
             fetched = await self.client.fetch(
-                request.method, tokens.realm_url(realm, query), headers, content=body, follow_redirects=False
+                method, tokens.realm_url(realm, query), headers, content=body, follow_redirects=False
             )
         except UpstreamError as e:
             log.warning("token request to %s: %s", urlsplit(realm).hostname, e.message)
-            if self.cache is not None and anonymous:
-                return self.offline_token()
+            if self.cache is not None and as_anonymous:
+                return self.offline_token(user)
             return error_response(e.status, e.code, f"token service: {e.message}")
         if fetched.status >= 500:
             log.warning("token request to %s: answered %d", urlsplit(realm).hostname, fetched.status)
-            if self.cache is not None and anonymous:
-                return self.offline_token()
+            if self.cache is not None and as_anonymous:
+                return self.offline_token(user)
             return error_response(502, "UNAVAILABLE", f"token service answered {fetched.status}")
-        if self.cache is not None and fetched.status == 200 and anonymous:
-            self.note_anonymous_grant(fetched.body)
+        answer = fetched.body
+        if fetched.status == 200:
+            if self.cache is not None and as_anonymous:
+                self.note_anonymous_grant(answer)
+            if user is not None:
+                answer = self.issue_grant(user, answer)
         answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
-        return make_response(fetched.status, _with_length(answer_headers, fetched.body, request.method), fetched.body)
+        return make_response(fetched.status, _with_length(answer_headers, answer, request.method), answer)
+
+    def token_upstream(
+        self, served: Registries, fixed: Upstream | None, path: str, fields: list[tuple[str, str]]
+    ) -> Upstream:
+        """Which upstream a token request is for: /token/<registry>, else the
+        host name's, else the registry its scopes name by prefix, else the default."""
+        chosen = fixed
+        named = path[len(TOKEN_PATH) + 1:]
+        if named:
+            chosen = served.named(named) if names.REGISTRY_HOST_RE.fullmatch(named) else None
+            if chosen is None:
+                raise names.RouteError(404, "NAME_UNKNOWN", "this mirror does not serve that registry")
+        prefixed: set[Upstream] = set()
+        unprefixed = False
+        for name in tokens.scope_names(fields):
+            first, slash, _ = name.partition("/")
+            if not slash or not registries.looks_like_host(first):
+                unprefixed = True
+                continue
+            upstream = served.named(first)
+            if upstream is not None:
+                prefixed.add(upstream)
+            elif chosen is None:
+                raise names.RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
+        if len(prefixed) > 1 or (prefixed and (unprefixed and chosen is None or chosen not in (None, *prefixed))):
+            raise names.RouteError(400, "DENIED", "a token request names repositories of more than one registry")
+        return chosen or (prefixed.pop() if prefixed else served.default_upstream)
+
+    def scope_mapper(self, served: Registries, upstream: Upstream) -> tokens.ScopeMap:
+        """Client scope -> upstream scope: registry prefix dropped, library/ rule applied."""
+        official = upstream.name == ctx.options.hub_registry_name.lower()
+        prefix = ctx.options.hub_official_prefix
+
+        def upstream_name(name: str) -> str:
+            first, slash, rest = name.partition("/")
+            if slash and registries.looks_like_host(first) and served.named(first) == upstream:
+                name = rest
+            return names.official_name(name, prefix) if official else name
+
+        return lambda scope: names.map_scope(scope, upstream_name)
+
+    async def sign_in(
+        self, authorization: str | None, form: list[tuple[str, str]] | None
+    ) -> http.Response | tuple[str, str | None, list[tuple[str, str]] | None]:
+        """Check a mirror account: (user, upstream Authorization, form for upstream), or a refusal."""
+        assert self.accounts is not None
+        refusal = error_response(401, "UNAUTHORIZED", "mirror account required: user and password of this mirror",
+                                 extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
+        fields = dict(form or [])
+        if form is not None and fields.get("grant_type") == "refresh_token":
+            user = self.issued.user_of(fields.get("refresh_token"))
+            return refusal if user is None else (user, None, form)
+        basic = parse_basic(authorization)
+        if basic is None and form is not None and fields.get("grant_type") == "password":
+            basic = (fields.get("username", ""), fields.get("password", ""))
+        if basic is None:
+            return refusal
+        try:
+            credentials = split_credentials(*basic)
+        except AccountsError as e:
+            return error_response(401, "UNAUTHORIZED", str(e), extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
+        if not await asyncio.to_thread(self.accounts.verify, credentials.mirror_user, credentials.mirror_password):
+            log.warning("mirror sign-in refused for user %r", credentials.mirror_user[:64])
+            return refusal
+        if form is not None and fields.get("grant_type") == "password":
+            others = [(k, v) for k, v in form if k not in ("username", "password")]
+            if credentials.upstream_user is not None:
+                others += [("username", credentials.upstream_user), ("password", credentials.upstream_password or "")]
+            return credentials.mirror_user, None, others
+        return credentials.mirror_user, credentials.upstream_basic, form
+
+    def issue_grant(self, user: str, body: bytes) -> bytes:
+        """Remember the tokens handed to a signed-in user; /v2/ accepts only those."""
+        try:
+            grant = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(grant, dict):
+            return body
+        now = time.time()
+        expires_in = grant.get("expires_in")
+        default = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+        for key in ("token", "access_token"):
+            if isinstance(grant.get(key), str):
+                self.issued.issue(grant[key], user, token_lifetime("Bearer " + grant[key], default, now))
+        if isinstance(grant.get("refresh_token"), str):
+            self.issued.issue(grant["refresh_token"], user, REFRESH_TOKEN_LIFETIME)
+        if isinstance(grant.get("token"), str) and "access_token" not in grant:
+            # a POST client (containerd) reads access_token; a GET answer may only have token
+            grant["access_token"] = grant["token"]
+            return json.dumps(grant).encode()
+        return body
 
     async def learned_realm(self, upstream: Upstream) -> str | None:
         """The upstream's token realm; asks its /v2/ once if no challenge was seen yet."""
@@ -967,24 +1370,33 @@ class HubRewrite:
         """An upstream answer as the client should see it."""
         self.learn_challenges(upstream, fields)
         self.note_ratelimit(upstream, fields)
-        token_url = (self.public_url or public_url_of(flow.client_conn)) + TOKEN_PATH
+        view: ClientView = flow.metadata[META_VIEW]
         out: list[tuple[str, str]] = []
         for name, value in hdrs.end_to_end(fields):
             if name.lower() == "www-authenticate":
-                value = _rewrite_realm(value, token_url)
+                value = _rewrite_challenge(value, view)
             elif name.lower() in ("set-cookie", "location"):
                 continue  # the client only ever talks to the mirror
             out.append((name, value))
         return make_response(status, _with_length(out, body, flow.request.method), body)
 
 
-def _rewrite_realm(value: str, token_url: str) -> str:
-    """Point every Bearer realm at the mirror; service, scope and error stay."""
+def _rewrite_challenge(value: str, view: ClientView) -> str:
+    """Point every Bearer realm at the mirror; scopes name repositories as the
+    client does (with its registry prefix); service and error stay."""
     try:
         parsed = challenge.parse_challenges(value)
     except challenge.ChallengeError:
         return value
-    rewritten = [c.with_param("realm", token_url) if c.is_bearer and c.get("realm") else c for c in parsed]
+    rewritten = []
+    for c in parsed:
+        if c.is_bearer and c.get("realm"):
+            c = c.with_param("realm", view.token_url)
+            scope = c.get("scope")
+            if scope and view.client_prefix:
+                client_scope = " ".join(names.map_scope(s, lambda n: view.client_prefix + n) for s in scope.split(" "))
+                c = c.with_param("scope", client_scope)
+        rewritten.append(c)
     return challenge.format_challenges(rewritten)
 
 
@@ -1021,3 +1433,17 @@ def _cache_outcome(digest: str):
         else:
             log.error("blob %s from upstream does not match its digest: discarded, transfer aborted", digest)
     return outcome
+
+
+def _loopback_address(value: str) -> tuple[str, int]:
+    """hub_metrics_listen: a loopback host and a port (metrics are for a local scraper)."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        number = int(port)
+    except ValueError:
+        loopback, number = False, -1
+    if not loopback or not 0 < number < 65536:
+        raise exceptions.OptionsError(f"hub_metrics_listen {value!r}: expected a loopback host:port, e.g. 127.0.0.1:9464")
+    return host, number

@@ -10,6 +10,7 @@ byte goes upstream, so traversal tricks such as ``/v2/../../etc/passwd`` or
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -160,8 +161,8 @@ def official_name(name: str, prefix: str) -> str:
     return f"{prefix}/{name}"
 
 
-def rewrite_scope(scope: str, prefix: str) -> str:
-    """Apply the ``library/`` rule to one token scope, e.g. ``repository:nginx:pull``.
+def scope_name(scope: str) -> str | None:
+    """The repository name of a token scope such as ``repository:nginx:pull``, else None.
 
     A scope is ``type:name:actions``; names may contain ':' only in the
     resource-type's class suffix (``repository(plugin):...``), never in the name,
@@ -169,6 +170,19 @@ def rewrite_scope(scope: str, prefix: str) -> str:
     """
     parts = scope.split(":")
     if len(parts) < 3 or not parts[0].startswith("repository"):
+        return None
+    return ":".join(parts[1:-1])
+
+
+def map_scope(scope: str, rename: Callable[[str], str]) -> str:
+    """The same scope with its repository name replaced by ``rename(name)``."""
+    name = scope_name(scope)
+    if name is None:
         return scope
-    name = ":".join(parts[1:-1])
-    return ":".join([parts[0], official_name(name, prefix), parts[-1]])
+    parts = scope.split(":")
+    return ":".join([parts[0], rename(name), parts[-1]])
+
+
+def rewrite_scope(scope: str, prefix: str) -> str:
+    """Apply the ``library/`` rule to one token scope, e.g. ``repository:nginx:pull``."""
+    return map_scope(scope, lambda name: official_name(name, prefix))

@@ -86,6 +86,7 @@ def status_page(
     mirror_url: str,
     upstream: str,
     registry_name: str,
+    registry_names: list[str],
     cache_dir: str,
     cache_bytes: int | None,
     cache_limit: str,
@@ -112,12 +113,20 @@ def status_page(
     else:
         cache = "<p>The cache is off (set <code>hub_cache_dir</code>).</p>"
     daemon_json = json.dumps({"registry-mirrors": [mirror_url]} | ({"insecure-registries": [host]} if insecure else {}), indent=2)
+    others = [name for name in registry_names if name != registry_name]
     registries_conf = (
         f'[[registry]]\nprefix = "{registry_name}"\nlocation = "{registry_name}"\n\n'
         f'[[registry.mirror]]\nlocation = "{host}"\n' + ("insecure = true\n" if insecure else "")
     )
+    for name in others[:1]:  # one example: the others follow the same pattern
+        registries_conf += (
+            f'\n[[registry]]\nprefix = "{name}"\nlocation = "{name}"\n\n'
+            f'[[registry.mirror]]\nlocation = "{host}/{name}"\n' + ("insecure = true\n" if insecure else "")
+        )
     server = "https://registry-1.docker.io" if registry_name == "docker.io" else f"https://{registry_name}"
     hosts_toml = f'server = "{server}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
+    served = ", ".join(f"<b>{e(name)}</b>" for name in [registry_name, *others])
+    prefix_example = f"{host}/{others[0]}/OWNER/IMAGE" if others else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -130,7 +139,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d7de; padd
 </style></head>
 <body>
 <h1>hub-rewrite: a mirror of {e(registry_name)}</h1>
-<p>This mirror at <code>{e(mirror_url)}</code> serves <b>{e(registry_name)}</b> (upstream <code>{e(upstream)}</code>), read-only.
+<p>This mirror at <code>{e(mirror_url)}</code> serves {served}, read-only; names without a registry go to <b>{e(registry_name)}</b> (upstream <code>{e(upstream)}</code>).
 <span class="muted">{requests_served:.0f} requests answered since start.</span></p>
 <h2>Cache</h2>
 {cache}
@@ -140,11 +149,13 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d7de; padd
 <p>Pull by name: <code>docker pull {e(host)}/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
 <pre>{e(daemon_json)}</pre>
 <h2>containerd</h2>
-<p><code>/etc/containerd/certs.d/{e(registry_name)}/hosts.toml</code>:</p>
+<p><code>/etc/containerd/certs.d/{e(registry_name)}/hosts.toml</code> (the same with another
+directory name and server for each other registry: containerd names it in <code>?ns=</code>):</p>
 <pre>{e(hosts_toml)}</pre>
 <h2>podman, skopeo, buildah</h2>
 <p><code>/etc/containers/registries.conf</code>:</p>
 <pre>{e(registries_conf)}</pre>
+{f"<p>Other registries by path prefix: <code>{e(prefix_example)}</code>.</p>" if prefix_example else ""}
 <p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
 </body></html>
 """

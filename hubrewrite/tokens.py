@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .names import rewrite_scope
+from collections.abc import Callable
+
+from .names import scope_name
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -21,27 +23,43 @@ class TokenRequestError(ValueError):
     pass
 
 
-def rewrite_query(query: list[tuple[str, str]], official_prefix: str) -> list[tuple[str, str]]:
-    """GET form: every repeated ``scope`` is kept, each with the library/ rule applied."""
-    return [
-        (key, rewrite_scope(value, official_prefix) if key == "scope" else value)
-        for key, value in query
-    ]
+ScopeMap = Callable[[str], str]
 
 
-def rewrite_form(body: bytes, official_prefix: str) -> bytes:
-    """POST form (containerd, dockerd after login): ``scope`` is space-separated."""
+def rewrite_query(query: list[tuple[str, str]], scope_map: ScopeMap) -> list[tuple[str, str]]:
+    """GET form: every repeated ``scope`` is kept, each mapped to the upstream's names."""
+    return [(key, scope_map(value) if key == "scope" else value) for key, value in query]
+
+
+def parse_form(body: bytes) -> list[tuple[str, str]]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TokenRequestError("token request body is not UTF-8") from e
-    fields = parse_qsl(text, keep_blank_values=True)
+    return parse_qsl(text, keep_blank_values=True)
+
+
+def rewrite_form(fields: list[tuple[str, str]], scope_map: ScopeMap) -> list[tuple[str, str]]:
+    """POST form (containerd, dockerd after login): ``scope`` is space-separated."""
     rewritten = []
     for key, value in fields:
         if key == "scope":
-            value = " ".join(rewrite_scope(s, official_prefix) for s in value.split(" ") if s)
+            value = " ".join(scope_map(s) for s in value.split(" ") if s)
         rewritten.append((key, value))
-    return urlencode(rewritten).encode()
+    return rewritten
+
+
+def encode_form(fields: list[tuple[str, str]]) -> bytes:
+    return urlencode(fields).encode()
+
+
+def scope_names(fields: list[tuple[str, str]]) -> list[str]:
+    """Repository names of every scope in a query or form (``scope`` may hold several)."""
+    found = []
+    for key, value in fields:
+        if key == "scope":
+            found += [n for n in (scope_name(s) for s in value.split(" ") if s) if n is not None]
+    return found
 
 
 def realm_url(realm: str, query: list[tuple[str, str]]) -> str:
@@ -55,9 +73,7 @@ def token_request_headers(fields: list[tuple[str, str]]) -> list[tuple[str, str]
     return [(k, v) for k, v in fields if k.lower() in TOKEN_REQUEST_HEADERS]
 
 
-def carries_credentials(form: bytes | None) -> bool:
+def carries_credentials(form: list[tuple[str, str]] | None) -> bool:
     """Does a POST token form carry a password or a refresh token?"""
-    if not form:
-        return False
-    fields = dict(parse_qsl(form.decode("utf-8", "replace"), keep_blank_values=True))
+    fields = dict(form or [])
     return bool(fields.get("password") or fields.get("refresh_token"))

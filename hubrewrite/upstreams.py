@@ -27,6 +27,7 @@ class Upstream:
     scheme: str
     host: str
     port: int
+    name: str = ""  # the registry it serves, e.g. docker.io (its name in hub_upstreams)
 
     @property
     def base(self) -> str:
@@ -36,16 +37,18 @@ class Upstream:
         return self.base + path_and_query
 
 
-def upstream_of(flow: http.HTTPFlow) -> Upstream | None:
-    """The registry a flow is for: mitmproxy's reverse-mode target.
-
-    Other proxy modes are not served yet: their flows pass untouched.
-    """
+def reverse_target(flow: http.HTTPFlow) -> Upstream | None:
+    """mitmproxy's reverse-mode target of the listener a flow came in on."""
     mode = flow.client_conn.proxy_mode
     if not isinstance(mode, mode_specs.ReverseMode):
         return None
     host, port = mode.address
     return Upstream(mode.scheme, host, port)
+
+
+def is_forward_proxy(flow_or_client) -> bool:
+    client = getattr(flow_or_client, "client_conn", flow_or_client)
+    return isinstance(client.proxy_mode, mode_specs.RegularMode)
 
 
 def validate_public_url(url: str) -> str:

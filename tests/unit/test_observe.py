@@ -34,7 +34,7 @@ def test_counting_stream_passes_chunks_through():
 
 
 def test_status_page_fills_in_the_mirror_url_and_escapes():
-    page = status_page("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io",
+    page = status_page("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io", ["docker.io", "ghcr.io"],
                        "/var/cache/hub", 3 * 1024**3, "20g", 0.5,
                        {("https://registry-1.docker.io", "1.2.3.4"): "87;w=21600"}, 42).decode()
     page = html.unescape(page)
@@ -44,5 +44,5 @@ def test_status_page_fills_in_the_mirror_url_and_escapes():
     assert 'location = "mirror.example:5000"' in page and "insecure = true" in page
     assert "3.0 GiB" in page and "50% hits" in page and "<td>87</td>" in page
     assert "<script" not in page and "<link" not in page and "src=" not in page  # no external assets
-    evil = status_page("https://<x>", "u", "docker.io", "", None, "0", None, {}, 0).decode()
+    evil = status_page("https://<x>", "u", "docker.io", [], "", None, "0", None, {}, 0).decode()
     assert "<x>" not in evil and "&lt;x&gt;" in evil

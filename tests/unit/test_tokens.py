@@ -2,7 +2,22 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from hubrewrite.tokens import TokenRequestError, realm_url, rewrite_form, rewrite_query, token_request_headers
+from hubrewrite.names import rewrite_scope
+from hubrewrite.tokens import (
+    TokenRequestError,
+    carries_credentials,
+    encode_form,
+    parse_form,
+    realm_url,
+    rewrite_form,
+    rewrite_query,
+    scope_names,
+    token_request_headers,
+)
+
+
+def library(scope: str) -> str:
+    return rewrite_scope(scope, "library")
 
 
 def test_get_query_keeps_repeated_scopes_and_rewrites_official_names():
@@ -13,7 +28,7 @@ def test_get_query_keeps_repeated_scopes_and_rewrites_official_names():
         ("offline_token", "true"),
         ("account", "alice"),
     ]
-    assert rewrite_query(query, "library") == [
+    assert rewrite_query(query, library) == [
         ("service", "registry.docker.io"),
         ("scope", "repository:library/nginx:pull"),
         ("scope", "repository:bitnami/redis:pull"),
@@ -24,7 +39,7 @@ def test_get_query_keeps_repeated_scopes_and_rewrites_official_names():
 
 def test_post_form_scopes_are_space_separated():
     body = b"grant_type=password&username=alice&password=p%26w&scope=repository%3Anginx%3Apull+repository%3Aa%2Fb%3Apull&client_id=docker"
-    fields = parse_qsl(rewrite_form(body, "library").decode())
+    fields = parse_qsl(encode_form(rewrite_form(parse_form(body), library)).decode())
     assert ("scope", "repository:library/nginx:pull repository:a/b:pull") in fields
     assert ("password", "p&w") in fields
     assert ("grant_type", "password") in fields
@@ -32,7 +47,7 @@ def test_post_form_scopes_are_space_separated():
 
 def test_post_form_rejects_non_utf8():
     with pytest.raises(TokenRequestError):
-        rewrite_form(b"scope=\xff", "library")
+        parse_form(b"scope=\xff")
 
 
 def test_realm_url_appends_to_existing_query():
@@ -45,3 +60,15 @@ def test_realm_url_appends_to_existing_query():
 def test_only_token_relevant_headers_are_forwarded():
     fields = [("Authorization", "Basic x"), ("Cookie", "c=1"), ("User-Agent", "docker"), ("X-Forwarded-For", "1.2.3.4")]
     assert token_request_headers(fields) == [("Authorization", "Basic x"), ("User-Agent", "docker")]
+
+
+def test_scope_names_of_query_and_form():
+    fields = [("scope", "repository:ghcr.io/owner/tool:pull registry:catalog:*"), ("scope", "repository:nginx:pull,push")]
+    assert scope_names(fields) == ["ghcr.io/owner/tool", "nginx"]
+
+
+def test_credentials_in_a_form():
+    assert carries_credentials([("grant_type", "password"), ("password", "p")])
+    assert carries_credentials([("refresh_token", "r")])
+    assert not carries_credentials([("grant_type", "password"), ("username", "u")])
+    assert not carries_credentials(None)

@@ -1,0 +1,204 @@
+"""Mirror accounts: who may use a mirror that stands on a public address.
+
+Users and password hashes live in an htpasswd-style file (``user:hash`` per
+line; bcrypt ``$2b$``/``$2y$`` as written by ``htpasswd -B``, or argon2id).
+A client proves itself once, on the mirror's token endpoint, with Basic
+credentials; the token it gets back (the upstream's, fetched for it) is
+remembered as issued to that user, and every ``/v2/`` request must carry one.
+
+Clients keep one username/password per registry host, so a client that also
+needs its own upstream account sends both in that one pair::
+
+    username: <mirror user>
+    password: <mirror password>[:<upstream user>:<upstream password>]
+
+Mirror passwords therefore never contain ``:``; the upstream password may.
+The mirror part is checked and dropped; only the upstream part goes on, and
+only to the upstream's own token service.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import argon2
+import bcrypt
+
+from .access import _Bounded
+
+SEPARATOR = ":"
+# verified (user, password digest) pairs are remembered briefly: bcrypt costs
+# ~0.2 s, and a pull asks for tokens several times
+VERIFIED_TTL = 300.0
+_argon2 = argon2.PasswordHasher()
+# compared against when the user is unknown, so timing does not tell
+_DUMMY_BCRYPT = bcrypt.hashpw(b"hub-rewrite", bcrypt.gensalt(rounds=10))
+
+
+class AccountsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    mirror_user: str
+    mirror_password: str
+    upstream_user: str | None = None
+    upstream_password: str | None = None
+
+    @property
+    def upstream_basic(self) -> str | None:
+        """The ``Authorization`` value for the upstream's token service, if any."""
+        if self.upstream_user is None or self.upstream_password is None:
+            return None
+        return basic_header(self.upstream_user, self.upstream_password)
+
+
+def basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def parse_basic(authorization: str | None) -> tuple[str, str] | None:
+    """(user, password) of a Basic ``Authorization`` header, else None."""
+    if not authorization or not authorization[:6].lower() == "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error, non-ASCII text, UnicodeDecodeError
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def split_credentials(user: str, password: str) -> ClientCredentials:
+    """Split the one username/password pair a client sends (see module doc)."""
+    parts = password.split(SEPARATOR, 2)
+    if len(parts) == 1:
+        return ClientCredentials(user, password)
+    if len(parts) == 2:
+        raise AccountsError("password must be <mirror password> or <mirror password>:<upstream user>:<upstream password>")
+    return ClientCredentials(user, parts[0], parts[1], parts[2])
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization or authorization[:7].lower() != "bearer ":
+        return None
+    return authorization[7:].strip() or None
+
+
+def load_users(path: Path) -> dict[str, str]:
+    """user -> password hash, from an htpasswd-style file."""
+    users: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AccountsError(f"cannot read {path}: {e}") from e
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or not hashed:
+            raise AccountsError(f"{path}:{number}: expected user:hash")
+        if not hashed.startswith(("$2b$", "$2y$", "$2a$", "$argon2id$", "$argon2i$")):
+            raise AccountsError(f"{path}:{number}: user {user}: only bcrypt or argon2 hashes are accepted")
+        if user in users:
+            raise AccountsError(f"{path}:{number}: user {user} listed twice")
+        users[user] = hashed
+    if not users:
+        raise AccountsError(f"{path}: no users")
+    return users
+
+
+def hash_password(password: str, scheme: str = "bcrypt") -> str:
+    """A hash for the users file (``python -m hubrewrite.accounts``)."""
+    if SEPARATOR in password:
+        raise AccountsError("a mirror password must not contain ':' (it separates upstream credentials)")
+    if scheme == "argon2":
+        return _argon2.hash(password)
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+
+
+class MirrorAccounts:
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = users
+        self._verified: _Bounded = _Bounded()  # sha256(user, password) -> verified until
+
+    def verify(self, user: str, password: str) -> bool:
+        """Blocking (bcrypt/argon2 are slow by design): call from a thread."""
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        now = time.monotonic()
+        if self._verified.get(key, 0) > now:
+            return True
+        hashed = self.users.get(user)
+        ok = False
+        if hashed is None:
+            bcrypt.checkpw(password.encode(), _DUMMY_BCRYPT)
+        elif hashed.startswith("$argon2"):
+            try:
+                ok = _argon2.verify(hashed, password)
+            except argon2.exceptions.VerificationError:
+                ok = False
+            except argon2.exceptions.InvalidHashError:
+                ok = False
+        else:
+            try:
+                ok = bcrypt.checkpw(password.encode(), hashed.replace("$2y$", "$2b$", 1).encode())
+            except ValueError:
+                ok = False
+        if ok:
+            self._verified.put(key, now + VERIFIED_TTL)
+        return ok
+
+
+class IssuedTokens:
+    """Tokens the mirror handed to signed-in users; ``/v2/`` accepts only these."""
+
+    def __init__(self) -> None:
+        self._tokens: _Bounded = _Bounded()  # sha256(token) -> (user, valid until)
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+    def issue(self, token: str, user: str, lifetime: float) -> None:
+        self._tokens.put(self._key(token), (user, time.monotonic() + max(lifetime, 1.0)))
+
+    def user_of(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        entry = self._tokens.get(self._key(token))
+        if entry is None:
+            return None
+        user, until = entry
+        if until < time.monotonic():
+            self._tokens.pop(self._key(token), None)
+            return None
+        return user
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a users-file line: python -m hubrewrite.accounts USER [--argon2] (password on stdin)."""
+    import argparse
+    import getpass
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m hubrewrite.accounts", description=main.__doc__)
+    parser.add_argument("user")
+    parser.add_argument("--argon2", action="store_true", help="argon2id instead of bcrypt")
+    args = parser.parse_args(argv)
+    if SEPARATOR in args.user:
+        parser.error("a user name must not contain ':'")
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    try:
+        print(f"{args.user}:{hash_password(password, 'argon2' if args.argon2 else 'bcrypt')}")
+    except AccountsError as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

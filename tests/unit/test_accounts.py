@@ -1,0 +1,104 @@
+import base64
+
+import pytest
+
+from hubrewrite.accounts import (
+    AccountsError,
+    IssuedTokens,
+    MirrorAccounts,
+    hash_password,
+    load_users,
+    main,
+    parse_basic,
+    split_credentials,
+)
+from hubrewrite.policy import PolicyError, RepositoryRules, UpstreamCredentials
+
+
+def test_users_file_with_bcrypt_and_argon2(tmp_path):
+    path = tmp_path / "users"
+    path.write_text(f"# mirror users\nann:{hash_password('pw-a')}\nbob:{hash_password('pw-b', 'argon2')}\n")
+    accounts = MirrorAccounts(load_users(path))
+    assert accounts.verify("ann", "pw-a") and accounts.verify("ann", "pw-a")  # second from memory
+    assert accounts.verify("bob", "pw-b")
+    assert not accounts.verify("ann", "pw-b")
+    assert not accounts.verify("bob", "wrong")
+    assert not accounts.verify("nobody", "pw-a")
+
+
+@pytest.mark.parametrize("text", ["", "ann\n", "ann:plaintext\n", "ann:$2b$x\nann:$2b$y\n"])
+def test_bad_users_files(tmp_path, text):
+    path = tmp_path / "users"
+    path.write_text(text)
+    with pytest.raises(AccountsError):
+        load_users(path)
+
+
+def test_mirror_passwords_cannot_hold_the_separator():
+    with pytest.raises(AccountsError):
+        hash_password("a:b")
+
+
+def test_users_line_printer(capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("secret\n"))
+    main(["carol"])
+    user, hashed = capsys.readouterr().out.strip().split(":", 1)
+    assert user == "carol" and MirrorAccounts({"carol": hashed}).verify("carol", "secret")
+
+
+def test_credential_split():
+    assert split_credentials("ann", "pw").upstream_basic is None
+    both = split_credentials("ann", "pw:alice:up:with:colons")
+    assert (both.mirror_user, both.mirror_password, both.upstream_user, both.upstream_password) == (
+        "ann", "pw", "alice", "up:with:colons")
+    assert both.upstream_basic == "Basic " + base64.b64encode(b"alice:up:with:colons").decode()
+    with pytest.raises(AccountsError):
+        split_credentials("ann", "pw:alice")
+
+
+def test_parse_basic():
+    assert parse_basic("Basic " + base64.b64encode(b"u:p:q").decode()) == ("u", "p:q")
+    assert parse_basic("Bearer x") is None
+    assert parse_basic("Basic !!!") is None
+    assert parse_basic(None) is None
+
+
+def test_issued_tokens_expire(monkeypatch):
+    issued = IssuedTokens()
+    issued.issue("tok", "ann", 30)
+    assert issued.user_of("tok") == "ann"
+    assert issued.user_of("other") is None and issued.user_of(None) is None
+    import hubrewrite.accounts as accounts
+    real = accounts.time.monotonic
+    monkeypatch.setattr(accounts.time, "monotonic", lambda: real() + 31)
+    assert issued.user_of("tok") is None
+
+
+def test_allow_and_deny_patterns():
+    rules = RepositoryRules.parse(["docker.io/library/*", "ghcr.io/*"], ["docker.io/library/busybox"])
+    assert rules.permits("docker.io", "library/alpine")
+    assert not rules.permits("docker.io", "library/busybox")
+    assert not rules.permits("docker.io", "team/app")
+    assert rules.permits("ghcr.io", "owner/tool")
+    assert RepositoryRules().permits("quay.io", "x/y")
+    with pytest.raises(PolicyError):
+        RepositoryRules.parse(["nginx"], [])
+
+
+def test_server_side_credentials_from_file_and_environment(tmp_path):
+    path = tmp_path / "creds"
+    path.write_text("# operator accounts\ndocker.io hubuser pass word\n")
+    creds = UpstreamCredentials.load(str(path), {"docker.io", "ghcr.io"},
+                                     {"HUB_UPSTREAM_CREDENTIALS_GHCR_IO": "octo:ghp_x"})
+    assert creds.basic_for("docker.io") == "Basic " + base64.b64encode(b"hubuser:pass word").decode()
+    assert creds.basic_for("ghcr.io") == "Basic " + base64.b64encode(b"octo:ghp_x").decode()
+    assert creds.basic_for("quay.io") is None
+    assert "pass word" not in repr(creds) and "ghp_x" not in repr(creds)
+    path.write_text("quay.io u p\n")
+    with pytest.raises(PolicyError):
+        UpstreamCredentials.load(str(path), {"docker.io"}, {})
+    path.write_text("docker.io onlyuser\n")
+    with pytest.raises(PolicyError) as e:
+        UpstreamCredentials.load(str(path), {"docker.io"}, {})
+    assert "onlyuser" not in str(e.value)

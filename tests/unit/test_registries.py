@@ -1,0 +1,93 @@
+import pytest
+
+from hubrewrite.names import RouteError
+from hubrewrite.registries import (
+    DEFAULT_UPSTREAMS,
+    Registries,
+    TableError,
+    hostname_of,
+    parse_host_map,
+    parse_table,
+    parse_upstream,
+)
+from hubrewrite.upstreams import Upstream
+
+
+def table(*entries: str) -> Registries:
+    parsed = parse_table(list(entries))
+    return Registries(parsed, "docker.io", parse_host_map(["ghcr.mirror.test=ghcr.io"], set(parsed)))
+
+
+def test_default_table_has_docker_hub_api_host_and_the_big_registries():
+    parsed = parse_table(list(DEFAULT_UPSTREAMS))
+    assert parsed["docker.io"] == Upstream("https", "registry-1.docker.io", 443, "docker.io")
+    assert parsed["ghcr.io"].base == "https://ghcr.io"
+    assert set(parsed) == {"docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io", "nvcr.io", "mcr.microsoft.com"}
+
+
+@pytest.mark.parametrize("entry", [
+    "https://ghcr.io", "ghcr.io=ftp://x", "ghcr.io=https://x/path", "ghcr.io=https://u:p@x", "bad name", "x=https://h:99999",
+])
+def test_bad_entries_are_refused(entry):
+    with pytest.raises(TableError):
+        parse_upstream(entry)
+
+
+def test_duplicates_and_unknown_host_map_targets_are_refused():
+    with pytest.raises(TableError):
+        parse_table(["ghcr.io", "ghcr.io=https://x"])
+    with pytest.raises(TableError):
+        parse_host_map(["q.example=quay.io"], {"ghcr.io"})
+    with pytest.raises(TableError):
+        parse_host_map(["q.example:5000=ghcr.io"], {"ghcr.io"})
+
+
+def test_ns_names_a_table_registry_or_its_api_host():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    assert r.by_ns([]) is None
+    assert r.by_ns(["ghcr.io"]).name == "ghcr.io"
+    assert r.by_ns(["registry-1.docker.io"]).name == "docker.io"
+    with pytest.raises(RouteError) as e:
+        r.by_ns(["evil.test"])
+    assert (e.value.status, e.value.code) == (404, "NAME_UNKNOWN")
+    with pytest.raises(RouteError) as e:
+        r.by_ns(["http://x/"])
+    assert e.value.code == "NAME_INVALID"
+    with pytest.raises(RouteError):
+        r.by_ns(["ghcr.io", "docker.io"])
+
+
+def test_path_prefix_routing_and_default():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    routed = r.route(None, "ghcr.io/owner/img")
+    assert (routed.upstream.name, routed.name, routed.client_prefix) == ("ghcr.io", "owner/img", "ghcr.io/")
+    assert routed.client_name("owner/img") == "ghcr.io/owner/img"
+    routed = r.route(None, "library/nginx")
+    assert (routed.upstream.name, routed.name, routed.client_prefix) == ("docker.io", "library/nginx", "")
+    with pytest.raises(RouteError) as e:
+        r.route(None, "evil.test/x")
+    assert e.value.code == "NAME_UNKNOWN"
+    # decided by ns or host already: the name is the upstream's own (gcr.io/google.com/project)
+    assert r.route(r.table["ghcr.io"], "google.com/x").name == "google.com/x"
+
+
+def test_host_map_and_proxy_targets():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    assert r.for_client_host("GHCR.mirror.test:5000").name == "ghcr.io"
+    assert r.for_client_host("mirror.test") is None
+    assert r.for_client_host(None) is None
+    assert r.for_proxy_target("registry-1.docker.io", 443).name == "docker.io"
+    assert r.for_proxy_target("ghcr.io", 443).name == "ghcr.io"
+    assert r.for_proxy_target("registry-1.docker.io", 8443) is None
+    assert r.for_proxy_target("example.com", 443) is None
+    assert hostname_of("[::1]:5000") == "::1"
+
+
+def test_listener_target_becomes_the_default_registry():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    local = r.with_default(Upstream("http", "127.0.0.1", 9000))
+    assert local.default_upstream == Upstream("http", "127.0.0.1", 9000, "docker.io")
+    assert local.table["ghcr.io"] == r.table["ghcr.io"]
+    assert r.with_default(Upstream("https", "ghcr.io", 443)).default == "ghcr.io"
+    with pytest.raises(RouteError):
+        Registries({}, "docker.io").default_upstream
