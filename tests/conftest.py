@@ -5,6 +5,11 @@ the standard image set pushed once (``upstream.images``, also available as the
 ``upstream_images`` fixture).  The big layer is 256 MiB unless
 ``HUB_TEST_BIG_SIZE`` (bytes) says otherwise.  The registry storage is removed
 at the end of the session unless ``HUB_TEST_KEEP_UPSTREAM=1``.
+
+``second_upstream``: another, independent registry of the same kind (its own
+token server, CDN, distribution and edge; token service ``ghcr.io``), standing
+in for ghcr.io in the multi-registry tests, with a few KB of images
+(``second_upstream.images``, see ``second_images``).
 """
 
 import os
@@ -34,3 +39,43 @@ def upstream(tmp_path_factory):
 @pytest.fixture(scope="session")
 def upstream_images(upstream):
     return upstream.images
+
+
+SECOND_SERVICE = "ghcr.io"
+
+
+def second_images(up) -> dict:
+    """What ``second_upstream`` holds, as ``{repo: info}`` like ``standard_images``:
+
+    * ``owner/tool:1.0``  single-arch Docker image, two small layers, public
+    * ``private/secret:1.0``  Docker image; only alice (and admin) may pull (DEFAULT_ACL).
+      Its content differs from the first upstream's ``private/secret``: other digests.
+    """
+    from tests.support.images import Pusher, push_image
+
+    out = {}
+    with Pusher(up) as p:
+        out["owner/tool"] = push_image(up, "owner/tool", "1.0", [
+            {"usr/bin/tool": "#!/bin/sh\necho ghcr tool\n"}, {"usr/share/tool/README": "from the second registry\n"}],
+            media="docker", pusher=p)
+        out["private/secret"] = push_image(up, "private/secret", "1.0", [{"secret.txt": "ghcr secret\n"}],
+                                           media="docker", pusher=p)
+    for info in out.values():
+        info["ref"] = f"{info['repo']}:{info['tag']}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def second_upstream(tmp_path_factory):
+    from tests.support.upstream import Upstream
+
+    up = Upstream(tmp_path_factory.mktemp("second-upstream"), service=SECOND_SERVICE, issuer=SECOND_SERVICE)
+    up.start()
+    try:
+        up.images = second_images(up)
+        up.clear_logs()
+        yield up
+    finally:
+        up.stop()
+        if not os.environ.get("HUB_TEST_KEEP_UPSTREAM"):
+            shutil.rmtree(up.storage_root, ignore_errors=True)

@@ -7,6 +7,15 @@
 
 ``plain=True`` starts mitmdump without the addon (a bare reverse proxy), the
 baseline the benchmark compares against.
+
+``mode="regular"`` runs mitmdump as a forward proxy (``--mode regular``) instead
+of a reverse proxy; ``upstream_url`` is then ignored (the addon's
+``hub_upstreams`` names the registries) and clients use ``mirror.proxy_url``
+(``HTTPS_PROXY``).  They must trust mitmproxy's CA, which mitmdump creates at
+start-up as ``mirror.confdir / "mitmproxy-ca-cert.pem"``.
+
+Options that take a sequence are given by repeating ``--set key=value`` in
+``extra_args``.
 """
 
 from __future__ import annotations
@@ -47,17 +56,28 @@ class Mirror:
         tls: tuple[Path, str] | None = None,
         name: str = "mirror",
         env: dict[str, str] | None = None,
+        mode: str = "reverse",
     ) -> None:
-        """tls: (PEM with certificate and key, host pattern) served to clients over HTTPS."""
+        """tls: (PEM with certificate and key, host pattern) served to clients over HTTPS.
+        mode: "reverse" (to ``upstream_url``) or "regular" (a forward proxy; ``upstream_url`` unused)."""
+        if mode not in ("reverse", "regular"):
+            raise ValueError(f"mode must be 'reverse' or 'regular', not {mode!r}")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
         self.port = free_port()
         self.scheme = "https" if tls else "http"
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
+        # a forward proxy is always spoken to in plain HTTP (CONNECT for https:// URLs)
+        self.proxy_url = f"http://127.0.0.1:{self.port}" if mode == "regular" else ""
         self.log_path = self.workdir / f"{name}.log"
-        confdir = self.workdir / f"{name}-confdir"
-        argv = [str(MITMDUMP), "--mode", f"reverse:{upstream_url}@127.0.0.1:{self.port}", "--set", f"confdir={confdir}"]
+        self.confdir = self.workdir / f"{name}-confdir"
+        if mode == "regular":
+            mode_spec = f"regular@127.0.0.1:{self.port}"
+        else:
+            mode_spec = f"reverse:{upstream_url}@127.0.0.1:{self.port}"
+        argv = [str(MITMDUMP), "--mode", mode_spec, "--set", f"confdir={self.confdir}"]
         if plain:
             # the same streaming and HTTP/1.1 settings mitm.conf gives the mirror
             argv += ["--set", "stream_large_bodies=1m", "--set", "http2=false", "--set", "connection_strategy=lazy"]
@@ -99,6 +119,11 @@ class Mirror:
             time.sleep(0.1)
         self.stop()
         raise MirrorError(f"mitmdump did not start in {timeout}s:\n{self.log_text()[-4000:]}")
+
+    @property
+    def ca_cert(self) -> Path:
+        """mitmproxy's CA certificate (PEM), created in the confdir when mitmdump starts."""
+        return self.confdir / "mitmproxy-ca-cert.pem"
 
     def _accepts(self) -> bool:
         try:

@@ -267,3 +267,21 @@ def test_forward_proxy_serves_table_hosts_and_passes_others(routed, hub, ghcr):
     tctx.configure(addon, hub_proxy_passthrough=False)
     run(addon.request(other))
     assert other.response.status_code == 403
+
+
+def test_metrics_on_a_separate_loopback_port(routed):
+    import httpx
+
+    from .recording_server import closed_port
+
+    addon, tctx = routed
+    port = closed_port()
+    tctx.configure(addon, hub_metrics_listen=f"127.0.0.1:{port}")
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert answer.status_code == 200 and "hub_requests" in answer.text
+    finally:
+        tctx.configure(addon, hub_metrics_listen="")
+    for bad in ("0.0.0.0:9464", "10.1.2.3:9464", "127.0.0.1:http", "127.0.0.1:70000"):
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, hub_metrics_listen=bad)
