@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.mirror import Mirror
+from tests.support.mirror import Mirror, free_port
 
 from .test_mirror import copy
 
@@ -21,8 +21,11 @@ from .test_mirror import copy
 @pytest.fixture(scope="module")
 def mirror(upstream, tmp_path_factory):
     cache = tmp_path_factory.mktemp("obs-cache")
-    with Mirror(tmp_path_factory.mktemp("obs-mirror"), upstream.api_url, options={"hub_cache_dir": str(cache)}) as m:
+    metrics_port = free_port()
+    options = {"hub_cache_dir": str(cache), "hub_metrics_listen": f"127.0.0.1:{metrics_port}"}
+    with Mirror(tmp_path_factory.mktemp("obs-mirror"), upstream.api_url, options=options) as m:
         m.cache_dir = cache
+        m.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield m
 
 
@@ -52,6 +55,10 @@ def test_metrics_count_pulls_cache_and_rate_limit(mirror, upstream, tmp_path):
     assert metric(text, "hub_transfers_in_flight") == 0
     assert metric(text, "hub_upstream_latency_seconds_count", upstream="127.0.0.1") > 0
     assert 0 < metric(text, "hub_ratelimit_remaining", upstream=up, source="127.0.0.1") <= 100
+    # the same registry on the loopback metrics listener
+    local = httpx.get(mirror.metrics_url)
+    assert local.status_code == 200
+    assert metric(local.text, "hub_cache_requests_total", kind="blob", outcome="hit") == 6
 
 
 def test_one_log_line_per_pull_step(mirror, upstream):
