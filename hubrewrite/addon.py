@@ -34,8 +34,18 @@ from prometheus_client import start_http_server as start_metrics_server
 
 from . import challenge, conffile, names, registries, tokens
 from . import headers as hdrs
-from .access import AccessMemory, client_identity, token_lifetime
-from .accounts import AccountsError, IssuedTokens, MirrorAccounts, bearer_token, load_users, parse_basic, split_credentials
+from .access import AccessMemory, client_identity
+from .accounts import (
+    AccountsError,
+    IssuedTokens,
+    MirrorAccounts,
+    SignInRefused,
+    bearer_token,
+    load_users,
+    parse_basic,
+    sign_in,
+    split_credentials,
+)
 from .policy import CREDENTIALS_ENV_PREFIX, PolicyError, RepositoryRules, UpstreamCredentials
 from .registries import DEFAULT_UPSTREAMS, Registries, Routed
 from .observe import CountingStream, Metrics, health_body, pull_log_line, status_page
@@ -83,8 +93,6 @@ TABLE_OPTIONS = {"hub_upstreams", "hub_host_map", "hub_registry_name"}
 CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
 RETRY_PARAM = "_hub_retry"
-# how long a refresh token handed to a signed-in user is honoured
-REFRESH_TOKEN_LIFETIME = 7 * 24 * 3600.0
 STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
@@ -1175,7 +1183,8 @@ class HubRewrite:
         try:
             query = list(request.query.items(multi=True))
             form = tokens.parse_form(request.raw_content or b"") if request.method == "POST" else None
-            upstream = self.token_upstream(served, fixed, path, query + (form or []))
+            named = path[len(TOKEN_PATH) + 1:]
+            upstream = served.for_token(fixed, named or None, tokens.scope_names(query + (form or [])))
         except tokens.TokenRequestError as e:
             return error_response(400, "UNSUPPORTED", f"malformed token request: {e}")
         except names.RouteError as e:
@@ -1188,7 +1197,7 @@ class HubRewrite:
         if realm is None:
             return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
 
-        scope_map = self.scope_mapper(served, upstream)
+        scope_map = served.scope_map(upstream, ctx.options.hub_registry_name.lower(), ctx.options.hub_official_prefix)
         query = tokens.rewrite_query(query, scope_map)
         service = self.realms[upstream.base][1]
         if service and any(k == "service" for k, _ in query):
@@ -1202,10 +1211,13 @@ class HubRewrite:
         authorization = next((v for k, v in client_fields if k.lower() == "authorization"), None)
         user = None
         if self.accounts is not None:
-            signed_in = await self.sign_in(authorization, form)
-            if isinstance(signed_in, http.Response):
-                return signed_in
-            user, authorization, form = signed_in
+            try:
+                user, authorization, form = await sign_in(self.accounts, self.issued, authorization, form)
+            except SignInRefused as e:
+                if e.user:
+                    log.warning("mirror sign-in refused for user %r: %s", e.user[:64], e.message)
+                return error_response(401, "UNAUTHORIZED", e.message,
+                                      extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
         method = request.method
         if method == "POST" and form is not None and not tokens.carries_credentials(form):
             # a password grant whose password was only the mirror's: ask anonymously
@@ -1241,101 +1253,9 @@ class HubRewrite:
             if self.cache is not None and as_anonymous:
                 self.note_anonymous_grant(answer)
             if user is not None:
-                answer = self.issue_grant(user, answer)
+                answer = self.issued.issue_grant(user, answer)
         answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
         return make_response(fetched.status, _with_length(answer_headers, answer, request.method), answer)
-
-    def token_upstream(
-        self, served: Registries, fixed: Upstream | None, path: str, fields: list[tuple[str, str]]
-    ) -> Upstream:
-        """Which upstream a token request is for: /token/<registry>, else the
-        host name's, else the registry its scopes name by prefix, else the default."""
-        chosen = fixed
-        named = path[len(TOKEN_PATH) + 1:]
-        if named:
-            chosen = served.named(named) if names.REGISTRY_HOST_RE.fullmatch(named) else None
-            if chosen is None:
-                raise names.RouteError(404, "NAME_UNKNOWN", "this mirror does not serve that registry")
-        prefixed: set[Upstream] = set()
-        unprefixed = False
-        for name in tokens.scope_names(fields):
-            first, slash, _ = name.partition("/")
-            if not slash or not registries.looks_like_host(first):
-                unprefixed = True
-                continue
-            upstream = served.named(first)
-            if upstream is not None:
-                prefixed.add(upstream)
-            elif chosen is None:
-                raise names.RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
-        if len(prefixed) > 1 or (prefixed and (unprefixed and chosen is None or chosen not in (None, *prefixed))):
-            raise names.RouteError(400, "DENIED", "a token request names repositories of more than one registry")
-        return chosen or (prefixed.pop() if prefixed else served.default_upstream)
-
-    def scope_mapper(self, served: Registries, upstream: Upstream) -> tokens.ScopeMap:
-        """Client scope -> upstream scope: registry prefix dropped, library/ rule applied."""
-        official = upstream.name == ctx.options.hub_registry_name.lower()
-        prefix = ctx.options.hub_official_prefix
-
-        def upstream_name(name: str) -> str:
-            first, slash, rest = name.partition("/")
-            if slash and registries.looks_like_host(first) and served.named(first) == upstream:
-                name = rest
-            return names.official_name(name, prefix) if official else name
-
-        return lambda scope: names.map_scope(scope, upstream_name)
-
-    async def sign_in(
-        self, authorization: str | None, form: list[tuple[str, str]] | None
-    ) -> http.Response | tuple[str, str | None, list[tuple[str, str]] | None]:
-        """Check a mirror account: (user, upstream Authorization, form for upstream), or a refusal."""
-        assert self.accounts is not None
-        refusal = error_response(401, "UNAUTHORIZED", "mirror account required: user and password of this mirror",
-                                 extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
-        fields = dict(form or [])
-        if form is not None and fields.get("grant_type") == "refresh_token":
-            user = self.issued.user_of(fields.get("refresh_token"))
-            return refusal if user is None else (user, None, form)
-        basic = parse_basic(authorization)
-        if basic is None and form is not None and fields.get("grant_type") == "password":
-            basic = (fields.get("username", ""), fields.get("password", ""))
-        if basic is None:
-            return refusal
-        try:
-            credentials = split_credentials(*basic)
-        except AccountsError as e:
-            return error_response(401, "UNAUTHORIZED", str(e), extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
-        if not await asyncio.to_thread(self.accounts.verify, credentials.mirror_user, credentials.mirror_password):
-            log.warning("mirror sign-in refused for user %r", credentials.mirror_user[:64])
-            return refusal
-        if form is not None and fields.get("grant_type") == "password":
-            others = [(k, v) for k, v in form if k not in ("username", "password")]
-            if credentials.upstream_user is not None:
-                others += [("username", credentials.upstream_user), ("password", credentials.upstream_password or "")]
-            return credentials.mirror_user, None, others
-        return credentials.mirror_user, credentials.upstream_basic, form
-
-    def issue_grant(self, user: str, body: bytes) -> bytes:
-        """Remember the tokens handed to a signed-in user; /v2/ accepts only those."""
-        try:
-            grant = json.loads(body)
-        except ValueError:
-            return body
-        if not isinstance(grant, dict):
-            return body
-        now = time.time()
-        expires_in = grant.get("expires_in")
-        default = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
-        for key in ("token", "access_token"):
-            if isinstance(grant.get(key), str):
-                self.issued.issue(grant[key], user, token_lifetime("Bearer " + grant[key], default, now))
-        if isinstance(grant.get("refresh_token"), str):
-            self.issued.issue(grant["refresh_token"], user, REFRESH_TOKEN_LIFETIME)
-        if isinstance(grant.get("token"), str) and "access_token" not in grant:
-            # a POST client (containerd) reads access_token; a GET answer may only have token
-            grant["access_token"] = grant["token"]
-            return json.dumps(grant).encode()
-        return body
 
     async def learned_realm(self, upstream: Upstream) -> str | None:
         """The upstream's token realm; asks its /v2/ once if no challenge was seen yet."""

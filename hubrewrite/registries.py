@@ -16,10 +16,11 @@ it is refused here, before any connection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-from .names import REGISTRY_HOST_RE, RouteError
+from .names import REGISTRY_HOST_RE, RouteError, map_scope, official_name
 from .upstreams import Upstream
 
 DEFAULT_UPSTREAMS = (
@@ -189,3 +190,42 @@ class Registries:
                 raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
             return upstream, rest
         return None, name
+
+    def for_token(self, fixed: Upstream | None, named: str | None, scope_names: list[str]) -> Upstream:
+        """Which upstream a token request is for: ``/token/<named>``, else the
+        one the host fixed, else the registry its scopes name by prefix, else the default.
+
+        Scopes of more than one registry in one request are refused.
+        """
+        chosen = fixed
+        if named is not None:
+            chosen = self.named(named) if REGISTRY_HOST_RE.fullmatch(named) else None
+            if chosen is None:
+                raise RouteError(404, "NAME_UNKNOWN", "this mirror does not serve that registry")
+        prefixed: set[Upstream] = set()
+        unprefixed = False
+        for name in scope_names:
+            first, slash, _ = name.partition("/")
+            if not slash or not looks_like_host(first):
+                unprefixed = True
+                continue
+            upstream = self.named(first)
+            if upstream is not None:
+                prefixed.add(upstream)
+            elif chosen is None:
+                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
+        if len(prefixed) > 1 or (prefixed and (unprefixed and chosen is None or chosen not in (None, *prefixed))):
+            raise RouteError(400, "DENIED", "a token request names repositories of more than one registry")
+        return chosen or (prefixed.pop() if prefixed else self.default_upstream)
+
+    def scope_map(self, upstream: Upstream, official_registry: str, official_prefix: str) -> Callable[[str], str]:
+        """Client scope -> the upstream's: registry prefix dropped, ``library/`` rule applied."""
+        official = upstream.name == official_registry
+
+        def upstream_name(name: str) -> str:
+            first, slash, rest = name.partition("/")
+            if slash and looks_like_host(first) and self.named(first) == upstream:
+                name = rest
+            return official_name(name, official_prefix) if official else name
+
+        return lambda scope: map_scope(scope, upstream_name)

@@ -102,3 +102,31 @@ def test_server_side_credentials_from_file_and_environment(tmp_path):
     with pytest.raises(PolicyError) as e:
         UpstreamCredentials.load(str(path), {"docker.io"}, {})
     assert "onlyuser" not in str(e.value)
+
+
+def test_sign_in_drops_the_mirror_part():
+    import asyncio
+    import json
+
+    from hubrewrite.accounts import SignInRefused, basic_header, sign_in
+
+    accounts = MirrorAccounts({"ann": hash_password("pw")})
+    issued = IssuedTokens()
+
+    def run(authorization, form=None):
+        return asyncio.run(sign_in(accounts, issued, authorization, form))
+
+    assert run(basic_header("ann", "pw")) == ("ann", None, None)
+    assert run(basic_header("ann", "pw:alice:x")) == ("ann", basic_header("alice", "x"), None)
+    user, auth, form = run(None, [("grant_type", "password"), ("username", "ann"), ("password", "pw:alice:x"), ("scope", "s")])
+    assert (user, auth, form) == ("ann", None, [("grant_type", "password"), ("scope", "s"), ("username", "alice"), ("password", "x")])
+    for bad in (None, basic_header("ann", "nope"), basic_header("ann", "pw:alice")):
+        with pytest.raises(SignInRefused):
+            run(bad)
+    with pytest.raises(SignInRefused):
+        run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])
+    body = issued.issue_grant("ann", json.dumps({"token": "t", "refresh_token": "r", "expires_in": 60}).encode())
+    assert json.loads(body)["access_token"] == "t"
+    assert issued.user_of("t") == "ann"
+    assert run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])[0] == "ann"
+    assert issued.issue_grant("ann", b"not json") == b"not json"

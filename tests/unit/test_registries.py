@@ -91,3 +91,34 @@ def test_listener_target_becomes_the_default_registry():
     assert r.with_default(Upstream("https", "ghcr.io", 443)).default == "ghcr.io"
     with pytest.raises(RouteError):
         Registries({}, "docker.io").default_upstream
+
+
+def test_token_requests_go_to_one_registry():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    ghcr = r.table["ghcr.io"]
+    assert r.for_token(None, None, []) == r.default_upstream
+    assert r.for_token(None, "ghcr.io", ["owner/x"]) == ghcr
+    assert r.for_token(None, None, ["ghcr.io/owner/x", "ghcr.io/owner/y"]) == ghcr
+    assert r.for_token(ghcr, None, ["ghcr.io/owner/x", "owner/y"]) == ghcr  # host-mapped, both forms
+    assert r.for_token(ghcr, None, ["google.com/project/x"]) == ghcr  # a dotted name of that registry
+    for fixed, named, scopes, code in (
+        (None, "evil.test", [], "NAME_UNKNOWN"),
+        (None, "a/../b", [], "NAME_UNKNOWN"),
+        (None, None, ["evil.test/x"], "NAME_UNKNOWN"),
+        (None, None, ["ghcr.io/a", "nginx"], "DENIED"),
+        (None, "docker.io", ["ghcr.io/a"], "DENIED"),
+    ):
+        with pytest.raises(RouteError) as e:
+            r.for_token(fixed, named, scopes)
+        assert e.value.code == code
+
+
+def test_scope_map_strips_the_prefix_and_applies_the_library_rule_to_docker_hub_only():
+    r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
+    hub = r.scope_map(r.table["docker.io"], "docker.io", "library")
+    ghcr = r.scope_map(r.table["ghcr.io"], "docker.io", "library")
+    assert hub("repository:nginx:pull") == "repository:library/nginx:pull"
+    assert hub("repository:docker.io/nginx:pull") == "repository:library/nginx:pull"
+    assert ghcr("repository:ghcr.io/owner/x:pull,push") == "repository:owner/x:pull,push"
+    assert ghcr("repository:tool:pull") == "repository:tool:pull"
+    assert ghcr("registry:catalog:*") == "registry:catalog:*"
