@@ -49,7 +49,7 @@ from tests.hardening.helpers import EvilListener, assert_registry_error, raw_req
 from tests.integration.test_clients import containerd, ctr_check, ctr_images, need, podman_in  # noqa: F401
 from tests.integration.test_mirror import sha256_file
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.daemons import NO_NETWORK_ENV
+from tests.support.daemons import NO_NETWORK_ENV, Containerd, Dockerd
 from tests.support.mirror import Mirror, free_port
 
 CLIENT_TIMEOUT = 120
@@ -906,3 +906,50 @@ def test_no_secret_in_mirror_log(mirror, upstream, second_upstream):
     for password in [*upstream.users.values(), *second_upstream.users.values()]:
         assert password not in text
     assert "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def accounts_dockerd(accounts, tmp_path_factory):
+    need("dockerd", "docker.io")
+    cli = need("docker", "docker.io")
+    need("containerd", "containerd")
+    base = tmp_path_factory.mktemp("routing-docker")
+    with Containerd(base / "containerd") as ctd:
+        with Dockerd(base / "dockerd", ctd.address, config={"insecure-registries": [accounts.host]}, cli=cli) as daemon:
+            yield daemon
+
+
+def test_docker_login_to_a_mirror_with_accounts(accounts, upstream, second_upstream, accounts_dockerd):
+    """dockerd 20.10 and a mirror with accounts: ``docker login`` checks the mirror
+    password; with the mirror password alone public images of both registries pull
+    (Docker Hub by name, ghcr.io by path prefix) but not a private one; with
+    ``<mirror password>:<upstream user>:<upstream password>`` the same login opens it.
+    (docker login itself asks the default registry, so its upstream account is
+    checked there: the login is the Docker Hub account's.)"""
+    docker, host = accounts_dockerd.docker, accounts.host
+    bob = accounts.users["bob"]
+    wrong = docker("login", "-u", "bob", "--password-stdin", host, input="not-it\n")
+    assert wrong.returncode != 0 and "unauthorized" in wrong.stderr.lower(), wrong.stderr
+    assert docker("pull", f"{host}/library/alpine:3.19", timeout=120).returncode != 0  # not signed in
+
+    login = docker("login", "-u", "bob", "--password-stdin", host, input=bob + "\n")
+    assert login.returncode == 0 and "Login Succeeded" in login.stdout, login.stderr
+    alpine = docker("pull", f"{host}/library/alpine:3.19", timeout=120)
+    assert alpine.returncode == 0, alpine.stderr
+    assert upstream.images["library/alpine"]["digest"] in alpine.stdout
+    tool = docker("pull", f"{host}/ghcr.io/owner/tool:1.0", timeout=120)
+    assert tool.returncode == 0, tool.stderr
+    assert second_upstream.images["owner/tool"]["digest"] in tool.stdout
+    private = docker("pull", f"{host}/private/secret:1.0", timeout=120)
+    assert private.returncode != 0 and "denied" in private.stderr, private.stderr  # anonymous upstream
+
+    alice = upstream.users["alice"]
+    wrong = docker("login", "-u", "bob", "--password-stdin", host, input=f"{bob}:alice:not-it\n")
+    assert wrong.returncode != 0, wrong.stderr  # the upstream refuses a wrong upstream password
+    login = docker("login", "-u", "bob", "--password-stdin", host, input=f"{bob}:alice:{alice}\n")
+    assert login.returncode == 0, login.stderr
+    private = docker("pull", f"{host}/private/secret:1.0", timeout=120)
+    assert private.returncode == 0, private.stderr
+    assert upstream.images["private/secret"]["digest"] in private.stdout
+    log = accounts.log_text()
+    assert bob not in log and alice not in log
