@@ -388,6 +388,31 @@ def forward_proxy(upstream, tmp_path_factory):
         m.stop()
 
 
+def test_forward_proxy_with_the_cache(upstream, tmp_path):
+    """Forward-proxy mode gets the pull-through cache too: a second skopeo copy
+    through the proxy makes no CDN request, and the blobs come marked as hits."""
+    m = Mirror(tmp_path / "m", "", mode="regular", env=WIDE_LOG, extra_args=[
+        "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}", "--set", f"hub_cache_dir={tmp_path / 'cache'}",
+    ]).start()
+    try:
+        (tmp_path / "certs").mkdir()
+        (tmp_path / "certs" / "ca.crt").write_bytes(m.ca_cert.read_bytes())
+        ref = f"docker://{PROXY_REGISTRY}/team/ociapp:1.0"
+        image = upstream.images["team/ociapp"]
+        counts = []
+        for run in ("cold", "warm"):
+            (_, _, cdn0), = log_offsets(upstream)
+            result = skopeo("copy", "--src-tls-verify=true", "--src-cert-dir", str(tmp_path / "certs"), ref,
+                            f"dir:{tmp_path / run}", env=proxy_env(m))
+            assert result.returncode == 0, result.stderr + m.log_text()[-3000:]
+            assert sha256_file(tmp_path / run / "manifest.json") == image["digest"]
+            counts.append(len([r for r in upstream.cdn_requests()[cdn0:] if r.get("method") == "GET"]))
+        assert counts[0] >= len(image["layer_digests"]) and counts[1] == 0, counts
+        assert "cache=hit" in m.log_text()
+    finally:
+        m.stop()
+
+
 def proxy_env(proxy: Mirror) -> dict[str, str]:
     """The environment of a client whose only proxy is the mirror (HTTPS_PROXY; no NO_PROXY)."""
     return {**no_proxy_env(), "HTTPS_PROXY": proxy.proxy_url}
