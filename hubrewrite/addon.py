@@ -1197,7 +1197,15 @@ class HubRewrite:
         if realm is None:
             return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
 
-        scope_map = served.scope_map(upstream, ctx.options.hub_registry_name.lower(), ctx.options.hub_official_prefix)
+        to_upstream = served.scope_map(upstream, ctx.options.hub_registry_name.lower(), ctx.options.hub_official_prefix)
+
+        def scope_map(scope: str) -> str:
+            # No token for a repository the rules refuse: with server-side
+            # credentials it would carry the operator's rights out of the mirror.
+            mapped = to_upstream(scope)
+            name = names.scope_name(mapped)
+            return mapped if name is None or self.rules.permits(upstream.name, name) else ""
+
         query = tokens.rewrite_query(query, scope_map)
         service = self.realms[upstream.base][1]
         if service and any(k == "service" for k, _ in query):

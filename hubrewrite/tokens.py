@@ -27,8 +27,10 @@ ScopeMap = Callable[[str], str]
 
 
 def rewrite_query(query: list[tuple[str, str]], scope_map: ScopeMap) -> list[tuple[str, str]]:
-    """GET form: every repeated ``scope`` is kept, each mapped to the upstream's names."""
-    return [(key, scope_map(value) if key == "scope" else value) for key, value in query]
+    """GET form: every repeated ``scope`` is kept, each mapped to the upstream's
+    names; a scope mapped to "" is dropped."""
+    mapped = [(key, scope_map(value) if key == "scope" else value) for key, value in query]
+    return [(key, value) for key, value in mapped if key != "scope" or value]
 
 
 def parse_form(body: bytes) -> list[tuple[str, str]]:
@@ -44,7 +46,9 @@ def rewrite_form(fields: list[tuple[str, str]], scope_map: ScopeMap) -> list[tup
     rewritten = []
     for key, value in fields:
         if key == "scope":
-            value = " ".join(scope_map(s) for s in value.split(" ") if s)
+            value = " ".join(m for m in (scope_map(s) for s in value.split(" ") if s) if m)
+            if not value:
+                continue
         rewritten.append((key, value))
     return rewritten
 

@@ -285,3 +285,17 @@ def test_metrics_on_a_separate_loopback_port(routed):
     for bad in ("0.0.0.0:9464", "10.1.2.3:9464", "127.0.0.1:http", "127.0.0.1:70000"):
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(addon, hub_metrics_listen=bad)
+
+
+def test_no_token_scope_for_a_refused_repository(routed, hub, ghcr, tmp_path):
+    """With server-side credentials a token is the operator's: it must not open
+    repositories the rules refuse, even when used elsewhere."""
+    addon, tctx = routed
+    creds = tmp_path / "creds"
+    creds.write_text("ghcr.io octo s3cret\n")
+    tctx.configure(addon, hub_upstream_credentials=str(creds), hub_allow=["ghcr.io/owner/tool"])
+    ask(addon, hub, "GET", "/token/ghcr.io?scope=repository:owner/tool:pull&scope=repository:owner/private:pull")
+    assert ghcr.received[-1].path == "/auth?scope=repository%3Aowner%2Ftool%3Apull"
+    form = b"grant_type=password&username=a&password=b&service=x&scope=repository%3Aowner%2Fprivate%3Apull"
+    ask(addon, hub, "POST", "/token/ghcr.io", headers=[("Content-Type", "application/x-www-form-urlencoded")], content=form)
+    assert b"scope" not in ghcr.received[-1].body
