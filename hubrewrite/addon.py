@@ -1197,24 +1197,7 @@ class HubRewrite:
         if realm is None:
             return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
 
-        to_upstream = served.scope_map(upstream, ctx.options.hub_registry_name.lower(), ctx.options.hub_official_prefix)
-
-        def scope_map(scope: str) -> str:
-            # No token for a repository the rules refuse: with server-side
-            # credentials it would carry the operator's rights out of the mirror.
-            mapped = to_upstream(scope)
-            name = names.scope_name(mapped)
-            return mapped if name is None or self.rules.permits(upstream.name, name) else ""
-
-        query = tokens.rewrite_query(query, scope_map)
-        service = self.realms[upstream.base][1]
-        if service and any(k == "service" for k, _ in query):
-            # the client may have taken it from another registry's challenge (path prefix)
-            query = [(k, service if k == "service" else v) for k, v in query]
-        if form is not None:
-            form = tokens.rewrite_form(form, scope_map)
-            if service:
-                form = [(k, service if k == "service" else v) for k, v in form]
+        query, form = self.upstream_token_fields(served, upstream, query, form)
         client_fields = _fields(request.headers)
         authorization = next((v for k, v in client_fields if k.lower() == "authorization"), None)
         user = None
@@ -1264,6 +1247,31 @@ class HubRewrite:
                 answer = self.issued.issue_grant(user, answer)
         answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
         return make_response(fetched.status, _with_length(answer_headers, answer, request.method), answer)
+
+    def upstream_token_fields(
+        self, served: Registries, upstream: Upstream, query: list[tuple[str, str]], form: list[tuple[str, str]] | None
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+        """A token request's query and form as the upstream's token service
+        must see them: its repository names, its service, permitted scopes only."""
+        to_upstream = served.scope_map(upstream, ctx.options.hub_registry_name.lower(), ctx.options.hub_official_prefix)
+
+        def scope_map(scope: str) -> str:
+            # No token for a repository the rules refuse: with server-side
+            # credentials it would carry the operator's rights out of the mirror.
+            mapped = to_upstream(scope)
+            name = names.scope_name(mapped)
+            return mapped if name is None or self.rules.permits(upstream.name, name) else ""
+
+        # the client may have taken the service from another registry's challenge (path prefix)
+        service = self.realms[upstream.base][1]
+        query = tokens.rewrite_query(query, scope_map)
+        if service:
+            query = [(k, service if k == "service" else v) for k, v in query]
+        if form is not None:
+            form = tokens.rewrite_form(form, scope_map)
+            if service:
+                form = [(k, service if k == "service" else v) for k, v in form]
+        return query, form
 
     async def learned_realm(self, upstream: Upstream) -> str | None:
         """The upstream's token realm; asks its /v2/ once if no challenge was seen yet."""
