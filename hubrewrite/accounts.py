@@ -176,20 +176,26 @@ class IssuedTokens:
     def _key(token: str) -> bytes:
         return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
-    def issue(self, token: str, user: str, lifetime: float) -> None:
-        self._tokens.put(self._key(token), (user, time.monotonic() + max(lifetime, 1.0)))
+    def issue(self, token: str, user: str, lifetime: float, own: bool = False) -> None:
+        """``own``: the mirror's own token (not the upstream's), never sent upstream."""
+        self._tokens.put(self._key(token), (user, time.monotonic() + max(lifetime, 1.0), own))
 
-    def user_of(self, token: str | None) -> str | None:
+    def _entry(self, token: str | None) -> tuple[str, float, bool] | None:
         if not token:
             return None
         entry = self._tokens.get(self._key(token))
-        if entry is None:
-            return None
-        user, until = entry
-        if until < time.monotonic():
+        if entry is not None and entry[1] < time.monotonic():
             self._tokens.pop(self._key(token), None)
             return None
-        return user
+        return entry
+
+    def user_of(self, token: str | None) -> str | None:
+        entry = self._entry(token)
+        return entry[0] if entry else None
+
+    def is_own(self, token: str | None) -> bool:
+        entry = self._entry(token)
+        return bool(entry and entry[2])
 
 
     def issue_grant(self, user: str, body: bytes) -> bytes:

@@ -93,6 +93,7 @@ TABLE_OPTIONS = {"hub_upstreams", "hub_host_map", "hub_registry_name"}
 CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
 RETRY_PARAM = "_hub_retry"
+OWN_TOKEN_LIFETIME = 300.0
 STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
@@ -647,6 +648,8 @@ class HubRewrite:
             refusal = await self.sign_in_required(flow, upstream, route, routed.client_prefix)
             if refusal is not None:
                 return refusal
+            if self.issued.is_own(bearer_token(request.headers.get("authorization"))):
+                del request.headers["authorization"]  # the mirror's own token means nothing upstream
         if method in WRITE_METHODS:
             if not ctx.options.hub_allow_push:
                 return error_response(
@@ -1019,6 +1022,14 @@ class HubRewrite:
             STALE_WARNING,
         ], body)
 
+    def own_token(self, user: str) -> http.Response:
+        """Mirror accounts in front of an upstream without token auth: the
+        mirror's own token, which opens the mirror and is never sent upstream."""
+        token = "hub-rewrite." + secrets.token_urlsafe(24)
+        self.issued.issue(token, user, OWN_TOKEN_LIFETIME, own=True)
+        body = json.dumps({"token": token, "access_token": token, "expires_in": int(OWN_TOKEN_LIFETIME)}).encode()
+        return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
+
     def offline_token(self, user: str | None = None) -> http.Response:
         """A token for a client without credentials while the token service is down.
 
@@ -1190,14 +1201,6 @@ class HubRewrite:
         except names.RouteError as e:
             return error_response(e.status, e.code, e.message)
         flow.metadata[META_STEP]["upstream"] = upstream.base
-        try:
-            realm = await self.learned_realm(upstream)
-        except UpstreamError as e:
-            return error_response(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
-        if realm is None:
-            return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
-
-        query, form = self.upstream_token_fields(served, upstream, query, form)
         client_fields = _fields(request.headers)
         authorization = next((v for k, v in client_fields if k.lower() == "authorization"), None)
         user = None
@@ -1209,6 +1212,16 @@ class HubRewrite:
                     log.warning("mirror sign-in refused for user %r: %s", e.user[:64], e.message)
                 return error_response(401, "UNAUTHORIZED", e.message,
                                       extra_headers=[("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
+        try:
+            realm = await self.learned_realm(upstream)
+        except UpstreamError as e:
+            return error_response(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
+        if realm is None:
+            if user is not None:
+                return self.own_token(user)
+            return error_response(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
+
+        query, form = self.upstream_token_fields(served, upstream, query, form)
         method = request.method
         if method == "POST" and form is not None and not tokens.carries_credentials(form):
             # a password grant whose password was only the mirror's: ask anonymously

@@ -299,3 +299,32 @@ def test_no_token_scope_for_a_refused_repository(routed, hub, ghcr, tmp_path):
     form = b"grant_type=password&username=a&password=b&service=x&scope=repository%3Aowner%2Fprivate%3Apull"
     ask(addon, hub, "POST", "/token/ghcr.io", headers=[("Content-Type", "application/x-www-form-urlencoded")], content=form)
     assert b"scope" not in ghcr.received[-1].body
+
+
+def test_accounts_in_front_of_an_upstream_without_token_auth(hub, ghcr, tmp_path):
+    """An open upstream (no Bearer challenge): the mirror issues its own token
+    after sign-in, accepts it on /v2/, and never sends it upstream."""
+    with RecordingServer() as plain:
+        plain.routes[("GET", "/v2/")] = Canned(200, [("Content-Type", "application/json")], b"{}")
+        plain.routes[("*", "/v2/owner/tool/manifests/1.0")] = Canned(
+            200, [("Content-Type", "application/vnd.oci.image.manifest.v1+json")], MANIFEST)
+        users = tmp_path / "users"
+        users.write_text(f"ann:{hash_password('mirror-pw')}\n")
+        addon = HubRewrite()
+        with taddons.context(*with_core_addons(addon)) as tctx:
+            tctx.configure(addon, hub_config="", hub_upstreams=["docker.io", f"open.test={plain.url}"],
+                           hub_users_file=str(users))
+            LOOP.append(tctx.master.event_loop)
+            try:
+                assert ask(addon, hub, "GET", "/v2/open.test/owner/tool/manifests/1.0").response.status_code == 401
+                assert ask(addon, hub, "GET", "/token/open.test").response.status_code == 401
+                flow = ask(addon, hub, "GET", "/token/open.test", headers=[("Authorization", basic("ann", "mirror-pw"))])
+                token = body_json(flow.response)["token"]
+                flow = ask(addon, hub, "GET", "/v2/open.test/owner/tool/manifests/1.0",
+                           headers=[("Authorization", f"Bearer {token}")])
+                assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+                assert plain.received[-1].header("authorization") is None
+                assert all(token not in str(r.headers) for r in plain.received)
+            finally:
+                run(addon.done())
+                LOOP.clear()
