@@ -18,22 +18,29 @@ import shutil
 import pytest
 
 
-@pytest.fixture(scope="session")
-def upstream(tmp_path_factory):
-    from tests.support.images import standard_images
+def running_upstream(workdir, fill, **kwargs):
+    """A started Upstream with images pushed by ``fill(up)``; stopped and its
+    storage removed afterwards (unless HUB_TEST_KEEP_UPSTREAM=1)."""
     from tests.support.upstream import Upstream
 
-    big_size = int(os.environ.get("HUB_TEST_BIG_SIZE", 256 * 1024 * 1024))
-    up = Upstream(tmp_path_factory.mktemp("upstream"))
+    up = Upstream(workdir, **kwargs)
     up.start()
     try:
-        up.images = standard_images(up, big_size=big_size)
+        up.images = fill(up)
         up.clear_logs()
         yield up
     finally:
         up.stop()
         if not os.environ.get("HUB_TEST_KEEP_UPSTREAM"):
             shutil.rmtree(up.storage_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    from tests.support.images import standard_images
+
+    big_size = int(os.environ.get("HUB_TEST_BIG_SIZE", 256 * 1024 * 1024))
+    yield from running_upstream(tmp_path_factory.mktemp("upstream"), lambda up: standard_images(up, big_size=big_size))
 
 
 @pytest.fixture(scope="session")
@@ -67,15 +74,5 @@ def second_images(up) -> dict:
 
 @pytest.fixture(scope="session")
 def second_upstream(tmp_path_factory):
-    from tests.support.upstream import Upstream
-
-    up = Upstream(tmp_path_factory.mktemp("second-upstream"), service=SECOND_SERVICE, issuer=SECOND_SERVICE)
-    up.start()
-    try:
-        up.images = second_images(up)
-        up.clear_logs()
-        yield up
-    finally:
-        up.stop()
-        if not os.environ.get("HUB_TEST_KEEP_UPSTREAM"):
-            shutil.rmtree(up.storage_root, ignore_errors=True)
+    yield from running_upstream(tmp_path_factory.mktemp("second-upstream"), second_images,
+                                service=SECOND_SERVICE, issuer=SECOND_SERVICE)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import NO_NETWORK_ENV, Containerd, Dockerd
+from tests.support.daemons import NO_NETWORK_ENV, Containerd, Dockerd, dockerd_on_containerd
 from tests.support.mirror import Mirror, free_port
 
 CLIENT_TIMEOUT = 120
@@ -284,11 +284,9 @@ def dockerd(mirror, tmp_path_factory):
     need("dockerd", "docker.io")
     cli = need("docker", "docker.io")
     need("containerd", "containerd")
-    base = tmp_path_factory.mktemp("docker")
-    with Containerd(base / "containerd") as ctd:
-        config = {"registry-mirrors": [mirror.url], "insecure-registries": [mirror.host]}
-        with Dockerd(base / "dockerd", ctd.address, config=config, cli=cli) as daemon:
-            yield daemon
+    config = {"registry-mirrors": [mirror.url], "insecure-registries": [mirror.host]}
+    with dockerd_on_containerd(tmp_path_factory.mktemp("docker"), config, cli) as daemon:
+        yield daemon
 
 
 def repo_digests(dockerd: Dockerd, ref: str) -> list[str]:

@@ -49,7 +49,7 @@ from tests.hardening.helpers import EvilListener, assert_registry_error, raw_req
 from tests.integration.test_clients import containerd, ctr_check, ctr_images, need, podman_in  # noqa: F401
 from tests.integration.test_mirror import sha256_file
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.daemons import NO_NETWORK_ENV, Containerd, Dockerd
+from tests.support.daemons import NO_NETWORK_ENV, dockerd_on_containerd
 from tests.support.mirror import Mirror, free_port
 
 CLIENT_TIMEOUT = 120
@@ -938,10 +938,9 @@ def accounts_dockerd(accounts, tmp_path_factory):
     need("dockerd", "docker.io")
     cli = need("docker", "docker.io")
     need("containerd", "containerd")
-    base = tmp_path_factory.mktemp("routing-docker")
-    with Containerd(base / "containerd") as ctd:
-        with Dockerd(base / "dockerd", ctd.address, config={"insecure-registries": [accounts.host]}, cli=cli) as daemon:
-            yield daemon
+    config = {"insecure-registries": [accounts.host]}
+    with dockerd_on_containerd(tmp_path_factory.mktemp("routing-docker"), config, cli) as daemon:
+        yield daemon
 
 
 def test_docker_login_to_a_mirror_with_accounts(accounts, upstream, second_upstream, accounts_dockerd):

@@ -29,6 +29,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -260,3 +262,11 @@ class Dockerd(_Daemon):
                         os.rmdir(d)
                     except OSError:
                         pass
+
+
+@contextmanager
+def dockerd_on_containerd(base: Path, config: dict, cli: str = "docker") -> Iterator[Dockerd]:
+    """A private dockerd with its own containerd under ``base``; ``config``: daemon.json keys."""
+    with Containerd(base / "containerd") as ctd:
+        with Dockerd(base / "dockerd", ctd.address, config=config, cli=cli) as daemon:
+            yield daemon
