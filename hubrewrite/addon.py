@@ -342,11 +342,12 @@ class HubRewrite:
             try:
                 self.apply_config_file()
             except exceptions.OptionsError as e:
-                # A mirror running with half its configuration is worse than none.
+                # A mirror running with half its configuration is worse than none:
+                # an error logged at startup makes mitmdump exit with status 1
+                # (its errorcheck addon); should that check have passed already,
+                # the mirror stops anyway, a moment later.
                 log.error("hub_rewrite: %s; stopping", e)
-                master = getattr(ctx, "master", None)
-                if master is not None and hasattr(master, "shutdown"):
-                    master.shutdown()
+                _stop_later(getattr(ctx, "master", None))
                 raise
         if "hub_public_url" in updated:
             value = ctx.options.hub_public_url
@@ -1396,3 +1397,12 @@ def _loopback_address(value: str) -> tuple[str, int]:
     if not loopback or not 0 < number < 65536:
         raise exceptions.OptionsError(f"hub_metrics_listen {value!r}: expected a loopback host:port, e.g. 127.0.0.1:9464")
     return host, number
+
+
+def _stop_later(master, delay: float = 2.0) -> None:
+    if master is None or not hasattr(master, "shutdown"):
+        return
+    try:
+        asyncio.get_running_loop().call_later(delay, master.shutdown)
+    except RuntimeError:
+        pass  # no loop (tests): nothing is serving

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import MITMDUMP, REPO_ROOT, Mirror, free_port
 
 INDEX_ACCEPT = [
     "application/vnd.oci.image.index.v1+json",
@@ -365,3 +365,20 @@ def test_no_secret_in_mirror_log(mirror, upstream):
         assert secret not in text
     assert "Authorization" not in text and "authorization:" not in text.lower()
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "hub_config={bad_conf}"], "unknown option(s): bogus_key"),
+    (["--set", "hub_users_file=/nonexistent/users"], "hub_users_file: cannot read"),
+    (["--set", "hub_upstreams=https://not-a-name"], "not a registry host name"),
+])
+def test_bad_configuration_stops_the_mirror_with_status_1(tmp_path, args, message):
+    """Fail closed: a mirror that cannot apply its configuration (say, its accounts)
+    must not run open with defaults."""
+    bad_conf = tmp_path / "bad.conf"
+    bad_conf.write_text("bogus_key: 1\n")
+    argv = [str(MITMDUMP), "-s", str(REPO_ROOT / "addons" / "hub_rewrite.py"), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{free_port()}",
+            "--set", f"confdir={tmp_path / 'confdir'}", *(a.format(bad_conf=bad_conf) for a in args)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=str(REPO_ROOT))
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert message in result.stdout + result.stderr
