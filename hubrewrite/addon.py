@@ -491,7 +491,7 @@ class HubRewrite:
             return
         place = self.place_of(flow)
         if place is None:
-            if is_forward_proxy(flow) and not ctx.options.hub_proxy_passthrough:
+            if is_forward_proxy(flow) and not may_pass_through(flow.client_conn):
                 flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
             return  # forward-proxy traffic for other hosts passes untouched
         try:
@@ -523,8 +523,8 @@ class HubRewrite:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """TLS to a host outside the table is passed through, not intercepted:
         the client needs to trust mitmproxy's CA only for registries."""
-        if not is_forward_proxy(data.context.client) or not ctx.options.hub_proxy_passthrough:
-            return
+        if not is_forward_proxy(data.context.client) or not may_pass_through(data.context.client):
+            return  # intercepted: its requests are refused unless for a registry
         address = data.context.server.address
         port = address[1] if address else 443
         asked = [data.client_hello.sni, address[0] if address else None]
@@ -532,7 +532,7 @@ class HubRewrite:
             data.ignore_connection = True
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if ctx.options.hub_proxy_passthrough:
+        if may_pass_through(flow.client_conn):
             return
         if self.registries.for_proxy_target(flow.request.host, flow.request.port) is None:
             flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
@@ -1406,3 +1406,24 @@ def _stop_later(master, delay: float = 2.0) -> None:
         asyncio.get_running_loop().call_later(delay, master.shutdown)
     except RuntimeError:
         pass  # no loop (tests): nothing is serving
+
+
+def may_pass_through(client) -> bool:
+    """May this forward-proxy client reach hosts outside the table?
+
+    Only with hub_proxy_passthrough, and only from a private or loopback
+    address unless mitmproxy's proxyauth guards the proxy: mitm.conf turns
+    block_global off for the mirror, and a proxy that passes anything for
+    anyone on the internet is an open proxy.
+    """
+    if not ctx.options.hub_proxy_passthrough:
+        return False
+    if getattr(ctx.options, "proxyauth", None):
+        return True
+    try:
+        address = ipaddress.ip_address(client.peername[0].split("%", 1)[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return not address.is_global

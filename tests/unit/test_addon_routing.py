@@ -328,3 +328,20 @@ def test_accounts_in_front_of_an_upstream_without_token_auth(hub, ghcr, tmp_path
             finally:
                 run(addon.done())
                 LOOP.clear()
+
+
+def test_forward_proxy_passes_through_only_for_private_clients(routed, hub):
+    """block_global is off for the mirror: passing other hosts through for anyone
+    on the internet would make an open proxy."""
+    addon, tctx = routed
+    for peer, passed in ((("10.1.2.3", 5555), True), (("::ffff:192.168.1.9", 5555), True), (("8.8.8.8", 5555), False)):
+        flow = make_flow(hub.url, "GET", "/anything", mode="regular")
+        flow.client_conn.peername = peer
+        run(addon.request(flow))
+        assert (flow.response is None) == passed, peer
+    # a public client may still use it for registries in the table
+    flow = make_flow(hub.url, "GET", "/v2/owner/tool/manifests/1.0", mode="regular")
+    flow.request.url = "https://ghcr.io/v2/owner/tool/manifests/1.0"
+    flow.client_conn.peername = ("8.8.8.8", 5555)
+    run(addon.request(flow))
+    assert flow.response.status_code == 200
