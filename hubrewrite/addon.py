@@ -199,7 +199,9 @@ class HubRewrite:
             True,
             """
             Forward-proxy (regular) mode: pass traffic for hosts outside
-            hub_upstreams through untouched (TLS not intercepted). Off: refuse it.
+            hub_upstreams through untouched (TLS not intercepted), for clients on
+            private or loopback addresses (any client with proxyauth set).
+            Off: refuse it for everyone.
             """,
         )
         loader.add_option(
