@@ -866,7 +866,8 @@ def test_server_side_upstream_credentials(upstream, second_upstream, tmp_path):
 
 def test_no_connection_to_hosts_outside_the_table(mirror):
     """Client input naming a host outside the table (``?ns=``, Host header, a path
-    prefix, /token's query and path, an absolute-form URI, CONNECT) never makes the
+    prefix, /token's query and path, a Location of the client's choosing, an
+    absolute-form URI, CONNECT) never makes the
     mirror connect to it: a loopback "canary" listener records zero connections.
     Registry-API requests get registry error JSON (4xx), the names the contract
     fixes get 404 NAME_UNKNOWN."""
@@ -910,6 +911,17 @@ def test_no_connection_to_hosts_outside_the_table(mirror):
         raw = f"GET /token?service=x HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n"
         resp = raw_request(mirror.port, raw.encode())
         assert resp.status is not None and resp.status < 500, resp.short()
+
+        # a Location of the client's choosing (header, query, the retry marker) is never followed
+        digest = "sha256:" + "0" * 64
+        for what, path, headers in (
+            ("Location header", f"/v2/library/alpine/blobs/{digest}", {"Location": f"http://{evil}/x"}),
+            ("location query", f"/v2/library/alpine/blobs/{digest}?location=http://{evil}/x&_hub_retry=1", {}),
+            ("Referer/Forwarded", f"/v2/library/alpine/blobs/{digest}", {"Referer": f"http://{evil}/",
+                                                                          "Forwarded": f"host={evil}"}),
+        ):
+            r = httpx.get(f"{mirror.url}{path}", headers=headers, timeout=30)
+            assert r.status_code < 500 and "location" not in {k.lower() for k in r.headers}, (what, r.status_code)
 
         # proxy-style requests to a reverse-mode mirror
         for what, data in (
