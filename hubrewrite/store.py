@@ -282,14 +282,24 @@ class Store:
             return {}
 
     def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> None:
-        """Remember what a tag resolved to for this Accept header (read-modify-write:
-        a concurrent writer may drop another's entry, which only costs a lookup)."""
+        """Remember what a tag resolved to for this Accept header.
+
+        Read-modify-write under an exclusive lock on a sidecar file, so that
+        mirror processes sharing the cache do not drop each other's entries
+        (held for microseconds; one process never contends with itself, as
+        this runs on its event loop without awaiting).
+        """
         path = self._tag_path(upstream, repository, tag)
-        entries = self._read_tag_file(path)
-        entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
-        tmp = self.tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(entries))
-        os.replace(tmp, path)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            entries = self._read_tag_file(path)
+            entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
+            tmp = self.tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)  # releases the lock
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
         """The tag's digest for exactly this Accept header or, failing that, the

@@ -1,6 +1,7 @@
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,27 @@ def test_only_sha256(tmp_path):
     store = Store(tmp_path, 0)
     with pytest.raises(ValueError):
         store.blob_path("sha512:" + "a" * 128)
+
+
+def _write_tags(root: str, writer: int, count: int) -> None:
+    store = Store(Path(root), 0)
+    for i in range(count):
+        store.put_tag("https://up", "library/nginx", "latest", f"accept-{writer}-{i}", "sha256:" + "a" * 64, "t")
+
+
+def test_concurrent_tag_writers_keep_every_entry(tmp_path):
+    """Processes sharing a cache write one tag's Accept entries at once: none is lost."""
+    import multiprocessing
+
+    Store(tmp_path, 0)
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_tags, args=(str(tmp_path), w, 40)) for w in range(4)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(60)
+        assert p.exitcode == 0
+    store = Store(tmp_path, 0)
+    for w in range(4):
+        for i in range(40):
+            assert store.get_tag("https://up", "library/nginx", "latest", f"accept-{w}-{i}") is not None, (w, i)
