@@ -9,6 +9,7 @@ Layout under the cache directory (several mirror processes may share it):
     manifests/sha256/ab/<hex>    verified manifest bytes
     manifests/sha256/ab/<hex>.type   its media type
     tags/<key>.json              (upstream, repository, tag, Accept) -> digest
+    tags/<key>.json.lock         held while that record is rewritten
     repos/<key>/<hex>            the upstream confirmed this repository holds it
     tmp/                         downloads in progress and their locks
 
