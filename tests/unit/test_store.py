@@ -130,7 +130,7 @@ def test_concurrent_tag_writers_keep_every_entry(tmp_path):
     import multiprocessing
 
     Store(tmp_path, 0)
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # fork from a threaded pytest may deadlock
     writers = [context.Process(target=_write_tags, args=(str(tmp_path), w, 40)) for w in range(4)]
     for p in writers:
         p.start()
