@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -325,14 +326,14 @@ def test_https_with_user_certificate(upstream, tmp_path):
             capture_output=True, text=True, timeout=30,
         ).stdout
         assert version == "1.1"
-        r = httpx.get(f"{m.url}/v2/", verify=str(certs["ca"]))
+        r = httpx.get(f"{m.url}/v2/", verify=ssl.create_default_context(cafile=str(certs["ca"])))
         assert r.headers["www-authenticate"].startswith(f'Bearer realm="https://127.0.0.1:{m.port}/token"')
         result = skopeo("copy", "--all", "--src-cert-dir", str(cert_dir), f"docker://{m.host}/library/alpine:3.19", f"dir:{tmp_path / 'out'}")
         assert result.returncode == 0, result.stderr
         assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
         # with an explicit public URL the realm follows it
     with Mirror(tmp_path / "m2", upstream.api_url, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
-        r = httpx.get(f"{m2.url}/v2/", verify=str(certs["ca"]))
+        r = httpx.get(f"{m2.url}/v2/", verify=ssl.create_default_context(cafile=str(certs["ca"])))
         assert r.headers["www-authenticate"].startswith('Bearer realm="https://localhost:1/token"')
 
 
