@@ -641,6 +641,8 @@ class HubRewrite:
         if upstream.name == ctx.options.hub_registry_name.lower():
             route = names.with_official_prefix(route, ctx.options.hub_official_prefix)
         flow.metadata[META_VIEW] = ClientView(self.token_url(flow, served, upstream), routed.client_prefix)
+        # mitmweb shows the listener's target as the request's host: say where it really went
+        flow.comment = f"hub: {upstream.name} {route.name or route.kind.value} at {upstream.base}"
         flow.metadata[META_STEP].update(upstream=upstream.base, kind=route.kind.value, repo=route.name, ref=route.reference)
         path_and_query = route.path() + self.served_query(request)
 
@@ -729,7 +731,7 @@ class HubRewrite:
                     return challenge_answer
             return error_response(e.status, e.code, e.message)
         if fetched.redirected_to:
-            flow.comment = f"hub: followed upstream redirect to {fetched.redirected_to}"
+            flow.comment += f"; followed upstream redirect to {fetched.redirected_to}"
         return self.relayed_response(flow, upstream, fetched.status, fetched.headers, fetched.body)
 
     async def blob(
@@ -814,7 +816,7 @@ class HubRewrite:
         for name in hdrs.CREDENTIAL_HEADERS:
             request.headers.pop(name, None)
         request.url = target
-        flow.comment = f"hub: blob {route.reference} streamed from {urlsplit(target).hostname}"
+        flow.comment += f"; blob streamed from {urlsplit(target).hostname}"
         return None
 
     # ---- the pull-through cache ----------------------------------------
@@ -859,7 +861,7 @@ class HubRewrite:
         for name in hdrs.CREDENTIAL_HEADERS:
             request.headers.pop(name, None)
         request.url = self.cache.fileserver.url(digest)
-        flow.comment = f"hub: blob {digest} served from the cache" + (" (stale)" if stale else "")
+        flow.comment += "; blob served from the cache" + (" (stale)" if stale else "")
         return None
 
     async def check_access(

@@ -93,6 +93,7 @@ def test_ns_selects_the_registry_and_is_not_forwarded(routed, hub, ghcr):
     flow = ask(addon, hub, "GET", "/v2/owner/tool/manifests/1.0?ns=ghcr.io")
     assert flow.response.status_code == 200 and flow.response.content == MANIFEST
     assert paths(ghcr) == ["/v2/owner/tool/manifests/1.0"] and paths(hub) == []
+    assert flow.comment == f"hub: ghcr.io owner/tool at {ghcr.url}"  # for mitmweb
     # the library/ rule is Docker Hub's only
     flow = ask(addon, hub, "GET", "/v2/nginx/manifests/1.0?ns=docker.io")
     assert flow.response.status_code == 200 and paths(hub) == ["/v2/library/nginx/manifests/1.0"]
