@@ -181,8 +181,3 @@ def map_scope(scope: str, rename: Callable[[str], str]) -> str:
         return scope
     parts = scope.split(":")
     return ":".join([parts[0], rename(name), parts[-1]])
-
-
-def rewrite_scope(scope: str, prefix: str) -> str:
-    """Apply the ``library/`` rule to one token scope, e.g. ``repository:nginx:pull``."""
-    return map_scope(scope, lambda name: official_name(name, prefix))

@@ -169,27 +169,25 @@ class Registries:
             chosen = upstream
         return chosen
 
+    def registry_prefix(self, name: str) -> tuple[str, Upstream | None] | None:
+        """A repository name's first segment when it names a registry (looks
+        like a host), with that registry's table entry (None: not served)."""
+        first, slash, _ = name.partition("/")
+        if not slash or not looks_like_host(first):
+            return None
+        return first, self.named(first)
+
     def route(self, fixed: Upstream | None, name: str) -> Routed:
         """The upstream of a repository. ``fixed``: already decided by ns, host or proxy target."""
         if fixed is not None:
             return Routed(fixed, name)
-        first, slash, rest = name.partition("/")
-        if slash and looks_like_host(first):
-            upstream = self.named(first)
-            if upstream is None:
-                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
-            return Routed(upstream, rest, first + "/")
-        return Routed(self.default_upstream, name)
-
-    def split_scope_name(self, name: str) -> tuple[Upstream | None, str]:
-        """A token scope's repository name: (registry it names by prefix, rest)."""
-        first, slash, rest = name.partition("/")
-        if slash and looks_like_host(first):
-            upstream = self.named(first)
-            if upstream is None:
-                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
-            return upstream, rest
-        return None, name
+        prefix = self.registry_prefix(name)
+        if prefix is None:
+            return Routed(self.default_upstream, name)
+        first, upstream = prefix
+        if upstream is None:
+            raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
+        return Routed(upstream, name[len(first) + 1:], first + "/")
 
     def for_token(self, fixed: Upstream | None, named: str | None, scope_names: list[str]) -> Upstream:
         """Which upstream a token request is for: ``/token/<named>``, else the
@@ -205,15 +203,13 @@ class Registries:
         prefixed: set[Upstream] = set()
         unprefixed = False
         for name in scope_names:
-            first, slash, _ = name.partition("/")
-            if not slash or not looks_like_host(first):
+            prefix = self.registry_prefix(name)
+            if prefix is None:
                 unprefixed = True
-                continue
-            upstream = self.named(first)
-            if upstream is not None:
-                prefixed.add(upstream)
+            elif prefix[1] is not None:
+                prefixed.add(prefix[1])
             elif chosen is None:
-                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
+                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {prefix[0]}")
         if len(prefixed) > 1 or (prefixed and (unprefixed and chosen is None or chosen not in (None, *prefixed))):
             raise RouteError(400, "DENIED", "a token request names repositories of more than one registry")
         return chosen or (prefixed.pop() if prefixed else self.default_upstream)
@@ -223,9 +219,9 @@ class Registries:
         official = upstream.name == official_registry
 
         def upstream_name(name: str) -> str:
-            first, slash, rest = name.partition("/")
-            if slash and looks_like_host(first) and self.named(first) == upstream:
-                name = rest
+            prefix = self.registry_prefix(name)
+            if prefix is not None and prefix[1] == upstream:
+                name = name[len(prefix[0]) + 1:]
             return official_name(name, official_prefix) if official else name
 
         return lambda scope: map_scope(scope, upstream_name)

@@ -60,7 +60,7 @@ def routed(hub, ghcr):
     # one loop for the whole test: the addon's HTTP client keeps connections across requests
     with taddons.context(*with_core_addons(addon)) as tctx:
         tctx.configure(addon, hub_config="", keep_host_header=True,
-                       hub_upstreams=[f"docker.io=https://registry-1.docker.io", f"ghcr.io={ghcr.url}"],
+                       hub_upstreams=["docker.io=https://registry-1.docker.io", f"ghcr.io={ghcr.url}"],
                        hub_host_map=["ghcr.mirror.test=ghcr.io"])
         tctx.master.event_loop.run_until_complete(asyncio.sleep(0))
         LOOP.append(tctx.master.event_loop)

@@ -1,6 +1,6 @@
 import pytest
 
-from hubrewrite.names import Kind, RouteError, official_name, parse_route, rewrite_scope, with_official_prefix
+from hubrewrite.names import Kind, RouteError, map_scope, official_name, parse_route, with_official_prefix
 
 D = "sha256:" + "a" * 64
 
@@ -74,4 +74,4 @@ def test_official_prefix_only_for_single_segment_names():
     ],
 )
 def test_rewrite_scope(scope, expected):
-    assert rewrite_scope(scope, "library") == expected
+    assert map_scope(scope, lambda name: official_name(name, "library")) == expected

@@ -2,7 +2,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from hubrewrite.names import rewrite_scope
+from hubrewrite.names import map_scope, official_name
 from hubrewrite.tokens import (
     TokenRequestError,
     carries_credentials,
@@ -17,7 +17,7 @@ from hubrewrite.tokens import (
 
 
 def library(scope: str) -> str:
-    return rewrite_scope(scope, "library")
+    return map_scope(scope, lambda name: official_name(name, "library"))
 
 
 def test_get_query_keeps_repeated_scopes_and_rewrites_official_names():
