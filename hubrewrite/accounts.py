@@ -152,9 +152,7 @@ class MirrorAccounts:
         elif hashed.startswith("$argon2"):
             try:
                 ok = _argon2.verify(hashed, password)
-            except argon2.exceptions.VerificationError:
-                ok = False
-            except argon2.exceptions.InvalidHashError:
+            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
                 ok = False
         else:
             try:

@@ -42,9 +42,7 @@ from .accounts import (
     SignInRefused,
     bearer_token,
     load_users,
-    parse_basic,
     sign_in,
-    split_credentials,
 )
 from .policy import CREDENTIALS_ENV_PREFIX, PolicyError, RepositoryRules, UpstreamCredentials
 from .registries import DEFAULT_UPSTREAMS, Registries, Routed
@@ -53,7 +51,7 @@ from .pullthrough import CachingStream, Download, PullThrough
 from .store import Store
 from .errors import error_response, make_response
 from .upstream import UpstreamClient, UpstreamError, check_reachable, make_ssl_context, redirect_target
-from .upstreams import Upstream, is_forward_proxy, public_url_of, reverse_target, validate_public_url
+from .upstreams import Upstream, ip_of, is_forward_proxy, public_url_of, reverse_target, validate_public_url
 
 log = logging.getLogger("hub_rewrite")
 # httpx logs every request URL at INFO; signed CDN URLs and token queries stay
@@ -93,7 +91,7 @@ TABLE_OPTIONS = {"hub_upstreams", "hub_host_map", "hub_registry_name"}
 CACHE_OPTIONS = {"hub_cache_dir", "hub_cache_max_size", "hub_cache_stale", "hub_cache_auth_ttl", "hub_upstream_timeout"}
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
 RETRY_PARAM = "_hub_retry"
-OWN_TOKEN_LIFETIME = 300.0
+OWN_TOKEN_LIFETIME = 300.0  # seconds: tokens the mirror makes itself (own, offline)
 STALE_WARNING = ("Warning", '110 hub-rewrite "Response is Stale"')
 
 # flow.metadata keys
@@ -494,7 +492,7 @@ class HubRewrite:
         place = self.place_of(flow)
         if place is None:
             if is_forward_proxy(flow) and not may_pass_through(flow.client_conn):
-                flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
+                flow.response = _not_in_table()
             return  # forward-proxy traffic for other hosts passes untouched
         try:
             response = await self.answer(flow, *place)
@@ -537,7 +535,7 @@ class HubRewrite:
         if may_pass_through(flow.client_conn):
             return
         if self.registries.for_proxy_target(flow.request.host, flow.request.port) is None:
-            flow.response = error_response(403, "DENIED", "this proxy only serves the registries in its table")
+            flow.response = _not_in_table()
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # keep_host_header (mitm.conf) leaves the reverse target's TLS server
@@ -707,13 +705,9 @@ class HubRewrite:
         params = {"realm": flow.metadata[META_VIEW].token_url, "service": service or "hub-rewrite"}
         if route.name:
             params["scope"] = f"repository:{client_prefix}{route.name}:pull"
-        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"sign in to the mirror (docker login)"}]}'
-        return make_response(401, [
-            ("WWW-Authenticate", challenge.Challenge("Bearer", params).format()),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Docker-Distribution-API-Version", "registry/2.0"),
-        ], b"" if flow.request.method == "HEAD" else body)
+        return _bearer_challenge(params, "sign in to the mirror (docker login)",
+                                 [("Docker-Distribution-API-Version", "registry/2.0")],
+                                 with_body=flow.request.method != "HEAD")
 
     async def relay(self, flow: http.HTTPFlow, upstream: Upstream, path_and_query: str) -> http.Response:
         """A small exchange made by the mirror itself, redirects followed."""
@@ -1016,24 +1010,15 @@ class HubRewrite:
         if self.cache is None or upstream.base not in self.realms:
             return None
         _, service = self.realms[upstream.base]
-        c = challenge.Challenge("Bearer", {"realm": "x"} | ({"service": service} if service else {}))
-        token_url = flow.metadata[META_VIEW].token_url
-        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
-        return make_response(401, [
-            ("WWW-Authenticate", c.with_param("realm", token_url).format()),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            (CACHE_HEADER, "stale"),
-            STALE_WARNING,
-        ], body)
+        params = {"realm": flow.metadata[META_VIEW].token_url} | ({"service": service} if service else {})
+        return _bearer_challenge(params, "authentication required", [(CACHE_HEADER, "stale"), STALE_WARNING])
 
     def own_token(self, user: str) -> http.Response:
         """Mirror accounts in front of an upstream without token auth: the
         mirror's own token, which opens the mirror and is never sent upstream."""
         token = "hub-rewrite." + secrets.token_urlsafe(24)
         self.issued.issue(token, user, OWN_TOKEN_LIFETIME, own=True)
-        body = json.dumps({"token": token, "access_token": token, "expires_in": int(OWN_TOKEN_LIFETIME)}).encode()
-        return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
+        return _token_answer(token, OWN_TOKEN_LIFETIME)
 
     def offline_token(self, user: str | None = None) -> http.Response:
         """A token for a client without credentials while the token service is down.
@@ -1045,11 +1030,8 @@ class HubRewrite:
         token = "hub-rewrite-offline." + secrets.token_urlsafe(24)
         self.cache.access.note_anonymous_token(token)
         if user is not None:
-            self.issued.issue(token, user, 300)
-        body = json.dumps({"token": token, "access_token": token, "expires_in": 300,
-                           "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
-        return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                                   (CACHE_HEADER, "stale"), STALE_WARNING], body)
+            self.issued.issue(token, user, OWN_TOKEN_LIFETIME)
+        return _token_answer(token, OWN_TOKEN_LIFETIME, [(CACHE_HEADER, "stale"), STALE_WARNING])
 
     def note_anonymous_grant(self, body: bytes) -> None:
         """Tokens handed to clients without credentials mark what anyone may pull."""
@@ -1117,14 +1099,13 @@ class HubRewrite:
 
     async def signed_in_basic(self, flow: http.HTTPFlow) -> bool:
         """Basic credentials of a mirror account (the mirror part of the password)."""
-        basic = parse_basic(flow.request.headers.get("authorization"))
-        if basic is None or self.accounts is None:
+        if self.accounts is None:
             return False
         try:
-            credentials = split_credentials(*basic)
-        except AccountsError:
+            await sign_in(self.accounts, self.issued, flow.request.headers.get("authorization"), None)
+        except SignInRefused:
             return False
-        return await asyncio.to_thread(self.accounts.verify, credentials.mirror_user, credentials.mirror_password)
+        return True
 
     def health_details(self) -> tuple[bool, dict]:
         """Configured, and the cache (if any) writable. Blocking: run in a thread."""
@@ -1389,6 +1370,31 @@ def _cache_outcome(digest: str):
     return outcome
 
 
+def _bearer_challenge(
+    params: dict[str, str], message: str, extra_headers: list[tuple[str, str]], with_body: bool = True
+) -> http.Response:
+    """401 UNAUTHORIZED pointing the client at the mirror's token endpoint."""
+    body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": message}]}).encode()
+    return make_response(401, [
+        ("WWW-Authenticate", challenge.Challenge("Bearer", params).format()),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        *extra_headers,
+    ], body if with_body else b"")
+
+
+def _token_answer(token: str, lifetime: float, extra_headers: list[tuple[str, str]] = ()) -> http.Response:
+    """A token the mirror made itself, shaped like a token service's answer."""
+    body = json.dumps({"token": token, "access_token": token, "expires_in": int(lifetime),
+                       "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+    return make_response(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                               *extra_headers], body)
+
+
+def _not_in_table() -> http.Response:
+    return error_response(403, "DENIED", "this proxy only serves the registries in its table")
+
+
 def _loopback_address(value: str) -> tuple[str, int]:
     """hub_metrics_listen: a loopback host and a port (metrics are for a local scraper)."""
     host, _, port = value.rpartition(":")
@@ -1424,10 +1430,5 @@ def may_pass_through(client) -> bool:
         return False
     if getattr(ctx.options, "proxyauth", None):
         return True
-    try:
-        address = ipaddress.ip_address(client.peername[0].split("%", 1)[0])
-    except (TypeError, ValueError, IndexError):
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return not address.is_global
+    address = ip_of(client.peername[0]) if client.peername else None
+    return address is not None and not address.is_global

@@ -71,10 +71,18 @@ def public_url_of(client: connection.Client) -> str:
     scheme = "https" if client.tls_established else "http"
     local_host, local_port = client.sockname[0], client.sockname[1]
     host = client.sni or local_host
+    address = ip_of(host)
+    if address is not None and address.version == 4 and ":" in host:
+        host = str(address)  # IPv4-mapped ::ffff:10.0.0.1 -> 10.0.0.1
+    return base_url(scheme, host, local_port)
+
+
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host string names (IPv4-mapped IPv6 as IPv4, zone dropped), or None for a name."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            host = str(address.ipv4_mapped)
     except ValueError:
-        pass  # a name from SNI
-    return base_url(scheme, host, local_port)
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
