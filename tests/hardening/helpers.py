@@ -255,7 +255,8 @@ def cache_blob_path(cache_dir, digest: str):
 
 
 def part_files(cache_dir) -> list:
-    return sorted((cache_dir / "tmp").glob("*.part")) if (cache_dir / "tmp").exists() else []
+    """Downloads in progress (or left behind) in the cache."""
+    return sorted((cache_dir / "tmp").glob("*.download")) if (cache_dir / "tmp").exists() else []
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

@@ -2,7 +2,7 @@ import base64
 import json
 import time
 
-from hubrewrite.access import ANONYMOUS, AccessMemory, client_identity, token_lifetime
+from hubrewrite.access.confirmations import ANONYMOUS, AccessMemory, client_identity, token_lifetime
 
 
 def jwt(exp: float) -> str:
@@ -36,13 +36,19 @@ def test_confirmation_is_per_token_and_repository():
     assert not memory.allowed(client_identity("Bearer mallory"), "https://r", "private/x")
 
 
-def test_expired_token_no_longer_allowed_but_stale_window_applies():
-    memory = AccessMemory(60, 3600)
+def test_expired_token_opens_nothing_private_in_stale_mode_unless_a_grace_is_set():
     expired = f"Bearer {jwt(time.time() - 1)}"
-    memory.confirm(client_identity(expired), expired, "https://r", "a/b")
-    assert not memory.allowed(client_identity(expired), "https://r", "a/b")
-    assert memory.allowed_stale(client_identity(expired), "https://r", "a/b")
-    assert not AccessMemory(60, 0).allowed_stale(client_identity(expired), "https://r", "a/b")
+    valid = f"Bearer {jwt(time.time() + 300)}"
+    for grace, expired_allowed in ((0, False), (600, True)):
+        memory = AccessMemory(60, 3600, expired_grace=grace)
+        memory.confirm(client_identity(expired), expired, "https://r", "a/b")
+        memory.confirm(client_identity(valid), valid, "https://r", "a/b")
+        assert not memory.allowed(client_identity(expired), "https://r", "a/b")
+        assert memory.allowed_stale(client_identity(expired), "https://r", "a/b") is expired_allowed
+        assert memory.allowed_stale(client_identity(valid), "https://r", "a/b")
+    memory = AccessMemory(60, 0)
+    memory.confirm(client_identity(valid), valid, "https://r", "a/b")
+    assert not memory.allowed_stale(client_identity(valid), "https://r", "a/b")
 
 
 def test_anonymous_grants_mark_repositories_public_for_stale_serving():

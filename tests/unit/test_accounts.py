@@ -2,9 +2,8 @@ import base64
 
 import pytest
 
-from hubrewrite.accounts import (
+from hubrewrite.access.accounts import (
     AccountsError,
-    IssuedTokens,
     MirrorAccounts,
     hash_password,
     load_users,
@@ -12,7 +11,11 @@ from hubrewrite.accounts import (
     parse_basic,
     split_credentials,
 )
-from hubrewrite.policy import PolicyError, RepositoryRules, UpstreamCredentials
+from hubrewrite.access.credentials import UpstreamCredentials
+from hubrewrite.access.issued import IssuedTokens
+from hubrewrite.access.rules import PolicyError, RepositoryRules
+from hubrewrite.registry.errors import RegistryError as SignInRefused
+from hubrewrite.registry.tokens import parse_grant, with_access_token
 
 
 def test_users_file_with_bcrypt_and_argon2(tmp_path):
@@ -69,7 +72,7 @@ def test_issued_tokens_expire(monkeypatch):
     issued.issue("tok", "ann", 30)
     assert issued.user_of("tok") == "ann"
     assert issued.user_of("other") is None and issued.user_of(None) is None
-    import hubrewrite.accounts as accounts
+    import hubrewrite.access.issued as accounts
     real = accounts.time.monotonic
     monkeypatch.setattr(accounts.time, "monotonic", lambda: real() + 31)
     assert issued.user_of("tok") is None
@@ -108,7 +111,7 @@ def test_sign_in_drops_the_mirror_part():
     import asyncio
     import json
 
-    from hubrewrite.accounts import SignInRefused, basic_header, sign_in
+    from hubrewrite.access.accounts import basic_header, sign_in
 
     accounts = MirrorAccounts({"ann": hash_password("pw")})
     issued = IssuedTokens()
@@ -125,8 +128,9 @@ def test_sign_in_drops_the_mirror_part():
             run(bad)
     with pytest.raises(SignInRefused):
         run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])
-    body = issued.issue_grant("ann", json.dumps({"token": "t", "refresh_token": "r", "expires_in": 60}).encode())
-    assert json.loads(body)["access_token"] == "t"
+    answer = json.dumps({"token": "t", "refresh_token": "r", "expires_in": 60}).encode()
+    issued.issue_grant("ann", parse_grant(answer))
+    assert json.loads(with_access_token(answer))["access_token"] == "t"
     assert issued.user_of("t") == "ann"
     assert run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])[0] == "ann"
-    assert issued.issue_grant("ann", b"not json") == b"not json"
+    assert parse_grant(b"not json") is None and with_access_token(b"not json") == b"not json"

@@ -12,9 +12,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from hubrewrite.accounts import hash_password
+from hubrewrite.access.accounts import hash_password
 from hubrewrite.addon import HubRewrite
 
+from .driving import drive
 from .recording_server import Canned, RecordingServer
 from .test_addon import body_json, make_flow, with_core_addons
 
@@ -80,7 +81,7 @@ def ask(addon, hub, method, path, headers=(), content=b"", mode=None, host=None)
     flow = make_flow(hub.url, method, path, headers=headers, content=content, mode=mode)
     if host:
         flow.request.headers["Host"] = host  # as the client sent it (keep_host_header)
-    run(addon.request(flow))
+    run(drive(addon, flow))
     return flow
 
 
@@ -255,18 +256,18 @@ def test_forward_proxy_serves_table_hosts_and_passes_others(routed, hub, ghcr):
     flow.request.host = "ghcr.io"  # the client asked the proxy for ghcr.io
     flow.request.port = 443
     flow.request.scheme = "https"
-    run(addon.request(flow))
+    run(drive(addon, flow))
     assert flow.response.status_code == 200 and paths(ghcr) == ["/v2/owner/tool/manifests/1.0"]
     flow = make_flow(ghcr.url, "GET", "/v2/owner/private/manifests/1.0", mode="regular")
     flow.request.url = "https://ghcr.io/v2/owner/private/manifests/1.0"
-    run(addon.request(flow))
+    run(drive(addon, flow))
     assert 'realm="https://ghcr.io/token/ghcr.io"' in flow.response.headers["www-authenticate"]
 
     other = make_flow(hub.url, "GET", "/anything", mode="regular")
-    run(addon.request(other))
+    run(drive(addon, other))
     assert other.response is None  # untouched
     tctx.configure(addon, hub_proxy_passthrough=False)
-    run(addon.request(other))
+    run(drive(addon, other))
     assert other.response.status_code == 403
 
 
@@ -338,11 +339,11 @@ def test_forward_proxy_passes_through_only_for_private_clients(routed, hub):
     for peer, passed in ((("10.1.2.3", 5555), True), (("::ffff:192.168.1.9", 5555), True), (("8.8.8.8", 5555), False)):
         flow = make_flow(hub.url, "GET", "/anything", mode="regular")
         flow.client_conn.peername = peer
-        run(addon.request(flow))
+        run(drive(addon, flow))
         assert (flow.response is None) == passed, peer
     # a public client may still use it for registries in the table
     flow = make_flow(hub.url, "GET", "/v2/owner/tool/manifests/1.0", mode="regular")
     flow.request.url = "https://ghcr.io/v2/owner/tool/manifests/1.0"
     flow.client_conn.peername = ("8.8.8.8", 5555)
-    run(addon.request(flow))
+    run(drive(addon, flow))
     assert flow.response.status_code == 200

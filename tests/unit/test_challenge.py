@@ -1,6 +1,6 @@
 import pytest
 
-from hubrewrite.challenge import Challenge, ChallengeError, format_challenges, parse_challenges
+from hubrewrite.registry.challenge import Challenge, ChallengeError, format_challenges, parse_challenges
 
 
 def test_docker_hub_repository_challenge():

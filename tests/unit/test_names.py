@@ -1,6 +1,10 @@
 import pytest
 
-from hubrewrite.names import Kind, RouteError, map_scope, official_name, parse_route, with_official_prefix
+from hubrewrite.registry.errors import RegistryError as RouteError
+from hubrewrite.registry.names import Kind, official_name, parse_route, with_official_prefix
+from hubrewrite.registry.registries import Registries
+from hubrewrite.registry.scopes import parse_scope
+from hubrewrite.registry.upstream import Upstream
 
 D = "sha256:" + "a" * 64
 
@@ -70,8 +74,11 @@ def test_official_prefix_only_for_single_segment_names():
         ("repository:a/b:pull,push", "repository:a/b:pull,push"),
         ("repository(plugin):nginx:pull", "repository(plugin):library/nginx:pull"),
         ("registry:catalog:*", "registry:catalog:*"),
-        ("garbage", "garbage"),
+        ("garbage", None),
     ],
 )
 def test_rewrite_scope(scope, expected):
-    assert map_scope(scope, lambda name: official_name(name, "library")) == expected
+    hub = Upstream("https", "registry-1.docker.io", 443, "docker.io")
+    registries = Registries({"docker.io": hub}, "docker.io")
+    parsed = parse_scope(scope)
+    assert (str(registries.upstream_scope(hub, parsed)) if parsed else None) == expected

@@ -1,6 +1,8 @@
 import html
 
-from hubrewrite.observe import CountingStream, Metrics, pull_log_line, status_page
+from hubrewrite.observe.logline import pull_log_line
+from hubrewrite.observe.metrics import CountingStream, Metrics
+from hubrewrite.observe.status_page import status_page
 
 
 def test_pull_log_line_names_the_step_and_nothing_else():
@@ -36,7 +38,7 @@ def test_counting_stream_passes_chunks_through():
 def test_status_page_fills_in_the_mirror_url_and_escapes():
     page = status_page("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io", ["docker.io", "ghcr.io"],
                        "/var/cache/hub", 3 * 1024**3, "20g", 0.5,
-                       {("https://registry-1.docker.io", "1.2.3.4"): "87;w=21600"}, 42).decode()
+                       {"https://registry-1.docker.io": "87;w=21600"}, 42).decode()
     page = html.unescape(page)
     assert "docker pull mirror.example:5000/library/nginx" in page
     assert '"registry-mirrors": [\n    "http://mirror.example:5000"\n  ]' in page

@@ -1,7 +1,7 @@
 import pytest
 
-from hubrewrite.names import RouteError
-from hubrewrite.registries import (
+from hubrewrite.registry.errors import RegistryError as RouteError
+from hubrewrite.registry.registries import (
     DEFAULT_UPSTREAMS,
     Registries,
     TableError,
@@ -10,7 +10,8 @@ from hubrewrite.registries import (
     parse_table,
     parse_upstream,
 )
-from hubrewrite.upstreams import Upstream
+from hubrewrite.registry.upstream import Upstream
+from hubrewrite.registry.scopes import parse_scope
 
 
 def table(*entries: str) -> Registries:
@@ -115,8 +116,12 @@ def test_token_requests_go_to_one_registry():
 
 def test_scope_map_strips_the_prefix_and_applies_the_library_rule_to_docker_hub_only():
     r = table("docker.io=https://registry-1.docker.io", "ghcr.io")
-    hub = r.scope_map(r.table["docker.io"], "docker.io", "library")
-    ghcr = r.scope_map(r.table["ghcr.io"], "docker.io", "library")
+    def hub(scope):
+        return str(r.upstream_scope(r.table["docker.io"], parse_scope(scope)))
+
+    def ghcr(scope):
+        return str(r.upstream_scope(r.table["ghcr.io"], parse_scope(scope)))
+
     assert hub("repository:nginx:pull") == "repository:library/nginx:pull"
     assert hub("repository:docker.io/nginx:pull") == "repository:library/nginx:pull"
     assert ghcr("repository:ghcr.io/owner/x:pull,push") == "repository:owner/x:pull,push"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hubrewrite.store import Store
+from hubrewrite.cache.store import Store
 
 
 def digest_of(data: bytes) -> str:
@@ -31,7 +31,7 @@ def test_blob_committed_only_when_verified(tmp_path):
     wrong.write(b"hello world")
     assert not wrong.finish()
     assert not store.has_blob(digest_of(b"something else"))
-    assert list(store.tmp.glob("*.part")) == []
+    assert list(store.tmp.glob("*.download")) == []
 
 
 def test_aborted_download_leaves_nothing(tmp_path):
@@ -83,7 +83,7 @@ def test_manifests_verified_on_read(tmp_path):
     assert not store.put_manifest(digest, "t", b"other")
     assert store.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json", body)
     assert store.get_manifest(digest) == ("application/vnd.oci.image.manifest.v1+json", body)
-    store._manifest_path(digest).write_bytes(b"tampered")
+    store.manifest_path(digest).write_bytes(b"tampered")
     assert store.get_manifest(digest) is None
 
 
@@ -94,8 +94,8 @@ def test_tags_keyed_by_accept_and_membership(tmp_path):
     assert store.get_tag("https://r", "library/a", "1", "index").digest == digest_of(b"1")
     assert store.get_tag("https://r", "library/a", "1", "single").digest == digest_of(b"2")
     assert store.get_tag("https://r", "library/b", "1", "index") is None
-    # another Accept header: an entry whose media type it accepts
-    assert store.get_tag("https://r", "library/a", "1", "x, single-type;q=0.9").digest == digest_of(b"2")
+    # another Accept may be answered with another manifest: no entry stands in for it
+    assert store.get_tag("https://r", "library/a", "1", "x, single-type;q=0.9") is None
     assert store.get_tag("https://r", "library/a", "1", "unrelated") is None
     store.add_member("https://r", "library/a", digest_of(b"1"))
     assert store.is_member("https://r", "library/a", digest_of(b"1"))
@@ -131,7 +131,7 @@ def test_concurrent_tag_writers_keep_every_entry(tmp_path):
 
     Store(tmp_path, 0)
     context = multiprocessing.get_context("spawn")  # fork from a threaded pytest may deadlock
-    writers = [context.Process(target=_write_tags, args=(str(tmp_path), w, 40)) for w in range(4)]
+    writers = [context.Process(target=_write_tags, args=(str(tmp_path), w, 4)) for w in range(4)]
     for p in writers:
         p.start()
     for p in writers:
@@ -139,5 +139,40 @@ def test_concurrent_tag_writers_keep_every_entry(tmp_path):
         assert p.exitcode == 0
     store = Store(tmp_path, 0)
     for w in range(4):
-        for i in range(40):
+        for i in range(4):
             assert store.get_tag("https://up", "library/nginx", "latest", f"accept-{w}-{i}") is not None, (w, i)
+
+
+def test_tag_records_stay_bounded(tmp_path):
+    from hubrewrite.cache.store import MAX_TAG_ENTRIES
+
+    store = Store(tmp_path, 0)
+    for i in range(5 * MAX_TAG_ENTRIES):
+        store.put_tag("https://up", "library/nginx", "latest", f"accept-{i}", "sha256:" + "a" * 64, "t")
+    path = store._tag_path("https://up", "library/nginx", "latest")
+    assert path.stat().st_size < 300 * MAX_TAG_ENTRIES
+    newest = f"accept-{5 * MAX_TAG_ENTRIES - 1}"
+    assert store.get_tag("https://up", "library/nginx", "latest", newest) is not None
+    assert store.get_tag("https://up", "library/nginx", "latest", "accept-0") is None
+
+
+def test_a_disk_that_refuses_writes_never_fails_a_caller(tmp_path):
+    """Full disk: writes are given up and the problem remembered; the next good write clears it."""
+    import errno
+
+    store = Store(tmp_path, 0)
+    real_replace = os.replace
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os.replace = full
+    try:
+        store.put_tag("https://up", "a", "1", "k", "sha256:" + "a" * 64, "t")
+        assert not store.put_manifest(digest_of(b"m"), "t", b"m")
+    finally:
+        os.replace = real_replace
+    assert store.problem == "disk full"
+    assert list(store.tmp.iterdir()) == []  # nothing half-written left behind
+    store.put_tag("https://up", "a", "1", "k", "sha256:" + "a" * 64, "t")
+    assert store.problem is None

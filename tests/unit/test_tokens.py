@@ -2,22 +2,28 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from hubrewrite.names import map_scope, official_name
-from hubrewrite.tokens import (
-    TokenRequestError,
+from hubrewrite.registry.errors import RegistryError as TokenRequestError
+from hubrewrite.registry.names import official_name
+from hubrewrite.registry.scopes import map_scope_fields, parse_scope, repository_names
+from hubrewrite.registry.tokens import (
     carries_credentials,
     encode_form,
     parse_form,
     realm_url,
-    rewrite_form,
-    rewrite_query,
-    scope_names,
     token_request_headers,
 )
 
 
-def library(scope: str) -> str:
-    return map_scope(scope, lambda name: official_name(name, "library"))
+def library(scope):
+    return scope.renamed(official_name(scope.name, "library")) if scope.is_repository else scope
+
+
+def rewrite_query(fields, mapper):
+    return map_scope_fields(fields, mapper)
+
+
+rewrite_form = rewrite_query
+scope_names = repository_names
 
 
 def test_get_query_keeps_repeated_scopes_and_rewrites_official_names():
@@ -72,3 +78,34 @@ def test_credentials_in_a_form():
     assert carries_credentials([("refresh_token", "r")])
     assert not carries_credentials([("grant_type", "password"), ("username", "u")])
     assert not carries_credentials(None)
+
+
+def deny_secret(scope):
+    return None if scope.is_repository and scope.name.startswith("private/") else scope
+
+
+@pytest.mark.parametrize("fields", [
+    [("scope", "repository:library/alpine:pull repository:private/secret:pull")],  # space, as Docker Hub splits
+    [("scope", "repository:library/alpine:pull\trepository:private/secret:pull")],  # any whitespace
+    [("scope", "repository:library/alpine:pull"), ("scope", "repository:private/secret:pull")],  # repeated
+    [("scope", "  repository:private/secret:pull  repository:library/alpine:pull ")],
+])
+def test_every_scope_of_every_syntax_is_checked_on_its_own(fields):
+    kept = map_scope_fields(fields, deny_secret)
+    assert "private/secret" not in " ".join(v for _, v in kept)
+    assert ("scope", "repository:library/alpine:pull") in kept
+    assert sorted(repository_names(fields)) == ["library/alpine", "private/secret"]
+
+
+def test_plus_in_a_query_or_form_is_a_space():
+    for fields in (parse_qsl("scope=repository:library/alpine:pull+repository:private/secret:pull"),
+                   parse_form(b"scope=repository%3Alibrary%2Falpine%3Apull+repository%3Aprivate%2Fsecret%3Apull")):
+        assert map_scope_fields(fields, deny_secret) == [("scope", "repository:library/alpine:pull")]
+
+
+def test_scopes_outside_the_grammar_are_dropped_not_passed_on():
+    assert map_scope_fields([("scope", "repository:a:pull,push garbage Repository:x:pull repository::pull")],
+                            lambda s: s) == [("scope", "repository:a:pull,push")]
+    assert parse_scope("repository:localhost:5000/app:pull").name == "localhost:5000/app"
+    assert parse_scope("repository(plugin):x:pull").is_repository
+    assert not parse_scope("registry:catalog:*").is_repository

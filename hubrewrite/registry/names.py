@@ -10,9 +10,10 @@ byte goes upstream, so traversal tricks such as ``/v2/../../etc/passwd`` or
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
+
+from .errors import RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -68,55 +69,42 @@ class Route:
         raise AssertionError(self.kind)
 
 
-class RouteError(ValueError):
-    """A path that is not a valid registry API path.
-
-    ``code`` and ``status`` are what the registry spec answers for it.
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 def validate_name(name: str) -> None:
     if len(name) > MAX_NAME_LENGTH:
-        raise RouteError(400, "NAME_INVALID", f"repository name longer than {MAX_NAME_LENGTH} characters")
+        raise RegistryError(400, "NAME_INVALID", f"repository name longer than {MAX_NAME_LENGTH} characters")
     if not NAME_RE.fullmatch(name):
-        raise RouteError(400, "NAME_INVALID", "invalid repository name")
+        raise RegistryError(400, "NAME_INVALID", "invalid repository name")
 
 
 def validate_digest(digest: str) -> None:
     if not DIGEST_RE.fullmatch(digest):
-        raise RouteError(400, "DIGEST_INVALID", "invalid digest")
+        raise RegistryError(400, "DIGEST_INVALID", "invalid digest")
     algorithm, hex_part = digest.split(":", 1)
     expected = DIGEST_HEX_LENGTHS.get(algorithm)
     if expected is None:
-        raise RouteError(400, "DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}")
+        raise RegistryError(400, "DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}")
     if len(hex_part) != expected or not _HEX_RE.fullmatch(hex_part):
-        raise RouteError(400, "DIGEST_INVALID", f"invalid {algorithm} digest")
+        raise RegistryError(400, "DIGEST_INVALID", f"invalid {algorithm} digest")
 
 
 def validate_reference(reference: str) -> None:
     if ":" in reference:
         validate_digest(reference)
     elif not TAG_RE.fullmatch(reference):
-        raise RouteError(400, "TAG_INVALID", "invalid tag")
+        raise RegistryError(400, "TAG_INVALID", "invalid tag")
 
 
 def parse_route(path: str) -> Route:
     """Parse the raw (still percent-encoded) path of a request, without query.
 
-    Raises RouteError for anything outside the API's grammar.
+    Raises RegistryError for anything outside the API's grammar.
     """
     if not path.startswith("/v2/") and path != "/v2":
-        raise RouteError(404, "UNSUPPORTED", "not a registry API path")
+        raise RegistryError(404, "UNSUPPORTED", "not a registry API path")
     if "%" in path or "\\" in path:
         # Nothing in the API grammar is ever percent-encoded; an encoded
         # character is an attempt to smuggle '/', '.' or a control byte.
-        raise RouteError(400, "NAME_INVALID", "percent-encoded characters are not allowed in registry paths")
+        raise RegistryError(400, "NAME_INVALID", "percent-encoded characters are not allowed in registry paths")
     if path in ("/v2", "/v2/"):
         return Route(Kind.BASE)
     rest = path[len("/v2/"):]
@@ -129,7 +117,7 @@ def parse_route(path: str) -> Route:
         return Route(Kind.UPLOAD, upload.group(1), upload.group(2))
     segments = rest.split("/")
     if any(s in ("", ".", "..") for s in segments):
-        raise RouteError(400, "NAME_INVALID", "empty or relative path segments are not allowed")
+        raise RegistryError(400, "NAME_INVALID", "empty or relative path segments are not allowed")
 
     if len(segments) >= 3 and segments[-2] == "tags" and segments[-1] == "list":
         name = "/".join(segments[:-2])
@@ -145,39 +133,15 @@ def parse_route(path: str) -> Route:
         validate_digest(reference)
         kind = Kind.BLOB if segments[-2] == "blobs" else Kind.REFERRERS
         return Route(kind, name, reference)
-    raise RouteError(404, "UNSUPPORTED", "unknown registry API path")
-
-
-def with_official_prefix(route: Route, prefix: str) -> Route:
-    """Docker Hub keeps official images under ``library/``: ``nginx`` is ``library/nginx``."""
-    if not prefix or not route.name or "/" in route.name:
-        return route
-    return replace(route, name=f"{prefix}/{route.name}")
+    raise RegistryError(404, "UNSUPPORTED", "unknown registry API path")
 
 
 def official_name(name: str, prefix: str) -> str:
+    """Docker Hub keeps official images under ``library/``: ``nginx`` is ``library/nginx``."""
     if not prefix or not name or "/" in name:
         return name
     return f"{prefix}/{name}"
 
 
-def scope_name(scope: str) -> str | None:
-    """The repository name of a token scope such as ``repository:nginx:pull``, else None.
-
-    A scope is ``type:name:actions``; names may contain ':' only in the
-    resource-type's class suffix (``repository(plugin):...``), never in the name,
-    so the name is the text between the first and the last ':'.
-    """
-    parts = scope.split(":")
-    if len(parts) < 3 or not parts[0].startswith("repository"):
-        return None
-    return ":".join(parts[1:-1])
-
-
-def map_scope(scope: str, rename: Callable[[str], str]) -> str:
-    """The same scope with its repository name replaced by ``rename(name)``."""
-    name = scope_name(scope)
-    if name is None:
-        return scope
-    parts = scope.split(":")
-    return ":".join([parts[0], rename(name), parts[-1]])
+def with_official_prefix(route: Route, prefix: str) -> Route:
+    return replace(route, name=official_name(route.name, prefix)) if route.name else route

@@ -63,11 +63,17 @@ def upstream_request_headers(fields: Iterable[tuple[str, str]]) -> list[tuple[st
     return [(k, v) for k, v in end_to_end(fields) if k.lower() not in _REQUEST_REPLACED]
 
 
-def redirect_request_headers(fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers for following a redirect to another host: no credentials."""
-    return [(k, v) for k, v in upstream_request_headers(fields) if k.lower() not in CREDENTIAL_HEADERS]
+def without_credentials(fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers for a redirect target (a CDN or storage service) or the cache: no credentials."""
+    return without(fields, CREDENTIAL_HEADERS)
 
 
 def without(fields: Iterable[tuple[str, str]], names: Iterable[str]) -> list[tuple[str, str]]:
     drop = {n.lower() for n in names}
     return [(k, v) for k, v in fields if k.lower() not in drop]
+
+
+def value_of(fields: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of a header, case-insensitively."""
+    name = name.lower()
+    return next((v for k, v in fields if k.lower() == name), None)

@@ -1,40 +1,15 @@
-"""Where a flow's registry lives, and the mirror's own public URL."""
+"""How a client connection reached the mirror: its listener's mode and target, its
+address, and the mirror's own URL as that client sees it."""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import mode_specs
 
-
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def base_url(scheme: str, host: str, port: int) -> str:
-    default = {"http": 80, "https": 443}[scheme]
-    suffix = "" if port == default else f":{port}"
-    return f"{scheme}://{_host_for_url(host)}{suffix}"
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """A registry API host, e.g. https://registry-1.docker.io."""
-
-    scheme: str
-    host: str
-    port: int
-    name: str = ""  # the registry it serves, e.g. docker.io (its name in hub_upstreams)
-
-    @property
-    def base(self) -> str:
-        return base_url(self.scheme, self.host, self.port)
-
-    def url(self, path_and_query: str) -> str:
-        return self.base + path_and_query
+from .registry.upstream import Upstream, base_url
 
 
 def reverse_target(flow: http.HTTPFlow) -> Upstream | None:
@@ -46,13 +21,12 @@ def reverse_target(flow: http.HTTPFlow) -> Upstream | None:
     return Upstream(mode.scheme, host, port)
 
 
-def is_forward_proxy(flow_or_client) -> bool:
-    client = getattr(flow_or_client, "client_conn", flow_or_client)
+def is_forward_proxy(client: connection.Client) -> bool:
     return isinstance(client.proxy_mode, mode_specs.RegularMode)
 
 
 def validate_public_url(url: str) -> str:
-    """Check ``hub_public_url``; return it without a trailing slash."""
+    """Check a URL option (``hub_public_url``, ``hub_blob_url``); return it without a trailing slash."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http:// or https:// URL")
@@ -61,8 +35,8 @@ def validate_public_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def public_url_of(client: connection.Client) -> str:
-    """The mirror's URL as this client reached it, when hub_public_url is unset.
+def public_url_of(client: connection.Client, port: int | None = None) -> str:
+    """The mirror's URL as this client reached it (on another of the mirror's ports with ``port``).
 
     In reverse mode mitmproxy has replaced the Host header with the upstream's
     before any hook runs, so the client's view is rebuilt from the connection:
@@ -74,7 +48,7 @@ def public_url_of(client: connection.Client) -> str:
     address = ip_of(host)
     if address is not None and address.version == 4 and ":" in host:
         host = str(address)  # IPv4-mapped ::ffff:10.0.0.1 -> 10.0.0.1
-    return base_url(scheme, host, local_port)
+    return base_url(scheme, host, port or local_port)
 
 
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -86,3 +60,23 @@ def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def is_private_client(client: connection.Client) -> bool:
+    """On a loopback or private address (not reachable from the internet)."""
+    address = ip_of(client.peername[0]) if client.peername else None
+    return address is not None and not address.is_global
+
+
+def loopback_address(value: str) -> tuple[str, int]:
+    """A loopback host and a port, e.g. 127.0.0.1:9464 (metrics are for a local scraper)."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        number = int(port)
+    except ValueError:
+        loopback, number = False, -1
+    if not loopback or not 0 < number < 65536:
+        raise ValueError("expected a loopback host:port, e.g. 127.0.0.1:9464")
+    return host, number

@@ -16,12 +16,13 @@ it is refused here, before any connection.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-from .names import REGISTRY_HOST_RE, RouteError, map_scope, official_name
-from .upstreams import Upstream
+from .errors import RegistryError
+from .names import REGISTRY_HOST_RE, official_name
+from .scopes import Scope
+from .upstream import Upstream
 
 DEFAULT_UPSTREAMS = (
     "docker.io=https://registry-1.docker.io",
@@ -81,6 +82,12 @@ def parse_host_map(entries: list[str] | tuple[str, ...], registries: set[str]) -
     return host_map
 
 
+def _name_address(name: str) -> tuple[str, int]:
+    """A registry name as a client dials it: ``ghcr.io`` is ghcr.io:443, ``reg.example:5000`` port 5000."""
+    host, sep, port = name.rpartition(":")
+    return (host, int(port)) if sep and port.isdigit() else (name, 443)
+
+
 def looks_like_host(segment: str) -> bool:
     """The first component of a reference names a registry when it has a dot or
     a port, or is localhost (the rule docker's reference parser uses)."""
@@ -112,6 +119,9 @@ class Registries:
     table: dict[str, Upstream]  # registry name -> its API
     default: str  # the registry for requests that name none
     host_map: dict[str, str] = field(default_factory=dict)  # client-facing host -> registry name
+    # Docker Hub's rule: one-segment names live under "library/" (hub_registry_name, hub_official_prefix)
+    official_registry: str = "docker.io"
+    official_prefix: str = "library"
 
     def with_default(self, upstream: Upstream) -> Registries:
         """This listener's target is the default registry's API (reverse mode)."""
@@ -126,7 +136,7 @@ class Registries:
     def default_upstream(self) -> Upstream:
         upstream = self.table.get(self.default)
         if upstream is None:
-            raise RouteError(404, "NAME_UNKNOWN", f"the default registry {self.default} is not in hub_upstreams")
+            raise RegistryError(404, "NAME_UNKNOWN", f"the default registry {self.default} is not in hub_upstreams")
         return upstream
 
     def named(self, name: str) -> Upstream | None:
@@ -147,25 +157,26 @@ class Registries:
         return self.table[registry] if registry else None
 
     def for_proxy_target(self, host: str, port: int) -> Upstream | None:
-        """Forward-proxy mode: the registry a client asked the proxy for, if served."""
-        host = host.lower()
+        """Forward-proxy mode: the registry a client asked the proxy for, if served,
+        on that registry's own port only (a name or a mapped host: 443)."""
+        address = (host.lower(), port)
         for upstream in self.table.values():
-            if host == upstream.name or (host, port) == (upstream.host, upstream.port):
+            if address in (_name_address(upstream.name), (upstream.host, upstream.port)):
                 return upstream
-        registry = self.host_map.get(host)
-        return self.table[registry] if registry else None
+        registry = self.host_map.get(address[0])
+        return self.table[registry] if registry and port == 443 else None
 
     def by_ns(self, ns_values: list[str]) -> Upstream | None:
         """containerd's ``ns``: must name a registry in the table."""
         chosen: Upstream | None = None
         for ns in ns_values:
             if not REGISTRY_HOST_RE.fullmatch(ns):
-                raise RouteError(400, "NAME_INVALID", "invalid ns parameter")
+                raise RegistryError(400, "NAME_INVALID", "invalid ns parameter")
             upstream = self.named(ns)
             if upstream is None:
-                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {ns}")
+                raise RegistryError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {ns}")
             if chosen is not None and upstream != chosen:
-                raise RouteError(400, "NAME_INVALID", "conflicting ns parameters")
+                raise RegistryError(400, "NAME_INVALID", "conflicting ns parameters")
             chosen = upstream
         return chosen
 
@@ -180,14 +191,18 @@ class Registries:
     def route(self, fixed: Upstream | None, name: str) -> Routed:
         """The upstream of a repository. ``fixed``: already decided by ns, host or proxy target."""
         if fixed is not None:
-            return Routed(fixed, name)
+            return Routed(fixed, self.official(fixed, name))
         prefix = self.registry_prefix(name)
         if prefix is None:
-            return Routed(self.default_upstream, name)
+            return Routed(self.default_upstream, self.official(self.default_upstream, name))
         first, upstream = prefix
         if upstream is None:
-            raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
-        return Routed(upstream, name[len(first) + 1:], first + "/")
+            raise RegistryError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {first}")
+        return Routed(upstream, self.official(upstream, name[len(first) + 1:]), first + "/")
+
+    def official(self, upstream: Upstream, name: str) -> str:
+        """A repository name with Docker Hub's ``library/`` rule applied where it holds."""
+        return official_name(name, self.official_prefix) if upstream.name == self.official_registry else name
 
     def for_token(self, fixed: Upstream | None, named: str | None, scope_names: list[str]) -> Upstream:
         """Which upstream a token request is for: ``/token/<named>``, else the
@@ -199,7 +214,7 @@ class Registries:
         if named is not None:
             chosen = self.named(named) if REGISTRY_HOST_RE.fullmatch(named) else None
             if chosen is None:
-                raise RouteError(404, "NAME_UNKNOWN", "this mirror does not serve that registry")
+                raise RegistryError(404, "NAME_UNKNOWN", "this mirror does not serve that registry")
         prefixed: set[Upstream] = set()
         unprefixed = False
         for name in scope_names:
@@ -209,19 +224,17 @@ class Registries:
             elif prefix[1] is not None:
                 prefixed.add(prefix[1])
             elif chosen is None:
-                raise RouteError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {prefix[0]}")
+                raise RegistryError(404, "NAME_UNKNOWN", f"this mirror does not serve registry {prefix[0]}")
         if len(prefixed) > 1 or (prefixed and (unprefixed and chosen is None or chosen not in (None, *prefixed))):
-            raise RouteError(400, "DENIED", "a token request names repositories of more than one registry")
+            raise RegistryError(400, "DENIED", "a token request names repositories of more than one registry")
         return chosen or (prefixed.pop() if prefixed else self.default_upstream)
 
-    def scope_map(self, upstream: Upstream, official_registry: str, official_prefix: str) -> Callable[[str], str]:
-        """Client scope -> the upstream's: registry prefix dropped, ``library/`` rule applied."""
-        official = upstream.name == official_registry
-
-        def upstream_name(name: str) -> str:
-            prefix = self.registry_prefix(name)
-            if prefix is not None and prefix[1] == upstream:
-                name = name[len(prefix[0]) + 1:]
-            return official_name(name, official_prefix) if official else name
-
-        return lambda scope: map_scope(scope, upstream_name)
+    def upstream_scope(self, upstream: Upstream, scope: Scope) -> Scope:
+        """A client's scope as the upstream names it: registry prefix dropped, ``library/`` rule applied."""
+        if not scope.is_repository:
+            return scope
+        name = scope.name
+        prefix = self.registry_prefix(name)
+        if prefix is not None and prefix[1] == upstream:
+            name = name[len(prefix[0]) + 1:]
+        return scope.renamed(self.official(upstream, name))

@@ -1,77 +1,9 @@
-"""What the mirror tells its operator: Prometheus metrics, a health answer, a
-status page, and one log line per pull step (never a secret)."""
+"""The page people see when they open the mirror in a browser: how to use it, the cache, the rate limit."""
 
 from __future__ import annotations
 
 import html
 import json
-import time
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-
-class Metrics:
-    def __init__(self) -> None:
-        # a registry of its own: a reloaded script must not collide with the old one's metrics
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("hub_requests", "Client requests answered", ["upstream", "kind", "status"], registry=r)
-        self.bytes_served = Counter("hub_served_bytes", "Body bytes sent to clients", ["source"], registry=r)
-        self.bytes_fetched = Counter("hub_upstream_fetched_bytes", "Body bytes received from upstreams and their CDNs", ["upstream"], registry=r)
-        self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
-        self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
-        self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
-        self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)
-        self.upstream_latency = Histogram(
-            "hub_upstream_latency_seconds", "Time to the upstream's answer headers", ["upstream"], registry=r
-        )
-        self.ratelimit_remaining = Gauge(
-            "hub_ratelimit_remaining", "Latest ratelimit-remaining from the upstream", ["upstream", "source"], registry=r
-        )
-        self.started = time.time()
-
-    def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-    def value(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def hit_rate(self) -> float | None:
-        hits = sum(self.value("hub_cache_requests_total", kind=k, outcome="hit") for k in ("blob", "manifest"))
-        misses = sum(self.value("hub_cache_requests_total", kind=k, outcome="miss") for k in ("blob", "manifest"))
-        return hits / (hits + misses) if hits + misses else None
-
-
-class CountingStream:
-    """A pass-through stream callable that counts the bytes it forwards."""
-
-    def __init__(self, on_bytes) -> None:
-        self.on_bytes = on_bytes
-        self.count = 0
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self.count += len(chunk)
-        if chunk:
-            self.on_bytes(len(chunk))
-        return chunk
-
-
-def pull_log_line(
-    client: str, upstream: str, method: str, kind: str, repository: str, reference: str,
-    status: int | str, size: int, seconds: float, cache: str,
-) -> str:
-    """One line per pull step: who, what, outcome. Never a header, query or body."""
-    if not repository:
-        what = kind  # /v2/, token, ...
-    elif reference.startswith("sha256:"):
-        what = f"{kind} {repository}@{reference}"
-    else:
-        what = f"{kind} {repository}:{reference}" if reference else f"{kind} {repository}"
-    return f"pull client={client} upstream={upstream} {method} {what} status={status} bytes={size} time={seconds:.3f}s cache={cache or '-'}"
-
-
-def health_body(ok: bool, details: dict) -> bytes:
-    return json.dumps({"status": "ok" if ok else "unavailable", **details}).encode()
 
 
 def _fmt_bytes(n: float) -> str:
@@ -91,18 +23,19 @@ def status_page(
     cache_bytes: int | None,
     cache_limit: str,
     hit_rate: float | None,
-    ratelimits: dict[tuple[str, str], str],
+    ratelimits: dict[str, str],
     requests_served: float,
 ) -> bytes:
-    """The page people see when they open the mirror in a browser. No external assets."""
+    """The page itself. No external assets."""
     e = html.escape
     host = mirror_url.split("://", 1)[1].rstrip("/")
     insecure = mirror_url.startswith("http://")
     if ratelimits:
+        # per upstream: who the upstream counted (an address, an account) is not for a public page
         rate_rows = "".join(
-            f"<tr><td>{e(up)}</td><td>{e(src)}</td><td>{e(rem.split(';')[0])}</td></tr>" for (up, src), rem in sorted(ratelimits.items())
+            f"<tr><td>{e(up)}</td><td>{e(rem.split(';')[0])}</td></tr>" for up, rem in sorted(ratelimits.items())
         )
-        rate = f"<table><tr><th>upstream</th><th>as seen from</th><th>pulls left</th></tr>{rate_rows}</table>"
+        rate = f"<table><tr><th>upstream</th><th>pulls left</th></tr>{rate_rows}</table>"
     else:
         rate = "<p>No rate-limit headers seen yet.</p>"
     if cache_dir:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +30,16 @@ from pathlib import Path
 import argon2
 import bcrypt
 
-from .access import _Bounded, token_lifetime
+from ..registry.errors import RegistryError
+from .bounded import BoundedDict
+from .issued import IssuedTokens
+
+log = logging.getLogger("hub_rewrite")
 
 SEPARATOR = ":"
 # verified (user, password digest) pairs are remembered briefly: bcrypt costs
 # ~0.2 s, and a pull asks for tokens several times
 VERIFIED_TTL = 300.0
-# how long a refresh token handed to a signed-in user is honoured
-REFRESH_TOKEN_LIFETIME = 7 * 24 * 3600.0
 _argon2 = argon2.PasswordHasher()
 # compared against when the user is unknown, so timing does not tell
 _DUMMY_BCRYPT = bcrypt.hashpw(b"hub-rewrite", bcrypt.gensalt(rounds=10))
@@ -45,13 +47,6 @@ _DUMMY_BCRYPT = bcrypt.hashpw(b"hub-rewrite", bcrypt.gensalt(rounds=10))
 
 class AccountsError(ValueError):
     pass
-
-
-class SignInRefused(Exception):
-    def __init__(self, message: str, user: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.user = user
 
 
 @dataclass(frozen=True)
@@ -137,7 +132,7 @@ def hash_password(password: str, scheme: str = "bcrypt") -> str:
 class MirrorAccounts:
     def __init__(self, users: dict[str, str]) -> None:
         self.users = users
-        self._verified: _Bounded = _Bounded()  # sha256(user, password) -> verified until
+        self._verified = BoundedDict()  # sha256(user, password) -> verified until
 
     def verify(self, user: str, password: str) -> bool:
         """Blocking (bcrypt/argon2 are slow by design): call from a thread."""
@@ -164,62 +159,6 @@ class MirrorAccounts:
         return ok
 
 
-class IssuedTokens:
-    """Tokens the mirror handed to signed-in users; ``/v2/`` accepts only these."""
-
-    def __init__(self) -> None:
-        self._tokens: _Bounded = _Bounded()  # sha256(token) -> (user, valid until)
-
-    @staticmethod
-    def _key(token: str) -> bytes:
-        return hashlib.sha256(token.encode("utf-8", "replace")).digest()
-
-    def issue(self, token: str, user: str, lifetime: float, own: bool = False) -> None:
-        """``own``: the mirror's own token (not the upstream's), never sent upstream."""
-        self._tokens.put(self._key(token), (user, time.monotonic() + max(lifetime, 1.0), own))
-
-    def _entry(self, token: str | None) -> tuple[str, float, bool] | None:
-        if not token:
-            return None
-        entry = self._tokens.get(self._key(token))
-        if entry is not None and entry[1] < time.monotonic():
-            self._tokens.pop(self._key(token), None)
-            return None
-        return entry
-
-    def user_of(self, token: str | None) -> str | None:
-        entry = self._entry(token)
-        return entry[0] if entry else None
-
-    def is_own(self, token: str | None) -> bool:
-        entry = self._entry(token)
-        return bool(entry and entry[2])
-
-
-    def issue_grant(self, user: str, body: bytes) -> bytes:
-        """Remember the tokens of a token answer as issued to ``user``; the body
-        to hand on (with ``access_token`` added where only ``token`` was given:
-        a client that POSTed reads ``access_token``)."""
-        try:
-            grant = json.loads(body)
-        except ValueError:
-            return body
-        if not isinstance(grant, dict):
-            return body
-        expires_in = grant.get("expires_in")
-        default = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
-        now = time.time()
-        for key in ("token", "access_token"):
-            if isinstance(grant.get(key), str):
-                self.issue(grant[key], user, token_lifetime("Bearer " + grant[key], default, now))
-        if isinstance(grant.get("refresh_token"), str):
-            self.issue(grant["refresh_token"], user, REFRESH_TOKEN_LIFETIME)
-        if isinstance(grant.get("token"), str) and "access_token" not in grant:
-            grant["access_token"] = grant["token"]
-            return json.dumps(grant).encode()
-        return body
-
-
 Form = list[tuple[str, str]]
 
 
@@ -229,33 +168,39 @@ async def sign_in(
     """Check a token request's mirror account.
 
     Returns (user, the ``Authorization`` for the upstream's token service, the
-    form for it): the mirror part of the credentials is dropped. Raises
-    SignInRefused. A refresh token counts only if it was issued to a user here.
+    form for it): the mirror part of the credentials is dropped. Raises a 401
+    RegistryError. A refresh token counts only if it was issued to a user here.
     """
     fields = dict(form or [])
     grant_type = fields.get("grant_type") if form is not None else None
     if grant_type == "refresh_token":
         user = issued.user_of(fields.get("refresh_token"))
         if user is None:
-            raise SignInRefused("refresh token not issued by this mirror")
+            raise _refused("refresh token not issued by this mirror")
         return user, None, form
     basic = parse_basic(authorization)
     if basic is None and grant_type == "password":
         basic = (fields.get("username", ""), fields.get("password", ""))
     if basic is None:
-        raise SignInRefused("mirror account required: user and password of this mirror")
+        raise _refused("mirror account required: user and password of this mirror")
     try:
         credentials = split_credentials(*basic)
     except AccountsError as e:
-        raise SignInRefused(str(e), basic[0]) from e
+        raise _refused(str(e), basic[0]) from e
     if not await asyncio.to_thread(accounts.verify, credentials.mirror_user, credentials.mirror_password):
-        raise SignInRefused("mirror account required: user and password of this mirror", credentials.mirror_user)
+        raise _refused("mirror account required: user and password of this mirror", credentials.mirror_user)
     if grant_type == "password":
         rest = [(k, v) for k, v in form or [] if k not in ("username", "password")]
         if credentials.upstream_user is not None:
             rest += [("username", credentials.upstream_user), ("password", credentials.upstream_password or "")]
         return credentials.mirror_user, None, rest
     return credentials.mirror_user, credentials.upstream_basic, form
+
+
+def _refused(message: str, user: str = "") -> RegistryError:
+    if user:
+        log.warning("mirror sign-in refused for user %r: %s", user[:64], message)
+    return RegistryError(401, "UNAUTHORIZED", message)
 
 
 def main(argv: list[str] | None = None) -> None:

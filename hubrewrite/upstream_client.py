@@ -9,30 +9,21 @@ registry error instead of mitmproxy's HTML error page.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import certifi
 import httpx
 
-from . import headers as hdrs
+from .registry import headers as hdrs
+from .registry.errors import RegistryError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-
-
-class UpstreamError(Exception):
-    """An upstream exchange that failed; carries the registry error to answer with."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -40,14 +31,10 @@ class Fetched:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
-    url: str  # where the answer finally came from (after redirects)
     redirected_to: str | None = None  # host of the last redirect target, for logs
 
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
+        return hdrs.value_of(self.headers, name)
 
 
 def make_ssl_context(insecure: bool, ca_file: str | None, ca_dir: str | None) -> ssl.SSLContext:
@@ -67,29 +54,29 @@ def redirect_target(base_url: str, location: str) -> str:
     target = urljoin(base_url, location.strip())
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UpstreamError(502, "UNAVAILABLE", "upstream redirected to an unsupported location")
+        raise RegistryError(502, "UNAVAILABLE", "upstream redirected to an unsupported location")
     return target
 
 
-def describe_error(exc: Exception) -> UpstreamError:
+def describe_error(exc: Exception) -> RegistryError:
     """Map a transport failure to what the client is told (no URLs: they may be signed)."""
-    if isinstance(exc, UpstreamError):
+    if isinstance(exc, RegistryError):
         return exc
     if isinstance(exc, httpx.InvalidURL):
-        return UpstreamError(414, "UNSUPPORTED", f"request URL not acceptable: {exc}")
+        return RegistryError(414, "UNSUPPORTED", f"request URL not acceptable: {exc}")
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(504, "UNAVAILABLE", "upstream did not answer in time")
+        return RegistryError(504, "UNAVAILABLE", "upstream did not answer in time")
     if isinstance(exc, httpx.ConnectError):
         text = str(exc)
         if isinstance(exc.__cause__, ssl.SSLError) or "SSL" in text or "certificate" in text.lower():
-            return UpstreamError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {text}")
-        return UpstreamError(502, "UNAVAILABLE", f"upstream unreachable: {text}")
+            return RegistryError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {text}")
+        return RegistryError(502, "UNAVAILABLE", f"upstream unreachable: {text}")
     if isinstance(exc, httpx.HTTPError):
-        return UpstreamError(502, "UNAVAILABLE", f"upstream connection failed: {type(exc).__name__}")
+        return RegistryError(502, "UNAVAILABLE", f"upstream connection failed: {type(exc).__name__}")
     if isinstance(exc, ssl.SSLError):
-        return UpstreamError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {exc}")
+        return RegistryError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {exc}")
     if isinstance(exc, OSError):
-        return UpstreamError(502, "UNAVAILABLE", f"upstream unreachable: {exc}")
+        return RegistryError(502, "UNAVAILABLE", f"upstream unreachable: {exc}")
     raise exc
 
 
@@ -105,9 +92,9 @@ async def check_reachable(url: str, timeout: float) -> None:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), timeout)
     except TimeoutError as e:
-        raise UpstreamError(504, "UNAVAILABLE", "blob storage did not accept a connection in time") from e
+        raise RegistryError(504, "UNAVAILABLE", "blob storage did not accept a connection in time") from e
     except OSError as e:
-        raise UpstreamError(502, "UNAVAILABLE", f"blob storage unreachable: {e.strerror or e}") from e
+        raise RegistryError(502, "UNAVAILABLE", f"blob storage unreachable: {e.strerror or e}") from e
     writer.close()
 
 
@@ -121,6 +108,10 @@ class UpstreamClient:
     ) -> None:
         self.max_body = max_body
         self.on_answer = on_answer  # (upstream host, seconds to its answer headers)
+        # httpx logs every request URL at INFO: signed CDN URLs and token queries must
+        # stay out of the log (the mirror writes its own lines, without them)
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(timeout),
@@ -138,36 +129,30 @@ class UpstreamClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    @asynccontextmanager
-    async def open(
-        self, method: str, url: str, headers: list[tuple[str, str]]
-    ) -> AsyncIterator[httpx.Response]:
-        """One request, no redirects followed, body not yet read."""
+    async def send(self, method: str, url: str, headers: list[tuple[str, str]], content: bytes | None = None) -> httpx.Response:
+        """One request, no redirects followed, body not yet read: the caller closes it (``aclose``)."""
         try:
             # as bytes: httpx refuses non-ASCII str header values a client may send
-            request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers))
+            request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers), content=content)
             started = time.monotonic()
             response = await self._client.send(request, stream=True)
             self.on_answer(request.url.host, time.monotonic() - started)
         except Exception as exc:
             raise describe_error(exc) from exc
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        return response
 
     async def read_body(self, response: httpx.Response) -> bytes:
         """The raw (still content-encoded) body, refusing anything too big to buffer."""
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise UpstreamError(502, "UNAVAILABLE", "upstream answer too large to relay")
+            raise RegistryError(502, "UNAVAILABLE", "upstream answer too large to relay")
         body = bytearray()
         try:
             async for chunk in response.aiter_raw():
                 body += chunk
                 if len(body) > self.max_body:
-                    raise UpstreamError(502, "UNAVAILABLE", "upstream answer too large to relay")
-        except UpstreamError:
+                    raise RegistryError(502, "UNAVAILABLE", "upstream answer too large to relay")
+        except RegistryError:
             raise
         except Exception as exc:
             raise describe_error(exc) from exc
@@ -184,13 +169,7 @@ class UpstreamClient:
         """A whole (small) exchange; redirects of GET/HEAD are followed without credentials."""
         redirected_to: str | None = None
         for _ in range(MAX_REDIRECTS + 1):
-            try:
-                request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers), content=content)
-                started = time.monotonic()
-                response = await self._client.send(request, stream=True)
-                self.on_answer(request.url.host, time.monotonic() - started)
-            except Exception as exc:
-                raise describe_error(exc) from exc
+            response = await self.send(method, url, headers, content)
             try:
                 location = response.headers.get("location")
                 if (
@@ -200,12 +179,11 @@ class UpstreamClient:
                     and location
                 ):
                     url = redirect_target(url, location)
-                    headers = hdrs.without(headers, hdrs.CREDENTIAL_HEADERS)
+                    headers = hdrs.without_credentials(headers)
                     redirected_to = urlsplit(url).hostname
                     continue
                 body = b"" if method == "HEAD" else await self.read_body(response)
-                fields = hdrs.decode_fields(response.headers.raw)
-                return Fetched(response.status_code, fields, body, url, redirected_to)
+                return Fetched(response.status_code, hdrs.decode_fields(response.headers.raw), body, redirected_to)
             finally:
                 await response.aclose()
-        raise UpstreamError(502, "UNAVAILABLE", "upstream redirected too many times")
+        raise RegistryError(502, "UNAVAILABLE", "upstream redirected too many times")

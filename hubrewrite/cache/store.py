@@ -11,26 +11,41 @@ Layout under the cache directory (several mirror processes may share it):
     tags/<key>.json              (upstream, repository, tag, Accept) -> digest
     tags/<key>.json.lock         held while that record is rewritten
     repos/<key>/<hex>            the upstream confirmed this repository holds it
-    tmp/                         downloads in progress and their locks
+    tmp/<hex>.download           a blob being downloaded (by the holder of <hex>.lock)
+    tmp/                         other files being written, and the download locks
 
 Nothing is ever visible under its final name before it is complete and
 verified: files are written in tmp/ and renamed into place. A blob whose stamp
 no longer matches its file (it was modified) is hashed again before it is
 served, and deleted if it does not match its digest.
+
+A full or failing disk never fails a request: writes that fail are given up,
+the problem is remembered (``problem``, for health and metrics) and the mirror
+serves without caching until a write succeeds again.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("hub_rewrite")
+
 CHUNK = 1 << 20
+# a tag has a handful of Accept variants (index, single image, legacy): more is abuse
+MAX_TAG_ENTRIES = 16
+# space kept free beyond a blob's size before a download starts
+FREE_SPACE_MARGIN = 64 << 20
 
 
 def _hex(digest: str) -> str:
@@ -64,20 +79,28 @@ class TagEntry:
 
 
 class BlobWriter:
-    """Receives a blob as it streams to the client; commits it only if complete and verified."""
+    """Writes a blob being downloaded; commits it only if complete and verified."""
 
     def __init__(self, store: Store, digest: str) -> None:
         self.store = store
         self.digest = digest
         self.hex = _hex(digest)
-        self.path = store.tmp / f"{self.hex}.{os.getpid()}.{secrets.token_hex(4)}.part"
-        self.file = open(self.path, "wb")
+        self.path = store.download_path(digest)
+        # unbuffered: every byte counted as written is in the file for followers to read
+        self.file = open(self.path, "wb", buffering=0)
         self.hasher = hashlib.sha256()
         self.size = 0
         self.done = False
 
     def write(self, chunk: bytes) -> None:
-        self.file.write(chunk)
+        """Raises OSError when the disk refuses (full): the download then fails."""
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as e:
+            self.store.note_problem(e)
+            raise
         self.hasher.update(chunk)
         self.size += len(chunk)
 
@@ -86,23 +109,30 @@ class BlobWriter:
         if self.done:
             return False
         self.done = True
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:
+            self.store.note_problem(e)
+            self.path.unlink(missing_ok=True)
+            return False
         if self.hasher.hexdigest() != self.hex:
             self.path.unlink(missing_ok=True)
             return False
-        self.store.commit_blob(self.path, self.hex, self.size)
-        return True
+        return self.store.commit_blob(self.path, self.hex)
 
     def abort(self) -> None:
         if self.done:
             return
         self.done = True
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the bytes are thrown away anyway
         self.path.unlink(missing_ok=True)
 
 
 class Store:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, on_evict: Callable[[int], None] = lambda count: None) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.tmp = root / "tmp"
@@ -111,13 +141,61 @@ class Store:
         self._clean_stale_tmp()
         # digests this process is serving right now: never evicted
         self.in_use: dict[str, int] = {}
-        self.on_evict = lambda digests: None
+        self.on_evict = on_evict  # (how many blobs were evicted), for the metrics
+        # why the last write failed (disk full, ...), None once writes work again
+        self.problem: str | None = None
+
+    # ---- failing disks -----------------------------------------------------
+
+    def note_problem(self, error: OSError) -> None:
+        problem = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+        if problem != self.problem:
+            log.error("cache %s: %s; serving without caching until a write succeeds", self.root, problem)
+        self.problem = problem
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that may fail without failing the request: the cache simply misses it."""
+        try:
+            yield
+        except OSError as e:
+            self.note_problem(e)
+        else:
+            if self.problem is not None:
+                log.info("cache %s: writes work again", self.root)
+                self.problem = None
+
+    def _write_file(self, final: Path, data: bytes) -> None:
+        """Written in tmp/ and renamed into place: never seen half-written (nor left behind)."""
+        tmp = self.tmp / f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def has_room_for(self, size: int | None) -> bool:
+        """Room for a download of this size (unknown: the margin) without filling the disk."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            self.note_problem(e)
+            return False
+        if st.f_bavail * st.f_frsize >= (size or 0) + FREE_SPACE_MARGIN:
+            return True
+        self.note_problem(OSError(errno.ENOSPC, "disk full"))
+        return False
 
     # ---- blobs -----------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
         hex_part = _hex(digest)
         return self.root / "blobs" / "sha256" / hex_part[:2] / hex_part
+
+    def download_path(self, digest: str) -> Path:
+        """Where the holder of the blob's download lock writes it (followers read it there)."""
+        return self.tmp / f"{_hex(digest)}.download"
 
     def _stamp(self, path: Path) -> Path:
         return path.with_name(path.name + ".ok")
@@ -145,31 +223,42 @@ class Store:
         if sha256_of_file(path) != digest:
             self.remove_blob(digest)
             return False
-        self._write_stamp(path)
+        with self._writing():
+            self._write_stamp(path)
         return True
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def touch(self, digest: str) -> None:
         """Mark a blob as just used (LRU)."""
         try:
             os.utime(self._stamp(self.blob_path(digest)))
-        except FileNotFoundError:
+        except OSError:
             pass
 
     def new_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
 
-    def commit_blob(self, tmp_path: Path, hex_part: str, size: int) -> None:
+    def commit_blob(self, tmp_path: Path, hex_part: str) -> bool:
         final = self.root / "blobs" / "sha256" / hex_part[:2] / hex_part
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_path, final)
-        self._write_stamp(final)
+        committed = False
+        with self._writing():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_path, final)
+            self._write_stamp(final)
+            committed = True
+        if not committed:
+            tmp_path.unlink(missing_ok=True)
+            return False
         self.evict(keep=f"sha256:{hex_part}")
+        return True
 
     def _write_stamp(self, path: Path) -> None:
-        stamp = self._stamp(path)
-        tmp = self.tmp / f"{stamp.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.write_text(_stat_signature(path.stat()))
-        os.replace(tmp, stamp)
+        self._write_file(self._stamp(path), _stat_signature(path.stat()).encode())
 
     def remove_blob(self, digest: str) -> None:
         path = self.blob_path(digest)
@@ -179,13 +268,25 @@ class Store:
 
     def download_lock(self, digest: str) -> int | None:
         """An exclusive lock on downloading this blob, across processes; None if held elsewhere."""
-        fd = os.open(self.tmp / f"{_hex(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fd = os.open(self.tmp / f"{_hex(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as e:
+            self.note_problem(e)
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
         return fd
+
+    def download_locked(self, digest: str) -> bool:
+        """Is someone (another process, or another claim here) downloading this blob right now?"""
+        fd = self.download_lock(digest)
+        if fd is None:
+            return True
+        Store.release_lock(fd)
+        return False
 
     @staticmethod
     def release_lock(fd: int) -> None:
@@ -230,36 +331,34 @@ class Store:
             total -= size
             evicted.append(digest)
         if evicted:
-            self.on_evict(evicted)
+            self.on_evict(len(evicted))
         return evicted
 
     # ---- manifests -----------------------------------------------------------
 
-    def _manifest_path(self, digest: str) -> Path:
+    def manifest_path(self, digest: str) -> Path:
         hex_part = _hex(digest)
         return self.root / "manifests" / "sha256" / hex_part[:2] / hex_part
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
-        """Store a manifest if its bytes match the digest."""
+        """Store a manifest if its bytes match the digest (and the disk takes it)."""
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             return False
-        path = self._manifest_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = f".{os.getpid()}.{secrets.token_hex(4)}"
-        type_tmp = self.tmp / (path.name + ".type" + suffix)
-        type_tmp.write_text(media_type)
-        os.replace(type_tmp, path.with_name(path.name + ".type"))
-        body_tmp = self.tmp / (path.name + suffix)
-        body_tmp.write_bytes(body)
-        os.replace(body_tmp, path)
-        return True
+        path = self.manifest_path(digest)
+        stored = False
+        with self._writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_file(path.with_name(path.name + ".type"), media_type.encode())
+            self._write_file(path, body)
+            stored = True
+        return stored
 
     def has_manifest(self, digest: str) -> bool:
-        return self._manifest_path(digest).exists()
+        return self.manifest_path(digest).exists()
 
     def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, bytes), verified on every read; a corrupted one is deleted."""
-        path = self._manifest_path(digest)
+        path = self.manifest_path(digest)
         try:
             body = path.read_bytes()
             media_type = path.with_name(path.name + ".type").read_text()
@@ -283,41 +382,40 @@ class Store:
             return {}
 
     def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> None:
-        """Remember what a tag resolved to for this Accept header.
+        """Remember what a tag resolved to for this (normalized) Accept.
 
         Read-modify-write under an exclusive lock on a sidecar file, so that
         mirror processes sharing the cache do not drop each other's entries
-        (held for microseconds; one process never contends with itself, as
-        this runs on its event loop without awaiting).
+        (held for microseconds). At most MAX_TAG_ENTRIES variants are kept,
+        the most recent ones.
         """
         path = self._tag_path(upstream, repository, tag)
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            entries = self._read_tag_file(path)
-            entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
-            tmp = self.tmp / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, path)
-        finally:
-            os.close(fd)  # releases the lock
+        with self._writing():
+            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                entries = self._read_tag_file(path)
+                entries.pop(accept, None)
+                entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
+                while len(entries) > MAX_TAG_ENTRIES:
+                    del entries[next(iter(entries))]
+                self._write_file(path, json.dumps(entries).encode())
+            finally:
+                os.close(fd)  # releases the lock
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
-        """The tag's digest for exactly this Accept header or, failing that, the
-        newest one whose media type the client accepts."""
-        entries = self._read_tag_file(self._tag_path(upstream, repository, tag))
-        candidates = []
-        accepted = {t.split(";")[0].strip() for line in accept.split("\n") for t in line.split(",")}
-        for key, data in entries.items():
+        """The tag's digest for exactly this (normalized) Accept."""
+        return self.tag_entries(upstream, repository, tag).get(accept)
+
+    def tag_entries(self, upstream: str, repository: str, tag: str) -> dict[str, TagEntry]:
+        """Every Accept variant recorded for a tag: normalized Accept -> what it resolved to."""
+        entries = {}
+        for accept, data in self._read_tag_file(self._tag_path(upstream, repository, tag)).items():
             try:
-                entry = TagEntry(data["digest"], data["media_type"], float(data["stored_at"]))
+                entries[accept] = TagEntry(data["digest"], data["media_type"], float(data["stored_at"]))
             except (KeyError, TypeError, ValueError):
                 continue
-            if key == accept:
-                return entry
-            if entry.media_type in accepted:
-                candidates.append(entry)
-        return max(candidates, key=lambda e: e.stored_at, default=None)
+        return entries
 
     # ---- repository membership ---------------------------------------------------
 
@@ -327,8 +425,9 @@ class Store:
     def add_member(self, upstream: str, repository: str, digest: str) -> None:
         path = self._member_path(upstream, repository, digest)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            with self._writing():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
 
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
         return self._member_path(upstream, repository, digest).exists()

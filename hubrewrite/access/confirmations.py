@@ -14,10 +14,10 @@ import base64
 import hashlib
 import json
 import time
-from collections import OrderedDict
+
+from .bounded import BoundedDict
 
 ANONYMOUS = "anonymous"
-MAX_ENTRIES = 100_000
 
 
 def client_identity(authorization: str | None) -> str:
@@ -42,24 +42,18 @@ def token_lifetime(authorization: str | None, default: float, now: float) -> flo
     return max(0.0, min(exp - now, 3600.0))
 
 
-class _Bounded(OrderedDict):
-    def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > MAX_ENTRIES:
-            self.popitem(last=False)
-
-
 class AccessMemory:
-    def __init__(self, default_ttl: float, stale_seconds: float) -> None:
+    def __init__(self, default_ttl: float, stale_seconds: float, expired_grace: float = 0.0) -> None:
         self.default_ttl = default_ttl
         self.stale_seconds = stale_seconds
+        # an expired token still opens private content in stale mode for this long (hub_cache_stale_grace)
+        self.expired_grace = expired_grace
         # (identity, upstream, repository) -> (valid until, confirmed at)
-        self._grants: _Bounded = _Bounded()
+        self._grants = BoundedDict()
         # (upstream, repository) -> last time an anonymous client was allowed
-        self._public: _Bounded = _Bounded()
+        self._public = BoundedDict()
         # identities of tokens the mirror handed out to clients without credentials
-        self._anonymous_tokens: _Bounded = _Bounded()
+        self._anonymous_tokens = BoundedDict()
 
     def note_anonymous_token(self, token: str) -> None:
         self._anonymous_tokens.put(client_identity(f"Bearer {token}"), True)
@@ -80,10 +74,11 @@ class AccessMemory:
         return grant is not None and grant[0] > time.time()
 
     def allowed_stale(self, identity: str, upstream: str, repository: str) -> bool:
-        """With the upstream unavailable: a confirmation within the stale window suffices."""
+        """With the upstream unavailable: a confirmation within the stale window
+        suffices, while the token it was made with has not expired (plus the grace)."""
         now = time.time()
         grant = self._grants.get((identity, upstream, repository))
-        if grant is not None and now - grant[1] <= self.stale_seconds:
+        if grant is not None and now - grant[1] <= self.stale_seconds and now < grant[0] + self.expired_grace:
             return True
         # what an anonymous client could pull, any client may
         seen = self._public.get((upstream, repository))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .scopes import parse_scope, split_scopes
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _SCHEME_RE = re.compile(_TOKEN)
@@ -124,3 +127,42 @@ def parse_challenges(header: str) -> list[Challenge]:
 
 def format_challenges(challenges: list[Challenge]) -> str:
     return ", ".join(c.format() for c in challenges)
+
+
+def point_at_mirror(header: str, token_url: str, client_prefix: str = "") -> str:
+    """An upstream's challenge as the mirror's client must see it: every Bearer
+    realm is the mirror's token endpoint, scopes name repositories as the
+    client does (with its registry prefix); service and error stay."""
+    try:
+        parsed = parse_challenges(header)
+    except ChallengeError:
+        return header
+    rewritten = []
+    for c in parsed:
+        if c.is_bearer and c.get("realm"):
+            c = c.with_param("realm", token_url)
+            scope = c.get("scope")
+            if scope and client_prefix:
+                c = c.with_param("scope", " ".join(_prefixed(text, client_prefix) for text in split_scopes(scope)))
+        rewritten.append(c)
+    return format_challenges(rewritten)
+
+
+def bearer_realm(header: str) -> tuple[str, str | None] | None:
+    """(realm, service) of the first Bearer challenge with an http(s) realm in a header value."""
+    try:
+        parsed = parse_challenges(header)
+    except ChallengeError:
+        return None
+    for c in parsed:
+        realm = c.get("realm")
+        if c.is_bearer and realm and urlsplit(realm).scheme in ("http", "https"):
+            return realm, c.get("service")
+    return None
+
+
+def _prefixed(text: str, client_prefix: str) -> str:
+    scope = parse_scope(text)
+    if scope is None or not scope.is_repository:
+        return text  # the upstream's own words: relayed as they are
+    return str(scope.renamed(client_prefix + scope.name))

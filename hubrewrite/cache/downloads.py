@@ -1,0 +1,229 @@
+"""One upstream download per blob, followed by every client that asks for it meanwhile.
+
+The first client to ask for an uncached blob claims its download (a lock in
+this process and, through ``flock`` on the shared cache directory, across
+mirror processes). The mirror then fetches the blob itself, without any
+client's credentials, into ``tmp/<hex>.download``; every client asking for the
+blob meanwhile, the first one included, is sent what has reached the disk so
+far and follows the file as it grows (``Progress``). The last byte is held
+back until the whole blob matches its digest, so a download that fails or does
+not match ends every follower's transfer short: a failed transfer, never a
+complete-looking wrong blob. A slow follower slows nobody, and a follower that
+leaves does not stop the download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from ..registry.errors import RegistryError
+from .store import BlobWriter, Store
+
+log = logging.getLogger("hub_rewrite")
+
+POLL_SECONDS = 0.05  # how often a follower of another process's download looks at the file
+STARTING, RUNNING, COMMITTED, FAILED = "starting", "running", "committed", "failed"
+
+
+class Download:
+    """This process's download of one blob: its state, for the followers."""
+
+    def __init__(self, downloads: Downloads, digest: str, lock_fd: int) -> None:
+        self.downloads = downloads
+        self.digest = digest
+        self.lock_fd = lock_fd
+        self.path = downloads.store.download_path(digest)
+        self.size: int | None = None
+        self.written = 0
+        self.state = STARTING
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def start(self, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
+        """Take over an open upstream answer (200, with Content-Length) and fetch it
+        into the store. Raises OSError if the file cannot be created (the claim then fails)."""
+        self.size = int(response.headers["content-length"])
+        writer = self.downloads.store.new_writer(self.digest)
+        os.pwrite(self.lock_fd, str(self.size).encode(), 0)  # followers in other processes read it there
+        self.state = RUNNING
+        self.task = asyncio.get_running_loop().create_task(self._fetch(writer, response, on_bytes))
+        self._notify()
+
+    def give_up(self) -> None:
+        """The claim was not used (the registry refused, the disk is full, ...); no-op once started."""
+        if self.state == STARTING:
+            self._end(FAILED)
+
+    async def _fetch(self, writer: BlobWriter, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
+        started = time.monotonic()
+        try:
+            async for chunk in response.aiter_raw():
+                writer.write(chunk)
+                self.written += len(chunk)
+                on_bytes(len(chunk))
+                self._notify()
+            if self.written != self.size:
+                raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {self.written} of {self.size} bytes")
+            committed = await asyncio.to_thread(writer.finish)
+        except (httpx.HTTPError, OSError, RegistryError) as e:
+            log.warning("blob %s: download failed after %d bytes: %s", self.digest, self.written,
+                        getattr(e, "message", None) or type(e).__name__)
+            committed = False
+        finally:
+            writer.abort()  # no-op once finished
+            await response.aclose()
+        if committed:
+            log.info("cached blob %s (%d bytes, %.1f s)", self.digest, self.written, time.monotonic() - started)
+        elif self.written == self.size:
+            log.error("blob %s from upstream does not match its digest: discarded, transfers aborted", self.digest)
+        self._end(COMMITTED if committed else FAILED)
+
+    def _end(self, state: str) -> None:
+        if self.state in (COMMITTED, FAILED):
+            return
+        self.state = state
+        Store.release_lock(self.lock_fd)
+        self.downloads.running.pop(self.digest, None)
+        self._notify()
+
+
+class Downloads:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.running: dict[str, Download] = {}  # digest -> this process's download
+
+    def claim(self, digest: str) -> Download | None:
+        """Become the downloader of a blob, or None if someone (here or in another process) is."""
+        if digest in self.running:
+            return None
+        fd = self.store.download_lock(digest)
+        if fd is None:
+            return None
+        os.ftruncate(fd, 0)
+        download = self.running[digest] = Download(self, digest, fd)
+        return download
+
+    def progress(self, digest: str) -> Progress | None:
+        """How to follow a download of this blob in progress here or in another process."""
+        download = self.running.get(digest)
+        if download is not None:
+            return LocalProgress(download)
+        if self.store.download_locked(digest):
+            return ForeignProgress(self.store, digest)
+        return None
+
+    async def close(self) -> None:
+        for download in list(self.running.values()):
+            if download.task is not None:
+                download.task.cancel()
+
+
+class Progress:
+    """A download as a follower sees it."""
+
+    path: Path
+
+    async def size(self, timeout: float) -> int | None:
+        """The blob's size once the download has started; None if it ended without starting."""
+        raise NotImplementedError
+
+    def readable(self) -> int:
+        """Bytes a follower may send now: what reached the disk, all of it only once verified."""
+        raise NotImplementedError
+
+    def failed(self) -> bool:
+        raise NotImplementedError
+
+    async def wait(self) -> None:
+        """Until more may be readable (or the download ended)."""
+        raise NotImplementedError
+
+
+class LocalProgress(Progress):
+    def __init__(self, download: Download) -> None:
+        self.download = download
+        self.path = download.path
+
+    async def size(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.download.state == STARTING and time.monotonic() < deadline:
+            await self.download.changed(deadline - time.monotonic())
+        return self.download.size
+
+    def readable(self) -> int:
+        d = self.download
+        if d.state == COMMITTED:
+            return d.written
+        return max(0, min(d.written, (d.size or 0) - 1))
+
+    def failed(self) -> bool:
+        return self.download.state == FAILED
+
+    async def wait(self) -> None:
+        await self.download.changed(1.0)
+
+
+class ForeignProgress(Progress):
+    """Another mirror process's download, seen through the shared cache directory."""
+
+    def __init__(self, store: Store, digest: str) -> None:
+        self.store = store
+        self.digest = digest
+        self.path = store.download_path(digest)
+        self._size: int | None = None
+
+    async def size(self, timeout: float) -> int | None:
+        lock = self.path.with_suffix(".lock")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.store.download_locked(self.digest):
+                return None
+            text = _read_text(lock)
+            if text.isdigit():
+                self._size = int(text)
+                return self._size
+            await asyncio.sleep(POLL_SECONDS)
+        return None
+
+    def _committed(self) -> bool:
+        return self.store.blob_size(self.digest) == self._size
+
+    def readable(self) -> int:
+        if self._committed():
+            return self._size or 0
+        try:
+            on_disk = self.path.stat().st_size
+        except FileNotFoundError:
+            on_disk = 0
+        return max(0, min(on_disk, (self._size or 0) - 1))
+
+    def failed(self) -> bool:
+        return not self._committed() and not self.store.download_locked(self.digest)
+
+    async def wait(self) -> None:
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return ""
+

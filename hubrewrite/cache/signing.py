@@ -1,0 +1,62 @@
+"""Signed blob URLs for the blob listener: an HMAC over the digest and an expiry.
+
+The key comes from ``hub_blob_secret`` (a file) or, when that is unset, from a
+file generated once in the cache directory, so mirror processes sharing a
+cache accept each other's URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+# long enough for a client to follow the redirect, short enough that a leaked URL soon means nothing
+URL_LIFETIME = 300
+
+
+class SecretError(ValueError):
+    pass
+
+
+def load_or_create_secret(path: Path, create: bool) -> bytes:
+    """The key in ``path``; created (0600, atomically, first writer wins) when ``create`` and missing."""
+    if create and not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process created it first: theirs wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise SecretError(f"cannot read {path}: {e.strerror}") from e
+    if len(text) < 32:
+        raise SecretError(f"{path}: a secret of at least 32 characters is needed")
+    return text.encode()
+
+
+class BlobUrlSigner:
+    def __init__(self, key: bytes) -> None:
+        self._key = hashlib.sha256(b"hub-rewrite blob url\0" + key).digest()
+
+    def _mac(self, digest: str, expires: int) -> str:
+        return hmac.new(self._key, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def query(self, digest: str, lifetime: int = URL_LIFETIME) -> str:
+        expires = int(time.time()) + lifetime
+        return urlencode({"expires": expires, "signature": self._mac(digest, expires)})
+
+    def verify(self, digest: str, expires: str, signature: str) -> bool:
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._mac(digest, int(expires)), signature)

@@ -1,0 +1,167 @@
+"""The mirror's running parts, made from ``Settings`` and replaced when they change.
+
+The paths get this object with every ``Pull``: the settings, the HTTP client
+to upstreams, what was learned about their token services, the tokens issued
+to mirror accounts, the cache, and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+from mitmproxy import exceptions
+from prometheus_client import start_http_server as start_metrics_server
+
+from .access.confirmations import AccessMemory
+from .access.issued import IssuedTokens
+from .cache.bloblistener import BlobListener
+from .cache.downloads import Downloads
+from .cache.serving import BlobSender
+from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
+from .cache.store import Store
+from .loopback import Loopback
+from .observe.metrics import Metrics
+from .observe.ratelimits import RateLimits
+from .realms import Realms
+from .settings import CacheSettings, Settings
+from .upstream_client import UpstreamClient, make_ssl_context
+
+log = logging.getLogger("hub_rewrite")
+
+
+@dataclass
+class Cache:
+    settings: CacheSettings
+    store: Store
+    access: AccessMemory
+    downloads: Downloads
+    blobs: BlobSender
+    listener: BlobListener | None = None
+    listener_socket: socket.socket | None = None
+
+
+class Mirror:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.ratelimits = RateLimits(self.metrics)
+        self.realms = Realms()
+        self.issued = IssuedTokens()
+        self.loopback = Loopback()
+        self.client = self._new_client(settings)
+        self.cache: Cache | None = None
+        self.metrics_server = None  # (server, thread) of the loopback metrics listener
+        self.tls: ssl.SSLContext | None = None  # the mirror's own certificate (--certs), for the blob listener
+
+    def apply(self, settings: Settings, tls: ssl.SSLContext | None) -> None:
+        """Take new settings: replace only the parts they changed. Raises OptionsError."""
+        old, self.settings = self.settings, settings
+        if settings.users_file != old.users_file:
+            self.issued = IssuedTokens()
+        if settings.client != old.client:
+            _close_later(self.client.aclose())
+            self.client = self._new_client(settings)
+        if settings.metrics_listen != old.metrics_listen or self.metrics_server is None:
+            self._replace_metrics_listener()
+        if settings.cache != (self.cache.settings if self.cache else None) or tls is not self.tls:
+            self.tls = tls
+            self._replace_cache()
+
+    def _new_client(self, settings: Settings) -> UpstreamClient:
+        c = settings.client
+        verify = make_ssl_context(c.ssl_insecure, c.ca_file, c.ca_dir)
+        return UpstreamClient(verify, timeout=c.timeout, max_body=c.max_body, on_answer=self._observe_latency)
+
+    def _observe_latency(self, host: str, seconds: float) -> None:
+        self.metrics.upstream_latency.labels(host).observe(seconds)
+
+    def _replace_metrics_listener(self) -> None:
+        self._stop_metrics_listener()
+        address = self.settings.metrics_listen
+        if address is None:
+            self.metrics_server = ()
+            return
+        host, port = address
+        try:
+            self.metrics_server = start_metrics_server(port, host, self.metrics.registry)
+        except OSError as e:
+            raise exceptions.OptionsError(f"hub_metrics_listen {host}:{port}: {e.strerror}") from e
+        log.info("hub_rewrite: metrics also at http://%s:%d/metrics", host, port)
+
+    def _stop_metrics_listener(self) -> None:
+        if self.metrics_server:
+            server, _thread = self.metrics_server
+            server.shutdown()
+            server.server_close()
+        self.metrics_server = None
+
+    def _replace_cache(self) -> None:
+        if self.cache is not None:
+            self._close_cache(self.cache)
+            self.cache = None
+            self.loopback.blobs = self.loopback.store = None
+        c = self.settings.cache
+        if c is None:
+            return
+        try:
+            store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc)
+        except OSError as e:
+            raise exceptions.OptionsError(f"hub_cache_dir {c.directory}: {e.strerror}") from e
+        downloads = Downloads(store)
+        blobs = BlobSender(store, downloads)
+        cache = Cache(c, store, AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace), downloads, blobs)
+        if c.blob_listen is not None:
+            cache.listener, cache.listener_socket = self._blob_listener(c, blobs)
+        self.cache = cache
+        self.loopback.blobs, self.loopback.store = blobs, store
+        log.info("hub_rewrite: caching in %s (limit %s bytes)", c.directory, c.max_bytes or "no")
+
+    def _blob_listener(self, c: CacheSettings, blobs: BlobSender) -> tuple[BlobListener, socket.socket]:
+        try:
+            key = load_or_create_secret(c.blob_secret or c.directory / "secret", create=c.blob_secret is None)
+        except SecretError as e:
+            raise exceptions.OptionsError(f"hub_blob_secret: {e}") from e
+        host, port = c.blob_listen
+        try:
+            # bound now, so a port in use stops the mirror at startup; served once the loop runs
+            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                        reuse_port=False)
+        except OSError as e:
+            raise exceptions.OptionsError(f"hub_blob_listen {host}:{port}: {e.strerror}") from e
+        return BlobListener(BlobUrlSigner(key), blobs, self._count_listener_bytes), sock
+
+    def _count_listener_bytes(self, source: str, count: int) -> None:
+        self.metrics.bytes_served.labels(source).inc(count)
+
+    async def start(self) -> None:
+        """What needs the event loop: the loopback server and the blob listener."""
+        await self.loopback.start()
+        cache = self.cache
+        if cache is not None and cache.listener is not None and cache.listener.server.server is None:
+            await cache.listener.start_on(cache.listener_socket, self.tls)
+
+    def _close_cache(self, cache: Cache) -> None:
+        if cache.listener is not None:
+            _close_later(cache.listener.stop())
+            if cache.listener_socket is not None:
+                cache.listener_socket.close()
+        _close_later(cache.downloads.close())
+
+    async def close(self) -> None:
+        self._stop_metrics_listener()
+        if self.cache is not None:
+            self._close_cache(self.cache)
+        await self.loopback.stop()
+        await self.client.aclose()
+
+
+def _close_later(closing) -> None:
+    """Close a replaced part (an awaitable) on the running loop; without a loop (tests, shutdown) drop it."""
+    try:
+        asyncio.get_running_loop().create_task(closing)
+    except RuntimeError:
+        closing.close()

@@ -1,0 +1,17 @@
+"""One log line per pull step: who, what, outcome. Never a header, query or body."""
+
+from __future__ import annotations
+
+
+def pull_log_line(
+    client: str, upstream: str, method: str, kind: str, repository: str, reference: str,
+    status: int | str, size: int, seconds: float, cache: str,
+) -> str:
+    """One line per pull step: who, what, outcome. Never a header, query or body."""
+    if not repository:
+        what = kind  # /v2/, token, ...
+    elif reference.startswith("sha256:"):
+        what = f"{kind} {repository}@{reference}"
+    else:
+        what = f"{kind} {repository}:{reference}" if reference else f"{kind} {repository}"
+    return f"pull client={client} upstream={upstream} {method} {what} status={status} bytes={size} time={seconds:.3f}s cache={cache or '-'}"

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the mirror (a registry of their own: a reloaded script must not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hub_requests", "Client requests answered", ["upstream", "kind", "status"], registry=r)
+        self.bytes_served = Counter("hub_served_bytes", "Body bytes sent to clients", ["source"], registry=r)
+        self.bytes_fetched = Counter("hub_upstream_fetched_bytes", "Body bytes received from upstreams and their CDNs", ["upstream"], registry=r)
+        self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
+        self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
+        self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
+        self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)
+        self.upstream_latency = Histogram(
+            "hub_upstream_latency_seconds", "Time to the upstream's answer headers", ["upstream"], registry=r
+        )
+        # per upstream only: the source (a client address or account) is an identity
+        self.ratelimit_remaining = Gauge(
+            "hub_ratelimit_remaining", "Latest ratelimit-remaining from the upstream", ["upstream"], registry=r
+        )
+        self.cache_writable = Gauge(
+            "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
+            registry=r,
+        )
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def hit_rate(self) -> float | None:
+        hits = sum(self.value("hub_cache_requests_total", kind=k, outcome="hit") for k in ("blob", "manifest"))
+        misses = sum(self.value("hub_cache_requests_total", kind=k, outcome="miss") for k in ("blob", "manifest"))
+        return hits / (hits + misses) if hits + misses else None
+
+
+class CountingStream:
+    """A pass-through stream callable that counts the bytes it forwards."""
+
+    def __init__(self, on_bytes) -> None:
+        self.on_bytes = on_bytes
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.count += len(chunk)
+        if chunk:
+            self.on_bytes(len(chunk))
+        return chunk

@@ -1,0 +1,230 @@
+"""Blob GET/HEAD: from the cache, or from the upstream's storage, never held in memory.
+
+With a cache: a verified blob goes to a client its upstream confirmed; a blob
+being downloaded is followed; otherwise the first whole-blob GET claims the
+download, the registry is asked for the blob once with that client's token,
+and the mirror fetches it from where the registry redirects (its CDN, without
+any credential) into the cache while every client follows the file. The
+client's bytes come from the mirror's loopback server through mitmproxy, or
+from the blob listener (a 307 to a signed URL there) when it is on.
+
+Without a cache, and for parts and heads of uncached blobs, the registry's
+redirect is followed by the client's own flow: mitmproxy streams the storage's
+answer back, without the client's credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from ..cache.downloads import Download
+from ..cache.serving import blob_headers
+from ..clientconn import is_forward_proxy
+from ..mirror import Mirror
+from ..pull import RETRY_PARAM, Answer, Pull, Retarget, Transfer
+from ..registry import headers as hdrs
+from ..registry.errors import RegistryError
+from ..registry.upstream import base_url
+from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_response
+from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
+from . import relay
+from .cache_access import Access, check, confirm
+
+log = logging.getLogger("hub_rewrite")
+
+# Headers of the registry's blob redirect that the client should still get
+# with the storage's answer (the storage knows nothing about digests).
+BLOB_HEADERS_KEPT = ("docker-content-digest", "docker-distribution-api-version")
+
+
+@dataclass
+class Probe:
+    """The registry's answer to a blob request: where the bytes are, or its own answer."""
+
+    target: str | None = None  # the storage URL it redirected to, or the registry's own URL (200)
+    kept: list[tuple[str, str]] | None = None
+    answer: http.Response | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.kept is None
+
+
+async def serve(pull: Pull, mirror: Mirror) -> Answer:
+    if mirror.cache is None:
+        return await from_storage(pull, mirror)
+    digest = pull.route.reference
+    whole_get = pull.method == "GET" and "range" not in pull.flow.request.headers
+    for _ in range(3):
+        if await _verified(mirror, digest):
+            return await _cached(pull, mirror, "hit")
+        if mirror.cache.downloads.progress(digest) is not None:
+            return await _cached(pull, mirror, "hit")
+        if not whole_get:
+            break
+        download = mirror.cache.downloads.claim(digest)
+        if download is not None:
+            try:
+                return await _download(pull, mirror, download)
+            finally:
+                download.give_up()  # a no-op once it started
+    return await from_storage(pull, mirror)
+
+
+async def _verified(mirror: Mirror, digest: str) -> bool:
+    store = mirror.cache.store
+    return store.has_blob(digest) and await asyncio.to_thread(store.check_blob, digest)
+
+
+async def _cached(pull: Pull, mirror: Mirror, state: str) -> Answer:
+    """A cached blob, or one being downloaded, once the upstream lets this client have it."""
+    try:
+        access = await check(pull, mirror, pull.route.reference, pull.route.path())
+    except RegistryError as e:
+        return error_response(e)
+    if access is Access.REFUSED:
+        return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
+    if access is Access.STALE:
+        state = "stale"
+        pull.flow.comment += "; blob served from the cache (stale)"
+    else:
+        pull.flow.comment += "; blob served from the cache"
+    return send_from_cache(pull, mirror, state)
+
+
+def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
+    """Point the client at the cached (or arriving) bytes: the listener, or the loopback server."""
+    cache = mirror.cache
+    digest = pull.route.reference
+    headers = [("Docker-Content-Digest", digest), (CACHE_HEADER, state)]
+    if state == "stale":
+        headers = [*headers[:1], *STALE_HEADERS]
+    cache.store.touch(digest)
+    if cache.listener is not None and not is_forward_proxy(pull.flow.client_conn):
+        location = cache.listener.location(_listener_base(pull, mirror), digest)
+        return make_response(307, [("Location", location), *headers])
+    size = cache.store.blob_size(digest)
+    if pull.method == "HEAD" and size is not None and download is None:
+        head = [(k, v) for k, v in blob_headers(digest) if k != "Docker-Content-Digest"]
+        return make_response(200, head + headers, b"", size)
+    transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
+    return Retarget(f"/blobs/{digest}", transfer, loopback=True)
+
+
+def _listener_base(pull: Pull, mirror: Mirror) -> str:
+    """hub_blob_url, or the mirror's host as this client reached it with the listener's port."""
+    cache = mirror.cache
+    if cache.settings.blob_url:
+        return cache.settings.blob_url
+    scheme = "https" if mirror.tls is not None else "http"
+    host = urlsplit(pull.view.mirror_url).hostname or "127.0.0.1"
+    return base_url(scheme, host, cache.listener.server.port)
+
+
+async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
+    """This client's request starts the blob's download: the registry is asked with its
+    token, the mirror follows the redirect (no credentials) and fetches into the cache."""
+    for attempt in (1, 2):
+        probe = await _probe(pull, mirror)
+        if probe.answer is not None:
+            return probe.answer
+        headers = pull.headers if probe.direct else hdrs.without_credentials(pull.headers)
+        try:
+            response = await mirror.client.send("GET", probe.target, headers)
+        except RegistryError as e:
+            return error_response(e)
+        status, size = response.status_code, response.headers.get("content-length", "")
+        if status == 403 and attempt == 1:
+            # a signed URL that expired (or was refused): the registry gives a new one, once
+            await response.aclose()
+            log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
+                        urlsplit(probe.target).hostname)
+            continue
+        if status != 200 or not size.isdigit() or not mirror.cache.store.has_room_for(int(size)):
+            await response.aclose()
+            if status != 200:
+                return storage_error(download.digest, status, response.reason_phrase)
+            return await from_storage(pull, mirror)  # no room (or no length): served without caching
+        confirm(pull, mirror, download.digest)
+        try:
+            download.start(response, mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc)
+        except OSError as e:
+            await response.aclose()
+            mirror.cache.store.note_problem(e)
+            return await from_storage(pull, mirror)
+        pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
+        return send_from_cache(pull, mirror, "miss", download)
+    return storage_error(download.digest, 403, "Forbidden")
+
+
+async def _probe(pull: Pull, mirror: Mirror) -> Probe:
+    """Ask the registry for the blob, following no redirect."""
+    try:
+        response = await mirror.client.send(pull.method, pull.url, pull.headers)
+        try:
+            location = response.headers.get("location")
+            if response.status_code in REDIRECT_STATUSES and location:
+                kept = [(k, v) for k, v in hdrs.decode_fields(response.headers.raw) if k.lower() in BLOB_HEADERS_KEPT]
+                return Probe(redirect_target(pull.url, location), kept)
+            if 200 <= response.status_code < 300 and pull.method == "GET":
+                # the registry serves the blob itself: fetched again, streamed (a probe's body cannot be handed over)
+                return Probe(pull.url)
+            body = b"" if pull.method == "HEAD" else await mirror.client.read_body(response)
+            fields = hdrs.decode_fields(response.headers.raw)
+            return Probe(answer=relay.relayed(pull, mirror, response.status_code, fields, body))
+        finally:
+            await response.aclose()
+    except RegistryError as e:
+        log.warning("%s blob %s: %s", pull.method, pull.route.reference, e.message)
+        return Probe(answer=error_response(e))
+
+
+async def from_storage(pull: Pull, mirror: Mirror) -> Answer:
+    """The client's own flow fetches the blob from where the registry redirects
+    (mitmproxy streams it), without the client's credentials."""
+    probe = await _probe(pull, mirror)
+    if probe.answer is not None:
+        return probe.answer
+    digest = pull.route.reference
+    if probe.direct:
+        return Retarget(pull.url, Transfer(digest, [], "storage"), keep_credentials=True)
+    kept = probe.kept
+    if not any(name.lower() == "docker-content-digest" for name, _ in kept):
+        # distribution's redirect does not carry it, the storage knows nothing of digests,
+        # but clients (containerd) use it: the path names it.
+        kept.append(("Docker-Content-Digest", digest))
+    if mirror.cache is not None:
+        confirm(pull, mirror, digest)
+        kept.append((CACHE_HEADER, "miss"))
+    try:
+        # mitmproxy would answer a failed connection with an HTML page: check first
+        await check_reachable(probe.target, mirror.settings.client.timeout)
+    except RegistryError as e:
+        log.warning("blob %s: %s", digest, e.message)
+        return error_response(e)
+    pull.flow.comment += f"; blob streamed from {urlsplit(probe.target).hostname}"
+    retry_path = None if pull.retried else pull.route.path()
+    return Retarget(probe.target, Transfer(digest, kept, "storage", retry_path=retry_path))
+
+
+def storage_error(digest: str, status: int, reason: str) -> http.Response:
+    log.warning("blob %s: storage answered %d", digest, status)
+    if status == 404:
+        return error_response(RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry storage"))
+    return error_response(RegistryError(502, "UNAVAILABLE", f"blob storage answered {status} {reason}"))
+
+
+def replace_storage_error(transfer: Transfer, response: http.Response) -> http.Response | None:
+    """A storage's own error answer (XML, HTML) as registry JSON; an expired signed URL
+    sends the client back to the mirror once, whose next request gets a fresh one."""
+    status = response.status_code
+    if transfer.source != "storage" or status < 300 or status == 416:
+        return None  # 416: Range Not Satisfiable is the storage's honest answer
+    if status == 403 and transfer.retry_path:
+        return make_response(307, [("Location", f"{transfer.retry_path}?{RETRY_PARAM}=1")])
+    return storage_error(transfer.digest, status, response.reason)

@@ -1,0 +1,64 @@
+"""May this client have this cached digest of this repository? Asked upstream, with its own token.
+
+The cache holds bytes of many repositories, some private. A cached blob or
+manifest goes to a client only after the upstream confirmed, with that
+client's own token, that it may pull the repository (remembered for the
+token's lifetime), and that the repository holds the digest. A HEAD is used,
+which Docker Hub does not count against its pull rate limit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..mirror import Mirror
+from ..pull import Pull
+from ..registry.errors import RegistryError
+
+
+class Access(Enum):
+    GRANTED = "granted"
+    STALE = "stale"  # the upstream is unavailable; confirmed recently enough to serve from the cache
+    REFUSED = "refused"  # the upstream said no: the client gets the upstream's own answer, as if nothing were cached
+
+
+def confirm(pull: Pull, mirror: Mirror, digest: str) -> None:
+    """The upstream just let this client read this digest of this repository."""
+    cache = mirror.cache
+    assert cache is not None and pull.route is not None
+    cache.access.confirm(pull.identity, pull.authorization, pull.upstream.base, pull.route.name)
+    cache.store.add_member(pull.upstream.base, pull.route.name, digest)
+
+
+def known(pull: Pull, mirror: Mirror, digest: str) -> bool:
+    """Confirmed before, for this client's token, and the repository holds the digest."""
+    cache = mirror.cache
+    assert cache is not None and pull.route is not None
+    upstream, repository = pull.upstream.base, pull.route.name
+    return cache.access.allowed(pull.identity, upstream, repository) and cache.store.is_member(upstream, repository, digest)
+
+
+def known_stale(pull: Pull, mirror: Mirror, digest: str) -> bool:
+    cache = mirror.cache
+    assert cache is not None and pull.route is not None
+    upstream, repository = pull.upstream.base, pull.route.name
+    return cache.access.allowed_stale(pull.identity, upstream, repository) and cache.store.is_member(
+        upstream, repository, digest)
+
+
+async def check(pull: Pull, mirror: Mirror, digest: str, path: str) -> Access:
+    """Raises RegistryError when the upstream is unavailable and nothing was confirmed recently enough."""
+    if known(pull, mirror, digest):
+        return Access.GRANTED
+    try:
+        head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False)
+    except RegistryError as failure:
+        if known_stale(pull, mirror, digest):
+            return Access.STALE
+        raise failure
+    if 200 <= head.status < 400:
+        confirm(pull, mirror, digest)
+        return Access.GRANTED
+    if (head.status == 429 or head.status >= 500) and known_stale(pull, mirror, digest):
+        return Access.STALE
+    return Access.REFUSED

@@ -1,0 +1,110 @@
+"""Manifests with the cache: by digest from the cache, a tag resolved with an upstream HEAD.
+
+HEAD requests do not count against Docker Hub's pull rate limit; a cached
+manifest is then served without any upstream GET. A tag's answer depends on the
+manifest types the client accepts, so the cache keeps one lookup per set of
+them, and serves a stale one only to a client accepting the same set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..mirror import Mirror
+from ..pull import Answer, Transfer, Pull, Retarget
+from ..registry.errors import RegistryError
+from ..registry.mediatypes import accept_key, same_answer
+from ..responses import API_VERSION_HEADER, CACHE_HEADER, STALE_HEADERS, error_response, make_response
+from . import relay
+from .cache_access import confirm, known, known_stale
+
+log = logging.getLogger("hub_rewrite")
+
+# larger cached manifests are streamed from the loopback server, not copied into memory per client
+INLINE_LIMIT = 64 * 1024
+
+
+async def serve(pull: Pull, mirror: Mirror) -> Answer:
+    store, route = mirror.cache.store, pull.route
+    if route.is_digest and known(pull, mirror, route.reference) and store.has_manifest(route.reference):
+        cached = _from_cache(pull, mirror, route.reference, "hit")
+        if cached is not None:
+            return cached
+    try:
+        head = await mirror.client.fetch("HEAD", pull.url, pull.headers)
+    except RegistryError as failure:
+        return _stale(pull, mirror) or error_response(failure)
+    digest = head.header("docker-content-digest")
+    if head.status == 200 and digest and digest.startswith("sha256:"):
+        return await _resolved(pull, mirror, head, digest)
+    if head.status == 429 or head.status >= 500:
+        stale = _stale(pull, mirror)
+        if stale is not None:
+            return stale
+    return await relay.serve(pull, mirror)  # a refusal or an unusual answer: the upstream's own
+
+
+async def _resolved(pull: Pull, mirror: Mirror, head, digest: str) -> Answer:
+    """The upstream named the digest this client gets: serve it from the cache, or fetch and keep it."""
+    store, route = mirror.cache.store, pull.route
+    mirror.ratelimits.note(pull.upstream.base, head.headers)
+    confirm(pull, mirror, digest)
+    if not route.is_digest:
+        store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest,
+                      head.header("content-type") or "")
+    if pull.method == "HEAD":
+        answer = relay.relayed(pull, mirror, head.status, head.headers, b"")
+        answer.headers[CACHE_HEADER] = "hit" if store.has_manifest(digest) else "miss"
+        return answer
+    cached = _from_cache(pull, mirror, digest, "hit")
+    if cached is not None:
+        return cached
+    answer = await relay.serve(pull, mirror)
+    if answer.status_code == 200 and answer.headers.get("docker-content-digest") == digest:
+        # stored only if the bytes match the digest (a compressed answer does not)
+        store.put_manifest(digest, answer.headers.get("content-type", ""), answer.raw_content or b"")
+    answer.headers[CACHE_HEADER] = "miss"
+    return answer
+
+
+def _stale(pull: Pull, mirror: Mirror) -> Answer | None:
+    """A cached manifest for an unavailable upstream, within the stale window, for the same Accept."""
+    store, access, route = mirror.cache.store, mirror.cache.access, pull.route
+    digest = route.reference
+    if not route.is_digest:
+        key = _accept(pull)
+        entries = store.tag_entries(pull.upstream.base, route.name, route.reference)
+        fresh = [e for k, e in entries.items() if same_answer(k, e.media_type, key)
+                 and time.time() - e.stored_at <= access.stale_seconds]
+        if not fresh:
+            return None  # never resolved for an Accept the upstream answers alike
+        digest = max(fresh, key=lambda e: e.stored_at).digest
+    if not known_stale(pull, mirror, digest):
+        return None
+    cached = _from_cache(pull, mirror, digest, "stale")
+    if cached is not None:
+        log.warning("serving %s@%s from the cache: upstream unavailable", route.name, digest)
+    return cached
+
+
+def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> Answer | None:
+    store = mirror.cache.store
+    headers = [("Docker-Content-Digest", digest), ("ETag", f'"{digest}"'), API_VERSION_HEADER, (CACHE_HEADER, state)]
+    if state == "stale":
+        headers = [*headers[:3], *STALE_HEADERS]
+    try:
+        size = store.manifest_path(digest).stat().st_size
+    except FileNotFoundError:
+        return None
+    if size > INLINE_LIMIT and pull.method == "GET":
+        return Retarget(f"/manifests/{digest}", Transfer(digest, headers, "cache"), loopback=True)
+    cached = store.get_manifest(digest)
+    if cached is None:
+        return None
+    media_type, body = cached
+    return make_response(200, [("Content-Type", media_type), *headers], body)
+
+
+def _accept(pull: Pull) -> str:
+    return accept_key(pull.flow.request.headers.get_all("accept"))

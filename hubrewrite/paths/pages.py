@@ -1,0 +1,90 @@
+"""The mirror's own pages: the status page (``/``), ``/_hub/health`` and ``/_hub/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from mitmproxy import http
+from mitmproxy.utils import human
+
+from ..access.accounts import sign_in
+from ..mirror import Mirror
+from ..pull import Pull
+from ..registry.errors import RegistryError
+from ..registry.headers import decode_fields, value_of
+from ..responses import error_response, json_response, make_response
+from ..observe.status_page import status_page
+
+METRICS_PATH = "/_hub/metrics"
+HEALTH_PATH = "/_hub/health"
+
+
+async def serve(pull: Pull, mirror: Mirror) -> http.Response:
+    if pull.path == METRICS_PATH and mirror.settings.metrics_auth and not await _signed_in(pull, mirror):
+        return error_response(RegistryError(401, "UNAUTHORIZED", "the metrics need a mirror account"),
+                              [("WWW-Authenticate", 'Basic realm="hub-rewrite metrics"')])
+    cache_bytes = None
+    if mirror.cache is not None:
+        cache_bytes = await asyncio.to_thread(mirror.cache.store.total_bytes)
+        mirror.metrics.cache_bytes.set(cache_bytes)
+        mirror.metrics.cache_writable.set(0 if mirror.cache.store.problem else 1)
+    if pull.path == METRICS_PATH:
+        body, content_type = mirror.metrics.exposition()
+        return make_response(200, [("Content-Type", content_type)], body)
+    if pull.path == HEALTH_PATH:
+        ok, details = await asyncio.to_thread(health, mirror)
+        return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
+    served = pull.registries
+    cache = mirror.settings.cache
+    body = status_page(
+        pull.view.mirror_url,
+        served.default_upstream.base,
+        served.default,
+        sorted(served.table),
+        str(cache.directory) if cache else "",
+        cache_bytes,
+        _size_text(cache.max_bytes) if cache else "0",
+        mirror.metrics.hit_rate(),
+        mirror.ratelimits.by_upstream(),
+        sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples if s.name.endswith("_total")),
+    )
+    return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
+
+
+async def _signed_in(pull: Pull, mirror: Mirror) -> bool:
+    """Basic credentials of a mirror account (the mirror part of the password)."""
+    assert mirror.settings.accounts is not None
+    try:
+        authorization = value_of(decode_fields(pull.flow.request.headers.fields), "authorization")
+        await sign_in(mirror.settings.accounts, mirror.issued, authorization, None)
+    except RegistryError:
+        return False
+    return True
+
+
+def health(mirror: Mirror) -> tuple[bool, dict]:
+    """The cache (if any) writable. A full disk is not a failure: the mirror serves
+    without caching, and says so. Blocking: run in a thread."""
+    details: dict = {"client": True, "cache": "off"}
+    if mirror.cache is None:
+        return True, details
+    store = mirror.cache.store
+    probe = store.tmp / f"health.{secrets.token_hex(4)}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        store.note_problem(e)
+        if store.problem != "disk full":
+            details["cache"] = f"not writable: {store.problem}"
+            return False, details
+    if store.problem == "disk full":
+        details.update(status="degraded", cache="full", serving="without caching")
+    else:
+        details["cache"] = "writable"
+    return True, details
+
+
+def _size_text(size: int) -> str:
+    return human.pretty_size(size) if size else "no limit"

@@ -1,0 +1,166 @@
+"""The mirror's token endpoint, ``/token[/<registry>]``: the realm of every challenge it relays.
+
+A token request goes on to the realm the upstream it is for announced itself,
+never to one a client names, with the client's upstream credentials and no
+other host's. Its scopes are parsed one by one as token services parse them
+(repeated parameters, space-separated values, forms): each is renamed to the
+upstream's repository name and dropped if the operator's rules refuse it, so a
+token fetched through the mirror (perhaps with the operator's own upstream
+account) never opens a refused repository. With mirror accounts, the mirror
+part of the client's credentials is checked here and kept back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from ..access.accounts import sign_in
+from ..mirror import Mirror
+from ..pull import Pull
+from ..registry import headers as hdrs
+from ..registry import tokens
+from ..registry.errors import RegistryError
+from ..registry.names import NAME_RE
+from ..registry.scopes import Scope, map_scope_fields, repository_names
+from ..registry.upstream import Upstream
+from ..responses import STALE_HEADERS, error_response, make_response
+
+log = logging.getLogger("hub_rewrite")
+
+OWN_TOKEN_LIFETIME = 300.0  # seconds: tokens the mirror makes itself (own, offline)
+Fields = list[tuple[str, str]]
+
+
+async def serve(pull: Pull, mirror: Mirror) -> http.Response:
+    request = pull.flow.request
+    try:
+        query = pull.client_query
+        form = tokens.parse_form(request.raw_content or b"") if request.method == "POST" else None
+        named = pull.path[len("/token") + 1:] or None
+        pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
+        pull.step.upstream = pull.upstream.base
+        authorization, user, form = await _credentials(pull, mirror, form)
+        learned = await mirror.realms.discover(pull.upstream, mirror.client)
+    except RegistryError as e:
+        if e.status == 401:
+            return error_response(e, [("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
+        if e.status >= 500:
+            e = RegistryError(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
+        return error_response(e)
+    if learned is None:
+        if user is not None:
+            return _own_token(mirror, user)
+        return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
+    realm, service = learned
+    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(pull, mirror)), service)
+    if form is not None:
+        form = tokens.with_service(map_scope_fields(form, _permitted_scopes(pull, mirror)), service)
+    return await _ask_token_service(pull, mirror, realm, query, form, authorization, user)
+
+
+async def _credentials(pull: Pull, mirror: Mirror, form: Fields | None) -> tuple[str | None, str | None, Fields | None]:
+    """(the Authorization for the token service, the mirror user, the form): with
+    mirror accounts, their part is checked and dropped."""
+    authorization = hdrs.value_of(hdrs.decode_fields(pull.flow.request.headers.fields), "authorization")
+    if mirror.settings.accounts is None:
+        return authorization, None, form
+    user, authorization, form = await sign_in(mirror.settings.accounts, mirror.issued, authorization, form)
+    return authorization, user, form
+
+
+def _permitted_scopes(pull: Pull, mirror: Mirror):
+    """Client scope -> the upstream's, or None (dropped): another registry's prefix,
+    a name outside the grammar, or a repository the rules refuse."""
+    upstream: Upstream = pull.upstream
+
+    def mapped(scope: Scope) -> Scope | None:
+        scope = pull.registries.upstream_scope(upstream, scope)
+        if not scope.is_repository:
+            return scope
+        if not NAME_RE.fullmatch(scope.name) or not mirror.settings.rules.permits(upstream.name, scope.name):
+            return None
+        return scope
+
+    return mapped
+
+
+async def _ask_token_service(
+    pull: Pull, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None, user: str | None
+) -> http.Response:
+    method = pull.method
+    if method == "POST" and form is not None and not tokens.carries_credentials(form):
+        # a password grant whose password was only the mirror's: ask anonymously
+        method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
+    anonymous = authorization is None and not tokens.carries_credentials(form)
+    if anonymous:
+        authorization = mirror.settings.upstream_credentials.basic_for(pull.upstream.name)
+    client_fields = hdrs.decode_fields(pull.flow.request.headers.fields)
+    headers = hdrs.without(tokens.token_request_headers(client_fields), ["authorization"])
+    if authorization:
+        headers.append(("Authorization", authorization))
+    body = None
+    if form is not None:
+        body = tokens.encode_form(form)
+        headers.append(("Content-Type", tokens.FORM_TYPE))
+    as_anonymous = anonymous and authorization is None
+    host = urlsplit(realm).hostname
+    try:
+        # Not following redirects: the credentials go to this realm only.
+        fetched = await mirror.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
+                                            follow_redirects=False)
+    except RegistryError as e:
+        log.warning("token request to %s: %s", host, e.message)
+        if mirror.cache is not None and as_anonymous:
+            return _offline_token(mirror, user)
+        return error_response(RegistryError(e.status, e.code, f"token service: {e.message}"))
+    if fetched.status >= 500:
+        log.warning("token request to %s: answered %d", host, fetched.status)
+        if mirror.cache is not None and as_anonymous:
+            return _offline_token(mirror, user)
+        return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
+    answer = fetched.body
+    grant = tokens.parse_grant(answer) if fetched.status == 200 else None
+    if grant is not None:
+        if mirror.cache is not None and as_anonymous:
+            for token in grant.tokens:
+                mirror.cache.access.note_anonymous_token(token)
+        if user is not None:
+            mirror.issued.issue_grant(user, grant)
+            answer = tokens.with_access_token(answer)
+    answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
+    return make_response(fetched.status, answer_headers, answer)
+
+
+def _own_token(mirror: Mirror, user: str) -> http.Response:
+    """Mirror accounts in front of an upstream without token auth: the mirror's
+    own token, which opens the mirror and is never sent upstream."""
+    token = "hub-rewrite." + secrets.token_urlsafe(24)
+    mirror.issued.issue(token, user, OWN_TOKEN_LIFETIME, own=True)
+    return _token_answer(token, OWN_TOKEN_LIFETIME)
+
+
+def _offline_token(mirror: Mirror, user: str | None) -> http.Response:
+    """A token for a client without credentials while the token service is down.
+
+    It is the mirror's own, worthless upstream, and opens only what anonymous
+    clients were seen to pull within the stale window.
+    """
+    assert mirror.cache is not None
+    token = "hub-rewrite-offline." + secrets.token_urlsafe(24)
+    mirror.cache.access.note_anonymous_token(token)
+    if user is not None:
+        mirror.issued.issue(token, user, OWN_TOKEN_LIFETIME)
+    return _token_answer(token, OWN_TOKEN_LIFETIME, STALE_HEADERS)
+
+
+def _token_answer(token: str, lifetime: float, headers: list[tuple[str, str]] = ()) -> http.Response:
+    """A token the mirror made itself, shaped like a token service's answer."""
+    body = json.dumps({"token": token, "access_token": token, "expires_in": int(lifetime),
+                       "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+    return make_response(200, [("Content-Type", "application/json"), *headers], body)

@@ -1,0 +1,32 @@
+"""An upstream registry's API address."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(scheme: str, host: str, port: int) -> str:
+    default = {"http": 80, "https": 443}[scheme]
+    suffix = "" if port == default else f":{port}"
+    return f"{scheme}://{host_for_url(host)}{suffix}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A registry API host, e.g. https://registry-1.docker.io."""
+
+    scheme: str
+    host: str
+    port: int
+    name: str = ""  # the registry it serves, e.g. docker.io (its name in hub_upstreams)
+
+    @property
+    def base(self) -> str:
+        return base_url(self.scheme, self.host, self.port)
+
+    def url(self, path_and_query: str) -> str:
+        return self.base + path_and_query

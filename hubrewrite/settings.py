@@ -1,0 +1,343 @@
+"""The mirror's options: declared as a table, read once per change into a frozen ``Settings``.
+
+mitmproxy style: the addon declares them in ``load()`` and turns them into
+ready objects in ``configure()``, raising ``OptionsError`` for anything wrong.
+Request paths read ``Settings``, never ``ctx.options``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import exceptions, optmanager
+from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
+
+from .access.accounts import AccountsError, MirrorAccounts, load_users
+from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
+from .access.rules import PolicyError, RepositoryRules
+from .clientconn import loopback_address, validate_public_url
+from .config_file import options_to_apply, read_config
+from .registry import registries
+from .registry.names import NAME_RE, REGISTRY_HOST_RE
+from .registry.registries import DEFAULT_UPSTREAMS, Registries
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: object
+    default: object
+    help: str
+    choices: Sequence[str] | None = None
+
+
+OPTIONS = (
+    Option("hub_config", str, str(DEFAULT_CONFIG), """
+        YAML file of options (same keys as --set) applied at startup.
+        Precedence: defaults < this file < command line. Empty: none."""),
+    Option("hub_public_url", str, "", """
+        The mirror's URL as clients reach it (e.g. https://mirror.example.com); token realms in
+        auth challenges point here. Empty: derived from each client's connection (TLS server
+        name or local address and port)."""),
+    Option("hub_official_prefix", str, "library", """
+        Namespace of official images on the upstream: a one-segment name such as "nginx" becomes
+        "library/nginx" in paths and token scopes. Empty: off."""),
+    Option("hub_registry_name", str, "docker.io", """
+        The default registry: requests that name no registry (by ?ns=, host name or path prefix)
+        go to it, and the official-image prefix applies to it. In reverse mode the listener's
+        target is its API."""),
+    Option("hub_upstreams", Sequence[str], list(DEFAULT_UPSTREAMS), """
+        The registries this mirror serves: "name" (API at https://name) or "name=URL" (e.g.
+        docker.io=https://registry-1.docker.io). Nothing outside this table is contacted on a
+        client's behalf."""),
+    Option("hub_host_map", Sequence[str], [], """
+        Client-facing host names that select a registry, as "host=registry" (e.g.
+        ghcr.mirror.example=ghcr.io), matched against the request's Host header or TLS server name."""),
+    Option("hub_proxy_passthrough", bool, True, """
+        Forward-proxy (regular) mode: pass traffic for hosts outside hub_upstreams through
+        untouched (TLS not intercepted), for clients on private or loopback addresses (any client
+        with proxyauth set). Off: refuse it for everyone."""),
+    Option("hub_users_file", str, "", """
+        Mirror accounts: htpasswd-style file of "user:hash" lines (bcrypt or argon2; python -m
+        hubrewrite.access.accounts USER prints one). When set, /v2/ needs a token from the
+        mirror's /token, which checks Basic credentials "user" /
+        "password[:upstream-user:upstream-password]"."""),
+    Option("hub_allow", Sequence[str], [], """
+        If set, only repositories matching one of these patterns on "registry/repository" are
+        served (e.g. docker.io/library/*); others get DENIED."""),
+    Option("hub_deny", Sequence[str], [],
+           'Repositories matching any of these "registry/repository" patterns get DENIED.'),
+    Option("hub_upstream_credentials", str, "", f"""
+        File of the operator's upstream accounts, "<registry> <user> <password>" per line (also
+        from {CREDENTIALS_ENV_PREFIX}<REGISTRY>=user:password in the environment, e.g.
+        {CREDENTIALS_ENV_PREFIX}DOCKER_IO). Used for token requests of clients that bring no
+        upstream credentials."""),
+    Option("hub_allow_push", bool, False, """
+        Pass PUT/POST/PATCH/DELETE under /v2/ to the upstream. Off: the mirror is read-only and
+        answers them with 405 UNSUPPORTED."""),
+    Option("hub_upstream_timeout", int, 30,
+           "Seconds to wait for the upstream to connect or send data before answering 504."),
+    Option("hub_max_buffered_body", int, 16 * 1024 * 1024, """
+        Largest non-blob answer (manifest, tag list, token, error) the mirror buffers, in bytes;
+        larger ones get 502. Blobs are always streamed."""),
+    Option("hub_max_connections", int, 1000, """
+        Client connections served at once; more are closed at once (one log line per minute
+        says how many). Keep it below the process's open-file limit."""),
+    Option("hub_head_timeout", int, 30, """
+        Seconds a client may take to send a request head (and an idle connection may wait for
+        the next one); then the connection is closed."""),
+    Option("hub_max_head_bytes", int, 65536, """
+        Largest request head (request line and headers) read from a client, in bytes; a larger
+        one is answered 431 and the connection closed."""),
+    Option("hub_cache_dir", str, "", """
+        Directory of the pull-through cache (blobs and manifests, verified by digest; several
+        mirror processes may share it). Empty: no cache."""),
+    Option("hub_cache_max_size", str, "20g", """
+        Size limit of cached blobs (e.g. 500m, 20g); least recently used blobs are evicted beyond
+        it. 0: no limit."""),
+    Option("hub_cache_stale", int, 3600, """
+        Seconds for which cached content is still served while the upstream is unreachable or
+        answers 429/5xx (marked with a Warning header)."""),
+    Option("hub_cache_stale_grace", int, 0, """
+        In stale mode, seconds an expired token still opens private content it was confirmed
+        for. 0: an expired token opens nothing private; anonymous content stays available."""),
+    Option("hub_cache_auth_ttl", int, 60, """
+        Seconds a client's upstream-confirmed access to a repository is remembered when its
+        token's lifetime cannot be read."""),
+    Option("hub_blob_listen", str, "", """
+        host:port of the blob listener: cached blobs are answered with a 307 to a signed URL
+        there, served with sendfile. Needs hub_cache_dir. Empty: blobs stream through mitmproxy."""),
+    Option("hub_blob_url", str, "", """
+        Base URL clients are redirected to for the blob listener (e.g. the https URL of a TLS
+        terminator forwarding to it). Empty: the mirror's host as the client reached it, with
+        the listener's port."""),
+    Option("hub_blob_secret", str, "", """
+        File holding the key that signs blob listener URLs. Empty: a key generated once in the
+        cache directory (mirror processes sharing the cache share it)."""),
+    Option("hub_metrics_listen", str, "", """
+        Also serve the metrics on this loopback address (e.g. 127.0.0.1:9464), for a local
+        Prometheus. Empty: only at /_hub/metrics on the mirror."""),
+    Option("hub_metrics_auth", bool, False, """
+        /_hub/metrics on the mirror needs a mirror account (Basic auth, hub_users_file). The
+        loopback metrics listener is not affected."""),
+)
+
+
+def declare(loader) -> None:
+    for option in OPTIONS:
+        loader.add_option(option.name, option.type, option.default, " ".join(option.help.split()), option.choices)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    directory: Path
+    max_bytes: int
+    stale_seconds: int
+    stale_grace: int
+    auth_ttl: int
+    blob_listen: tuple[str, int] | None
+    blob_url: str
+    blob_secret: Path | None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the mirror's own HTTP client depends on: a change means a new client."""
+
+    timeout: int
+    max_body: int
+    ssl_insecure: bool
+    ca_file: str | None
+    ca_dir: str | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int
+    head_timeout: int
+    max_head_bytes: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    public_url: str
+    registries: Registries
+    proxy_passthrough: bool
+    proxy_guarded: bool  # mitmproxy's proxyauth is set
+    accounts: MirrorAccounts | None
+    users_file: str
+    rules: RepositoryRules
+    upstream_credentials: UpstreamCredentials
+    allow_push: bool
+    client: ClientSettings
+    limits: Limits
+    cache: CacheSettings | None
+    metrics_listen: tuple[str, int] | None
+    metrics_auth: bool
+
+
+def apply_config_file(options: optmanager.OptManager) -> str | None:
+    """Apply hub_config's file below the command line; the path applied, if any."""
+    if not options.hub_config:
+        return None
+    path = Path(options.hub_config).expanduser()
+    if not path.exists():
+        if path == DEFAULT_CONFIG:
+            return None  # no file next to the addon: defaults and command line only
+        raise exceptions.OptionsError(f"hub_config: {path} does not exist")
+    data = read_config(path)
+    try:
+        options.update(**options_to_apply(options, data, str(path)))
+    except (TypeError, ValueError) as e:
+        raise exceptions.OptionsError(f"{path}: {e}") from e
+    return str(path)
+
+
+def read_settings(o: optmanager.OptManager) -> Settings:
+    """Every hub_* option (and the mitmproxy options the mirror depends on), checked."""
+    _check_modes(o.mode)
+    accounts = _accounts(o.hub_users_file)
+    if o.hub_metrics_auth and accounts is None:
+        raise exceptions.OptionsError("hub_metrics_auth needs mirror accounts (hub_users_file)")
+    if o.hub_upstream_timeout < 1:
+        raise exceptions.OptionsError("hub_upstream_timeout must be at least 1 second")
+    if o.hub_max_buffered_body < 65536:
+        raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes")
+    table = _registries(o)
+    return Settings(
+        public_url=_public_url(o.hub_public_url),
+        registries=table,
+        proxy_passthrough=o.hub_proxy_passthrough,
+        proxy_guarded=bool(getattr(o, "proxyauth", None)),
+        accounts=accounts,
+        users_file=o.hub_users_file,
+        rules=_rules(o.hub_allow, o.hub_deny),
+        upstream_credentials=_upstream_credentials(o.hub_upstream_credentials, table),
+        allow_push=o.hub_allow_push,
+        client=ClientSettings(o.hub_upstream_timeout, o.hub_max_buffered_body, o.ssl_insecure,
+                              o.ssl_verify_upstream_trusted_ca, o.ssl_verify_upstream_trusted_confdir),
+        limits=_limits(o),
+        cache=_cache(o),
+        metrics_listen=_loopback_option("hub_metrics_listen", o.hub_metrics_listen),
+        metrics_auth=o.hub_metrics_auth,
+    )
+
+
+def _check_modes(modes: Sequence[str]) -> None:
+    """Only the modes whose every flow the addon sees and decides: reverse http(s) and regular.
+
+    Others (socks5, transparent, wireguard, upstream, ...) would pass traffic the
+    addon never classifies: an open proxy.
+    """
+    for spec in modes:
+        mode = mode_specs.ProxyMode.parse(spec)
+        if isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https"):
+            continue
+        if isinstance(mode, mode_specs.RegularMode):
+            continue
+        raise exceptions.OptionsError(
+            f"hub_rewrite serves registries in reverse (http/https) or regular proxy mode, not {spec!r}"
+        )
+
+
+def _public_url(value: str) -> str:
+    try:
+        return validate_public_url(value) if value else ""
+    except ValueError as e:
+        raise exceptions.OptionsError(f"hub_public_url {value!r}: {e}") from e
+
+
+def _registries(o: optmanager.OptManager) -> Registries:
+    default = o.hub_registry_name.lower()
+    if not REGISTRY_HOST_RE.fullmatch(default):
+        raise exceptions.OptionsError(f"hub_registry_name {default!r} is not a registry host name")
+    prefix = o.hub_official_prefix
+    if prefix and not NAME_RE.fullmatch(prefix):
+        raise exceptions.OptionsError(f"hub_official_prefix {prefix!r} is not a repository namespace")
+    try:
+        table = registries.parse_table(o.hub_upstreams)
+        host_map = registries.parse_host_map(o.hub_host_map, set(table))
+    except registries.TableError as e:
+        raise exceptions.OptionsError(f"hub_upstreams/hub_host_map: {e}") from e
+    return Registries(table, default, host_map, official_registry=default, official_prefix=prefix)
+
+
+def _accounts(path: str) -> MirrorAccounts | None:
+    try:
+        return MirrorAccounts(load_users(Path(path).expanduser())) if path else None
+    except AccountsError as e:
+        raise exceptions.OptionsError(f"hub_users_file: {e}") from e
+
+
+def _rules(allow: Sequence[str], deny: Sequence[str]) -> RepositoryRules:
+    try:
+        return RepositoryRules.parse(allow, deny)
+    except PolicyError as e:
+        raise exceptions.OptionsError(f"hub_allow/hub_deny: {e}") from e
+
+
+def _upstream_credentials(path: str, table: Registries) -> UpstreamCredentials:
+    try:
+        return UpstreamCredentials.load(path, set(table.table) | {table.default})
+    except PolicyError as e:
+        raise exceptions.OptionsError(f"hub_upstream_credentials: {e}") from e
+
+
+def _limits(o: optmanager.OptManager) -> Limits:
+    if o.hub_max_connections < 1 or o.hub_head_timeout < 1 or o.hub_max_head_bytes < 4096:
+        raise exceptions.OptionsError(
+            "hub_max_connections and hub_head_timeout must be at least 1, hub_max_head_bytes at least 4096"
+        )
+    return Limits(o.hub_max_connections, o.hub_head_timeout, o.hub_max_head_bytes)
+
+
+def _cache(o: optmanager.OptManager) -> CacheSettings | None:
+    if not o.hub_cache_dir:
+        if o.hub_blob_listen:
+            raise exceptions.OptionsError("hub_blob_listen serves cached blobs: it needs hub_cache_dir")
+        return None
+    try:
+        max_bytes = human.parse_size(o.hub_cache_max_size) or 0
+    except ValueError as e:
+        raise exceptions.OptionsError(f"hub_cache_max_size: {e}") from e
+    if o.hub_cache_stale < 0 or o.hub_cache_stale_grace < 0 or o.hub_cache_auth_ttl < 1:
+        raise exceptions.OptionsError(
+            "hub_cache_stale and hub_cache_stale_grace must be >= 0, hub_cache_auth_ttl >= 1"
+        )
+    if o.hub_blob_url:
+        try:
+            validate_public_url(o.hub_blob_url)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"hub_blob_url {o.hub_blob_url!r}: {e}") from e
+    return CacheSettings(
+        directory=Path(o.hub_cache_dir).expanduser(),
+        max_bytes=max_bytes,
+        stale_seconds=o.hub_cache_stale,
+        stale_grace=o.hub_cache_stale_grace,
+        auth_ttl=o.hub_cache_auth_ttl,
+        blob_listen=_host_port("hub_blob_listen", o.hub_blob_listen) if o.hub_blob_listen else None,
+        blob_url=o.hub_blob_url.rstrip("/"),
+        blob_secret=Path(o.hub_blob_secret).expanduser() if o.hub_blob_secret else None,
+    )
+
+
+def _host_port(name: str, value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise exceptions.OptionsError(f"{name} {value!r}: expected host:port, e.g. 0.0.0.0:5001")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _loopback_option(name: str, value: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    try:
+        return loopback_address(value)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"{name} {value!r}: {e}") from e
