@@ -1,0 +1,1 @@
+"""Registry protocol formats the mirror reads: tokens, challenges, manifests."""
