@@ -1,0 +1,1 @@
+"""Help for people debugging registry traffic: mitmproxy content views and credential fingerprints."""
