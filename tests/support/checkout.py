@@ -5,12 +5,13 @@
     root = scratch_checkout(tmp_path / "checkout")   # root/scripts/run, root/.venv
 
 The ``.venv`` is a copy of the virtualenv running the tests (``sys.prefix``):
-its files are hard links (same file system: instant, no space), except the
-``bin/`` scripts, which are rewritten to name the copy's own Python.  Writing
-into a hard-linked file would change the original too; nothing here does:
-Python writes bytecode by replacing files, pip removes and creates files, and
-the tests that use this assert pip never runs.  Raises ``CheckoutError`` when
-the tests do not run in a virtualenv.
+its files are hard links (instant, no space; real copies across file
+systems), except the ``bin/`` scripts, which are rewritten to name the copy's
+own Python.  Writing into a hard-linked file would change the original too;
+nothing does: Python writes bytecode by replacing files, pip removes and
+creates files (and the tests keep it off the network, so it fails before it
+changes anything), and the install stamp is left out of the copy.  Raises
+``CheckoutError`` when the tests do not run in a virtualenv.
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ class CheckoutError(RuntimeError):
     pass
 
 
+def link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system (e.g. /tmp on tmpfs): a real copy, slower
+        shutil.copy2(source, dest)
+
+
 def copy_venv(source: Path, dest: Path) -> Path:
     # without the install stamp, which scripts/lib.sh (re)writes: the caller writes its own
-    shutil.copytree(source, dest, symlinks=True, copy_function=os.link, ignore=shutil.ignore_patterns(STAMP))
+    shutil.copytree(source, dest, symlinks=True, copy_function=link_or_copy, ignore=shutil.ignore_patterns(STAMP))
     old_prefix = f"#!{source}/bin/".encode()
     for script in (dest / "bin").iterdir():
         if script.is_symlink() or not script.is_file():
