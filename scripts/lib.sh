@@ -28,7 +28,33 @@ find_python() {
     return 1
 }
 
-# .venv with mitmproxy and the addon's dependencies; $1 = extras ("" or "test")
+# What .venv was installed from: the dependencies (pyproject.toml) and the
+# Python running it. Kept in $VENV_STAMP with the extras installed, so a
+# restart with nothing changed skips pip (an editable install builds in its
+# own environment from the package index: seconds, and no start at all where
+# the index is out of reach).
+VENV_STAMP="$VENV/.hub-rewrite-installed"
+
+venv_key() {
+    { cat "$REPO_ROOT/pyproject.toml"; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } |
+        sha256sum | cut -d' ' -f1
+}
+
+# $1 = extras: true when the stamp matches and holds those extras ("" is in every install)
+venv_up_to_date() {
+    local extras="$1" key="" installed=""
+    [ -f "$VENV_STAMP" ] || return 1
+    { read -r key && read -r installed; } <"$VENV_STAMP" || return 1
+    [ "$key" = "$(venv_key)" ] && { [ -z "$extras" ] || [ "$extras" = "$installed" ]; }
+}
+
+write_venv_stamp() {
+    printf '%s\n%s\n' "$(venv_key)" "$1" >"$VENV_STAMP.tmp"
+    mv -f "$VENV_STAMP.tmp" "$VENV_STAMP"
+}
+
+# .venv with mitmproxy and the addon's dependencies; $1 = extras ("" or "test").
+# Installs only when .venv is missing, its Python changed or pyproject.toml did.
 ensure_venv() {
     local extras="${1:-}"
     if [ ! -x "$VENV/bin/python" ] ||
@@ -39,9 +65,12 @@ ensure_venv() {
         rm -rf "$VENV"
         "$python" -m venv "$VENV"
     fi
+    venv_up_to_date "$extras" && return 0
     local spec="$REPO_ROOT"
     [ -n "$extras" ] && spec="$REPO_ROOT[$extras]"
+    echo "setup: installing hub-rewrite${extras:+[$extras]} and its dependencies into .venv" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+    write_venv_stamp "$extras"
 }
 
 # Debian packages, installed only when missing (without recommends: docker.io

@@ -3,17 +3,14 @@ rendered by headless Chromium and looked at as a screenshot."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import struct
-import subprocess
-import zlib
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.browser import Chromium, screenshot_path
 from tests.support.mirror import Mirror, free_port
+from tests.support.png import assert_not_blank
 
 from .test_mirror import copy
 
@@ -91,46 +88,14 @@ def test_health(mirror, tmp_path):
     assert httpx.get(f"{mirror.url}/_hub/health").status_code == 200
 
 
-def png_pixels(path: Path) -> tuple[int, int, bytes]:
-    """Width, height and the decompressed scanlines of a PNG (no imaging library needed)."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, width, height = 8, b"", 0, 0
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    return width, height, zlib.decompress(idat)
-
-
-def chromium(*args: str) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.skip("chromium not installed (Debian package chromium)")
-    return subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-         "--user-data-dir=" + str(Path(args[0]).parent / "chromium-profile"), *args[1:]],
-        capture_output=True, text=True, timeout=120,
-    )
-
-
 def test_status_page_renders_in_a_browser(mirror, tmp_path):
-    dom = chromium(str(tmp_path / "x"), "--dump-dom", f"{mirror.url}/")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "hub-rewrite: a mirror of docker.io" in dom.stdout
-    assert f"docker pull {mirror.host}/library/nginx" in dom.stdout
-    assert f"[host.&quot;{mirror.url}&quot;]" in dom.stdout or f'[host."{mirror.url}"]' in dom.stdout
-    assert "% hits" in dom.stdout
+    browser = Chromium(tmp_path)
+    dom = browser.dump_dom(f"{mirror.url}/")
+    assert "hub-rewrite: a mirror of docker.io" in dom
+    assert f"docker pull {mirror.host}/library/nginx" in dom
+    assert f"[host.&quot;{mirror.url}&quot;]" in dom or f'[host."{mirror.url}"]' in dom
+    assert "% hits" in dom
 
-    shot = Path(os.environ.get("HUB_SCREENSHOT_DIR", tmp_path)) / "status.png"
-    result = chromium(str(tmp_path / "y"), f"--screenshot={shot}", "--window-size=1000,1400", f"{mirror.url}/")
-    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
-    width, height, pixels = png_pixels(shot)
-    assert (width, height) == (1000, 1400)
-    # a rendered page, not a blank screen: a blank page compresses to a handful of distinct (filtered) bytes
-    assert len(set(pixels)) > 50
+    shot = browser.screenshot(f"{mirror.url}/", screenshot_path(tmp_path, "status.png"), size=(1000, 1400))
+    stats = assert_not_blank(shot)
+    assert (stats.width, stats.height) == (1000, 1400)

@@ -1,0 +1,144 @@
+"""The mirror under mitmweb, started as the README shows
+(``mitmweb -s addons/hub_rewrite.py --mode reverse:...``), with real skopeo
+pulls through it: the multi-arch image (``copy --all``) and the private image
+with credentials.  Then mitmweb's REST API lists the client flows (token,
+manifests, blobs), and headless Chromium shows them in the web UI.
+
+Until the repository's mitm.conf loads under mitmweb this runs without it
+(see ``MITMWEB_LOADS_MITM_CONF`` in tests/support/mirror.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.browser import Chromium, screenshot_path
+from tests.support.mirror import Mirror
+from tests.support.png import assert_not_blank
+
+from .test_mirror import copy, sha256_file
+
+# virtual time for the UI to open its websocket and render the flow list
+UI_WAIT_MS = 5000
+
+
+@pytest.fixture(scope="module")
+def pulled(upstream, tmp_path_factory):
+    """mitmweb with the addon, after skopeo pulled alpine (every platform) and private/secret through it."""
+    work = tmp_path_factory.mktemp("mitmweb")
+    with Mirror(work / "mirror", upstream.api_url, tool="mitmweb") as mirror:
+        alpine = copy(f"docker://{mirror.host}/library/alpine:3.19", work / "alpine", "--all")
+        assert alpine.returncode == 0, alpine.stderr
+        password = upstream.users["alice"]
+        secret = copy(f"docker://{mirror.host}/private/secret:1.0", work / "secret", "--src-creds", f"alice:{password}")
+        assert secret.returncode == 0, secret.stderr
+        assert sha256_file(work / "secret" / "manifest.json") == upstream.images["private/secret"]["digest"]
+        yield mirror
+
+
+def path_of(flow: dict[str, Any]) -> str:
+    """The request path without its query: blob flows carry the CDN's signed query, which must never be printed."""
+    return flow["request"]["path"].split("?", 1)[0]
+
+
+def summary(flows: list[dict[str, Any]]) -> list[str]:
+    """Method, path and status of each flow: enough to read a failure; no headers or queries (credentials, signatures)."""
+    return [f"{f['request']['method']} {path_of(f)} {(f.get('response') or {}).get('status_code')}" for f in flows]
+
+
+def flows_commented(flows: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The flows whose comment (set by the addon) contains ``text``.
+
+    TODO(lead): side flows (the mirror's own requests to the token service and
+    the CDN, added to mitmweb's view) do not exist yet.  Once they do, find them
+    here by their marker (comment or ``marked``) and assert on them in
+    test_side_flows_are_shown below, e.g. a token flow to the upstream realm and
+    one CDN flow per blob, and their content through the new content views
+    (``api.content(flow["id"], "response", "<view>")``).
+    """
+    return [f for f in flows if text in f["comment"]]
+
+
+def header(message: dict[str, Any], name: str) -> str | None:
+    return next((value for key, value in message["headers"] if key.lower() == name.lower()), None)
+
+
+def blob_digests(info: dict[str, Any]) -> set[str]:
+    images = (info.get("manifests") or {info["repo"]: info}).values()
+    return {d for image in images for d in (image["config_digest"], *image["layer_digests"])}
+
+
+def test_web_api_needs_the_password(pulled):
+    assert httpx.get(f"{pulled.web_url}/flows.json").status_code == 403
+    wrong = httpx.get(f"{pulled.web_url}/flows.json", headers={"Authorization": "Bearer not-the-password"})
+    assert wrong.status_code == 403
+
+
+def test_rest_api_lists_the_client_flows(pulled, upstream):
+    api = pulled.web_api
+    flows = api.flows()
+    shown = summary(flows)
+    assert all(f["response"] and f["response"]["status_code"] in (200, 401) for f in flows), shown
+
+    tokens = [f for f in flows if path_of(f) == "/token"]
+    scopes = sorted(f["request"]["path"].split("scope=", 1)[1].split("&")[0] for f in tokens)
+    assert scopes == ["repository%3Alibrary%2Falpine%3Apull", "repository%3Aprivate%2Fsecret%3Apull"], shown
+    assert all(f["response"]["status_code"] == 200 for f in tokens), shown
+    # booleans only: the body holds a token, which an assertion's report would print
+    token_body = api.content(tokens[0]["id"], "response")
+    token_answered, token_view = '"token"' in token_body["text"], token_body["view_name"]
+    assert token_answered and token_view == "JSON"
+
+    alpine, secret = upstream.images["library/alpine"], upstream.images["private/secret"]
+    alpine_flows = flows_commented(flows, "hub: docker.io library/alpine")
+    manifests = {path_of(f): f for f in alpine_flows if "/manifests/" in path_of(f)}
+    wanted = {"/v2/library/alpine/manifests/3.19"} | {
+        f"/v2/library/alpine/manifests/{image['digest']}" for image in alpine["manifests"].values()}
+    assert set(manifests) == wanted, shown
+    by_tag = manifests["/v2/library/alpine/manifests/3.19"]
+    assert header(by_tag["response"], "Docker-Content-Digest") == alpine["digest"]
+    listing = api.content(by_tag["id"], "response")
+    assert listing["view_name"] == "JSON"
+    assert all(image["digest"] in listing["text"] for image in alpine["manifests"].values())
+
+    # blob flows go to the CDN after the redirect: their path names the digest, not the client's /v2/ path
+    blobs = [f for f in alpine_flows if "blob streamed from" in f["comment"]]
+    assert {d.split(":")[1] for d in blob_digests(alpine)} == {path_of(f).split("/")[-2] for f in blobs}, shown
+    assert all(f["response"]["status_code"] == 200 for f in blobs)
+
+    secret_flows = flows_commented(flows, "hub: docker.io private/secret")
+    assert "/v2/private/secret/manifests/1.0" in {path_of(f) for f in secret_flows}, shown
+    secret_blobs = {path_of(f).split("/")[-2] for f in secret_flows if "blob streamed from" in f["comment"]}
+    assert secret_blobs == {d.split(":")[1] for d in blob_digests(secret)}, shown
+
+
+@pytest.mark.skip(reason="TODO(lead): side flows are not added to mitmweb's view yet (see flows_commented)")
+def test_side_flows_are_shown(pulled):
+    """The mirror's own token and CDN requests, each as a flow of its own."""
+
+
+def test_no_secret_in_the_log(pulled, upstream):
+    log = pulled.log_text()
+    leaked = [name for name, secret in (("alice's password", upstream.users["alice"]),
+                                        ("mitmweb's password", pulled.web_password)) if secret in log]
+    assert leaked == []
+
+
+def test_web_ui_shows_the_flows(pulled, tmp_path):
+    flows = pulled.web_api.flows()
+    browser = Chromium(tmp_path)
+    size = (1600, 1000)  # every flow in view: the list renders only the visible rows
+    # the DOM is never printed: the blob flows' URLs in it carry the CDN's signatures
+    dom = browser.dump_dom(pulled.web_api.ui_url, size=size, wait_ms=UI_WAIT_MS)
+    rendered = {path_of(f) for f in flows if path_of(f) in dom}
+    assert rendered == {path_of(f) for f in flows}, summary(flows)
+    footer_counts_them = f"0 of {len(flows)} flows selected" in dom
+    assert footer_counts_them
+
+    shot = browser.screenshot(pulled.web_api.ui_url, screenshot_path(tmp_path, "mitmweb.png"), size=size,
+                              wait_ms=UI_WAIT_MS)
+    stats = assert_not_blank(shot)
+    assert (stats.width, stats.height) == size
