@@ -106,6 +106,14 @@ class Mirror:
             preexec_fn=set_pdeathsig,  # never outlive a killed test run
         )
         log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # also Ctrl-C: `with Mirror(...)` runs no __exit__ when __enter__ fails
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         # Listening is not enough: the script loads after the listener opens.
         while time.monotonic() < deadline:
@@ -115,9 +123,8 @@ class Mirror:
             if "listening at" in text and ("-s" not in self.argv or "Loading script" in text):
                 if self._accepts():
                     time.sleep(0.3)  # let the script's configure() finish
-                    return self
+                    return
             time.sleep(0.1)
-        self.stop()
         raise MirrorError(f"mitmdump did not start in {timeout}s:\n{self.log_text()[-4000:]}")
 
     @property
