@@ -56,13 +56,22 @@ def cpu_seconds(pids: list[int]) -> float:
 def reset_peak_rss(pids: list[int]) -> None:
     """Start a new peak measurement (writing 5 to clear_refs resets VmHWM)."""
     for pid in pids:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except FileNotFoundError:  # exited meanwhile (nginx's cache loader does)
+            pass
 
 
 def peak_rss(pids: list[int]) -> int:
-    """Sum of the processes' VmHWM since the last reset, in bytes.
+    """Sum of the processes' VmHWM since the last reset, in bytes; exited ones count 0.
 
     For several processes this is an upper bound of their peak together (the
     peaks need not coincide, and shared memory counts in each)."""
-    return sum(status_bytes(pid, "VmHWM") for pid in pids)
+    total = 0
+    for pid in pids:
+        try:
+            total += status_bytes(pid, "VmHWM")
+        except FileNotFoundError:
+            pass
+    return total
