@@ -36,6 +36,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,7 @@ from tests.support.common import set_pdeathsig
 NGINX = "/usr/sbin/nginx"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BLOB_LOCATION = r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$"
+URL_QUERY = re.compile(r"(https?://[^\s\"?]+)\?[^\s\"]*")
 LOCK_SECONDS = 3600  # a waiting client waits this long for the one download of a blob
 
 CONFIG = """\
@@ -267,10 +269,11 @@ class NginxPeer:
             self.proc.wait(5)
 
     def log_tail(self, chars: int = 3000) -> str:
+        """The end of nginx's error log, URL queries (signatures of signed URLs) blanked out."""
         parts = []
         for path in (self.error_log, self.workdir / "logs" / "stderr.log"):
             try:
-                parts.append(path.read_text(errors="replace")[-chars:])
+                parts.append(URL_QUERY.sub(r"\1?...", path.read_text(errors="replace")[-chars:]))
             except FileNotFoundError:
                 pass
         return "\n".join(p for p in parts if p.strip()) or "(no nginx output)"
