@@ -206,19 +206,20 @@ class NginxPeer:
     def start(self, timeout: float = 15.0) -> NginxPeer:
         for d in ("logs", "tmp", "cache"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):  # the free port may be taken before nginx binds it
+        tries = 3  # the free port may be taken by someone else before nginx binds it
+        while True:
+            tries -= 1
             self.port = _free_port()
             self.conf_path.write_text(self.config())
             try:
                 self._launch(timeout)
                 return self
             except NginxError as e:
-                if "Address already in use" not in str(e) or attempt == 2:
+                if "Address already in use" not in str(e) or not tries:
                     raise
             except BaseException:  # Ctrl-C while starting: no nginx left behind
                 self.stop()
                 raise
-        raise AssertionError("unreachable")
 
     def _launch(self, timeout: float) -> None:
         with open(self.workdir / "logs" / "stderr.log", "ab") as out:
