@@ -34,19 +34,14 @@ Units: MB = 10^6 bytes, MiB = 2^20 bytes.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shlex
 import shutil
-import statistics
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from urllib.parse import urlencode
+from typing import Any, Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -54,134 +49,24 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import httpx  # noqa: E402
-
-from bench_pull import (BenchError, exact_command, log, machine_facts, rss_bytes,  # noqa: E402
-                        run_benchmark)
-from tests.support.images import make_big_layer, push_image, push_index  # noqa: E402
+from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
+                     smoke_banner, tool_version)
+from image_set import push_images  # noqa: E402
+from procstat import rss_bytes  # noqa: E402
+from pulls import CURL_TIMEOUT, registry_token, skopeo_pull  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
+from upstream_logs import LogCursor, count_upstream  # noqa: E402
 
-BIG = ("bench/big", "1.0")
-MULTI = ("bench/multi", "1.0")
-MULTI_LAYERS = (4 << 20, 1 << 20)  # per arch
 IMAGES = ("big", "multi")
 PATHS = ("direct", "cold", "warm")
 PATH_LABELS = {"direct": "direct (edge + CDN)", "cold": "mirror, cold cache", "warm": "mirror, warm cache"}
 CONCURRENCY = 8
 RSS_TARGET = 150_000_000  # bytes
-SKOPEO_TIMEOUT = 900
-CURL_TIMEOUT = 900
 MB = 1e6
-MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
-BLOB_RE = re.compile(r"^/v2/.+/blobs/[^/]+$")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class LogCursor:
-    """Deltas of one of the fake Hub's JSON-lines access logs."""
-
-    def __init__(self, read: Callable[..., list[dict[str, Any]]]) -> None:
-        self.read = read
-        self.pos = len(read())
-
-    def take(self, settle: float = 0.4, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """New records since the last take, once the log stopped growing for ``settle`` s
-        (the CDN writes its record only after the body was sent)."""
-        deadline = time.monotonic() + timeout
-        n = len(self.read())
-        while time.monotonic() < deadline:
-            time.sleep(settle)
-            m = len(self.read())
-            if m == n:
-                break
-            n = m
-        recs = self.read()
-        new, self.pos = recs[self.pos:], len(recs)
-        return new
-
-
-def count_upstream(cdn: list[dict[str, Any]], edge: list[dict[str, Any]], tokens: list[dict[str, Any]]) -> dict[str, Any]:
-    blob_gets = [r for r in cdn if r.get("method") == "GET"]
-    per_path: dict[str, int] = {}
-    for r in blob_gets:
-        per_path[r["path"]] = per_path.get(r["path"], 0) + 1
-
-    def edge_count(method: str, regex: re.Pattern) -> int:
-        return sum(1 for r in edge if r.get("method") == method and regex.match(r.get("path", "")))
-
-    manifest_get, manifest_head = edge_count("GET", MANIFEST_RE), edge_count("HEAD", MANIFEST_RE)
-    blob_get, blob_head = edge_count("GET", BLOB_RE), edge_count("HEAD", BLOB_RE)
-    return {
-        "cdn_requests": len(cdn),
-        "cdn_gets": len(blob_gets),
-        "cdn_bytes": sum(int(r.get("bytes") or 0) for r in cdn),
-        "cdn_statuses": sorted({r.get("status") for r in cdn}, key=str),
-        "cdn_max_gets_per_blob": max(per_path.values(), default=0),
-        "cdn_distinct_blobs": len(per_path),
-        "edge_requests": len(edge),
-        "edge_manifest_get": manifest_get,
-        "edge_manifest_head": manifest_head,
-        "edge_blob_get": blob_get,
-        "edge_blob_head": blob_head,
-        "edge_other": len(edge) - manifest_get - manifest_head - blob_get - blob_head,
-        "token_requests": len(tokens),
-    }
-
-
-def image_blobs(images: list[dict[str, Any]]) -> dict[str, int]:
-    """digest -> size of every config and layer of some pushed images."""
-    out: dict[str, int] = {}
-    for img in images:
-        out[img["config_digest"]] = len(img["config_bytes"])
-        out.update(zip(img["layer_digests"], img["layer_sizes"]))
-    return out
-
-
-def skopeo_pull(host: str, repo: str, tag: str, dest: Path, blobs: dict[str, int], multi: bool) -> float:
-    """One timed ``skopeo copy`` into ``dir:dest``; raises BenchError unless every blob arrived whole."""
-    argv = ["skopeo", "copy", "--src-tls-verify=false", "--src-no-creds"]
-    if multi:
-        argv.append("--all")
-    argv += [f"docker://{host}/{repo}:{tag}", f"dir:{dest}"]
-    t0 = time.monotonic()
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=SKOPEO_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"skopeo timed out after {SKOPEO_TIMEOUT}s: {shlex.join(argv)}") from None
-    seconds = time.monotonic() - t0
-    if p.returncode != 0:
-        raise BenchError(f"skopeo exited {p.returncode}: {p.stderr.strip()[-1500:]}")
-    if not (dest / "manifest.json").is_file():
-        raise BenchError(f"skopeo wrote no manifest.json to {dest}")
-    for digest, size in blobs.items():
-        f = dest / digest.split(":", 1)[1]
-        got = f.stat().st_size if f.is_file() else None
-        if got != size:
-            raise BenchError(f"skopeo output: blob {digest[:19]}... has {got} bytes, expected {size}")
-    return seconds
-
-
-@contextmanager
-def running_mirror(workdir: Path, upstream_url: str, cache_dir: Path) -> Iterator[Mirror]:
-    """A mitmdump + addon with ``hub_cache_dir``; stopped even when its startup is
-    interrupted (``with Mirror(...)`` would leave it running then)."""
-    mirror = Mirror(workdir, upstream_url, options={"hub_cache_dir": str(cache_dir)}, name="mirror")
-    try:
-        mirror.start()
-        yield mirror
-    finally:
-        mirror.stop()
-
-
-def mirror_token(mirror: Mirror, up: Upstream, repo: str) -> str:
-    q = urlencode({"service": up.service, "scope": f"repository:{repo}:pull"})
-    r = httpx.get(f"{mirror.url}/token?{q}", timeout=30)
-    if r.status_code != 200:
-        raise BenchError(f"mirror /token answered {r.status_code}: {r.text[:300]}")
-    return r.json()["token"]
 
 
 def concurrent_pulls(mirror: Mirror, token: str, repo: str, digest: str, size: int, n: int,
@@ -244,41 +129,7 @@ def concurrent_pulls(mirror: Mirror, token: str, repo: str, digest: str, size: i
             "aggregate_mb_per_s": n * size / wall / MB, "digest_verified": True}
 
 
-def skopeo_version() -> str:
-    try:
-        return subprocess.run(["skopeo", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 # ---------------------------------------------------------------- the run
-
-
-def push_images(up: Upstream, workdir: Path, size_mib: int) -> dict[str, Any]:
-    t0 = time.monotonic()
-    layer = workdir / "layer.tar"
-    log(f"writing a {size_mib} MiB layer")
-    digest, size = make_big_layer(layer, size_mib << 20, seed=b"bench-cache")
-    log(f"layer {digest} ({size} bytes) written ({time.monotonic() - t0:.1f}s); pushing {BIG[0]}:{BIG[1]}")
-    try:
-        big = push_image(up, BIG[0], BIG[1], [layer], media="oci")
-    finally:
-        layer.unlink(missing_ok=True)  # the registry has its own copy
-    arch_images = []
-    for arch in ("amd64", "arm64"):
-        layers = [{f"data/{arch}-{i}.bin": os.urandom(n)} for i, n in enumerate(MULTI_LAYERS)]
-        arch_images.append(push_image(up, MULTI[0], None, layers, media="docker", arch=arch, compress=False))
-    index = push_index(up, MULTI[0], MULTI[1], arch_images, media="docker")
-    log(f"pushed both images ({time.monotonic() - t0:.1f}s)")
-    out = {
-        "big": {"repo": BIG[0], "tag": BIG[1], "multi": False, "manifest_digest": big["digest"],
-                "blobs": image_blobs([big]), "layer_digest": digest, "layer_size": size, "manifests": 1},
-        "multi": {"repo": MULTI[0], "tag": MULTI[1], "multi": True, "manifest_digest": index["digest"],
-                  "blobs": image_blobs(arch_images), "manifests": 1 + len(arch_images)},
-    }
-    for info in out.values():
-        info["blob_bytes"] = sum(info["blobs"].values())
-    return out
 
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
@@ -327,7 +178,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                 rec = pull(image, up.api_host, None, f"rep {rep}/{args.reps} {image} direct")
                 samples[image]["direct"].append(rec | {"rep": rep})
             cache_dir = workdir / f"cache-{rep}"
-            with running_mirror(workdir / f"mirror-{rep}", up.api_url, cache_dir) as mirror:
+            with Mirror(workdir / f"mirror-{rep}", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
                 for path in ("cold", "warm"):
                     for image in IMAGES:
                         rec = pull(image, mirror.host, mirror, f"rep {rep}/{args.reps} {image} {path}")
@@ -342,10 +193,10 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         storage_path = up.blob_storage_path(digest)
         cache_dir = workdir / "cache-concurrent"
         conc: dict[str, Any] = {}
-        with running_mirror(workdir / "mirror-concurrent", up.api_url, cache_dir) as mirror:
+        with Mirror(workdir / "mirror-concurrent", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
             time.sleep(1.0)
             conc["idle_rss"] = rss_bytes(mirror.proc.pid)
-            token = mirror_token(mirror, up, big["repo"])
+            token = registry_token(mirror.url, up.service, big["repo"])
             for phase in ("cold", "warm"):
                 label = f"{CONCURRENCY} concurrent pulls, {phase} cache"
                 cdn_log.take(settle=0.1)
@@ -422,7 +273,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
     facts = result["machine"]
     big, multi = images["big"], images["multi"]
-    out = ["## hub-rewrite pull-through cache benchmark\n"]
+    out = smoke_banner(result) + ["## hub-rewrite pull-through cache benchmark\n"]
     out.append(f"Images: `{big['repo']}:{big['tag']}` (OCI, 1 layer of {big['layer_size']} bytes = "
                f"{big['layer_size'] / 2**20:.1f} MiB, blobs {big['blob_bytes']} bytes); "
                f"`{multi['repo']}:{multi['tag']}` (Docker manifest list, amd64 + arm64, "
@@ -492,11 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("curl", "skopeo", "sha256sum"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} is required")
+    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1})
 
     started = time.monotonic()
     facts = machine_facts()
-    facts["skopeo"] = skopeo_version()
-    result: dict[str, Any] = {"command": exact_command(), "machine": facts, "size_mib": args.size_mib,
+    facts["skopeo"] = tool_version("skopeo", "--version")
+    result: dict[str, Any] = {"command": exact_command(), "machine": facts, "scale": scale, "size_mib": args.size_mib,
                               "reps": args.reps, "concurrency": CONCURRENCY,
                               "units": {"seconds": "wall clock", "mb_per_s": "10^6 bytes/s", "rss": "bytes",
                                         "cdn_bytes": "body bytes the CDN sent"}}

@@ -44,7 +44,6 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for p in (REPO_ROOT, REPO_ROOT / "bench"):
@@ -53,8 +52,10 @@ for p in (REPO_ROOT, REPO_ROOT / "bench"):
 
 import httpx  # noqa: E402
 
-from bench_pull import (BenchError, exact_command, log, machine_facts, rss_bytes,  # noqa: E402
-                        run_benchmark)
+from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
+                     smoke_banner)
+from procstat import rss_bytes  # noqa: E402
+from pulls import registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image, standard_images  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
@@ -109,14 +110,6 @@ def push_all(up: Upstream, workdir: Path, big_size: int) -> dict[str, Any]:
                 raise BenchError(f"direct GET of {repo}@{d} failed: HTTP {r.status_code}")
             blobs[(repo, d)] = r.content
     return {"tags": tags, "manifests": manifests, "blobs": [(r, d, b) for (r, d), b in blobs.items()]}
-
-
-def mirror_token(mirror: Mirror, service: str, repo: str) -> str:
-    q = urlencode({"service": service, "scope": f"repository:{repo}:pull"})
-    r = httpx.get(f"{mirror.url}/token?{q}", timeout=30)
-    if r.status_code != 200:
-        raise BenchError(f"mirror /token answered {r.status_code}: {r.text[:300]}")
-    return r.json()["token"]
 
 
 def head_latencies(base: str, token: str, n: int, expect_digest: str) -> list[float]:
@@ -281,7 +274,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             time.sleep(1.0)
             result["idle_rss"] = rss_bytes(pid)
             up_tok = up.get_token(f"repository:{HEAD_REPO}:pull")
-            mi_tok = mirror_token(mirror, up.service, HEAD_REPO)
+            mi_tok = registry_token(mirror.url, up.service, HEAD_REPO)
 
             def latency(phase: str) -> None:
                 log(f"latency ({phase}): {args.latency_n} sequential manifest HEADs direct, then via the mirror")
@@ -328,7 +321,7 @@ def report(result: dict[str, Any]) -> None:
     def ms(x: float) -> str:
         return f"{x:.2f} ms"
 
-    out = ["## hub-rewrite load benchmark\n",
+    out = smoke_banner(result) + ["## hub-rewrite load benchmark\n",
            f"{L['clients']} concurrent clients (asyncio + httpx, HTTP/1.1, one client each) for "
            f"{L['seconds']:.0f}s against one mirror with a cold pull-through cache; work set "
            f"{ws['tags']} tags, {ws['manifests']} manifests, {ws['blobs']} blobs "
@@ -385,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0 or args.latency_n < 1:
         ap.error("--clients, --seconds and --latency-n must be positive")
+    scale = apply_scale(ap, args, {"clients": 5, "seconds": 5.0, "latency_n": 20})
 
     started = time.monotonic()
-    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(),
+    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(), "scale": scale,
                               "units": {"rss": "bytes", "latency": "ms (raw_*: seconds)"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-load-"))
 

@@ -29,28 +29,25 @@ processes; idle RSS is read after startup.  Units: MB = 10^6 bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-import platform
-import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for p in (str(REPO_ROOT), str(BENCH_DIR)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
-import httpx  # noqa: E402
-
+from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
+                     smoke_banner)
+from procstat import cpu_seconds, rss_bytes  # noqa: E402
+from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
@@ -65,137 +62,10 @@ LABELS = {
 }
 THROUGHPUT_TARGET = 0.85  # mirror median >= this x plain relay median
 RSS_TARGET = 150_000_000  # mirror peak RSS below this (bytes)
-CURL_FORMAT = "%{http_code} %{size_download} %{time_total} %{speed_download} %{time_starttransfer}"
 MB = 1e6
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise BenchError(f"no {field} for pid {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def curl_pull(url: str, size: int, headers: list[str] = (), timeout: float = 900) -> dict[str, Any]:
-    """One timed pull to /dev/null; raises BenchError unless 200 and ``size`` bytes."""
-    argv = ["curl", "-sS", "--http1.1", "--max-time", str(int(timeout)), "-o", "/dev/null", "-w", CURL_FORMAT]
-    for h in headers:
-        argv += ["-H", h]
-    argv.append(url)
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-    fields = p.stdout.split()
-    if p.returncode != 0 or len(fields) != 5:
-        raise BenchError(f"curl exited {p.returncode} ({p.stderr.strip()!r}, -w output {p.stdout!r})")
-    status, got, total, speed, ttfb = int(fields[0]), int(fields[1]), float(fields[2]), float(fields[3]), float(fields[4])
-    if status != 200:
-        raise BenchError(f"HTTP {status} (expected 200), {got} bytes")
-    if got != size:
-        raise BenchError(f"downloaded {got} bytes, expected {size}")
-    return {"status": status, "bytes": got, "time_total": total, "time_starttransfer": ttfb,
-            "curl_speed_download": speed, "mb_per_s": got / total / MB}
-
-
-def curl_sha256(url: str, headers: list[str] = (), timeout: float = 900) -> tuple[str, int]:
-    """Pull through curl into a streaming sha256 (constant memory)."""
-    argv = ["curl", "-sS", "--fail", "--http1.1", "--max-time", str(int(timeout)), "-o", "-"]
-    for h in headers:
-        argv += ["-H", h]
-    argv.append(url)
-    h = hashlib.sha256()
-    n = 0
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-        rc = proc.wait(timeout)
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if rc != 0:
-        raise BenchError(f"curl exited {rc}: {err}")
-    return "sha256:" + h.hexdigest(), n
-
-
-def mirror_token(mirror: Mirror, up: Upstream) -> str:
-    """An anonymous pull token, asked from the mirror's /token like a client would."""
-    q = urlencode({"service": up.service, "scope": f"repository:{REPO}:pull"})
-    r = httpx.get(f"{mirror.url}/token?{q}", timeout=30)
-    if r.status_code != 200:
-        raise BenchError(f"mirror /token answered {r.status_code}: {r.text[:300]}")
-    return r.json()["token"]
-
-
-def machine_facts() -> dict[str, Any]:
-    import mitmproxy.version
-
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) // 1024} MiB"
-    except OSError:
-        pass
-    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "mem_total": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mitmproxy": mitmproxy.version.VERSION,
-        "curl": " ".join(curl.split()[:2]),
-        "git": git_state(),
-    }
-
-
-def git_state() -> str:
-    """HEAD commit, plus "+dirty" when hubrewrite/ or addons/ differ from it (what was measured)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hubrewrite", "addons", "mitm.conf"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return (head or "?") + ("+dirty" if dirty else "")
-
-
-def exact_command() -> str:
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    prefix = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
-    return prefix + shlex.join(argv)
 
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
@@ -242,7 +112,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                     signed = up.sign_cdn_url(storage_path)
                     parts = urlsplit(signed)
                     return curl_pull(f"{plain.url}{parts.path}?{parts.query}", size)
-                token = mirror_token(mirror, up)
+                token = registry_token(mirror.url, up.service, REPO)
                 n_cdn = len(up.cdn_requests())
                 rec = curl_pull(f"{mirror.url}/v2/{REPO}/blobs/{digest}", size,
                                 headers=[f"Authorization: Bearer {token}"])
@@ -257,7 +127,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             log("warm-up: one untimed pull per path; hashing the mirror's")
             for path in ("cdn", "plain"):
                 pull(path)
-            token = mirror_token(mirror, up)
+            token = registry_token(mirror.url, up.service, REPO)
             got, n = curl_sha256(f"{mirror.url}/v2/{REPO}/blobs/{digest}", [f"Authorization: Bearer {token}"])
             if got != digest or n != size:
                 raise BenchError(f"mirror served {n} bytes hashing to {got}, expected {size} bytes {digest}")
@@ -271,14 +141,14 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                     proc = procs.get(path)
                     if proc is not None:
                         proc.reset_peak_rss()
-                        cpu0 = cpu_seconds(proc.proc.pid)
+                        cpu0 = cpu_seconds([proc.proc.pid])
                     try:
                         rec = pull(path)
                     except BenchError as e:
                         raise BenchError(f"rep {rep + 1} {path}: {e}") from None
                     if proc is not None:
                         rec["peak_rss"] = proc.peak_rss()
-                        rec["proxy_cpu_s"] = cpu_seconds(proc.proc.pid) - cpu0
+                        rec["proxy_cpu_s"] = cpu_seconds([proc.proc.pid]) - cpu0
                     rec["rep"] = rep + 1
                     samples[path].append(rec)
                     extra = f", peak RSS {rec['peak_rss'] / MB:.1f} MB" if "peak_rss" in rec else ""
@@ -306,8 +176,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
     blob = result["blob"]
     facts = result["machine"]
-    out = []
-    out.append(f"## hub-rewrite blob pull benchmark\n")
+    out = smoke_banner(result)
+    out.append("## hub-rewrite blob pull benchmark\n")
     out.append(f"Blob: `{blob['repo']}:{blob['tag']}` layer {blob['digest'][:19]}..., {blob['size']} bytes "
                f"({blob['size'] / 2**20:.1f} MiB); {args.reps} timed reps per path, interleaved, "
                f"after one untimed warm-up pull each; curl client, HTTP/1.1, loopback.\n")
@@ -343,60 +213,6 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     return tput_ok and rss_ok
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwind as Ctrl-C
-    raise KeyboardInterrupt
-
-
-def run_benchmark(args, result: dict[str, Any], started: float, workdir: Path, measure, finish,
-                  log_paths, kept_data_patterns: tuple[str, ...] = ()) -> int:
-    """The part of every benchmark's main() around its measurements.
-
-    measure(args, workdir, result) runs the benchmark; finish(result) reports
-    and returns the exit code. A failed pull (BenchError) prints the tails of
-    log_paths(workdir); Ctrl-C or SIGTERM exits 130; either way the temporary
-    directory goes (or only its blob data, with --keep-workdir) and --json is
-    written.
-    """
-    signal.signal(signal.SIGTERM, _sigterm)
-    rc = 1
-    try:
-        result["loadavg_start"] = loadavg()
-        measure(args, workdir, result)
-        result["loadavg_end"] = loadavg()
-        result["wall_seconds"] = time.monotonic() - started
-        rc = finish(result)
-    except BenchError as e:
-        result["error"] = str(e)
-        log(f"FAILED: {e}")
-        for lp in log_paths(workdir):
-            if lp.exists():
-                log(f"--- {lp.relative_to(workdir)} (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
-    except KeyboardInterrupt:
-        result["error"] = "interrupted"
-        log("interrupted; cleaning up")
-        rc = 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
-        if args.keep_workdir:
-            for pattern in kept_data_patterns:
-                for f in workdir.glob(pattern):
-                    if f.is_file():
-                        f.unlink(missing_ok=True)
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        result.setdefault("wall_seconds", time.monotonic() - started)
-        result["exit_code"] = rc
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return rc
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
@@ -409,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size-mib and --reps must be at least 1")
     if shutil.which("curl") is None:
         ap.error("curl is required")
+    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1})
 
     started = time.monotonic()
-    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(),
+    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(), "scale": scale,
                               "size_mib": args.size_mib, "reps": args.reps,
                               "units": {"mb_per_s": "10^6 bytes/s", "rss": "bytes"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-"))

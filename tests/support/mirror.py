@@ -140,6 +140,16 @@ class Mirror:
             preexec_fn=set_pdeathsig,  # never outlive a killed test run
         )
         log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # also Ctrl-C: `with Mirror(...)` runs no __exit__ when __enter__ fails
+            self.stop()
+            raise
+        if self.web_port:
+            self.web_api = MitmwebApi(self.web_url, self.web_password)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         # Listening is not enough: the script loads after the listener opens.
         while time.monotonic() < deadline:
@@ -147,11 +157,8 @@ class Mirror:
                 raise MirrorError(f"{self.tool} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             if self._ready(self.log_text()):
                 time.sleep(0.3)  # let the script's configure() finish
-                if self.web_port:
-                    self.web_api = MitmwebApi(self.web_url, self.web_password)
-                return self
+                return
             time.sleep(0.1)
-        self.stop()
         raise MirrorError(f"{self.tool} did not start in {timeout}s:\n{self.log_text()[-4000:]}")
 
     def _ready(self, log: str) -> bool:

@@ -1,0 +1,481 @@
+"""Blob path benchmark: the mirror (blob listener off and on) side by side with
+nginx proxy_cache, the reference peer, and with the CDN itself.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_blobpath.py [--size-mib 1024] [--reps 3] [--json out.json]
+
+Starts the fake Docker Hub (tests/support/upstream.py) in a temporary
+directory and pushes ``bench/big:1.0`` (one uncompressed layer of
+``--size-mib`` MiB) and ``bench/multi:1.0`` (a two-arch manifest list of about
+10 MB). Three servers are compared, each started fresh with an empty cache:
+
+* ``nginx``: nginx ``proxy_cache`` set up as a pull-through mirror
+  (bench/nginx_peer.py);
+* ``relay``: the mirror with ``hub_cache_dir`` and the blob listener OFF,
+  every byte relayed by mitmproxy (today's path);
+* ``listener``: the same with ``--set hub_blob_listen=127.0.0.1:<port>``: a
+  cached blob is answered with a 307 to that listener, which serves the file
+  with sendfile. mitmproxy keeps an option no addon claims without a word, so
+  before the listener exists this row measures the relay again; the report
+  says so when no pull was redirected to another port.
+
+``--reps`` interleaved repetitions (the order of the groups rotates), each:
+
+* ``cdn``: the big blob with curl straight from a signed CDN URL, and
+  ``skopeo copy --all`` of the multi image straight from the fake Hub (direct);
+* per server, fresh with an empty cache: the big blob with curl (following
+  redirects, a bearer token from the server's /token), cold, then warm; then a
+  cold ``skopeo copy --all`` of the multi image.
+
+Then ``--reps`` rounds of the throttled scenario per server: the CDN's answers
+throttled to ``--throttle-mb-s`` with tc (tests/support/throttle.py), a fresh
+server, 4 curl clients of the big blob started 0.3 s apart.
+
+Per pull: MB/s, time to first byte (curl, summed over redirects), CPU seconds
+of the serving processes per GiB (utime+stime of the process tree: mitmdump,
+or nginx's master, workers and cache processes), peak RSS (VmHWM, reset before
+every pull; for nginx the sum over its processes), and the CDN's requests and
+body bytes from its access log. Every pull must answer 200 with the full size
+(skopeo: every blob at its size, digests checked by skopeo); one warm pull per
+server is hashed and must match the digest. Anything else fails the run (exit 1).
+
+``HUB_BENCH_SCALE=smoke`` shrinks it to 16 MiB, 1 rep and an 8 MB/s throttle.
+Units: MB = 10^6 bytes, MiB = 2^20 bytes, GiB = 2^30 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for p in (str(REPO_ROOT), str(BENCH_DIR)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
+                     smoke_banner, tool_version)
+from image_set import push_images  # noqa: E402
+from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
+from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
+from pulls import CURL_TIMEOUT, curl_argv, curl_pull, curl_result, curl_sha256, registry_token, skopeo_pull  # noqa: E402
+from tests.support.mirror import Mirror, MirrorError, free_port  # noqa: E402
+from tests.support.throttle import ThrottleError, throttled_port  # noqa: E402
+from tests.support.upstream import Upstream  # noqa: E402
+from upstream_logs import LogCursor  # noqa: E402
+
+SERVERS = ("nginx", "relay", "listener")
+GROUPS = ("cdn", *SERVERS)
+MIRRORS = ("listener", "relay")  # the issue's targets are for the listener; the relay's are for comparison
+LABELS = {"cdn": "straight from the CDN", "nginx": "nginx proxy_cache (peer)",
+          "relay": "mirror, listener off", "listener": "mirror, listener on"}
+PULL_PATHS = ("cdn", "nginx_cold", "nginx_warm", "relay_cold", "relay_warm", "listener_cold", "listener_warm")
+SKOPEO_PATHS = ("direct", *SERVERS)
+THROTTLE_CLIENTS = 4
+THROTTLE_STAGGER = 0.3  # seconds between client starts
+
+WARM_VS_NGINX = 1.0  # mirror warm MB/s >= this x nginx warm
+WARM_CPU_PER_GIB = 0.5  # mirror CPU s per GiB served warm, at most
+COLD_VS_CDN = 0.7  # mirror cold MB/s >= this x straight from the CDN
+SKOPEO_VS_DIRECT = 1.5  # mirror cold skopeo time <= this x direct
+THROTTLE_FIRST_BYTE = 2.0  # every client's first byte within this many seconds of its start
+THROTTLE_LAST_VS_FIRST = 1.15  # the last client done within this x the first client's time
+RSS_TARGET = 150_000_000  # mirror peak RSS below this, throughout (bytes)
+MB = 1e6
+NOT_IMPLEMENTED = "listener option not implemented yet"
+
+
+# ---------------------------------------------------------------- the servers
+
+
+@dataclass
+class Served:
+    """A server under test, as the measurements see it."""
+
+    kind: str
+    url: str
+    host: str
+    port: int
+    pids: Callable[[], list[int]]
+    alive: Callable[[], bool]
+    log_tail: Callable[[], str]
+
+
+@contextmanager
+def serving(kind: str, workdir: Path, up: Upstream) -> Iterator[Served]:
+    """A fresh ``kind`` server with an empty cache under ``workdir``; the cache is
+    deleted when it stops (1 GiB each), the logs stay."""
+    try:
+        if kind == "nginx":
+            with NginxPeer(workdir, up.api_url, up.token_realm) as peer:
+                yield Served(kind, peer.url, peer.host, peer.port, peer.pids,
+                             lambda: peer.proc is not None and peer.proc.poll() is None, peer.log_tail)
+        else:
+            options = {"hub_cache_dir": str(workdir / "cache")}
+            if kind == "listener":
+                options["hub_blob_listen"] = f"127.0.0.1:{free_port()}"
+            with Mirror(workdir, up.api_url, options=options, name="mirror") as m:
+                yield Served(kind, m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
+                             lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
+    except (NginxError, MirrorError) as e:
+        raise BenchError(f"{LABELS[kind]} did not start: {e}") from None
+    finally:
+        shutil.rmtree(workdir / "cache", ignore_errors=True)
+
+
+def check_alive(served: Served, label: str) -> None:
+    if not served.alive():
+        raise BenchError(f"{label}: {LABELS[served.kind]} exited:\n{served.log_tail()}")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def cdn_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    return {"cdn_requests": len(records), "cdn_bytes": sum(int(r.get("bytes") or 0) for r in records)}
+
+
+def measured(served: Served | None, cdn_log: LogCursor, label: str, pull: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one pull with the server's CPU, peak RSS and the CDN's log around it."""
+    cdn_log.take(settle=0.1)
+    pids = served.pids() if served else []
+    reset_peak_rss(pids)
+    cpu0 = cpu_seconds(pids)
+    try:
+        rec = pull()
+    except BenchError as e:
+        raise BenchError(f"{label}: {e}") from None
+    if served is not None:
+        rec["cpu_s"] = cpu_seconds(pids) - cpu0
+        rec["peak_rss"] = peak_rss(pids)
+        check_alive(served, label)
+    rec.update(cdn_counts(cdn_log.take()))
+    return rec
+
+
+def listener_used(served: Served, rec: dict[str, Any]) -> bool:
+    """The bytes came from another port than the server's: the mirror redirected to its listener."""
+    return rec["num_redirects"] > 0 and rec["final_port"] != served.port
+
+
+def throttled_clients(served: Served, url: str, headers: list[str], size: int, cdn_log: LogCursor,
+                      storage_path: str, label: str) -> dict[str, Any]:
+    """``THROTTLE_CLIENTS`` curls of one blob, ``THROTTLE_STAGGER`` s apart; times relative to
+    the first client's start."""
+    cdn_log.take(settle=0.1)
+    pids = served.pids()
+    reset_peak_rss(pids)
+    procs: list[tuple[float, subprocess.Popen]] = []
+    t0 = time.monotonic()
+    try:
+        for i in range(THROTTLE_CLIENTS):
+            time.sleep(max(0.0, t0 + i * THROTTLE_STAGGER - time.monotonic()))
+            procs.append((time.monotonic() - t0, subprocess.Popen(
+                curl_argv(url, headers, follow=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        clients = []
+        for i, (start, proc) in enumerate(procs):
+            out, err = proc.communicate(timeout=CURL_TIMEOUT + 30)
+            try:
+                r = curl_result(proc.returncode, out, err, size)
+            except BenchError as e:
+                raise BenchError(f"{label}, client {i}: {e}") from None
+            clients.append({"start_s": start, "first_byte_s": r["time_starttransfer"],
+                            "done_s": start + r["time_total"], "mb_per_s": r["mb_per_s"],
+                            "listener_used": listener_used(served, r)})
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rec: dict[str, Any] = {"clients": clients, "peak_rss": peak_rss(pids)}
+    check_alive(served, label)
+    cdn = cdn_log.take()
+    rec.update(cdn_counts(cdn))
+    rec["cdn_blob_requests"] = sum(1 for r in cdn if r.get("path") == storage_path)
+    rec["max_first_byte_s"] = max(c["first_byte_s"] for c in clients)
+    rec["last_vs_first"] = max(c["done_s"] for c in clients) / clients[0]["done_s"]
+    return rec
+
+
+# ---------------------------------------------------------------- the run
+
+
+def rotated(items: tuple[str, ...], rep: int) -> tuple[str, ...]:
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
+def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
+    with Upstream(workdir / "hub") as up:
+        images = push_images(up, workdir, args.size_mib)
+        result["images"] = images
+        big, multi = images["big"], images["multi"]
+        digest, size = big["layer_digest"], big["layer_size"]
+        storage_path = up.blob_storage_path(digest)
+        cdn_port = urlsplit(up.cdn_url).port
+        cdn_log = LogCursor(up.cdn_requests)
+
+        def blob_headers(served: Served) -> list[str]:
+            return [f"Authorization: Bearer {registry_token(served.url, up.service, big['repo'])}"]
+
+        log("warm-up: one untimed pull straight from the CDN, hashed")
+        got, n = curl_sha256(up.sign_cdn_url(storage_path))
+        if (got, n) != (digest, size):
+            raise BenchError(f"the CDN served {n} bytes hashing to {got}, expected {size} bytes {digest}")
+
+        samples: dict[str, list[dict[str, Any]]] = {p: [] for p in PULL_PATHS}
+        skopeo: dict[str, list[dict[str, Any]]] = {p: [] for p in SKOPEO_PATHS}
+        verified: dict[str, bool] = {}
+
+        def skopeo_copy(served: Served | None, host: str, label: str) -> dict[str, Any]:
+            dest = workdir / "out"
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                return measured(served, cdn_log, label, lambda: {"seconds": skopeo_pull(
+                    host, multi["repo"], multi["tag"], dest, multi["blobs"], multi=True)})
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+
+        for rep in range(1, args.reps + 1):
+            for group in rotated(GROUPS, rep - 1):
+                tag = f"rep {rep}/{args.reps} {group}"
+                if group == "cdn":
+                    rec = measured(None, cdn_log, tag, lambda: curl_pull(up.sign_cdn_url(storage_path), size))
+                    samples["cdn"].append(rec | {"rep": rep})
+                    log(f"{tag}: {rec['mb_per_s']:.0f} MB/s")
+                    rec = skopeo_copy(None, up.api_host, f"{tag} skopeo")
+                    skopeo["direct"].append(rec | {"rep": rep})
+                    log(f"{tag} skopeo --all direct: {rec['seconds']:.2f}s")
+                    continue
+                with serving(group, workdir / f"{group}-{rep}", up) as served:
+                    url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
+                    for phase in ("cold", "warm"):
+                        rec = measured(served, cdn_log, f"{tag} {phase}",
+                                       lambda: curl_pull(url, size, headers, follow=True))
+                        rec |= {"rep": rep, "listener_used": listener_used(served, rec)}
+                        samples[f"{group}_{phase}"].append(rec)
+                        log(f"{tag} {phase}: {rec['mb_per_s']:.0f} MB/s, {rec['cpu_s']:.2f} CPU s, "
+                            f"peak RSS {rec['peak_rss'] / MB:.0f} MB, CDN {rec['cdn_requests']} req"
+                            + (", via the listener" if rec["listener_used"] else ""))
+                    if group not in verified:
+                        got, n = curl_sha256(url, headers, follow=True)
+                        if (got, n) != (digest, size):
+                            raise BenchError(f"{tag}: a warm pull gave {n} bytes hashing to {got}, "
+                                             f"expected {size} bytes {digest}")
+                        verified[group] = True
+                    rec = skopeo_copy(served, served.host, f"{tag} skopeo")
+                    skopeo[group].append(rec | {"rep": rep})
+                    log(f"{tag} skopeo --all cold: {rec['seconds']:.2f}s, CDN {rec['cdn_requests']} req")
+        result.update(samples=samples, skopeo=skopeo, digest_verified=verified)
+
+        throttled: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVERS}
+        for rep in range(1, args.reps + 1):
+            for kind in rotated(SERVERS, rep - 1):
+                tag = f"throttled rep {rep}/{args.reps} {kind}"
+                with serving(kind, workdir / f"throttled-{kind}-{rep}", up) as served:
+                    url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
+                    try:
+                        with throttled_port(cdn_port, args.throttle_mb_s):
+                            rec = throttled_clients(served, url, headers, size, cdn_log, storage_path, tag)
+                    except ThrottleError as e:
+                        raise BenchError(f"{tag}: {e}") from None
+                throttled[kind].append(rec | {"rep": rep})
+                log(f"{tag}: CDN {rec['cdn_blob_requests']} req, first bytes "
+                    + " ".join(f"{c['first_byte_s']:.2f}" for c in rec["clients"]) + " s, done "
+                    + " ".join(f"{c['done_s']:.2f}" for c in rec["clients"]) + " s")
+        result["throttled"] = throttled
+
+
+# ---------------------------------------------------------------- the report
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def pull_stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    speeds = [r["mb_per_s"] for r in recs]
+    out = {"median_mb_per_s": med(speeds), "min_mb_per_s": min(speeds), "max_mb_per_s": max(speeds),
+           "median_ttfb_ms": med([r["time_starttransfer"] for r in recs]) * 1000,
+           "median_cdn_requests": med([r["cdn_requests"] for r in recs]),
+           "median_cdn_bytes": med([r["cdn_bytes"] for r in recs]),
+           "listener_used": sum(1 for r in recs if r.get("listener_used"))}
+    if "cpu_s" in recs[0]:
+        out["median_cpu_s_per_gib"] = med([r["cpu_s"] / (r["bytes"] / 2**30) for r in recs])
+        out["max_peak_rss"] = max(r["peak_rss"] for r in recs)
+    return out
+
+
+def listener_works(result: dict[str, Any]) -> bool:
+    """Did any pull through the listener-on mirror come from another port?"""
+    pulls = result["samples"]["listener_cold"] + result["samples"]["listener_warm"]
+    clients = [c for r in result["throttled"]["listener"] for c in r["clients"]]
+    return any(r["listener_used"] for r in pulls) or any(c["listener_used"] for c in clients)
+
+
+def targets_for(mirror: str, stats: dict[str, Any], skopeo_med: dict[str, float],
+                thr: dict[str, Any], peak: dict[str, int]) -> list[tuple[str, str, bool]]:
+    warm, nginx_warm = stats[f"{mirror}_warm"], stats["nginx_warm"]
+    cold, cdn = stats[f"{mirror}_cold"], stats["cdn"]
+    t = thr[mirror]
+    return [
+        (f"warm blob: throughput >= {WARM_VS_NGINX}x nginx's",
+         f"{warm['median_mb_per_s']:.0f} vs {nginx_warm['median_mb_per_s']:.0f} MB/s = "
+         f"{warm['median_mb_per_s'] / nginx_warm['median_mb_per_s']:.2f}x",
+         warm["median_mb_per_s"] >= WARM_VS_NGINX * nginx_warm["median_mb_per_s"]),
+        (f"warm blob: CPU <= {WARM_CPU_PER_GIB} s per GiB", f"{warm['median_cpu_s_per_gib']:.2f} s/GiB",
+         warm["median_cpu_s_per_gib"] <= WARM_CPU_PER_GIB),
+        (f"cold blob, fresh cache: >= {COLD_VS_CDN}x straight from the CDN",
+         f"{cold['median_mb_per_s']:.0f} vs {cdn['median_mb_per_s']:.0f} MB/s = "
+         f"{cold['median_mb_per_s'] / cdn['median_mb_per_s']:.2f}x",
+         cold["median_mb_per_s"] >= COLD_VS_CDN * cdn["median_mb_per_s"]),
+        (f"cold skopeo copy --all: <= {SKOPEO_VS_DIRECT}x direct",
+         f"{skopeo_med[mirror]:.2f} vs {skopeo_med['direct']:.2f} s = {skopeo_med[mirror] / skopeo_med['direct']:.2f}x",
+         skopeo_med[mirror] <= SKOPEO_VS_DIRECT * skopeo_med["direct"]),
+        (f"throttled CDN, {THROTTLE_CLIENTS} clients: one CDN request (every rep)",
+         "/".join(str(n) for n in t["cdn_blob_requests"]), all(n == 1 for n in t["cdn_blob_requests"])),
+        (f"throttled CDN: every client's first byte within {THROTTLE_FIRST_BYTE:.0f} s",
+         f"slowest {t['median_max_first_byte_s']:.2f} s", t["median_max_first_byte_s"] <= THROTTLE_FIRST_BYTE),
+        (f"throttled CDN: last done within {THROTTLE_LAST_VS_FIRST}x the first's time",
+         f"{t['median_last_vs_first']:.2f}x", t["median_last_vs_first"] <= THROTTLE_LAST_VS_FIRST),
+        (f"peak RSS < {RSS_TARGET / MB:.0f} MB throughout", f"{peak[mirror] / MB:.1f} MB", peak[mirror] < RSS_TARGET),
+    ]
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
+    samples, skopeo, throttled = result["samples"], result["skopeo"], result["throttled"]
+    stats = {p: pull_stats(samples[p]) for p in PULL_PATHS}
+    skopeo_med = {p: med([r["seconds"] for r in skopeo[p]]) for p in SKOPEO_PATHS}
+    thr = {}
+    for kind, recs in throttled.items():
+        thr[kind] = {"cdn_blob_requests": [r["cdn_blob_requests"] for r in recs],
+                     "median_max_first_byte_s": med([r["max_first_byte_s"] for r in recs]),
+                     "median_last_vs_first": med([r["last_vs_first"] for r in recs]),
+                     "median_first_byte_s": [med([r["clients"][i]["first_byte_s"] for r in recs])
+                                             for i in range(THROTTLE_CLIENTS)],
+                     "median_done_s": [med([r["clients"][i]["done_s"] for r in recs]) for i in range(THROTTLE_CLIENTS)],
+                     "max_peak_rss": max(r["peak_rss"] for r in recs)}
+    peak = {m: max([stats[f"{m}_cold"]["max_peak_rss"], stats[f"{m}_warm"]["max_peak_rss"],
+                    thr[m]["max_peak_rss"], *(r["peak_rss"] for r in skopeo[m])]) for m in MIRRORS}
+    works = listener_works(result)
+    targets = {m: targets_for(m, stats, skopeo_med, thr, peak) for m in MIRRORS}
+    all_ok = all(ok for _, _, ok in targets["listener"])
+    result["summary"] = {"pulls": stats, "skopeo_median_s": skopeo_med, "throttled": thr, "mirror_peak_rss": peak,
+                         "listener_implemented": works, "targets_ok": all_ok,
+                         "targets": {m: [{"target": t, "value": v, "ok": ok} for t, v, ok in targets[m]]
+                                     for m in MIRRORS}}
+
+    def note(kind: str) -> str:
+        return f" ({NOT_IMPLEMENTED})" if kind == "listener" and not works else ""
+
+    big, multi, facts = result["images"]["big"], result["images"]["multi"], result["machine"]
+    out = smoke_banner(result) + ["## hub-rewrite blob path benchmark: the mirror vs. nginx proxy_cache\n"]
+    out.append(f"Blob: `{big['repo']}:{big['tag']}` layer, {big['layer_size']} bytes "
+               f"({big['layer_size'] / 2**20:.0f} MiB); curl over HTTP/1.1 following redirects, bearer token from "
+               f"each server's /token; {args.reps} interleaved reps; every server fresh with an empty cache per rep "
+               f"(cold pull, then warm). Loopback, fake Docker Hub (distribution 2.8, token server, signed-URL CDN).\n")
+    if not works:
+        out.append(f"**The mirror ignored `hub_blob_listen`: no pull was redirected to another port "
+                   f"({NOT_IMPLEMENTED}); the listener-on rows measure the relay again.**\n")
+    out.append("| path | median MB/s | min | max | median TTFB ms | CPU s/GiB | peak RSS MB | CDN requests | CDN MB |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in PULL_PATHS:
+        s = stats[p]
+        kind, _, phase = p.partition("_")
+        name = LABELS[kind] + (f", {phase}" if phase else "") + note(kind)
+        cpu = f"{s['median_cpu_s_per_gib']:.2f}" if "median_cpu_s_per_gib" in s else "n/a"
+        rss = f"{s['max_peak_rss'] / MB:.1f}" if "max_peak_rss" in s else "n/a"
+        out.append(f"| {name} | {s['median_mb_per_s']:.0f} | {s['min_mb_per_s']:.0f} | {s['max_mb_per_s']:.0f} | "
+                   f"{s['median_ttfb_ms']:.1f} | {cpu} | {rss} | {s['median_cdn_requests']:g} | "
+                   f"{s['median_cdn_bytes'] / MB:.1f} |")
+    out.append("")
+    out.append(f"Cold `skopeo copy --all` of `{multi['repo']}:{multi['tag']}` (two arches, {len(multi['blobs'])} blobs, "
+               f"{multi['blob_bytes'] / MB:.1f} MB) into a `dir:`, fresh cache:\n")
+    out.append("| path | median s | min | max | vs direct | CDN requests | peak RSS MB |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for p in SKOPEO_PATHS:
+        secs = [r["seconds"] for r in skopeo[p]]
+        rss = f"{max(r['peak_rss'] for r in skopeo[p]) / MB:.1f}" if p != "direct" else "n/a"
+        name = "direct (edge + CDN)" if p == "direct" else LABELS[p] + note(p)
+        out.append(f"| {name} | {med(secs):.2f} | {min(secs):.2f} | {max(secs):.2f} | "
+                   f"{med(secs) / skopeo_med['direct']:.2f}x | {med([r['cdn_requests'] for r in skopeo[p]]):g} | {rss} |")
+    out.append("")
+    out.append(f"CDN throttled to {args.throttle_mb_s:g} MB/s (tc on its port), {THROTTLE_CLIENTS} curl clients "
+               f"{THROTTLE_STAGGER} s apart, fresh cache; medians over {args.reps} reps; times in seconds from the first "
+               f"client's start (first byte: from each client's own start):\n")
+    out.append("| server | CDN requests per rep | first byte per client | done per client | last / first | peak RSS MB |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for kind in SERVERS:
+        t = thr[kind]
+        out.append(f"| {LABELS[kind]}{note(kind)} | {'/'.join(map(str, t['cdn_blob_requests']))} | "
+                   f"{' '.join(f'{x:.2f}' for x in t['median_first_byte_s'])} | "
+                   f"{' '.join(f'{x:.2f}' for x in t['median_done_s'])} | {t['median_last_vs_first']:.2f}x | "
+                   f"{t['max_peak_rss'] / MB:.1f} |")
+    out.append("")
+    for m in MIRRORS:
+        title = ("Targets (the mirror with the blob listener on)" + note(m) if m == "listener"
+                 else "The same targets for the mirror with the listener off (today's relay; for comparison)")
+        out.append(f"{title}:")
+        out += [f"- {t}: {v} -> {'PASS' if ok else 'FAIL'}" for t, v, ok in targets[m]]
+        out.append("")
+    out.append("CPU = utime+stime of the serving process tree per GiB served (nginx: master, workers, cache "
+               "processes). Peak RSS = VmHWM reset before each pull, max over reps (nginx: the sum over its "
+               "processes). MB = 10^6 bytes. Digest of a warm pull checked per server: "
+               + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["digest_verified"].items()) + ".")
+    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
+               f"Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}, {facts['nginx']}, "
+               f"{facts['skopeo']}; repo {facts['git']}")
+    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end.")
+    out.append(f"Command: `{result['command']}`")
+    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    print("\n".join(out), flush=True)
+    return all_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="big layer size in MiB (default 1024)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    ap.add_argument("--throttle-mb-s", type=float, default=50, help="CDN rate in the throttled scenario (default 50)")
+    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
+    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+    args = ap.parse_args(argv)
+    if args.size_mib < 1 or args.reps < 1 or args.throttle_mb_s <= 0:
+        ap.error("--size-mib, --reps and --throttle-mb-s must be positive")
+    for tool in ("curl", "skopeo", "tc", NGINX):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} is required (apt-get install curl skopeo iproute2 nginx)")
+    if os.geteuid() != 0:
+        ap.error("the throttled scenario changes tc on lo: run as root")
+    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1, "throttle_mb_s": 8.0})
+
+    started = time.monotonic()
+    facts = machine_facts() | {"skopeo": tool_version("skopeo", "--version"), "nginx": tool_version(NGINX, "-v")}
+    result: dict[str, Any] = {"command": exact_command(), "machine": facts, "scale": scale,
+                              "size_mib": args.size_mib, "reps": args.reps, "throttle_mb_s": args.throttle_mb_s,
+                              "units": {"mb_per_s": "10^6 bytes/s", "rss": "bytes", "cpu_s": "seconds",
+                                        "times": "seconds", "cdn_bytes": "body bytes the CDN sent"}}
+    workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-blobpath-"))
+
+    def finish(result: dict[str, Any]) -> int:
+        return 0 if report(args, result) or not args.strict else 2
+
+    return run_benchmark(args, result, started, workdir, run, finish,
+                         lambda w: sorted(w.glob("*/mirror.log")),  # nginx's log names signed URLs: not printed
+                         ("hub/storage/**/data",))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""What every benchmark script shares around its measurements: progress logging,
+the machine facts and exact command a report names, the smoke-scale switch,
+and ``run_benchmark`` (clean-up on failure, Ctrl-C and SIGTERM; ``--json``).
+
+The benchmarks are scripts run from the repository root
+(``PYTHONPATH=. .venv/bin/python bench/<script>.py``); Python puts ``bench/`` on
+``sys.path`` for them, so they import this module as ``harness``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCALE_ENV = "HUB_BENCH_SCALE"
+SCALES = ("full", "smoke")
+
+
+class BenchError(RuntimeError):
+    """A measurement that cannot be trusted (a failed pull, a wrong byte count...)."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------- scale
+
+
+def apply_scale(ap: argparse.ArgumentParser, args: argparse.Namespace, smoke: dict[str, Any]) -> str:
+    """Apply ``HUB_BENCH_SCALE``: unset or ``full`` keeps ``args``; ``smoke`` overwrites
+    them with ``smoke`` (attribute -> value), whatever the command line said, so a
+    README command runs in seconds in a test. Returns the scale's name."""
+    scale = os.environ.get(SCALE_ENV, "").strip().lower() or "full"
+    if scale not in SCALES:
+        ap.error(f"{SCALE_ENV}={os.environ[SCALE_ENV]!r}: expected one of {', '.join(SCALES)}")
+    if scale == "smoke":
+        changes = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} -> {v}" for k, v in smoke.items())
+        for key, value in smoke.items():
+            setattr(args, key, value)
+        log(f"{SCALE_ENV}=smoke: {changes}")
+    return scale
+
+
+def smoke_banner(result: dict[str, Any]) -> list[str]:
+    """The report's first line on a smoke run: its figures measure nothing."""
+    if result.get("scale") != "smoke":
+        return []
+    return [f"**SMOKE RUN** ({SCALE_ENV}=smoke: sizes, repetitions and durations shrunk to check that the "
+            f"benchmark runs; the figures below are not measurements)\n"]
+
+
+# ---------------------------------------------------------------- facts for the report
+
+
+def machine_facts() -> dict[str, Any]:
+    import mitmproxy.version
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) // 1024} MiB"
+    except OSError:
+        pass
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "mem_total": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "curl": " ".join(curl.split()[:2]),
+        "git": git_state(),
+    }
+
+
+def tool_version(*argv: str) -> str:
+    """First line of a tool's version output, or "?"."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return ((p.stdout or p.stderr).strip().splitlines() or ["?"])[0]
+
+
+def git_state() -> str:
+    """HEAD commit, plus "+dirty" when hubrewrite/ or addons/ differ from it (what was measured)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hubrewrite", "addons", "mitm.conf"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
+
+
+def exact_command() -> str:
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", SCALE_ENV) if os.environ.get(k)]
+    return " ".join([*env, shlex.join(argv)])
+
+
+# ---------------------------------------------------------------- the frame around a run
+
+
+def _sigterm(signum, frame):  # turn SIGTERM into the same clean unwind as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run_benchmark(args, result: dict[str, Any], started: float, workdir: Path,
+                  measure: Callable[[Any, Path, dict[str, Any]], None], finish: Callable[[dict[str, Any]], int],
+                  log_paths: Callable[[Path], list[Path]], kept_data_patterns: tuple[str, ...] = ()) -> int:
+    """The part of every benchmark's main() around its measurements.
+
+    measure(args, workdir, result) runs the benchmark; finish(result) reports
+    and returns the exit code. A failed pull (BenchError) prints the tails of
+    log_paths(workdir); Ctrl-C or SIGTERM exits 130; either way the temporary
+    directory goes (or only its blob data, with --keep-workdir) and --json is
+    written.
+    """
+    signal.signal(signal.SIGTERM, _sigterm)
+    rc = 1
+    try:
+        result["loadavg_start"] = loadavg()
+        measure(args, workdir, result)
+        result["loadavg_end"] = loadavg()
+        result["wall_seconds"] = time.monotonic() - started
+        rc = finish(result)
+    except BenchError as e:
+        result["error"] = str(e)
+        log(f"FAILED: {e}")
+        for lp in log_paths(workdir):
+            if lp.exists():
+                log(f"--- {lp.relative_to(workdir)} (tail) ---\n" + lp.read_text(errors="replace")[-3000:])
+    except KeyboardInterrupt:
+        result["error"] = "interrupted"
+        log("interrupted; cleaning up")
+        rc = 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # do not interrupt the cleanup itself
+        if args.keep_workdir:
+            for pattern in kept_data_patterns:
+                for f in workdir.glob(pattern):
+                    if f.is_file():
+                        f.unlink(missing_ok=True)
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.setdefault("wall_seconds", time.monotonic() - started)
+        result["exit_code"] = rc
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return rc
