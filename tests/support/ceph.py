@@ -230,6 +230,11 @@ paxos_propose_interval = 0.1
 # the disk may be mostly full: no health warnings about it
 mon_data_avail_warn = 1
 mon_data_avail_crit = 0
+# a killed radosgw leaves watches on its control objects; until the OSD drops
+# them (30 s by default) every bucket creation of the next radosgw waits for
+# the dead one's answer.  Watchers ping every objecter tick.
+osd_client_watch_timeout = 5
+objecter_tick_interval = 1
 {store}
 [{_RGW_NAME}]
 rgw_frontends = beast endpoint=127.0.0.1:{self.rgw_port}
