@@ -17,9 +17,16 @@ Keys under the configured prefix (content-addressed, like the local cache):
 
 Nothing is stored under a blob or manifest key unless its bytes hash to the
 key's digest: upload_blob hashes the file while it uploads and completes the
-multipart upload only if the digest matches; put_manifest checks first.  Every
-read is verified again, and an object that fails is deleted, so one bad
-object cannot be served to every process sharing the bucket.
+multipart upload only if the digest matches; put_manifest checks first.
+download_blob and get_manifest verify what they read, and delete an object
+that fails, so one bad object cannot be served to every process sharing the
+bucket.  (open_blob and presigned URLs serve bytes unverified: a range cannot
+be checked.)
+
+Permissions needed: s3:GetObject, PutObject, DeleteObject, ListBucket (S3
+answers 403 instead of 404 for a missing key without it; the health check is
+a HEAD of the bucket) and AbortMultipartUpload.  A lifecycle rule that aborts
+incomplete multipart uploads after a day cleans up after killed processes.
 
 Synchronous: boto3 clients are thread-safe, so the mirror calls this from
 ``asyncio.to_thread``.  Every failure to talk to the store (connection,
@@ -43,7 +50,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -229,16 +236,15 @@ class Bucket:
         if got is None:
             return False
         h = hashlib.sha256()
-        try:
-            with open(dest_path, "wb") as out, _s3_errors("download blob", digest):
-                for chunk in got["Body"].iter_chunks(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-        except BaseException:
-            Path(dest_path).unlink(missing_ok=True)
-            raise
-        finally:
-            got["Body"].close()
+        with closing(got["Body"]), open(dest_path, "wb") as out:  # if open fails, there is nothing to remove
+            try:
+                with _s3_errors("download blob", digest):
+                    for chunk in got["Body"].iter_chunks(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+            except BaseException:
+                Path(dest_path).unlink(missing_ok=True)
+                raise
         if h.hexdigest() == want:
             return True
         Path(dest_path).unlink(missing_ok=True)
@@ -350,7 +356,8 @@ class Bucket:
         Date minus the object's Last-Modified) exceeds its TTL is taken over
         with ``If-Match`` on its ETag, so only one taker wins.  Otherwise the
         lock holds within this Bucket (this process) only.  A lock is not
-        re-entrant: a second try_lock of a held name returns False."""
+        re-entrant: a second try_lock of a held name returns False.  The
+        store's clock has whole seconds: a TTL holds to about a second."""
         _check_lock(name, ttl_seconds)
         if not self.supports_conditional_writes:
             return self._try_local_lock(name, ttl_seconds)

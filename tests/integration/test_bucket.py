@@ -10,7 +10,6 @@ import re
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import httpx
 import pytest
@@ -140,6 +139,14 @@ def test_unknown_profile_is_a_config_error(no_aws_files):
         Bucket(parse(environ={"AWS_PROFILE": "nobody"}))
 
 
+def test_no_credentials_anywhere_is_a_bucket_error(no_aws_files, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    with Bucket(parse(endpoint="http://127.0.0.1:9")) as b:
+        with pytest.raises(BucketError, match="no S3 credentials found"):
+            b.blob_size("sha256:" + "0" * 64)
+        assert b.check_reachable() == (False, "check bucket cache-bucket: no S3 credentials found")
+
+
 @pytest.mark.parametrize("digest", [
     "sha256:" + "A" * 64, "sha256:" + "a" * 63, "sha512:" + "a" * 128, "a" * 64, "sha256:../../etc", None])
 def test_malformed_digests_are_refused(digest, tmp_path):
@@ -233,6 +240,16 @@ def test_small_blob_single_put_and_head(bucket, bucket_name, prefix, raw, tmp_pa
     empty.write_bytes(b"")
     bucket.upload_blob(digest_of(b""), empty)
     assert bucket.download_blob(digest_of(b""), tmp_path / "empty2") and (tmp_path / "empty2").read_bytes() == b""
+
+
+def test_download_into_an_unwritable_place_removes_nothing(bucket, tmp_path):
+    data = b"layer bytes"
+    (tmp_path / "b").write_bytes(data)
+    bucket.upload_blob(digest_of(data), tmp_path / "b")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError):
+        bucket.download_blob(digest_of(data), tmp_path / "dir")
+    assert (tmp_path / "dir").is_dir()
 
 
 @pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["single-put", "multipart"])
