@@ -76,3 +76,15 @@ def second_images(up) -> dict:
 def second_upstream(tmp_path_factory):
     yield from running_upstream(tmp_path_factory.mktemp("second-upstream"), second_images,
                                 service=SECOND_SERVICE, issuer=SECOND_SERVICE)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A real S3 endpoint for the session: Ceph RGW on loopback, memstore (tests/support/ceph.py).
+
+    Tests make their own buckets (``ceph.make_bucket(name)``) so they do not see
+    each other's objects.  A test that stops radosgw must start it again."""
+    from tests.support.ceph import CephRGW
+
+    with CephRGW(tmp_path_factory.mktemp("ceph")) as rgw:
+        yield rgw

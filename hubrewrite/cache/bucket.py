@@ -1,0 +1,668 @@
+"""The shared cache's S3 store: verified blobs, manifests and small records in
+one bucket that several mirror processes use together.
+
+    bucket = Bucket(BucketConfig.parse("s3://mirror-cache/hub", endpoint=...))
+    if bucket.blob_size(digest) is None:          # one HEAD
+        bucket.upload_blob(digest, verified_path)  # multipart, streamed from the file
+    bucket.download_blob(digest, staging_path)     # False: not there (or was corrupt, now removed)
+    url = bucket.presigned_blob_url(digest, 60)    # for a 307 to the object itself
+
+Keys under the configured prefix (content-addressed, like the local cache):
+
+    blobs/sha256/<hex>       blob bytes, application/octet-stream
+    manifests/sha256/<hex>   manifest bytes; Content-Type = its media type
+    locks/<name>             cross-process locks (see try_lock)
+    <anything else>          small records through put_object/get_object
+                             (the mirror's tags/<key>.json, repos/<key>/<hex>)
+
+Nothing is stored under a blob or manifest key unless its bytes hash to the
+key's digest: upload_blob hashes the file while it uploads and completes the
+multipart upload only if the digest matches; put_manifest checks first.
+download_blob and get_manifest verify what they read, and delete an object
+that fails, so one bad object cannot be served to every process sharing the
+bucket.  (open_blob and presigned URLs serve bytes unverified: a range cannot
+be checked.)
+
+Permissions needed: s3:GetObject, PutObject, DeleteObject, ListBucket (S3
+answers 403 instead of 404 for a missing key without it; the health check is
+a HEAD of the bucket) and AbortMultipartUpload.  A lifecycle rule that aborts
+incomplete multipart uploads after a day cleans up after killed processes.
+
+Synchronous: boto3 clients are thread-safe, so the mirror calls this from
+``asyncio.to_thread``.  Every failure to talk to the store (connection,
+timeout, HTTP error) is a BucketError with a short message: an operation,
+an object name and a reason, never a URL, a signature or a key.  Bad
+arguments (a malformed digest, bytes that do not match it) are ValueError.
+
+boto3 does the S3 work (SigV4, multipart, presigning): no hand-written signing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from hubrewrite.cache.bucket_config import BucketConfig, BucketConfigError
+
+__all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStream"]
+
+log = logging.getLogger(__name__)
+
+# botocore's DEBUG records carry request headers (the access key id and the
+# signature): keep these loggers at INFO at most, whatever the root logger says.
+for _name in ("botocore", "boto3", "s3transfer"):
+    _logger = logging.getLogger(_name)
+    if _logger.level < logging.INFO:
+        _logger.setLevel(logging.INFO)
+
+CHUNK = 1 << 20
+PART_SIZE = 8 << 20  # S3's minimum is 5 MiB; above this size a blob goes up in parts
+MAX_PARTS = 10_000  # S3's limit: bigger blobs get bigger parts
+UPLOAD_CONCURRENCY = 4  # parts in flight per Bucket, all uploads together (memory: about 5 x PART_SIZE)
+SMALL_OBJECT_LIMIT = 4 << 20  # manifests and records; distribution refuses manifests over 4 MiB too
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit
+BLOB_TYPE = "application/octet-stream"
+
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_LOCK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
+# prefixes whose objects only this module's verified writers may create
+_RESERVED = ("blobs", "manifests", "locks")
+
+
+class BucketError(Exception):
+    """The store could not be used: unreachable, refused, timed out, interrupted.
+
+    ``status``: the HTTP status when the store answered; ``code``: S3's error code.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _hex(digest: str) -> str:
+    m = _DIGEST.match(digest) if isinstance(digest, str) else None
+    if not m:
+        raise ValueError(f"expected a digest like sha256:<64 hex digits>, not {digest!r}")
+    return m.group(1)
+
+
+def _client_config(connect_timeout: float, read_timeout: float, attempts: int, pool: int,
+                   addressing_style: str) -> Config:
+    return Config(
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
+        # standard mode: retries connection errors, throttling and 5xx with a short jittered backoff
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        max_pool_connections=pool,
+        s3={"addressing_style": addressing_style},
+        signature_version="s3v4",
+        # boto3 >= 1.36 adds CRC32 checksums to every upload by default; over HTTPS
+        # it sends them as aws-chunked trailers, which Ceph 16.2 RGW refuses with
+        # 400 MissingContentLength (measured; over plain HTTP it puts them in a
+        # header, which RGW ignores).  We verify sha256 ourselves anyway.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        user_agent_extra="hub-rewrite",
+    )
+
+
+@dataclass(frozen=True)
+class _LockRecord:
+    etag: str
+    expired: bool
+
+
+class BlobStream:
+    """An open GET of a blob or a range of it: iterate for the bytes, then close.
+
+    ``size``: the whole blob's size; ``length``: the bytes this stream carries."""
+
+    def __init__(self, body: Any, size: int, length: int, digest: str) -> None:
+        self._body, self.size, self.length, self._digest = body, size, length, digest
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _s3_errors("read blob", self._digest):
+            yield from self._body.iter_chunks(CHUNK)
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> BlobStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Bucket:
+    """One bucket (and prefix) of an S3-compatible store; see the module docstring."""
+
+    def __init__(self, config: BucketConfig, *, connect_timeout: float = 3.0, read_timeout: float = 30.0,
+                 max_pool: int = 32, part_size: int = PART_SIZE, upload_concurrency: int = UPLOAD_CONCURRENCY) -> None:
+        if part_size < 5 << 20:
+            raise ValueError("part_size must be at least 5 MiB (S3's minimum part size)")
+        self.config = config
+        self._part_size = part_size
+        try:
+            session = boto3.session.Session(
+                aws_access_key_id=config.access_key, aws_secret_access_key=config.secret_key,
+                aws_session_token=config.session_token, profile_name=config.profile, region_name=config.region)
+            self._s3 = session.client("s3", endpoint_url=config.endpoint_url, config=_client_config(
+                connect_timeout, read_timeout, 2, max_pool, config.addressing_style))
+            # for the health check: one attempt, short timeouts
+            self._quick_s3 = session.client("s3", endpoint_url=config.endpoint_url, config=_client_config(
+                min(connect_timeout, 1.0), min(read_timeout, 2.0), 1, 2, config.addressing_style))
+        except botocore.exceptions.ProfileNotFound:
+            raise BucketConfigError(f"AWS profile {config.profile!r} is not configured") from None
+        # parts in flight across all uploads of this Bucket: bounds upload memory per process
+        self._upload_slots = threading.BoundedSemaphore(upload_concurrency)
+        self._upload_pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="bucket-upload")
+        self._owner = secrets.token_hex(8)  # this instance's mark on the locks it takes
+        self._state_lock = threading.Lock()
+        self._held: dict[str, str] = {}  # lock name -> ETag of our lock object
+        self._local_locks: dict[str, float] = {}  # without conditional writes: name -> monotonic expiry
+        self._conditional: bool | None = None  # probed once
+        self._if_match_form: str | None = None  # "quoted", "bare" or None (If-Match on PUT unsupported)
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.config})"
+
+    def close(self) -> None:
+        self._upload_pool.shutdown(wait=True)
+        self._s3.close()
+        self._quick_s3.close()
+
+    def __enter__(self) -> Bucket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ blobs
+
+    def blob_size(self, digest: str) -> int | None:
+        """The stored blob's size, or None when the bucket does not have it (one HEAD)."""
+        head = self._head(self._blob_key(digest), "blob", digest)
+        return None if head is None else head["ContentLength"]
+
+    def upload_blob(self, digest: str, path: str | os.PathLike) -> None:
+        """Store the file as the blob ``digest``; ValueError (and nothing stored) if it does not match.
+
+        Up to PART_SIZE in one PUT, else a multipart upload: the file is read
+        once, in order, hashed as it goes, parts uploaded from threads; at most
+        ``upload_concurrency`` parts in flight for the whole Bucket, so about
+        (upload_concurrency + 1) x part_size bytes of buffers (a finished
+        part's buffer is freed just after its slot is)."""
+        key, want = self._blob_key(digest), _hex(digest)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= self._part_size:
+                body = f.read()
+                if hashlib.sha256(body).hexdigest() != want:
+                    raise ValueError(f"{path} does not hash to {digest}")
+                with _s3_errors("upload blob", digest):
+                    self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE)
+            else:
+                self._multipart_upload(key, f, size, want, digest)
+
+    def download_blob(self, digest: str, dest_path: str | os.PathLike) -> bool:
+        """Stream the blob into ``dest_path``, verifying it: True when dest holds it.
+
+        False when the bucket does not have it, or had a corrupt copy: then
+        dest and that object are both deleted.  On BucketError dest is deleted."""
+        key, want = self._blob_key(digest), _hex(digest)
+        got = self._get(key, "blob", digest)
+        if got is None:
+            return False
+        h = hashlib.sha256()
+        with closing(got["Body"]), open(dest_path, "wb") as out:  # if open fails, there is nothing to remove
+            try:
+                with _s3_errors("download blob", digest):
+                    for chunk in got["Body"].iter_chunks(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+            except BaseException:
+                Path(dest_path).unlink(missing_ok=True)
+                raise
+        if h.hexdigest() == want:
+            return True
+        Path(dest_path).unlink(missing_ok=True)
+        self._delete_corrupt(key, "blob", digest)
+        return False
+
+    def open_blob(self, digest: str, offset: int = 0, length: int | None = None) -> BlobStream | None:
+        """A streaming GET of the blob, or of ``length`` bytes from ``offset``; None when absent.
+
+        The bytes are not verified (a range cannot be): serve them, and rely on
+        upload_blob having stored only verified blobs.  ValueError when the
+        range starts at or past the end of the blob."""
+        if offset < 0 or (length is not None and length < 1):
+            raise ValueError("offset must be >= 0 and length >= 1")
+        extra = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            extra["Range"] = f"bytes={offset}-{end}"
+        try:
+            got = self._get(self._blob_key(digest), "blob", digest, **extra)
+        except BucketError as exc:
+            if exc.status == 416:
+                raise ValueError(f"range starts past the end of {digest}") from None
+            raise
+        if got is None:
+            return None
+        content_range = got.get("ContentRange")  # "bytes 0-99/1000" on a ranged answer
+        size = int(content_range.rsplit("/", 1)[1]) if content_range else got["ContentLength"]
+        return BlobStream(got["Body"], size, got["ContentLength"], digest)
+
+    def presigned_blob_url(self, digest: str, expires_seconds: int) -> str:
+        """A GET URL for the blob object that works without credentials for ``expires_seconds``.
+
+        Only the host is signed, so a client's Range header works with it.
+        The URL is a secret until it expires: never log it.  Made locally,
+        without asking the store (so it does not say whether the blob exists)."""
+        if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
+            raise ValueError(f"expires_seconds must be between 1 and {MAX_PRESIGN_SECONDS}")
+        with _s3_errors("presign blob", digest):
+            return self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.config.bucket, "Key": self._blob_key(digest)},
+                ExpiresIn=int(expires_seconds))
+
+    # ------------------------------------------------------------ manifests
+
+    def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
+        """Store a manifest; ValueError (nothing stored) if ``body`` does not hash to ``digest``."""
+        key, want = self._manifest_key(digest), _hex(digest)
+        if not isinstance(media_type, str) or len(media_type) > 255 or not _MEDIA_TYPE.match(media_type):
+            raise ValueError(f"not a media type: {media_type!r}")
+        if len(body) > SMALL_OBJECT_LIMIT:
+            raise ValueError(f"manifest larger than {SMALL_OBJECT_LIMIT} bytes")
+        if hashlib.sha256(body).hexdigest() != want:
+            raise ValueError(f"manifest body does not hash to {digest}")
+        with _s3_errors("put manifest", digest):
+            self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=media_type)
+
+    def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, body) of a stored manifest, verified; None if absent or corrupt (then deleted)."""
+        key, want = self._manifest_key(digest), _hex(digest)
+        got = self._get_small(key, "manifest", digest)
+        if got is None:
+            return None
+        media_type, body = got
+        if hashlib.sha256(body).hexdigest() != want:
+            self._delete_corrupt(key, "manifest", digest)
+            return None
+        return media_type, body
+
+    # ------------------------------------------------------------ small records
+
+    def put_object(self, key: str, body: bytes) -> None:
+        """Store a small record (at most SMALL_OBJECT_LIMIT bytes) under ``key`` (relative to the prefix)."""
+        full = self._record_key(key)
+        if len(body) > SMALL_OBJECT_LIMIT:
+            raise ValueError(f"record larger than {SMALL_OBJECT_LIMIT} bytes")
+        with _s3_errors("put", key):
+            self._s3.put_object(Bucket=self.config.bucket, Key=full, Body=body, ContentType=BLOB_TYPE)
+
+    def get_object(self, key: str) -> bytes | None:
+        got = self._get_small(self._record_key(key), "record", key)
+        return None if got is None else got[1]
+
+    def object_exists(self, key: str) -> bool:
+        return self._head(self._record_key(key), "record", key) is not None
+
+    def delete_object(self, key: str) -> None:
+        """Delete a record; deleting a missing one is not an error (S3 semantics)."""
+        with _s3_errors("delete", key):
+            self._s3.delete_object(Bucket=self.config.bucket, Key=self._record_key(key))
+
+    # ------------------------------------------------------------ locks
+
+    @property
+    def supports_conditional_writes(self) -> bool:
+        """Whether the store honours ``If-None-Match: *`` on PUT (Ceph 16 RGW does; so does AWS
+        since 2024).  Found out once, with a probe object, on first use; BucketError if unreachable."""
+        with self._state_lock:
+            if self._conditional is None:
+                self._conditional, self._if_match_form = self._probe_conditional_writes()
+            return self._conditional
+
+    def try_lock(self, name: str, ttl_seconds: float) -> bool:
+        """Take the lock ``name`` for ``ttl_seconds`` unless another holder has it: True if taken.
+
+        Across every process sharing the bucket when the store supports
+        conditional writes: the lock is an object created with
+        ``If-None-Match: *``; one whose age (by the store's own clock: its
+        Date minus the object's Last-Modified) exceeds its TTL is taken over
+        with ``If-Match`` on its ETag, so only one taker wins.  Otherwise the
+        lock holds within this Bucket (this process) only.  A lock is not
+        re-entrant: a second try_lock of a held name returns False.  The
+        store's clock has whole seconds: a TTL holds to about a second."""
+        _check_lock(name, ttl_seconds)
+        if not self.supports_conditional_writes:
+            return self._try_local_lock(name, ttl_seconds)
+        key, body = self._lock_key(name), self._lock_body(ttl_seconds)
+        with self._state_lock:
+            if name in self._held:
+                return False
+        etag = self._put_if_absent(key, body, name)
+        if etag is None:
+            current = self._lock_record(key, name)
+            if current is None:  # released in between
+                etag = self._put_if_absent(key, body, name)
+            elif current.expired:
+                etag = self._take_over(key, body, current.etag, name)
+        if etag is None:
+            return False
+        with self._state_lock:
+            self._held[name] = etag
+        return True
+
+    def refresh_lock(self, name: str, ttl_seconds: float) -> bool:
+        """Extend a lock this Bucket holds to ``ttl_seconds`` from now: False if it was lost
+        (it expired and someone else took it over), and then it is no longer ours."""
+        _check_lock(name, ttl_seconds)
+        if not self.supports_conditional_writes:
+            with self._state_lock:
+                if name not in self._local_locks:
+                    return False
+                self._local_locks[name] = time.monotonic() + ttl_seconds
+                return True
+        with self._state_lock:
+            etag = self._held.get(name)
+        if etag is None:
+            return False
+        new = self._take_over(self._lock_key(name), self._lock_body(ttl_seconds), etag, name)
+        with self._state_lock:
+            if new is None:
+                self._held.pop(name, None)
+            else:
+                self._held[name] = new
+        return new is not None
+
+    def release_lock(self, name: str) -> None:
+        """Give up a lock this Bucket holds; a lock someone else has taken over is left alone."""
+        _check_lock(name, 1)
+        with self._state_lock:
+            self._local_locks.pop(name, None)
+            etag = self._held.pop(name, None)
+        if etag is None:
+            return
+        key = self._lock_key(name)
+        head = self._head(key, "lock", name)
+        # S3 has no conditional DELETE here (Ceph 16 ignores If-Match on DELETE):
+        # a holder that took over between this HEAD and the DELETE loses its lock, at worst
+        # one more download of the same blob
+        if head is not None and _bare(head["ETag"]) == _bare(etag):
+            with _s3_errors("release lock", name):
+                self._s3.delete_object(Bucket=self.config.bucket, Key=key)
+
+    # ------------------------------------------------------------ health
+
+    def check_reachable(self) -> tuple[bool, str]:
+        """(reachable, a short reason) from one HEAD of the bucket: at most ~3 s, never raises."""
+        try:
+            with _s3_errors("check bucket", self.config.bucket):
+                self._quick_s3.head_bucket(Bucket=self.config.bucket)
+        except BucketError as exc:
+            if exc.status == 404:
+                return False, f"bucket {self.config.bucket} does not exist"
+            return False, str(exc)
+        return True, f"bucket {self.config.bucket} reachable"
+
+    # ------------------------------------------------------------ plumbing
+
+    def _key(self, *parts: str) -> str:
+        return "/".join([self.config.prefix, *parts] if self.config.prefix else parts)
+
+    def _blob_key(self, digest: str) -> str:
+        return self._key("blobs", "sha256", _hex(digest))
+
+    def _manifest_key(self, digest: str) -> str:
+        return self._key("manifests", "sha256", _hex(digest))
+
+    def _lock_key(self, name: str) -> str:
+        return self._key("locks", name)
+
+    def _record_key(self, key: str) -> str:
+        segments = key.split("/") if isinstance(key, str) else [""]
+        if any(s in ("", ".", "..") or not _KEY_SEGMENT.match(s) for s in segments):
+            raise ValueError(f"record key {key!r}: '/'-separated segments of letters, digits, '.', '_', '-'")
+        if segments[0] in _RESERVED:
+            raise ValueError(f"record key {key!r}: {segments[0]}/ is reserved for verified content and locks")
+        return self._key(*segments)
+
+    def _head(self, key: str, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            with _s3_errors(f"head {kind}", name):
+                return self._s3.head_object(Bucket=self.config.bucket, Key=key)
+        except BucketError as exc:
+            if exc.status == 404 and exc.code != "NoSuchBucket":
+                return None
+            raise
+
+    def _get(self, key: str, kind: str, name: str, **extra: str) -> dict[str, Any] | None:
+        try:
+            with _s3_errors(f"get {kind}", name):
+                return self._s3.get_object(Bucket=self.config.bucket, Key=key, **extra)
+        except BucketError as exc:
+            if exc.status == 404 and exc.code != "NoSuchBucket":
+                return None
+            raise
+
+    def _get_small(self, key: str, kind: str, name: str) -> tuple[str, bytes] | None:
+        got = self._get(key, kind, name)
+        if got is None:
+            return None
+        try:
+            if got["ContentLength"] > SMALL_OBJECT_LIMIT:
+                raise BucketError(f"get {kind} {name}: larger than {SMALL_OBJECT_LIMIT} bytes")
+            with _s3_errors(f"get {kind}", name):
+                return got.get("ContentType") or "", got["Body"].read()
+        finally:
+            got["Body"].close()
+
+    def _delete_corrupt(self, key: str, kind: str, name: str) -> None:
+        # Content-addressed keys: the only right bytes are the digest's.  (Another
+        # process may have just replaced the object with good bytes; then it is
+        # uploaded again on the next miss.)
+        log.warning("the bucket's %s %s does not match its digest: deleting it", kind, name)
+        with _s3_errors(f"delete corrupt {kind}", name):
+            self._s3.delete_object(Bucket=self.config.bucket, Key=key)
+
+    def _multipart_upload(self, key: str, f: Any, size: int, want: str, digest: str) -> None:
+        part_size = max(self._part_size, -(-size // MAX_PARTS))
+        with _s3_errors("upload blob", digest):
+            upload_id = self._s3.create_multipart_upload(
+                Bucket=self.config.bucket, Key=key, ContentType=BLOB_TYPE)["UploadId"]
+        futures: list[Future] = []
+        try:
+            h = hashlib.sha256()
+            number = 0
+            while True:
+                self._upload_slots.acquire()
+                try:
+                    for failed in (fut for fut in futures if fut.done() and fut.exception()):
+                        failed.result()  # stop reading at the first failed part
+                    data = f.read(part_size)
+                    if not data:
+                        self._upload_slots.release()
+                        break
+                    h.update(data)
+                    number += 1
+                    future = self._upload_pool.submit(self._upload_part, key, upload_id, number, data, digest)
+                except BaseException:
+                    self._upload_slots.release()
+                    raise
+                del data  # only the part upload holds the buffer now
+                future.add_done_callback(lambda _: self._upload_slots.release())
+                futures.append(future)
+            parts = [fut.result() for fut in futures]
+            if h.hexdigest() != want:
+                raise ValueError(f"{f.name} does not hash to {digest}")
+            with _s3_errors("upload blob", digest):
+                self._s3.complete_multipart_upload(
+                    Bucket=self.config.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            wait(futures)  # no part may land after the abort
+            try:
+                self._s3.abort_multipart_upload(Bucket=self.config.bucket, Key=key, UploadId=upload_id)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                # left to the bucket's lifecycle rule (AbortIncompleteMultipartUpload)
+                log.warning("could not abort the multipart upload of %s", digest)
+            raise
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes, digest: str) -> dict[str, Any]:
+        with _s3_errors(f"upload part {number} of blob", digest):
+            answer = self._s3.upload_part(Bucket=self.config.bucket, Key=key, UploadId=upload_id,
+                                          PartNumber=number, Body=data)
+        return {"ETag": answer["ETag"], "PartNumber": number}
+
+    # ------------------------------------------------------------ lock plumbing
+
+    def _lock_body(self, ttl_seconds: float) -> bytes:
+        # the owner mark makes every lock object's bytes (so its ETag) unique
+        return json.dumps({"owner": self._owner, "ttl": ttl_seconds, "host": socket.gethostname(),
+                           "pid": os.getpid()}).encode()
+
+    def _try_local_lock(self, name: str, ttl_seconds: float) -> bool:
+        now = time.monotonic()
+        with self._state_lock:
+            if self._local_locks.get(name, 0.0) > now:
+                return False
+            self._local_locks[name] = now + ttl_seconds
+            return True
+
+    def _put_if_absent(self, key: str, body: bytes, name: str) -> str | None:
+        """ETag of the new object, or None when one exists already (412)."""
+        try:
+            with _s3_errors("take lock", name):
+                return self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
+        except BucketError as exc:
+            if exc.status in (409, 412):  # 409: a concurrent conditional write is in progress (AWS)
+                return None
+            raise
+
+    def _take_over(self, key: str, body: bytes, etag: str, name: str) -> str | None:
+        """Replace the lock object whose ETag is ``etag``; None if it changed meanwhile."""
+        if self._if_match_form is None:
+            # no conditional overwrite: delete and create.  Two takers of one
+            # expired lock may then both win (each deletes, one creates, the other deletes that)
+            with _s3_errors("take over lock", name):
+                self._s3.delete_object(Bucket=self.config.bucket, Key=key)
+            return self._put_if_absent(key, body, name)
+        condition = f'"{_bare(etag)}"' if self._if_match_form == "quoted" else _bare(etag)
+        try:
+            with _s3_errors("take over lock", name):
+                return self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, IfMatch=condition)["ETag"]
+        except BucketError as exc:
+            if exc.status in (404, 409, 412):
+                return None
+            raise
+
+    def _lock_record(self, key: str, name: str) -> _LockRecord | None:
+        got = self._get(key, "lock", name)
+        if got is None:
+            return None
+        try:
+            with _s3_errors("get lock", name):
+                body = got["Body"].read(SMALL_OBJECT_LIMIT)
+        finally:
+            got["Body"].close()
+        try:
+            ttl = float(json.loads(body)["ttl"])
+        except (ValueError, KeyError, TypeError):
+            ttl = 0.0  # not a lock record of ours: let it be taken over
+        date = got["ResponseMetadata"]["HTTPHeaders"].get("date")
+        server_now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        age = (server_now - got["LastModified"]).total_seconds()
+        return _LockRecord(etag=got["ETag"], expired=age > ttl)
+
+    def _probe_conditional_writes(self) -> tuple[bool, str | None]:
+        """(If-None-Match honoured, the If-Match form honoured) from a throw-away object."""
+        key = self._key("locks", f".probe-{secrets.token_hex(8)}")  # no lock name starts with "."
+        put = self._s3.put_object
+        b = self.config.bucket
+        try:
+            with _s3_errors("probe conditional writes", "locks"):
+                try:
+                    etag = put(Bucket=b, Key=key, Body=b"1", IfNoneMatch="*")["ETag"]
+                    put(Bucket=b, Key=key, Body=b"2", IfNoneMatch="*")
+                    return False, None  # the header was ignored
+                except botocore.exceptions.ClientError as exc:
+                    if _status(exc) in (400, 501):  # not implemented
+                        return False, None
+                    if _status(exc) != 412:
+                        raise
+                # AWS takes the ETag quoted, as HTTP says; Ceph 16 RGW compares it without quotes
+                for form, value in (("quoted", f'"{_bare(etag)}"'), ("bare", _bare(etag))):
+                    try:
+                        etag = put(Bucket=b, Key=key, Body=form.encode(), IfMatch=value)["ETag"]
+                        return True, form
+                    except botocore.exceptions.ClientError as exc:
+                        if _status(exc) != 412:
+                            break
+                return True, None
+        finally:
+            try:
+                self._s3.delete_object(Bucket=b, Key=key)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                pass  # a few bytes left behind; the probe's answer is what matters
+
+
+def _check_lock(name: str, ttl_seconds: float) -> None:
+    if not isinstance(name, str) or not _LOCK_NAME.match(name):
+        raise ValueError(f"lock name {name!r}: letters, digits and . _ : - (up to 200)")
+    if not 0 < ttl_seconds <= 86400:
+        raise ValueError("ttl_seconds must be between 0 and 86400")
+
+
+def _bare(etag: str) -> str:
+    return etag.strip().removeprefix("W/").strip('"')
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+@contextmanager
+def _s3_errors(operation: str, name: str) -> Iterator[None]:
+    """Turn botocore's exceptions into BucketError with a message that names no URL or secret."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        status = _status(exc)
+        code = exc.response.get("Error", {}).get("Code") or None
+        # only the code: S3 error documents may carry the string to sign and the access key id
+        reason = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
+        raise BucketError(f"{operation} {name}: {reason}", status=status, code=code) from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError):
+        raise BucketError(f"{operation} {name}: cannot connect to the S3 endpoint") from None
+    except botocore.exceptions.ReadTimeoutError:
+        raise BucketError(f"{operation} {name}: the S3 endpoint did not answer in time") from None
+    except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError):
+        raise BucketError(f"{operation} {name}: no S3 credentials found") from None
+    except (botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError):
+        raise BucketError(f"{operation} {name}: the transfer was interrupted") from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise BucketError(f"{operation} {name}: {type(exc).__name__}") from None
