@@ -24,6 +24,7 @@ from mitmproxy.proxy import mode_specs, server_hooks
 from . import paths
 from .admission import admit, carries_body, place_of
 from .forwardproxy import ForwardProxy
+from .guard import ConnectionGuard
 from .loopback import KEY_HEADER, restore_client_url
 from .mirror import Mirror
 from .observe import steps
@@ -43,7 +44,8 @@ PULL = "hub_pull"  # flow.metadata key: the Pull a client flow became
 class HubRewrite:
     def __init__(self) -> None:
         self.mirror: Mirror | None = None
-        self.forward_proxy = ForwardProxy(lambda: self.mirror)
+        # one concern each, mitmproxy style: sub-addons get every hook after this one
+        self.addons = [ForwardProxy(lambda: self.mirror), ConnectionGuard(lambda: self.mirror.settings.limits)]
 
     # ---- options and lifecycle ---------------------------------------------
 
@@ -81,14 +83,7 @@ class HubRewrite:
 
     # ---- hooks -----------------------------------------------------------
 
-    def tls_clienthello(self, data) -> None:
-        self.forward_proxy.tls_clienthello(data)
-
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        self.forward_proxy.http_connect(flow)
-
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        await self.forward_proxy.requestheaders(flow)
         if flow.response or flow.error or not flow.live:
             return
         place = place_of(flow, self.mirror.settings.registries)

@@ -14,7 +14,7 @@ from mitmproxy import connection, http, tls
 
 from .admission import carries_body
 from .clientconn import is_forward_proxy, is_private_client
-from .mirror import Mirror
+from .loopback import CLIENT_URL
 from .registry.errors import RegistryError
 from .responses import error_response
 
@@ -23,16 +23,12 @@ class ForwardProxy:
     def __init__(self, mirror_of) -> None:
         self.mirror_of = mirror_of  # -> the running Mirror (it changes with the options)
 
-    @property
-    def mirror(self) -> Mirror:
-        return self.mirror_of()
-
     def may_pass_through(self, client: connection.Client) -> bool:
-        settings = self.mirror.settings
+        settings = self.mirror_of().settings
         return settings.proxy_passthrough and (settings.proxy_guarded or is_private_client(client))
 
     def _served(self, host: str | None, port: int) -> bool:
-        return bool(host) and self.mirror.settings.registries.for_proxy_target(host, port) is not None
+        return bool(host) and self.mirror_of().settings.registries.for_proxy_target(host, port) is not None
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """TLS to a host outside the table is passed through, not intercepted."""
@@ -51,14 +47,16 @@ class ForwardProxy:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A request for a host outside the table, from a client that may not pass: refused
         before any byte of it goes anywhere (a body is drained by the mirror)."""
-        if flow.response or not is_forward_proxy(flow.client_conn) or self.may_pass_through(flow.client_conn):
+        if flow.response or CLIENT_URL in flow.metadata or not is_forward_proxy(flow.client_conn):
+            return  # answered, or taken by the mirror (a registry), or not a proxy flow
+        if self.may_pass_through(flow.client_conn):
             return
         if self._served(flow.request.host, flow.request.port):
             return
         refusal = _not_in_table()
         if carries_body(flow.request):
-            await self.mirror.loopback.start()
-            self.mirror.loopback.park(flow, refusal)
+            await self.mirror_of().loopback.start()
+            self.mirror_of().loopback.park(flow, refusal)
         else:
             flow.response = refusal
 

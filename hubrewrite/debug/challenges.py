@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hubrewrite import challenge
+from hubrewrite.registry import challenge
 from hubrewrite.debug.text import plain
 
 # shown first and in this order; other parameters follow as they come

@@ -1,0 +1,200 @@
+"""Client connections, bounded before mitmproxy's HTTP layer sees them.
+
+mitmproxy reads a request head of any size and waits for it as long as bytes
+trickle in, and accepts connections until the process runs out of files. A
+mirror on a public address needs limits there: how many connections it serves
+at once, how large a request head may be, and how long a client may take to
+send one (or leave a connection idle between requests). Beyond them a
+connection is closed, with a 431 or 408 where a head was started, and the
+operator reads one log line per cause and minute, not one per connection.
+
+The head limits are a layer put on top of each client connection's layer
+stack (mitmproxy's ``next_layer`` hook): it counts what the client sends while
+no request of the connection is in flight, and wakes itself up to check the
+time. Bodies, responses and the bytes of a tunnel passed through untouched
+are not its business.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections import Counter
+
+from mitmproxy import connection, ctx, http, tls
+from mitmproxy.proxy import commands, events, layer
+
+from .registry.errors import error_body
+from .settings import Limits
+
+log = logging.getLogger("hub_rewrite")
+
+REPORT_EVERY = 60.0  # seconds between two log lines about closed connections
+FILES_PER_CONNECTION = 3  # the client's, one upstream, one to the loopback server or the CDN
+
+
+class HeadGuard(layer.Layer):
+    """Sits above a client connection's first layer; passes everything through but
+    the bytes of a request head beyond the limits."""
+
+    def __init__(self, context, child: layer.Layer, guard: ConnectionGuard) -> None:
+        super().__init__(context)
+        context.layers.remove(self)  # invisible to the layer decisions below it
+        self.child = child
+        self.guard = guard
+        self.in_flight = 0
+        self.head_bytes = 0
+        self.idle_since = time.monotonic()
+        self.passthrough = False  # a tunnel to another host, not mitmproxy's HTTP
+        self.closed = False
+        self.timer: commands.RequestWakeup | None = None
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.head_bytes = 0
+
+    def request_done(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.in_flight == 0:
+            self.idle_since = time.monotonic()
+            self.head_bytes = 0
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command is self.timer:
+            self.timer = None
+            yield from self._on_timer()
+            return
+        if self.closed:
+            return
+        if isinstance(event, events.Start):
+            yield from self._arm()
+        elif self._counting() and isinstance(event, events.DataReceived) and event.connection is self.context.client:
+            self.head_bytes += len(event.data)
+            if self.head_bytes > self.guard.limits().max_head_bytes:
+                yield from self._close(431, "request head too large")
+                return
+        yield from self.child.handle_event(event)
+
+    def _counting(self) -> bool:
+        return not self.passthrough and self.in_flight == 0
+
+    def _arm(self) -> layer.CommandGenerator[None]:
+        if self.timer is None:
+            self.timer = commands.RequestWakeup(self.guard.limits().head_timeout / 2)
+            yield self.timer
+
+    def _on_timer(self) -> layer.CommandGenerator[None]:
+        if self.closed:
+            return
+        if self._counting() and time.monotonic() - self.idle_since > self.guard.limits().head_timeout:
+            if self.head_bytes:
+                yield from self._close(408, "request head not sent in time")
+            else:
+                self.guard.count("idle connection closed")  # a kept-alive connection nobody uses
+                self.closed = True
+                yield commands.CloseConnection(self.context.client)
+            return
+        yield from self._arm()
+
+    def _close(self, status: int, reason: str) -> layer.CommandGenerator[None]:
+        self.closed = True
+        self.guard.count(reason)
+        body = error_body("UNSUPPORTED", reason)
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        yield commands.SendData(self.context.client, head + body)
+        yield commands.CloseConnection(self.context.client)
+
+
+class ConnectionGuard:
+    """The addon: the connection limit, and a HeadGuard on every client connection."""
+
+    def __init__(self, limits_of) -> None:
+        self.limits_of = limits_of  # -> the running Limits (they change with the options)
+        self.open: dict[str, HeadGuard | None] = {}  # client id -> its guard (None until its first layer)
+        self.refused: Counter[str] = Counter()
+        self.reported = time.monotonic()
+        self.file_limit = _raise_file_limit()
+
+    def limits(self) -> Limits:  # a method: mitmproxy reads every attribute of an addon when it loads
+        return self.limits_of()
+
+    def count(self, cause: str) -> None:
+        """One log line per cause and minute, however many connections it closed."""
+        self.refused[cause] += 1
+        now = time.monotonic()
+        if now - self.reported >= REPORT_EVERY or sum(self.refused.values()) == 1:
+            for what, number in sorted(self.refused.items()):
+                log.warning("hub_rewrite: %d connection(s) closed: %s", number, what)
+            self.refused.clear()
+            self.reported = now
+
+    def max_connections(self) -> int:
+        return min(self.limits().max_connections, max(16, (self.file_limit - 64) // FILES_PER_CONNECTION))
+
+    # ---- hooks -----------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        if len(self.open) >= self.max_connections():
+            client.error = "too many connections"
+            self.count(f"too many connections (limit {self.max_connections()})")
+            return
+        self.open[client.id] = None
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.open.pop(client.id, None)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """The first layer of a client connection: decided by mitmproxy, then guarded."""
+        client = nextlayer.context.client
+        if nextlayer.layer is not None or nextlayer.context.layers or client.transport_protocol != "tcp":
+            return
+        if client.id not in self.open or self.open[client.id] is not None:
+            return
+        ctx.master.addons.get("nextlayer").next_layer(nextlayer)
+        if nextlayer.layer is not None:
+            guard = HeadGuard(nextlayer.context, nextlayer.layer, self)
+            self.open[client.id] = guard
+            nextlayer.layer = guard
+
+    def _guard(self, client: connection.Client) -> HeadGuard | None:
+        return self.open.get(client.id)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.request_started()
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.request_started()
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.request_done()  # the tunnel's own requests are counted as they come
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self.http_connected(flow)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if data.ignore_connection and (guard := self._guard(data.context.client)):
+            guard.passthrough = True  # bytes of another host's TLS, passed through untouched
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.request_done()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.response(flow)
+
+
+def _raise_file_limit() -> int:
+    """Open files: the soft limit raised to the hard one (every connection needs a few)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
