@@ -23,9 +23,13 @@ from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import paths
 from .admission import admit, carries_body, place_of
+from .debug import contentviews
+from .debug.logs import LogRedaction
+from .debug.sideflows import is_side_flow, serving
+from .debug.redact import redact_request
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
-from .loopback import KEY_HEADER, restore_client_url
+from .loopback import CLIENT_URL, KEY_HEADER, restore_client_url
 from .mirror import Mirror
 from .observe import steps
 from .observe.metrics import CountingStream
@@ -45,12 +49,17 @@ class HubRewrite:
     def __init__(self) -> None:
         self.mirror: Mirror | None = None
         # one concern each, mitmproxy style: sub-addons get every hook after this one
-        self.addons = [ForwardProxy(lambda: self.mirror), ConnectionGuard(lambda: self.mirror.settings.limits)]
+        self.addons = [
+            ForwardProxy(lambda: self.mirror),
+            ConnectionGuard(lambda: self.mirror.settings.limits),
+            LogRedaction(lambda: self.mirror.settings.show_secrets),
+        ]
 
     # ---- options and lifecycle ---------------------------------------------
 
     def load(self, loader) -> None:
         declare(loader)
+        contentviews.register()  # registry payloads decoded in mitmweb (and the dumper's detail levels)
 
     def configure(self, updated: set[str]) -> None:
         if "hub_config" in updated:
@@ -78,18 +87,20 @@ class HubRewrite:
         await self.mirror.start()
 
     async def done(self) -> None:
+        contentviews.unregister()
         if self.mirror is not None:
             await self.mirror.close()
 
     # ---- hooks -----------------------------------------------------------
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or is_side_flow(flow):
             return
         place = place_of(flow, self.mirror.settings.registries)
         if place is None:
             return  # forward-proxy traffic for another host, passed through
         await self.mirror.start()
+        serving.set(flow)  # the mirror's exchanges from here on are this flow's side flows
         pull, refusal = await admit(flow, self.mirror, *place)
         flow.metadata[PULL] = pull
         if refusal is not None:
@@ -112,6 +123,7 @@ class HubRewrite:
             # a body announced by no header (HTTP/2): refused like any other
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return
+        serving.set(flow)
         try:
             answer = await paths.serve(pull, self.mirror)
         except Exception:
@@ -136,8 +148,8 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
-        restore_client_url(flow)
         pull: Pull | None = flow.metadata.get(PULL)
+        self._close_record(flow)
         if pull is None:
             return
         if pull.transfer is not None and flow.response is not None:
@@ -148,8 +160,8 @@ class HubRewrite:
         steps.finish(pull, self.mirror.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        restore_client_url(flow)
         pull: Pull | None = flow.metadata.get(PULL)
+        self._close_record(flow)
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
@@ -161,6 +173,14 @@ class HubRewrite:
         # own name) upstream.
         if isinstance(data.client.proxy_mode, mode_specs.ReverseMode) and data.server.sni is None and data.server.address:
             data.server.sni = data.server.address[0]
+
+    def _close_record(self, flow: http.HTTPFlow) -> None:
+        """The flow as mitmweb, saved flows and the log keep it: the client's request,
+        its credentials (used by now) as fingerprints."""
+        if PULL in flow.metadata or CLIENT_URL in flow.metadata:
+            restore_client_url(flow)
+            if not self.mirror.settings.show_secrets:
+                redact_request(flow.request)
 
     # ---- answers -----------------------------------------------------------
 

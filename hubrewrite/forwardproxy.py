@@ -14,6 +14,7 @@ from mitmproxy import connection, http, tls
 
 from .admission import carries_body
 from .clientconn import is_forward_proxy, is_private_client
+from .debug.sideflows import is_side_flow
 from .loopback import CLIENT_URL
 from .registry.errors import RegistryError
 from .responses import error_response
@@ -47,8 +48,8 @@ class ForwardProxy:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A request for a host outside the table, from a client that may not pass: refused
         before any byte of it goes anywhere (a body is drained by the mirror)."""
-        if flow.response or CLIENT_URL in flow.metadata or not is_forward_proxy(flow.client_conn):
-            return  # answered, or taken by the mirror (a registry), or not a proxy flow
+        if flow.response or CLIENT_URL in flow.metadata or is_side_flow(flow) or not is_forward_proxy(flow.client_conn):
+            return  # answered, taken by the mirror (a registry), the mirror's own, or not a proxy flow
         if self.may_pass_through(flow.client_conn):
             return
         if self._served(flow.request.host, flow.request.port):

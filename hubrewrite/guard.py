@@ -17,6 +17,7 @@ are not its business.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import time
@@ -114,7 +115,8 @@ class ConnectionGuard:
         self.limits_of = limits_of  # -> the running Limits (they change with the options)
         self.open: dict[str, HeadGuard | None] = {}  # client id -> its guard (None until its first layer)
         self.refused: Counter[str] = Counter()
-        self.reported = time.monotonic()
+        self.reported = -REPORT_EVERY  # the first cause is reported at once
+        self.report_due = False
         self.file_limit = _raise_file_limit()
 
     def limits(self) -> Limits:  # a method: mitmproxy reads every attribute of an addon when it loads
@@ -123,12 +125,19 @@ class ConnectionGuard:
     def count(self, cause: str) -> None:
         """One log line per cause and minute, however many connections it closed."""
         self.refused[cause] += 1
-        now = time.monotonic()
-        if now - self.reported >= REPORT_EVERY or sum(self.refused.values()) == 1:
-            for what, number in sorted(self.refused.items()):
-                log.warning("hub_rewrite: %d connection(s) closed: %s", number, what)
-            self.refused.clear()
-            self.reported = now
+        wait = REPORT_EVERY - (time.monotonic() - self.reported)
+        if wait <= 0:
+            self._report()
+        elif not self.report_due:
+            self.report_due = True
+            asyncio.get_running_loop().call_later(wait, self._report)
+
+    def _report(self) -> None:
+        for what, number in sorted(self.refused.items()):
+            log.warning("hub_rewrite: %d connection(s) closed in the last minute: %s", number, what)
+        self.refused.clear()
+        self.reported = time.monotonic()
+        self.report_due = False
 
     def max_connections(self) -> int:
         return min(self.limits().max_connections, max(16, (self.file_limit - 64) // FILES_PER_CONNECTION))
@@ -146,9 +155,9 @@ class ConnectionGuard:
         self.open.pop(client.id, None)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """The first layer of a client connection: decided by mitmproxy, then guarded."""
+        """The first layer below a client connection's proxy mode: decided by mitmproxy, then guarded."""
         client = nextlayer.context.client
-        if nextlayer.layer is not None or nextlayer.context.layers or client.transport_protocol != "tcp":
+        if nextlayer.layer is not None or client.transport_protocol != "tcp":
             return
         if client.id not in self.open or self.open[client.id] is not None:
             return

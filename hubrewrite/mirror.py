@@ -23,6 +23,7 @@ from .cache.downloads import Downloads
 from .cache.serving import BlobSender
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
 from .cache.store import Store
+from .debug.sideflows import SideFlows
 from .loopback import Loopback
 from .observe.metrics import Metrics
 from .observe.ratelimits import RateLimits
@@ -52,6 +53,7 @@ class Mirror:
         self.realms = Realms()
         self.issued = IssuedTokens()
         self.loopback = Loopback()
+        self.side_flows = SideFlows(lambda: self.settings.side_flows, lambda: self.settings.show_secrets)
         self.client = self._new_client(settings)
         self.cache: Cache | None = None
         self.metrics_server = None  # (server, thread) of the loopback metrics listener
@@ -74,7 +76,8 @@ class Mirror:
     def _new_client(self, settings: Settings) -> UpstreamClient:
         c = settings.client
         verify = make_ssl_context(c.ssl_insecure, c.ca_file, c.ca_dir)
-        return UpstreamClient(verify, timeout=c.timeout, max_body=c.max_body, on_answer=self._observe_latency)
+        return UpstreamClient(verify, timeout=c.timeout, max_body=c.max_body, on_answer=self._observe_latency,
+                              observer=self.side_flows.record)
 
     def _observe_latency(self, host: str, seconds: float) -> None:
         self.metrics.upstream_latency.labels(host).observe(seconds)

@@ -27,6 +27,7 @@ class Realms:
         """(realm, service), asking the upstream's /v2/ once if no challenge was seen yet.
         None: the upstream does not use token authentication. Raises RegistryError."""
         if upstream.base not in self._learned:
-            fetched = await client.fetch("GET", upstream.url("/v2/"), [], follow_redirects=False)
+            fetched = await client.fetch("GET", upstream.url("/v2/"), [], follow_redirects=False,
+                                         purpose="realm discovery: where is its token service")
             self.learn(upstream, fetched.headers)
         return self._learned.get(upstream.base)

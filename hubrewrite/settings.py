@@ -120,6 +120,13 @@ OPTIONS = (
     Option("hub_blob_secret", str, "", """
         File holding the key that signs blob listener URLs. Empty: a key generated once in the
         cache directory (mirror processes sharing the cache share it)."""),
+    Option("hub_side_flows", str, "auto", """
+        Show the mirror's own upstream exchanges (token requests, blob probes, access and tag
+        HEADs, downloads) as flows of their own, linked to the client flow they served, in
+        mitmweb and saved flows. auto: on in mitmweb, off in mitmdump.""", ["auto", "on", "off"]),
+    Option("hub_show_secrets", bool, False, """
+        Show credentials (Authorization, passwords, tokens, signed URLs) in full in the log,
+        mitmweb and saved flows, instead of fingerprints. For local debugging only."""),
     Option("hub_metrics_listen", str, "", """
         Also serve the metrics on this loopback address (e.g. 127.0.0.1:9464), for a local
         Prometheus. Empty: only at /_hub/metrics on the mirror."""),
@@ -180,6 +187,8 @@ class Settings:
     cache: CacheSettings | None
     metrics_listen: tuple[str, int] | None
     metrics_auth: bool
+    show_secrets: bool
+    side_flows: bool
 
 
 def apply_config_file(options: optmanager.OptManager) -> str | None:
@@ -226,6 +235,9 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         cache=_cache(o),
         metrics_listen=_loopback_option("hub_metrics_listen", o.hub_metrics_listen),
         metrics_auth=o.hub_metrics_auth,
+        show_secrets=o.hub_show_secrets,
+        # mitmweb is where flows are looked at (its web addon declares web_port)
+        side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and "web_port" in o),
     )
 
 

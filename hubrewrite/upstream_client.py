@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -24,6 +24,25 @@ from .registry.errors import RegistryError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+
+
+@dataclass
+class Exchange:
+    """One request of the mirror's client and what came back, for whoever watches (side flows)."""
+
+    purpose: str
+    method: str
+    url: str
+    request_headers: list[tuple[str, str]]
+    request_body: bytes | None
+    started: float = field(default_factory=time.time)
+    status: int | None = None
+    reason: str = ""
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_body: bytes | None = None  # None: not read here (streamed, or a blob)
+    answered: float | None = None
+    ended: float | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -105,9 +124,11 @@ class UpstreamClient:
         timeout: float,
         max_body: int,
         on_answer: Callable[[str, float], None] = lambda host, seconds: None,
+        observer: Callable[[Exchange], None] = lambda exchange: None,
     ) -> None:
         self.max_body = max_body
         self.on_answer = on_answer  # (upstream host, seconds to its answer headers)
+        self.observer = observer  # every exchange, once it is over (or its body left to the caller)
         # httpx logs every request URL at INFO: signed CDN URLs and token queries must
         # stay out of the log (the mirror writes its own lines, without them)
         for name in ("httpx", "httpcore"):
@@ -129,8 +150,18 @@ class UpstreamClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], content: bytes | None = None) -> httpx.Response:
+    async def send(
+        self, method: str, url: str, headers: list[tuple[str, str]], content: bytes | None = None, purpose: str = ""
+    ) -> httpx.Response:
         """One request, no redirects followed, body not yet read: the caller closes it (``aclose``)."""
+        response, exchange = await self._send(method, url, headers, content, purpose)
+        self.observer(exchange)
+        return response
+
+    async def _send(
+        self, method: str, url: str, headers: list[tuple[str, str]], content: bytes | None, purpose: str
+    ) -> tuple[httpx.Response, Exchange]:
+        exchange = Exchange(purpose, method, url, headers, content)
         try:
             # as bytes: httpx refuses non-ASCII str header values a client may send
             request = self._client.build_request(method, url, headers=hdrs.encode_fields(headers), content=content)
@@ -138,8 +169,13 @@ class UpstreamClient:
             response = await self._client.send(request, stream=True)
             self.on_answer(request.url.host, time.monotonic() - started)
         except Exception as exc:
-            raise describe_error(exc) from exc
-        return response
+            error = describe_error(exc)
+            exchange.error, exchange.ended = error.message, time.time()
+            self.observer(exchange)
+            raise error from exc
+        exchange.status, exchange.reason = response.status_code, response.reason_phrase
+        exchange.response_headers, exchange.answered = hdrs.decode_fields(response.headers.raw), time.time()
+        return response, exchange
 
     async def read_body(self, response: httpx.Response) -> bytes:
         """The raw (still content-encoded) body, refusing anything too big to buffer."""
@@ -165,11 +201,12 @@ class UpstreamClient:
         headers: list[tuple[str, str]],
         content: bytes | None = None,
         follow_redirects: bool = True,
+        purpose: str = "",
     ) -> Fetched:
         """A whole (small) exchange; redirects of GET/HEAD are followed without credentials."""
         redirected_to: str | None = None
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self.send(method, url, headers, content)
+            response, exchange = await self._send(method, url, headers, content, purpose)
             try:
                 location = response.headers.get("location")
                 if (
@@ -181,9 +218,16 @@ class UpstreamClient:
                     url = redirect_target(url, location)
                     headers = hdrs.without_credentials(headers)
                     redirected_to = urlsplit(url).hostname
+                    purpose = f"{purpose}, redirect followed" if purpose else "redirect followed"
                     continue
                 body = b"" if method == "HEAD" else await self.read_body(response)
-                return Fetched(response.status_code, hdrs.decode_fields(response.headers.raw), body, redirected_to)
+                exchange.response_body = body
+                return Fetched(response.status_code, exchange.response_headers, body, redirected_to)
+            except RegistryError as e:
+                exchange.error = e.message
+                raise
             finally:
+                exchange.ended = time.time()
+                self.observer(exchange)
                 await response.aclose()
         raise RegistryError(502, "UNAVAILABLE", "upstream redirected too many times")

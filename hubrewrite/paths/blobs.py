@@ -135,7 +135,7 @@ async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
             return probe.answer
         headers = pull.headers if probe.direct else hdrs.without_credentials(pull.headers)
         try:
-            response = await mirror.client.send("GET", probe.target, headers)
+            response = await mirror.client.send("GET", probe.target, headers, purpose="blob download into the cache")
         except RegistryError as e:
             return error_response(e)
         status, size = response.status_code, response.headers.get("content-length", "")
@@ -165,7 +165,7 @@ async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
 async def _probe(pull: Pull, mirror: Mirror) -> Probe:
     """Ask the registry for the blob, following no redirect."""
     try:
-        response = await mirror.client.send(pull.method, pull.url, pull.headers)
+        response = await mirror.client.send(pull.method, pull.url, pull.headers, purpose="blob probe")
         try:
             location = response.headers.get("location")
             if response.status_code in REDIRECT_STATUSES and location:

@@ -51,7 +51,8 @@ async def check(pull: Pull, mirror: Mirror, digest: str, path: str) -> Access:
     if known(pull, mirror, digest):
         return Access.GRANTED
     try:
-        head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False)
+        head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False,
+                                         purpose="access check: may this client read it")
     except RegistryError as failure:
         if known_stale(pull, mirror, digest):
             return Access.STALE

@@ -32,7 +32,7 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         if cached is not None:
             return cached
     try:
-        head = await mirror.client.fetch("HEAD", pull.url, pull.headers)
+        head = await mirror.client.fetch("HEAD", pull.url, pull.headers, purpose="tag resolution (HEAD)")
     except RegistryError as failure:
         return _stale(pull, mirror) or error_response(failure)
     digest = head.header("docker-content-digest")

@@ -113,7 +113,7 @@ async def _ask_token_service(
     try:
         # Not following redirects: the credentials go to this realm only.
         fetched = await mirror.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
-                                            follow_redirects=False)
+                                            follow_redirects=False, purpose="token request to the token service")
     except RegistryError as e:
         log.warning("token request to %s: %s", host, e.message)
         if mirror.cache is not None and as_anonymous:

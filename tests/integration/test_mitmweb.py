@@ -4,8 +4,10 @@ pulls through it: the multi-arch image (``copy --all``) and the private image
 with credentials.  Then mitmweb's REST API lists the client flows (token,
 manifests, blobs), and headless Chromium shows them in the web UI.
 
-Until the repository's mitm.conf loads under mitmweb this runs without it
-(see ``MITMWEB_LOADS_MITM_CONF`` in tests/support/mirror.py).
+It loads the repository's mitm.conf (``flow_detail`` there is mitmdump's own:
+skipped by mitmweb, not an error). The mirror's own upstream exchanges show up
+as side flows linked to the client flows they served, credentials as
+fingerprints, and the registry content views decode manifests and tokens.
 """
 
 from __future__ import annotations
@@ -50,16 +52,17 @@ def summary(flows: list[dict[str, Any]]) -> list[str]:
 
 
 def flows_commented(flows: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """The flows whose comment (set by the addon) contains ``text``.
-
-    TODO(lead): side flows (the mirror's own requests to the token service and
-    the CDN, added to mitmweb's view) do not exist yet.  Once they do, find them
-    here by their marker (comment or ``marked``) and assert on them in
-    test_side_flows_are_shown below, e.g. a token flow to the upstream realm and
-    one CDN flow per blob, and their content through the new content views
-    (``api.content(flow["id"], "response", "<view>")``).
-    """
+    """The flows whose comment (set by the addon) contains ``text``."""
     return [f for f in flows if text in f["comment"]]
+
+
+def side_flows(flows: list[dict[str, Any]], purpose: str = "") -> list[dict[str, Any]]:
+    """The mirror's own exchanges: marked, and commented with what they were for."""
+    return [f for f in flows if f["comment"].startswith("hub side flow: " + purpose)]
+
+
+def client_flows(flows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for f in flows if not f["comment"].startswith("hub side flow")]
 
 
 def header(message: dict[str, Any], name: str) -> str | None:
@@ -79,7 +82,7 @@ def test_web_api_needs_the_password(pulled):
 
 def test_rest_api_lists_the_client_flows(pulled, upstream):
     api = pulled.web_api
-    flows = api.flows()
+    flows = client_flows(api.flows())
     shown = summary(flows)
     assert all(f["response"] and f["response"]["status_code"] in (200, 401) for f in flows), shown
 
@@ -89,8 +92,9 @@ def test_rest_api_lists_the_client_flows(pulled, upstream):
     assert all(f["response"]["status_code"] == 200 for f in tokens), shown
     # booleans only: the body holds a token, which an assertion's report would print
     token_body = api.content(tokens[0]["id"], "response")
-    token_answered, token_view = '"token"' in token_body["text"], token_body["view_name"]
-    assert token_answered and token_view == "JSON"
+    token_view, signature_shown = token_body["view_name"], tokens_signature_in(token_body["text"], api, tokens[0])
+    assert token_view == "Registry token" and not signature_shown
+    assert "repository:library/alpine:pull" in token_body["text"] or "repository:private/secret:pull" in token_body["text"]
 
     alpine, secret = upstream.images["library/alpine"], upstream.images["private/secret"]
     alpine_flows = flows_commented(flows, "hub: docker.io library/alpine")
@@ -101,23 +105,62 @@ def test_rest_api_lists_the_client_flows(pulled, upstream):
     by_tag = manifests["/v2/library/alpine/manifests/3.19"]
     assert header(by_tag["response"], "Docker-Content-Digest") == alpine["digest"]
     listing = api.content(by_tag["id"], "response")
-    assert listing["view_name"] == "JSON"
+    assert listing["view_name"] == "Registry manifest"
     assert all(image["digest"] in listing["text"] for image in alpine["manifests"].values())
+    assert "linux/amd64" in listing["text"] and "linux/arm64" in listing["text"]
 
-    # blob flows go to the CDN after the redirect: their path names the digest, not the client's /v2/ path
+    # blob flows keep the client's /v2/ path (the CDN's signed URL is the mirror's business);
+    # the comment says where the bytes came from
     blobs = [f for f in alpine_flows if "blob streamed from" in f["comment"]]
-    assert {d.split(":")[1] for d in blob_digests(alpine)} == {path_of(f).split("/")[-2] for f in blobs}, shown
+    assert {f"/v2/library/alpine/blobs/{d}" for d in blob_digests(alpine)} == {path_of(f) for f in blobs}, shown
     assert all(f["response"]["status_code"] == 200 for f in blobs)
 
     secret_flows = flows_commented(flows, "hub: docker.io private/secret")
     assert "/v2/private/secret/manifests/1.0" in {path_of(f) for f in secret_flows}, shown
-    secret_blobs = {path_of(f).split("/")[-2] for f in secret_flows if "blob streamed from" in f["comment"]}
-    assert secret_blobs == {d.split(":")[1] for d in blob_digests(secret)}, shown
+    secret_blobs = {path_of(f) for f in secret_flows if "blob streamed from" in f["comment"]}
+    assert secret_blobs == {f"/v2/private/secret/blobs/{d}" for d in blob_digests(secret)}, shown
 
 
-@pytest.mark.skip(reason="TODO(lead): side flows are not added to mitmweb's view yet (see flows_commented)")
-def test_side_flows_are_shown(pulled):
-    """The mirror's own token and CDN requests, each as a flow of its own."""
+def tokens_signature_in(text: str, api, flow) -> bool:
+    """Is the JWT signature of a token answer in a view's text? (The raw body has it.)"""
+    raw = api.content(flow["id"], "response", "raw")["text"]
+    import json
+
+    token = json.loads(raw)["token"]
+    return token.rsplit(".", 1)[1] in text
+
+
+def test_side_flows_are_shown(pulled, upstream):
+    """The mirror's own exchanges, each a flow of its own, linked both ways to its client flow."""
+    api = pulled.web_api
+    flows = api.flows()
+    by_id = {f["id"]: f for f in flows}
+    shown = summary(flows)
+    token_service = side_flows(flows, "token request to the token service")
+    assert token_service, shown
+    realm_host = upstream.token_realm.split("://", 1)[1].split("/", 1)[0]
+    for side in token_service:
+        assert side["response"]["status_code"] == 200
+        assert side["marked"]
+        if realm_host:
+            assert side["request"]["host"] in realm_host
+        # credentials as fingerprints: alice's Basic header names her, never her password
+        auth = header(side["request"], "Authorization")
+        assert auth is None or "<hmac:" in auth
+        body = api.content(side["id"], "response")
+        assert body["view_name"] == "Registry token"
+    probes = side_flows(flows, "blob probe")
+    assert probes and all(p["response"]["status_code"] == 307 for p in probes), shown
+    assert all("<hmac:" in header(p["response"], "Location") or "signature" not in header(p["response"], "Location")
+               for p in probes)
+    # linked both ways: the side flow names its client flow, which names the side flow back
+    for side in token_service + probes:
+        client_id = side["comment"].split("for client flow ", 1)[1][:8]
+        client = next(f for f in flows if f["id"].startswith(client_id))
+        assert side["id"][:8] in client["comment"]
+    every_text = str(flows)
+    assert upstream.users["alice"] not in every_text
+    assert "signature=" not in every_text.replace("signature=%3Chmac", "")  # no usable signed URL anywhere
 
 
 def test_no_secret_in_the_log(pulled, upstream):

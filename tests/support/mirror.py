@@ -48,7 +48,7 @@ TOOLS = {"mitmdump": MITMDUMP, "mitmweb": MITMWEB}
 # exists in mitmdump only).  Until then mitmweb runs with ``hub_config=``
 # (no config file: mitmproxy's defaults, e.g. an eager upstream connection);
 # afterwards it starts exactly as the README shows, mitm.conf and all.
-MITMWEB_LOADS_MITM_CONF = False
+MITMWEB_LOADS_MITM_CONF = True
 
 
 def free_port() -> int:

@@ -1,0 +1,32 @@
+"""What mitmdump prints of each flow, without a secret, whatever its ``flow_detail`` or terminal width.
+
+mitmdump's dumper prints a flow's URL (cut to the terminal's width, so with a
+wide terminal a signed URL whole), and at higher ``flow_detail`` its headers and
+bodies: credentials and token answers. The mirror hands the dumper a redacted
+copy of each flow instead (``hub_show_secrets`` turns this off for local
+debugging). mitmweb has no dumper: its flows are redacted where the mirror owns
+them (its side flows; a client flow's request once it was used).
+"""
+
+from __future__ import annotations
+
+from mitmproxy import ctx
+
+from .redact import redacted
+
+
+class LogRedaction:
+    def __init__(self, show_secrets) -> None:
+        self.show_secrets = show_secrets  # -> bool, read at each flow: the option may change
+
+    def running(self) -> None:
+        dumper = ctx.master.addons.get("dumper")
+        if dumper is None or getattr(dumper.echo_flow, "hub_redacting", False):
+            return
+        original = dumper.echo_flow
+
+        def echo_flow(flow) -> None:
+            original(flow if self.show_secrets() else redacted(flow))
+
+        echo_flow.hub_redacting = True
+        dumper.echo_flow = echo_flow
