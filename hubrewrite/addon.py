@@ -36,18 +36,23 @@ from .observe.metrics import CountingStream
 from .pull import Kind, Pull, Retarget
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
+from .access.bounded import BoundedDict
 from .responses import CORS_HEADERS, add_missing, error_response, without_body_for_head
 from .settings import apply_config_file, declare, read_settings
 from .paths.blobs import replace_storage_error
 
 log = logging.getLogger("hub_rewrite")
 
-PULL = "hub_pull"  # flow.metadata key: the Pull a client flow became
+# how many client flows may be in flight at once before the oldest's Pull is forgotten
+MAX_PULLS = 100_000
 
 
 class HubRewrite:
     def __init__(self) -> None:
         self.mirror: Mirror | None = None
+        # client flow id -> the Pull it became; not in flow.metadata, which mitmproxy copies
+        # and saves (-w) with every flow: live objects (downloads, tasks) do not belong there
+        self.pulls = BoundedDict(MAX_PULLS)
         # one concern each, mitmproxy style: sub-addons get every hook after this one
         self.addons = [
             ForwardProxy(lambda: self.mirror),
@@ -102,7 +107,7 @@ class HubRewrite:
         await self.mirror.start()
         serving.set(flow)  # the mirror's exchanges from here on are this flow's side flows
         pull, refusal = await admit(flow, self.mirror, *place)
-        flow.metadata[PULL] = pull
+        self.pulls.put(flow.id, pull)
         if refusal is not None:
             pull.settled = True
             self._refuse(flow, refusal)
@@ -116,7 +121,7 @@ class HubRewrite:
             flow.request.stream = False  # a token form is short and read whole
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        pull: Pull | None = flow.metadata.get(PULL)
+        pull: Pull | None = self.pulls.get(flow.id)
         if pull is None or pull.settled or flow.response or flow.error or flow.request.stream:
             return  # not ours, answered, or streaming where requestheaders sent it
         if flow.request.raw_content and pull.kind is not Kind.TOKEN:
@@ -133,7 +138,7 @@ class HubRewrite:
         self._apply(pull, answer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        pull: Pull | None = flow.metadata.get(PULL)
+        pull: Pull | None = self.pulls.get(flow.id)
         if pull is None or pull.transfer is None or flow.response is None:
             return
         response, transfer = flow.response, pull.transfer
@@ -148,8 +153,8 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
-        pull: Pull | None = flow.metadata.get(PULL)
-        self._close_record(flow)
+        pull: Pull | None = self.pulls.pop(flow.id, None)
+        self._close_record(flow, pull)
         if pull is None:
             return
         if pull.transfer is not None and flow.response is not None:
@@ -160,8 +165,8 @@ class HubRewrite:
         steps.finish(pull, self.mirror.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        pull: Pull | None = flow.metadata.get(PULL)
-        self._close_record(flow)
+        pull: Pull | None = self.pulls.pop(flow.id, None)
+        self._close_record(flow, pull)
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
@@ -174,10 +179,10 @@ class HubRewrite:
         if isinstance(data.client.proxy_mode, mode_specs.ReverseMode) and data.server.sni is None and data.server.address:
             data.server.sni = data.server.address[0]
 
-    def _close_record(self, flow: http.HTTPFlow) -> None:
+    def _close_record(self, flow: http.HTTPFlow, pull: Pull | None) -> None:
         """The flow as mitmweb, saved flows and the log keep it: the client's request,
         its credentials (used by now) as fingerprints."""
-        if PULL in flow.metadata or CLIENT_URL in flow.metadata:
+        if pull is not None or CLIENT_URL in flow.metadata:
             restore_client_url(flow)
             if not self.mirror.settings.show_secrets:
                 redact_request(flow.request)

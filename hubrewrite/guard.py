@@ -18,6 +18,7 @@ are not its business.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import time
@@ -33,6 +34,9 @@ log = logging.getLogger("hub_rewrite")
 
 REPORT_EVERY = 60.0  # seconds between two log lines about closed connections
 FILES_PER_CONNECTION = 3  # the client's, one upstream, one to the loopback server or the CDN
+# files kept free: the process's own (logs, cache, listeners) and a burst of accepted
+# sockets not yet refused (asyncio accepts up to its listen backlog, 100, at a time)
+RESERVED_FILES = 64 + 100
 
 
 class HeadGuard(layer.Layer):
@@ -114,35 +118,51 @@ class ConnectionGuard:
     def __init__(self, limits_of) -> None:
         self.limits_of = limits_of  # -> the running Limits (they change with the options)
         self.open: dict[str, HeadGuard | None] = {}  # client id -> its guard (None until its first layer)
-        self.refused: Counter[str] = Counter()
-        self.reported = -REPORT_EVERY  # the first cause is reported at once
-        self.report_due = False
+        self.pending: Counter[str] = Counter()  # cause -> connections closed since it was last logged
+        self.reported: dict[str, float] = {}  # cause -> when it was last logged
         self.file_limit = _raise_file_limit()
 
     def limits(self) -> Limits:  # a method: mitmproxy reads every attribute of an addon when it loads
         return self.limits_of()
 
     def count(self, cause: str) -> None:
-        """One log line per cause and minute, however many connections it closed."""
-        self.refused[cause] += 1
-        wait = REPORT_EVERY - (time.monotonic() - self.reported)
-        if wait <= 0:
-            self._report()
-        elif not self.report_due:
-            self.report_due = True
-            asyncio.get_running_loop().call_later(wait, self._report)
+        """A cause is logged when it first closes a connection; more of it within the
+        minute make one line at the minute's end: one line per cause and minute."""
+        now = time.monotonic()
+        last = self.reported.get(cause)
+        if last is None or now - last >= REPORT_EVERY:
+            log.warning("hub_rewrite: closed a client connection: %s", cause)
+            self.reported[cause] = now
+            return
+        if not self.pending[cause]:
+            asyncio.get_running_loop().call_later(last + REPORT_EVERY - now, self._report, cause)
+        self.pending[cause] += 1
 
-    def _report(self) -> None:
-        for what, number in sorted(self.refused.items()):
-            log.warning("hub_rewrite: %d connection(s) closed in the last minute: %s", number, what)
-        self.refused.clear()
-        self.reported = time.monotonic()
-        self.report_due = False
+    def _report(self, cause: str) -> None:
+        log.warning("hub_rewrite: closed %d more client connection(s) within a minute: %s", self.pending.pop(cause, 0), cause)
+        self.reported[cause] = time.monotonic()
 
     def max_connections(self) -> int:
-        return min(self.limits().max_connections, max(16, (self.file_limit - 64) // FILES_PER_CONNECTION))
+        return min(self.limits().max_connections, max(16, (self.file_limit - RESERVED_FILES) // FILES_PER_CONNECTION))
 
     # ---- hooks -----------------------------------------------------------
+
+    def running(self) -> None:
+        """Out of files despite the limit (a burst of connections): asyncio pauses accepting
+        for a second and calls the loop's exception handler for each; a count, not a traceback."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop, context) -> None:
+            error = context.get("exception")
+            if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+                self.count("out of open files (accepting paused for a second)")
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
 
     def client_connected(self, client: connection.Client) -> None:
         if len(self.open) >= self.max_connections():
@@ -150,6 +170,18 @@ class ConnectionGuard:
             self.count(f"too many connections (limit {self.max_connections()})")
             return
         self.open[client.id] = None
+        # mitmproxy asks for the first layer (and so gets a HeadGuard) only once bytes arrive
+        asyncio.get_running_loop().call_later(self.limits().head_timeout, self._close_if_silent, client)
+
+    def _close_if_silent(self, client: connection.Client) -> None:
+        """A connection that has sent nothing at all within the head timeout is closed."""
+        if client.id not in self.open or self.open[client.id] is not None:
+            return
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = next((h for h in proxyserver.connections.values() if h.client is client), None)
+        if handler is not None:
+            self.count("nothing sent in time")
+            handler.close_connection(client)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.open.pop(client.id, None)

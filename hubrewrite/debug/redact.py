@@ -44,8 +44,8 @@ def redact_flow(flow: http.HTTPFlow) -> http.HTTPFlow:
 def redact_request(request: http.Request) -> None:
     """In place: a request whose credentials were used already (the record of a flow)."""
     redact_headers(request.headers)
-    if urlsplit(request.url).query:
-        request.url = redacted_url(request.url)
+    if request.query:
+        request.query = [(k, fingerprint(v) if _SIGNING_PARAM.search(k) else v) for k, v in request.query.items(multi=True)]
     if request.raw_content and "x-www-form-urlencoded" in request.headers.get("content-type", ""):
         fields = parse_qsl(request.get_text(strict=False) or "", keep_blank_values=True)
         request.text = urlencode([(k, fingerprint(v) if k in _FORM_SECRETS else v) for k, v in fields])

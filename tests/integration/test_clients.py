@@ -39,12 +39,19 @@ def need(binary: str, package: str) -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def mirror(upstream, tmp_path_factory):
+@pytest.fixture(scope="module", params=["relay", "blob listener"])
+def mirror(request, upstream, tmp_path_factory):
+    """Every client test runs twice: blobs relayed by mitmproxy (no cache), and with the
+    cache and the blob listener, where each blob request is answered with a 307 to a signed
+    URL on the listener, which the clients follow as they follow Docker Hub's CDN redirects."""
+    work = tmp_path_factory.mktemp("clients-mirror")
+    options = {}
+    if request.param == "blob listener":
+        options = {"hub_cache_dir": str(work / "cache"), "hub_blob_listen": f"127.0.0.1:{free_port()}"}
     # mitmdump shortens logged URLs to the terminal width; the full query (ns=docker.io) must show
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COLUMNS", "4000")
-        m = Mirror(tmp_path_factory.mktemp("clients-mirror"), upstream.api_url).start()
+        m = Mirror(work, upstream.api_url, options=options).start()
     try:
         yield m
     finally:

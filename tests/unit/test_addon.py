@@ -14,7 +14,7 @@ from mitmproxy.addons import block, dumper, proxyserver
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from hubrewrite.addon import PULL, HubRewrite
+from hubrewrite.addon import HubRewrite
 from hubrewrite.loopback import KEY_HEADER
 
 from .driving import drive
@@ -139,7 +139,7 @@ def test_base_challenge_realm_points_at_mirror(addon_ctx, upstream):
     assert flow.response.headers["www-authenticate"] == (
         'Bearer realm="http://127.0.0.1:5000/token",service="test-registry"'
     )
-    assert addon.mirror.realms.known(flow.metadata[PULL].upstream) == (realm, "test-registry")
+    assert addon.mirror.realms.known(addon.pulls[flow.id].upstream) == (realm, "test-registry")
 
 
 def test_public_url_option_used_for_realm(addon_ctx, upstream):
@@ -251,7 +251,7 @@ def test_blob_redirect_retargets_flow_without_credentials(addon_ctx, upstream):
     assert "authorization" not in flow.request.headers
     assert "cookie" not in flow.request.headers
     assert flow.request.headers["range"] == "bytes=10-19"
-    assert flow.metadata[PULL].transfer.digest == DIGEST
+    assert addon.pulls[flow.id].transfer.digest == DIGEST
     [probe] = upstream.received
     assert probe.header("authorization") == "Bearer tok"
     assert probe.header("range") == "bytes=10-19"
@@ -268,7 +268,7 @@ def test_blob_storage_error_becomes_registry_error(addon_ctx, upstream):
     upstream.routes[("GET", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(307, [("Location", upstream.url + "/cdn")])
     flow = make_flow(upstream.url, "GET", f"/v2/library/nginx/blobs/{DIGEST}?_hub_retry=1")  # no second chance
     run(drive(addon, flow))
-    assert flow.metadata[PULL].transfer.digest == DIGEST
+    assert addon.pulls[flow.id].transfer.digest == DIGEST
     flow.response = http.Response.make(403, b"<Error>AccessDenied</Error>", {"Content-Type": "application/xml"})
     addon.responseheaders(flow)
     assert not flow.response.stream
@@ -539,7 +539,7 @@ def test_cache_aborted_download_releases_it(addon_ctx, upstream, tmp_path):
     async def scenario():
         flow = make_flow(upstream.url, "GET", blob_path)
         await drive(addon, flow)
-        download = flow.metadata[PULL].transfer.download
+        download = addon.pulls[flow.id].transfer.download
         try:
             answer = await fetch_from_loopback(addon, flow)
         except httpx.HTTPError:
@@ -553,7 +553,7 @@ def test_cache_aborted_download_releases_it(addon_ctx, upstream, tmp_path):
         upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", "100")], b"x" * 100)
         again = make_flow(upstream.url, "GET", blob_path)
         await drive(addon, again)
-        assert again.metadata[PULL].transfer.download is not None
+        assert addon.pulls[again.id].transfer.download is not None
         assert (await fetch_from_loopback(addon, again)).content == b"x" * 100
         await addon.done()
 
@@ -623,4 +623,4 @@ def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, upstream):
     run(drive(addon, flow))
     assert flow.response.status_code == 502
     assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
-    assert flow.metadata[PULL].transfer is None
+    assert addon.pulls[flow.id].transfer is None
