@@ -338,3 +338,71 @@ def test_public_client_websocket_through_the_proxy(proxy, public_client, upstrea
             resp = conn.read_response()
         assert resp.status == status, f"websocket to {url}: {resp.short()}"
     assert upstream.edge_requests()[since[0]:] == [] and evil.connections() == []
+
+
+def test_public_client_plain_http_only_to_a_registrys_own_port(proxy, public_client, evil):
+    """The plain-HTTP forms of the same: an absolute-form request for a registry's name on
+    another port, and an origin-form request whose Host names another host, are
+    refused 403 before any connection."""
+    for target, host in ((f"http://{PROXY_REGISTRY}:22/v2/", f"{PROXY_REGISTRY}:22"),
+                         (f"http://{LOCAL_REGISTRY}:{evil.port}/v2/", f"{LOCAL_REGISTRY}:{evil.port}"),
+                         (f"http://{LOCAL_REGISTRY}:{evil.port}/token?service=x", f"{LOCAL_REGISTRY}:{evil.port}"),
+                         ("/v2/", evil.host)):
+        with public_conn(public_client, proxy) as conn:
+            conn.send(request_head("GET", target, host) + b"\r\n")
+            resp = conn.read_response()
+        assert resp.status == 403, f"GET {target} (Host {host}): {resp.short()}"
+    assert evil.connections() == [], "a request for another port or host connected"
+
+
+AMBIGUOUS_FRAMING = {  # request smuggling's classics: mitmproxy or the mirror must refuse them
+    "Content-Length twice": ["Content-Length: 0", "Content-Length: 20"],
+    "Content-Length and chunked": ["Content-Length: 20", "Transfer-Encoding: chunked"],
+    "chunked twice": ["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+    "gzip, chunked": ["Transfer-Encoding: gzip, chunked"],
+    "identity": ["Transfer-Encoding: identity"],
+    "space before the colon": ["Content-Length : 20"],
+    "chunked with a tab": ["Transfer-Encoding:\tchunked"],
+}
+
+
+@pytest.mark.parametrize("case", list(AMBIGUOUS_FRAMING))
+def test_ambiguous_framing_never_reaches_the_upstream(mirror, upstream, case):
+    """A read whose body length two parsers could see differently is refused (by mitmproxy
+    or the mirror, 400) and nothing of it reaches the upstream."""
+    token = anonymous_token(mirror.url, "library/alpine")
+    tag = marker()
+    head = request_head("GET", f"/v2/library/alpine/manifests/{tag}", mirror.host, f"Authorization: Bearer {token}",
+                        *AMBIGUOUS_FRAMING[case], "Connection: close")
+    since = log_marks(upstream)
+    smuggled = f"GET /v2/library/alpine/manifests/{tag}-smuggled HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with Conn.to(mirror.port) as conn:
+        conn.send(head + b"\r\n" + b"0\r\n\r\n" + smuggled)
+        resp = conn.read_response()
+    assert resp.status == 400, f"{case}: {resp.short()}"
+    assert upstream_saw(upstream, since, tag) == [], f"{case} reached the upstream"
+
+
+HOST_FORMS = {  # ways to name ghcr.mirror.test ambiguously; the rule for ghcr.io/private/* must hold
+    "Host twice, mapped first": ("/v2/private/secret/manifests/1.0", [f"Host: {HOST_MAPPED}", "Host: 127.0.0.1"]),
+    "Host twice, mapped second": ("/v2/private/secret/manifests/1.0", ["Host: 127.0.0.1", f"Host: {HOST_MAPPED}"]),
+    "absolute-form names it": (f"http://{HOST_MAPPED}/v2/private/secret/manifests/1.0", ["Host: 127.0.0.1"]),
+    "absolute-form, Host names it": ("http://127.0.0.1/v2/private/secret/manifests/1.0", [f"Host: {HOST_MAPPED}"]),
+    "trailing dot": ("/v2/private/secret/manifests/1.0", [f"Host: {HOST_MAPPED}."]),
+    "upper case": ("/v2/private/secret/manifests/1.0", [f"Host: {HOST_MAPPED.upper()}"]),
+    "with a port": ("/v2/private/secret/manifests/1.0", [f"Host: {HOST_MAPPED}:443"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HOST_FORMS))
+def test_ambiguous_host_never_reaches_a_denied_repository(routed, second_upstream, case):
+    """Whichever registry the mirror takes such a request for (signed in as bob), it applies
+    that registry's rules: ghcr.io's private/secret (denied) never hears of it."""
+    target, host_lines = HOST_FORMS[case]
+    since = log_marks(second_upstream)
+    with Conn.to(routed.port) as conn:
+        conn.send(f"GET {target} HTTP/1.1\r\n".encode() + "".join(h + "\r\n" for h in host_lines).encode()
+                  + f"Authorization: Bearer {routed.bob}\r\n\r\n".encode())
+        resp = conn.read_response()
+    assert resp.status is not None and resp.status != 200, f"{case}: {resp.short()}"
+    assert upstream_saw(second_upstream, since, "private/secret") == [], f"{case} reached ghcr's denied repository"
