@@ -51,9 +51,9 @@ TOOLS = {"mitmdump": MITMDUMP, "mitmweb": MITMWEB}
 MITMWEB_LOADS_MITM_CONF = True
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -75,10 +75,13 @@ class Mirror:
         env: dict[str, str] | None = None,
         mode: str = "reverse",
         tool: str = "mitmdump",
+        listen_host: str = "127.0.0.1",
     ) -> None:
         """tls: (PEM with certificate and key, host pattern) served to clients over HTTPS.
         mode: "reverse" (to ``upstream_url``) or "regular" (a forward proxy; ``upstream_url`` unused).
-        tool: "mitmdump" or "mitmweb" (adds the web UI and ``web_api``)."""
+        tool: "mitmdump" or "mitmweb" (adds the web UI and ``web_api``).
+        listen_host: the address the proxy listens on (another than loopback: for clients in a
+        network namespace, tests/support/netns.py)."""
         if mode not in ("reverse", "regular"):
             raise ValueError(f"mode must be 'reverse' or 'regular', not {mode!r}")
         if tool not in TOOLS:
@@ -87,18 +90,19 @@ class Mirror:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode = mode
-        self.port = free_port()
+        self.listen_host = listen_host
+        self.port = free_port(listen_host)
         self.scheme = "https" if tls else "http"
-        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
-        self.host = f"127.0.0.1:{self.port}"
+        self.host = f"{listen_host}:{self.port}"
+        self.url = f"{self.scheme}://{self.host}"
         # a forward proxy is always spoken to in plain HTTP (CONNECT for https:// URLs)
-        self.proxy_url = f"http://127.0.0.1:{self.port}" if mode == "regular" else ""
+        self.proxy_url = f"http://{self.host}" if mode == "regular" else ""
         self.log_path = self.workdir / f"{name}.log"
         self.confdir = self.workdir / f"{name}-confdir"
         if mode == "regular":
-            mode_spec = f"regular@127.0.0.1:{self.port}"
+            mode_spec = f"regular@{listen_host}:{self.port}"
         else:
-            mode_spec = f"reverse:{upstream_url}@127.0.0.1:{self.port}"
+            mode_spec = f"reverse:{upstream_url}@{listen_host}:{self.port}"
         argv = [str(TOOLS[tool]), "--mode", mode_spec, "--set", f"confdir={self.confdir}"]
         # mitmweb's UI; token_urlsafe never starts with "$" (which would make it an argon2 hash)
         self.web_host = "127.0.0.1"
@@ -165,9 +169,9 @@ class Mirror:
         # mitmweb's "Web server listening at" would satisfy a bare "listening at": look for the proxy's own line
         proxy_up = any("listening at" in line and "Web server" not in line for line in log.splitlines())
         script_up = "-s" not in self.argv or "Loading script" in log
-        if not (proxy_up and script_up and self._accepts(self.port)):
+        if not (proxy_up and script_up and self._accepts(self.listen_host, self.port)):
             return False
-        return not self.web_port or ("Web server listening at" in log and self._accepts(self.web_port))
+        return not self.web_port or ("Web server listening at" in log and self._accepts(self.web_host, self.web_port))
 
     @property
     def ca_cert(self) -> Path:
@@ -175,9 +179,9 @@ class Mirror:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     @staticmethod
-    def _accepts(port: int) -> bool:
+    def _accepts(host: str, port: int) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
             return False

@@ -1,0 +1,91 @@
+"""Mirror set-ups the hardening tests of issue 9 share: mirror accounts, a
+forward proxy on a public client's network, and what the upstream holds
+afterwards (the proof that an attack had no effect)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import bcrypt
+import httpx
+
+from tests.support.mirror import Mirror
+from tests.support.netns import PublicClient
+
+from .helpers import SERVICE
+
+PROXY_REGISTRY = "hub.test"  # a registry name in the proxy's table that no DNS resolves
+LOCAL_REGISTRY = "localhost"  # one that resolves (to loopback): a tunnel to it would really connect
+
+
+def users_file(base: Path, *users: str) -> tuple[Path, dict[str, str]]:
+    """An htpasswd-style file of bcrypt hashes for ``users`` with random passwords."""
+    passwords = {u: f"{u}-" + secrets.token_urlsafe(10) for u in users}
+    path = base / "users.htpasswd"
+    path.write_text("".join(f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+                            for u, p in passwords.items()))
+    return path, passwords
+
+
+def mirror_token(mirror_url: str, user: str, password: str, scope: str, path: str = "/token",
+                 headers: dict[str, str] | None = None) -> str:
+    """A token the mirror's token endpoint issued to one of its users."""
+    r = httpx.get(f"{mirror_url}{path}", params={"service": SERVICE, "scope": scope}, auth=(user, password),
+                  headers=headers, timeout=15)
+    assert r.status_code == 200, r.text
+    return r.json()["token"]
+
+
+def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str) -> Mirror:
+    """A forward proxy (not started) listening on this host's end of ``client``'s veth pair,
+    serving the upstream as ``hub.test`` and as ``localhost``."""
+    args = ["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
+            "--set", f"hub_upstreams={LOCAL_REGISTRY}={upstream.api_url}"]
+    for setting in settings:
+        args += ["--set", setting]
+    return Mirror(workdir, "", mode="regular", listen_host=client.host_address, extra_args=args)
+
+
+def registry_has_manifest(upstream, repo: str, reference: str) -> bool:
+    """Asked of distribution itself, as admin: does ``repo`` hold ``reference``?"""
+    token = upstream.get_token(f"repository:{repo}:pull", user="admin")
+    r = httpx.head(f"{upstream.registry_url}/v2/{repo}/manifests/{reference}", timeout=15,
+                   headers={"Authorization": f"Bearer {token}", "Accept": "application/vnd.oci.image.manifest.v1+json"})
+    return r.status_code == 200
+
+
+def registry_has_blob(upstream, repo: str, digest: str) -> bool:
+    token = upstream.get_token(f"repository:{repo}:pull", user="admin")
+    r = httpx.head(f"{upstream.registry_url}/v2/{repo}/blobs/{digest}", timeout=15,
+                   headers={"Authorization": f"Bearer {token}"})
+    return r.status_code in (200, 307)
+
+
+def upload_session(upstream, repo: str, token: str) -> str:
+    """Start a blob upload at distribution directly: the session's path and query."""
+    r = httpx.post(f"{upstream.registry_url}/v2/{repo}/blobs/uploads/", timeout=15,
+                   headers={"Authorization": f"Bearer {token}", "Content-Length": "0"})
+    assert r.status_code == 202, r.text
+    location = urlsplit(r.headers["location"])
+    return f"{location.path}?{location.query}" if location.query else location.path
+
+
+def upstream_saw(upstream, since: tuple[int, int], marker: str) -> list[str]:
+    """Edge records and distribution log lines naming ``marker`` since ``since`` (see ``log_marks``)."""
+    edge = [f"edge: {r.get('method')} {r.get('path')}" for r in upstream.edge_requests()[since[0]:]
+            if marker in r.get("path", "")]
+    registry = [f"registry: {line[:200]}" for line in _registry_log(upstream)[since[1]:].splitlines() if marker in line]
+    return edge + registry
+
+
+def log_marks(upstream) -> tuple[int, int]:
+    return len(upstream.edge_requests()), len(_registry_log(upstream))
+
+
+def _registry_log(upstream) -> str:
+    try:
+        return upstream.registry_log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

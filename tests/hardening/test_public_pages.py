@@ -1,0 +1,88 @@
+"""Issue 9, item 11: no identity on public pages.
+
+alice pulls with her credentials and anonymous clients pull, each from its own
+loopback address (127.0.0.x, not the mirror's 127.0.0.1); on a mirror with
+accounts, bob signs in. The test upstream's edge says whom it counted, as
+Docker Hub does (``docker-ratelimit-source``: the token's account, else the
+address). Then the status page, /_hub/health and /_hub/metrics, fetched
+without credentials, must name no user, no client address and no rate-limit
+source. The mirror's own log may, and does (the proof that the identities were
+there to leak).
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.support.mirror import Mirror
+
+from .helpers import INDEX_ACCEPT, SERVICE, anonymous_token
+from .setups import users_file
+
+ALICE_ADDRESS, ANONYMOUS_ADDRESS = "127.0.0.7", "127.0.0.8"
+PAGES = ("/", "/_hub/metrics", "/_hub/health")
+
+
+def client_from(address: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def pull_manifest(client: httpx.Client, base: str, repo: str, tag: str, token: str) -> httpx.Response:
+    r = client.get(f"{base}/v2/{repo}/manifests/{tag}",
+                   headers=[("Authorization", f"Bearer {token}"), *[("Accept", a) for a in INDEX_ACCEPT]])
+    assert r.status_code == 200, r.text
+    return r
+
+
+def pages_of(mirror) -> str:
+    with httpx.Client(timeout=15) as plain:
+        texts = []
+        for page in PAGES:
+            r = plain.get(f"{mirror.url}{page}")
+            assert r.status_code == 200, (page, r.status_code)
+            texts.append(r.text)
+    return "\n".join(texts)
+
+
+def assert_no_identity(mirror, identities: list[str], logged: list[str]) -> None:
+    """None of ``identities`` on a public page; the ``logged`` ones in the mirror's log."""
+    text = pages_of(mirror)
+    found = [i for i in identities if i in text]
+    assert not found, f"public pages name {found}"
+    log = mirror.log_text()
+    unseen = [i for i in logged if i not in log]
+    assert not unseen, f"{unseen} never reached the mirror (its log): the test proves nothing"
+
+
+def test_no_user_or_address_after_pulls(mirror, upstream):
+    with client_from(ALICE_ADDRESS) as alice:
+        r = alice.get(f"{mirror.url}/token", params={"service": SERVICE, "scope": "repository:private/secret:pull"},
+                      auth=("alice", upstream.users["alice"]))
+        assert r.status_code == 200, r.text
+        pulled = pull_manifest(alice, mirror.url, "private/secret", "1.0", r.json()["token"])
+    assert pulled.headers.get("docker-ratelimit-source") in (None, "alice")  # relayed as the upstream said
+    with client_from(ANONYMOUS_ADDRESS) as anonymous:
+        pull_manifest(anonymous, mirror.url, "library/alpine", "3.19", anonymous_token(mirror.url, "library/alpine"))
+    identities = ["alice", ALICE_ADDRESS, ANONYMOUS_ADDRESS]
+    assert_no_identity(mirror, identities, logged=identities)
+
+
+@pytest.fixture(scope="module")
+def accounts(upstream, tmp_path_factory):
+    base = tmp_path_factory.mktemp("pages-accounts")
+    path, passwords = users_file(base, "bob")
+    with Mirror(base / "m", upstream.api_url, extra_args=["--set", f"hub_users_file={path}"]) as m:
+        m.passwords = passwords
+        yield m
+
+
+def test_no_mirror_user_or_upstream_account_after_sign_in(accounts, upstream):
+    """bob signs in to the mirror with alice's upstream credentials behind his password."""
+    secret = f"{accounts.passwords['bob']}:alice:{upstream.users['alice']}"
+    with client_from(ALICE_ADDRESS) as bob:
+        r = bob.get(f"{accounts.url}/token", params={"service": SERVICE, "scope": "repository:private/secret:pull"},
+                    auth=("bob", secret))
+        assert r.status_code == 200, r.text
+        pull_manifest(bob, accounts.url, "private/secret", "1.0", r.json()["token"])
+    assert_no_identity(accounts, ["alice", "bob", ALICE_ADDRESS], logged=["alice", ALICE_ADDRESS])
