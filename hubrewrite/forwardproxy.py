@@ -17,7 +17,7 @@ from .clientconn import is_forward_proxy, is_private_client
 from .debug.sideflows import is_side_flow
 from .loopback import CLIENT_URL
 from .registry.errors import RegistryError
-from .responses import error_response
+from .responses import error_response, without_body_for_head
 
 
 class ForwardProxy:
@@ -59,7 +59,7 @@ class ForwardProxy:
             await self.mirror_of().loopback.start()
             self.mirror_of().loopback.park(flow, refusal)
         else:
-            flow.response = refusal
+            flow.response = without_body_for_head(flow.request.method, refusal)
 
 
 def _not_in_table() -> http.Response:

@@ -85,7 +85,7 @@ def _permitted_scopes(pull: Pull, mirror: Mirror):
             return scope
         if not NAME_RE.fullmatch(scope.name) or not mirror.settings.rules.permits(upstream.name, scope.name):
             return None
-        return scope
+        return scope if mirror.settings.allow_push else scope.read_only()
 
     return mapped
 
@@ -100,6 +100,10 @@ async def _ask_token_service(
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
         authorization = mirror.settings.upstream_credentials.basic_for(pull.upstream.name)
+    operators = anonymous and authorization is not None
+    if operators:
+        # the operator's account lends short-lived access tokens only, never its refresh token
+        query = [(k, v) for k, v in query if k != "offline_token"]
     client_fields = hdrs.decode_fields(pull.flow.request.headers.fields)
     headers = hdrs.without(tokens.token_request_headers(client_fields), ["authorization"])
     if authorization:
@@ -125,6 +129,8 @@ async def _ask_token_service(
             return _offline_token(mirror, user)
         return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
     answer = fetched.body
+    if operators and fetched.status == 200:
+        answer = tokens.without_refresh_token(answer)
     grant = tokens.parse_grant(answer) if fetched.status == 200 else None
     if grant is not None:
         if mirror.cache is not None and as_anonymous:

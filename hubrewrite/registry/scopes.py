@@ -34,6 +34,11 @@ class Scope:
     def renamed(self, name: str) -> Scope:
         return replace(self, name=name)
 
+    def read_only(self) -> Scope | None:
+        """The pull part of this scope (None: it asks for none): what a read-only mirror passes on."""
+        actions = self.actions.split(",")
+        return replace(self, actions="pull") if "pull" in actions or "*" in actions else None
+
     def __str__(self) -> str:
         return f"{self.type}:{self.name}:{self.actions}"
 

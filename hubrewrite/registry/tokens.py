@@ -92,3 +92,15 @@ def with_access_token(body: bytes) -> bytes:
         grant["access_token"] = grant["token"]
         return json.dumps(grant).encode()
     return body
+
+
+def without_refresh_token(body: bytes) -> bytes:
+    """A grant without its refresh token (a long-lived credential of the account it was made for)."""
+    try:
+        grant = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(grant, dict) and "refresh_token" in grant:
+        del grant["refresh_token"]
+        return json.dumps(grant).encode()
+    return body
