@@ -33,7 +33,7 @@ REAL_TYPES = [
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
     "application/vnd.docker.distribution.manifest.v1+json",
 ]
-ACCEPT_REQUESTS = 2000
+ACCEPT_REQUESTS = 400  # the issue saw 1,608 variants grow one record to 6.8 MB; 400 already would without a bound
 MAX_RECORD_BYTES = 10_000
 MAX_RECORD_ENTRIES = 20
 
