@@ -11,7 +11,7 @@ Keys under the configured prefix (content-addressed, like the local cache):
 
     blobs/sha256/<hex>       blob bytes, application/octet-stream
     manifests/sha256/<hex>   manifest bytes; Content-Type = its media type
-    locks/<name>             cross-process locks (see try_lock)
+    locks/<name>             cross-process locks (bucket_locks.py)
     <anything else>          small records through put_object/get_object
                              (the mirror's tags/<key>.json, repos/<key>/<hex>)
 
@@ -40,20 +40,13 @@ boto3 does the S3 work (SigV4, multipart, presigning): no hand-written signing.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import secrets
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +54,9 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from hubrewrite.cache.bucket_config import BucketConfig, BucketConfigError
+from .bucket_config import BucketConfig, BucketConfigError
+from .bucket_errors import BucketError, s3_errors
+from .bucket_locks import BucketLocks
 
 __all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStream"]
 
@@ -84,21 +79,9 @@ BLOB_TYPE = "application/octet-stream"
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_LOCK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
 # prefixes whose objects only this module's verified writers may create
 _RESERVED = ("blobs", "manifests", "locks")
-
-
-class BucketError(Exception):
-    """The store could not be used: unreachable, refused, timed out, interrupted.
-
-    ``status``: the HTTP status when the store answered; ``code``: S3's error code.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 def _hex(digest: str) -> str:
@@ -127,12 +110,6 @@ def _client_config(connect_timeout: float, read_timeout: float, attempts: int, p
     )
 
 
-@dataclass(frozen=True)
-class _LockRecord:
-    etag: str
-    expired: bool
-
-
 class BlobStream:
     """An open GET of a blob or a range of it: iterate for the bytes, then close.
 
@@ -142,7 +119,7 @@ class BlobStream:
         self._body, self.size, self.length, self._digest = body, size, length, digest
 
     def __iter__(self) -> Iterator[bytes]:
-        with _s3_errors("read blob", self._digest):
+        with s3_errors("read blob", self._digest):
             yield from self._body.iter_chunks(CHUNK)
 
     def close(self) -> None:
@@ -178,12 +155,8 @@ class Bucket:
         # parts in flight across all uploads of this Bucket: bounds upload memory per process
         self._upload_slots = threading.BoundedSemaphore(upload_concurrency)
         self._upload_pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="bucket-upload")
-        self._owner = secrets.token_hex(8)  # this instance's mark on the locks it takes
-        self._state_lock = threading.Lock()
-        self._held: dict[str, str] = {}  # lock name -> ETag of our lock object
-        self._local_locks: dict[str, float] = {}  # without conditional writes: name -> monotonic expiry
-        self._conditional: bool | None = None  # probed once
-        self._if_match_form: str | None = None  # "quoted", "bare" or None (If-Match on PUT unsupported)
+        # cross-process locks: one download per blob among the processes sharing the bucket
+        self.locks = BucketLocks(self._s3, config.bucket, self._key)
 
     def __repr__(self) -> str:
         return f"Bucket({self.config})"
@@ -221,7 +194,7 @@ class Bucket:
                 body = f.read()
                 if hashlib.sha256(body).hexdigest() != want:
                     raise ValueError(f"{path} does not hash to {digest}")
-                with _s3_errors("upload blob", digest):
+                with s3_errors("upload blob", digest):
                     self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE)
             else:
                 self._multipart_upload(key, f, size, want, digest)
@@ -238,7 +211,7 @@ class Bucket:
         h = hashlib.sha256()
         with closing(got["Body"]), open(dest_path, "wb") as out:  # if open fails, there is nothing to remove
             try:
-                with _s3_errors("download blob", digest):
+                with s3_errors("download blob", digest):
                     for chunk in got["Body"].iter_chunks(CHUNK):
                         h.update(chunk)
                         out.write(chunk)
@@ -283,7 +256,7 @@ class Bucket:
         without asking the store (so it does not say whether the blob exists)."""
         if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"expires_seconds must be between 1 and {MAX_PRESIGN_SECONDS}")
-        with _s3_errors("presign blob", digest):
+        with s3_errors("presign blob", digest):
             return self._s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.config.bucket, "Key": self._blob_key(digest)},
                 ExpiresIn=int(expires_seconds))
@@ -299,7 +272,7 @@ class Bucket:
             raise ValueError(f"manifest larger than {SMALL_OBJECT_LIMIT} bytes")
         if hashlib.sha256(body).hexdigest() != want:
             raise ValueError(f"manifest body does not hash to {digest}")
-        with _s3_errors("put manifest", digest):
+        with s3_errors("put manifest", digest):
             self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=media_type)
 
     def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
@@ -321,7 +294,7 @@ class Bucket:
         full = self._record_key(key)
         if len(body) > SMALL_OBJECT_LIMIT:
             raise ValueError(f"record larger than {SMALL_OBJECT_LIMIT} bytes")
-        with _s3_errors("put", key):
+        with s3_errors("put", key):
             self._s3.put_object(Bucket=self.config.bucket, Key=full, Body=body, ContentType=BLOB_TYPE)
 
     def get_object(self, key: str) -> bytes | None:
@@ -333,96 +306,15 @@ class Bucket:
 
     def delete_object(self, key: str) -> None:
         """Delete a record; deleting a missing one is not an error (S3 semantics)."""
-        with _s3_errors("delete", key):
+        with s3_errors("delete", key):
             self._s3.delete_object(Bucket=self.config.bucket, Key=self._record_key(key))
-
-    # ------------------------------------------------------------ locks
-
-    @property
-    def supports_conditional_writes(self) -> bool:
-        """Whether the store honours ``If-None-Match: *`` on PUT (Ceph 16 RGW does; so does AWS
-        since 2024).  Found out once, with a probe object, on first use; BucketError if unreachable."""
-        with self._state_lock:
-            if self._conditional is None:
-                self._conditional, self._if_match_form = self._probe_conditional_writes()
-            return self._conditional
-
-    def try_lock(self, name: str, ttl_seconds: float) -> bool:
-        """Take the lock ``name`` for ``ttl_seconds`` unless another holder has it: True if taken.
-
-        Across every process sharing the bucket when the store supports
-        conditional writes: the lock is an object created with
-        ``If-None-Match: *``; one whose age (by the store's own clock: its
-        Date minus the object's Last-Modified) exceeds its TTL is taken over
-        with ``If-Match`` on its ETag, so only one taker wins.  Otherwise the
-        lock holds within this Bucket (this process) only.  A lock is not
-        re-entrant: a second try_lock of a held name returns False.  The
-        store's clock has whole seconds: a TTL holds to about a second."""
-        _check_lock(name, ttl_seconds)
-        if not self.supports_conditional_writes:
-            return self._try_local_lock(name, ttl_seconds)
-        key, body = self._lock_key(name), self._lock_body(ttl_seconds)
-        with self._state_lock:
-            if name in self._held:
-                return False
-        etag = self._put_if_absent(key, body, name)
-        if etag is None:
-            current = self._lock_record(key, name)
-            if current is None:  # released in between
-                etag = self._put_if_absent(key, body, name)
-            elif current.expired:
-                etag = self._take_over(key, body, current.etag, name)
-        if etag is None:
-            return False
-        with self._state_lock:
-            self._held[name] = etag
-        return True
-
-    def refresh_lock(self, name: str, ttl_seconds: float) -> bool:
-        """Extend a lock this Bucket holds to ``ttl_seconds`` from now: False if it was lost
-        (it expired and someone else took it over), and then it is no longer ours."""
-        _check_lock(name, ttl_seconds)
-        if not self.supports_conditional_writes:
-            with self._state_lock:
-                if name not in self._local_locks:
-                    return False
-                self._local_locks[name] = time.monotonic() + ttl_seconds
-                return True
-        with self._state_lock:
-            etag = self._held.get(name)
-        if etag is None:
-            return False
-        new = self._take_over(self._lock_key(name), self._lock_body(ttl_seconds), etag, name)
-        with self._state_lock:
-            if new is None:
-                self._held.pop(name, None)
-            else:
-                self._held[name] = new
-        return new is not None
-
-    def release_lock(self, name: str) -> None:
-        """Give up a lock this Bucket holds; a lock someone else has taken over is left alone."""
-        _check_lock(name, 1)
-        with self._state_lock:
-            self._local_locks.pop(name, None)
-            etag = self._held.pop(name, None)
-        if etag is None:
-            return
-        key = self._lock_key(name)
-        head = self._head(key, "lock", name)
-        # S3 has no conditional DELETE here (Ceph 16 ignores If-Match on DELETE):
-        # a holder that took over between this HEAD and the DELETE loses its lock, at worst
-        # one more download of the same blob
-        if head is not None and _bare(head["ETag"]) == _bare(etag):
-            with _s3_errors("release lock", name):
-                self._s3.delete_object(Bucket=self.config.bucket, Key=key)
 
     # ------------------------------------------------------------ health
 
     def check_reachable(self) -> tuple[bool, str]:
         """(reachable, a short reason) from one HEAD of the bucket: at most ~3 s, never raises."""
         try:
-            with _s3_errors("check bucket", self.config.bucket):
+            with s3_errors("check bucket", self.config.bucket):
                 self._quick_s3.head_bucket(Bucket=self.config.bucket)
         except BucketError as exc:
             if exc.status == 404:
@@ -454,7 +346,7 @@ class Bucket:
 
     def _head(self, key: str, kind: str, name: str) -> dict[str, Any] | None:
         try:
-            with _s3_errors(f"head {kind}", name):
+            with s3_errors(f"head {kind}", name):
                 return self._s3.head_object(Bucket=self.config.bucket, Key=key)
         except BucketError as exc:
             if exc.status == 404 and exc.code != "NoSuchBucket":
@@ -463,7 +355,7 @@ class Bucket:
 
     def _get(self, key: str, kind: str, name: str, **extra: str) -> dict[str, Any] | None:
         try:
-            with _s3_errors(f"get {kind}", name):
+            with s3_errors(f"get {kind}", name):
                 return self._s3.get_object(Bucket=self.config.bucket, Key=key, **extra)
         except BucketError as exc:
             if exc.status == 404 and exc.code != "NoSuchBucket":
@@ -477,7 +369,7 @@ class Bucket:
         try:
             if got["ContentLength"] > SMALL_OBJECT_LIMIT:
                 raise BucketError(f"get {kind} {name}: larger than {SMALL_OBJECT_LIMIT} bytes")
-            with _s3_errors(f"get {kind}", name):
+            with s3_errors(f"get {kind}", name):
                 return got.get("ContentType") or "", got["Body"].read()
         finally:
             got["Body"].close()
@@ -487,12 +379,12 @@ class Bucket:
         # process may have just replaced the object with good bytes; then it is
         # uploaded again on the next miss.)
         log.warning("the bucket's %s %s does not match its digest: deleting it", kind, name)
-        with _s3_errors(f"delete corrupt {kind}", name):
+        with s3_errors(f"delete corrupt {kind}", name):
             self._s3.delete_object(Bucket=self.config.bucket, Key=key)
 
     def _multipart_upload(self, key: str, f: Any, size: int, want: str, digest: str) -> None:
         part_size = max(self._part_size, -(-size // MAX_PARTS))
-        with _s3_errors("upload blob", digest):
+        with s3_errors("upload blob", digest):
             upload_id = self._s3.create_multipart_upload(
                 Bucket=self.config.bucket, Key=key, ContentType=BLOB_TYPE)["UploadId"]
         futures: list[Future] = []
@@ -520,7 +412,7 @@ class Bucket:
             parts = [fut.result() for fut in futures]
             if h.hexdigest() != want:
                 raise ValueError(f"{f.name} does not hash to {digest}")
-            with _s3_errors("upload blob", digest):
+            with s3_errors("upload blob", digest):
                 self._s3.complete_multipart_upload(
                     Bucket=self.config.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
         except BaseException:
@@ -533,136 +425,8 @@ class Bucket:
             raise
 
     def _upload_part(self, key: str, upload_id: str, number: int, data: bytes, digest: str) -> dict[str, Any]:
-        with _s3_errors(f"upload part {number} of blob", digest):
+        with s3_errors(f"upload part {number} of blob", digest):
             answer = self._s3.upload_part(Bucket=self.config.bucket, Key=key, UploadId=upload_id,
                                           PartNumber=number, Body=data)
         return {"ETag": answer["ETag"], "PartNumber": number}
 
-    # ------------------------------------------------------------ lock plumbing
-
-    def _lock_body(self, ttl_seconds: float) -> bytes:
-        # the owner mark makes every lock object's bytes (so its ETag) unique
-        return json.dumps({"owner": self._owner, "ttl": ttl_seconds, "host": socket.gethostname(),
-                           "pid": os.getpid()}).encode()
-
-    def _try_local_lock(self, name: str, ttl_seconds: float) -> bool:
-        now = time.monotonic()
-        with self._state_lock:
-            if self._local_locks.get(name, 0.0) > now:
-                return False
-            self._local_locks[name] = now + ttl_seconds
-            return True
-
-    def _put_if_absent(self, key: str, body: bytes, name: str) -> str | None:
-        """ETag of the new object, or None when one exists already (412)."""
-        try:
-            with _s3_errors("take lock", name):
-                return self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
-        except BucketError as exc:
-            if exc.status in (409, 412):  # 409: a concurrent conditional write is in progress (AWS)
-                return None
-            raise
-
-    def _take_over(self, key: str, body: bytes, etag: str, name: str) -> str | None:
-        """Replace the lock object whose ETag is ``etag``; None if it changed meanwhile."""
-        if self._if_match_form is None:
-            # no conditional overwrite: delete and create.  Two takers of one
-            # expired lock may then both win (each deletes, one creates, the other deletes that)
-            with _s3_errors("take over lock", name):
-                self._s3.delete_object(Bucket=self.config.bucket, Key=key)
-            return self._put_if_absent(key, body, name)
-        condition = f'"{_bare(etag)}"' if self._if_match_form == "quoted" else _bare(etag)
-        try:
-            with _s3_errors("take over lock", name):
-                return self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, IfMatch=condition)["ETag"]
-        except BucketError as exc:
-            if exc.status in (404, 409, 412):
-                return None
-            raise
-
-    def _lock_record(self, key: str, name: str) -> _LockRecord | None:
-        got = self._get(key, "lock", name)
-        if got is None:
-            return None
-        try:
-            with _s3_errors("get lock", name):
-                body = got["Body"].read(SMALL_OBJECT_LIMIT)
-        finally:
-            got["Body"].close()
-        try:
-            ttl = float(json.loads(body)["ttl"])
-        except (ValueError, KeyError, TypeError):
-            ttl = 0.0  # not a lock record of ours: let it be taken over
-        date = got["ResponseMetadata"]["HTTPHeaders"].get("date")
-        server_now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
-        age = (server_now - got["LastModified"]).total_seconds()
-        return _LockRecord(etag=got["ETag"], expired=age > ttl)
-
-    def _probe_conditional_writes(self) -> tuple[bool, str | None]:
-        """(If-None-Match honoured, the If-Match form honoured) from a throw-away object."""
-        key = self._key("locks", f".probe-{secrets.token_hex(8)}")  # no lock name starts with "."
-        put = self._s3.put_object
-        b = self.config.bucket
-        try:
-            with _s3_errors("probe conditional writes", "locks"):
-                try:
-                    etag = put(Bucket=b, Key=key, Body=b"1", IfNoneMatch="*")["ETag"]
-                    put(Bucket=b, Key=key, Body=b"2", IfNoneMatch="*")
-                    return False, None  # the header was ignored
-                except botocore.exceptions.ClientError as exc:
-                    if _status(exc) in (400, 501):  # not implemented
-                        return False, None
-                    if _status(exc) != 412:
-                        raise
-                # AWS takes the ETag quoted, as HTTP says; Ceph 16 RGW compares it without quotes
-                for form, value in (("quoted", f'"{_bare(etag)}"'), ("bare", _bare(etag))):
-                    try:
-                        etag = put(Bucket=b, Key=key, Body=form.encode(), IfMatch=value)["ETag"]
-                        return True, form
-                    except botocore.exceptions.ClientError as exc:
-                        if _status(exc) != 412:
-                            break
-                return True, None
-        finally:
-            try:
-                self._s3.delete_object(Bucket=b, Key=key)
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-                pass  # a few bytes left behind; the probe's answer is what matters
-
-
-def _check_lock(name: str, ttl_seconds: float) -> None:
-    if not isinstance(name, str) or not _LOCK_NAME.match(name):
-        raise ValueError(f"lock name {name!r}: letters, digits and . _ : - (up to 200)")
-    if not 0 < ttl_seconds <= 86400:
-        raise ValueError("ttl_seconds must be between 0 and 86400")
-
-
-def _bare(etag: str) -> str:
-    return etag.strip().removeprefix("W/").strip('"')
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int | None:
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-
-
-@contextmanager
-def _s3_errors(operation: str, name: str) -> Iterator[None]:
-    """Turn botocore's exceptions into BucketError with a message that names no URL or secret."""
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        status = _status(exc)
-        code = exc.response.get("Error", {}).get("Code") or None
-        # only the code: S3 error documents may carry the string to sign and the access key id
-        reason = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
-        raise BucketError(f"{operation} {name}: {reason}", status=status, code=code) from None
-    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError):
-        raise BucketError(f"{operation} {name}: cannot connect to the S3 endpoint") from None
-    except botocore.exceptions.ReadTimeoutError:
-        raise BucketError(f"{operation} {name}: the S3 endpoint did not answer in time") from None
-    except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError):
-        raise BucketError(f"{operation} {name}: no S3 credentials found") from None
-    except (botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError):
-        raise BucketError(f"{operation} {name}: the transfer was interrupted") from None
-    except botocore.exceptions.BotoCoreError as exc:
-        raise BucketError(f"{operation} {name}: {type(exc).__name__}") from None

@@ -1,9 +1,120 @@
-"""The page people see when they open the mirror in a browser: how to use it, the cache, the rate limit."""
+"""The page people see when they open the mirror in a browser: how to use it, the cache, the rate limit.
+
+No external assets, no identity (whom an upstream counted for its rate limit is
+an address or an account: not for a public page).
+"""
 
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
+from string import Template
+
+PAGE = Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1b1f24; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.15rem; margin-top: 1.8rem; border-bottom: 1px solid #d0d7de; }
+pre { background: #f6f8fa; padding: .8rem; border-radius: 6px; overflow-x: auto; }
+table { border-collapse: collapse; } td, th { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }
+.muted { color: #57606a; }
+</style></head>
+<body>
+<h1>hub-rewrite: a mirror of $registry</h1>
+<p>This mirror at <code>$mirror_url</code> serves $served, read-only; names without a registry go to <b>$registry</b> (upstream <code>$upstream</code>).
+<span class="muted">$requests requests answered since start.</span></p>
+<h2>Cache</h2>
+$cache
+<h2>Docker Hub rate limit</h2>
+$rate
+<h2>docker</h2>
+<p>Pull by name: <code>docker pull $host/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
+<pre>$daemon_json</pre>
+<h2>containerd</h2>
+<p><code>/etc/containerd/certs.d/$registry/hosts.toml</code> (the same with another
+directory name and server for each other registry: containerd names it in <code>?ns=</code>):</p>
+<pre>$hosts_toml</pre>
+<h2>podman, skopeo, buildah</h2>
+<p><code>/etc/containers/registries.conf</code>:</p>
+<pre>$registries_conf</pre>
+$prefix_example
+<p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
+</body></html>
+""")
+
+
+@dataclass(frozen=True)
+class StatusFacts:
+    mirror_url: str
+    upstream: str  # the default registry's API
+    registry_name: str  # the default registry
+    registry_names: list[str]  # every registry served
+    cache_dir: str  # "" when the cache is off
+    cache_bytes: int | None
+    cache_limit: str
+    hit_rate: float | None
+    ratelimits: dict[str, str]  # upstream -> latest ratelimit-remaining
+    requests_served: float
+    store: str = ""  # the shared store (bucket) and its state, if any
+
+
+def status_page(facts: StatusFacts) -> bytes:
+    e = html.escape
+    host = facts.mirror_url.split("://", 1)[1].rstrip("/")
+    insecure = facts.mirror_url.startswith("http://")
+    others = [name for name in facts.registry_names if name != facts.registry_name]
+    page = PAGE.substitute(
+        registry=e(facts.registry_name),
+        mirror_url=e(facts.mirror_url),
+        served=", ".join(f"<b>{e(name)}</b>" for name in [facts.registry_name, *others]),
+        upstream=e(facts.upstream),
+        requests=f"{facts.requests_served:.0f}",
+        cache=_cache(facts),
+        rate=_rate(facts.ratelimits),
+        host=e(host),
+        daemon_json=e(json.dumps({"registry-mirrors": [facts.mirror_url]}
+                                 | ({"insecure-registries": [host]} if insecure else {}), indent=2)),
+        hosts_toml=e(_hosts_toml(facts.registry_name, facts.mirror_url)),
+        registries_conf=e(_registries_conf(facts.registry_name, others, host, insecure)),
+        prefix_example=f"<p>Other registries by path prefix: <code>{e(host)}/{e(others[0])}/OWNER/IMAGE</code>.</p>"
+        if others else "",
+    )
+    return page.encode()
+
+
+def _rate(ratelimits: dict[str, str]) -> str:
+    if not ratelimits:
+        return "<p>No rate-limit headers seen yet.</p>"
+    rows = "".join(f"<tr><td>{html.escape(up)}</td><td>{html.escape(rem.split(';')[0])}</td></tr>"
+                   for up, rem in sorted(ratelimits.items()))
+    return f"<table><tr><th>upstream</th><th>pulls left</th></tr>{rows}</table>"
+
+
+def _cache(facts: StatusFacts) -> str:
+    if not facts.cache_dir:
+        return "<p>The cache is off (set <code>hub_cache_dir</code>).</p>"
+    rate_text = "no lookups yet" if facts.hit_rate is None else f"{facts.hit_rate * 100:.0f}% hits"
+    line = (f"<p>Pull-through cache: <b>{_fmt_bytes(facts.cache_bytes or 0)}</b> of "
+            f"{html.escape(facts.cache_limit)} used, {rate_text}.</p>")
+    if facts.store:
+        line += f"<p>Shared store: {html.escape(facts.store)}.</p>"
+    return line
+
+
+def _hosts_toml(registry_name: str, mirror_url: str) -> str:
+    server = "https://registry-1.docker.io" if registry_name == "docker.io" else f"https://{registry_name}"
+    return f'server = "{server}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
+
+
+def _registries_conf(registry_name: str, others: list[str], host: str, insecure: bool) -> str:
+    def entry(prefix: str, location: str) -> str:
+        return (f'[[registry]]\nprefix = "{prefix}"\nlocation = "{prefix}"\n\n'
+                f'[[registry.mirror]]\nlocation = "{location}"\n' + ("insecure = true\n" if insecure else ""))
+
+    # one example of another registry: the others follow the same pattern
+    return "\n".join([entry(registry_name, host), *(entry(name, f"{host}/{name}") for name in others[:1])])
 
 
 def _fmt_bytes(n: float) -> str:
@@ -12,84 +123,3 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def status_page(
-    mirror_url: str,
-    upstream: str,
-    registry_name: str,
-    registry_names: list[str],
-    cache_dir: str,
-    cache_bytes: int | None,
-    cache_limit: str,
-    hit_rate: float | None,
-    ratelimits: dict[str, str],
-    requests_served: float,
-) -> bytes:
-    """The page itself. No external assets."""
-    e = html.escape
-    host = mirror_url.split("://", 1)[1].rstrip("/")
-    insecure = mirror_url.startswith("http://")
-    if ratelimits:
-        # per upstream: who the upstream counted (an address, an account) is not for a public page
-        rate_rows = "".join(
-            f"<tr><td>{e(up)}</td><td>{e(rem.split(';')[0])}</td></tr>" for up, rem in sorted(ratelimits.items())
-        )
-        rate = f"<table><tr><th>upstream</th><th>pulls left</th></tr>{rate_rows}</table>"
-    else:
-        rate = "<p>No rate-limit headers seen yet.</p>"
-    if cache_dir:
-        rate_text = "no lookups yet" if hit_rate is None else f"{hit_rate * 100:.0f}% hits"
-        cache = (
-            f"<p>Pull-through cache: <b>{_fmt_bytes(cache_bytes or 0)}</b> of {e(cache_limit)} used, {rate_text}.</p>"
-        )
-    else:
-        cache = "<p>The cache is off (set <code>hub_cache_dir</code>).</p>"
-    daemon_json = json.dumps({"registry-mirrors": [mirror_url]} | ({"insecure-registries": [host]} if insecure else {}), indent=2)
-    others = [name for name in registry_names if name != registry_name]
-    registries_conf = (
-        f'[[registry]]\nprefix = "{registry_name}"\nlocation = "{registry_name}"\n\n'
-        f'[[registry.mirror]]\nlocation = "{host}"\n' + ("insecure = true\n" if insecure else "")
-    )
-    for name in others[:1]:  # one example: the others follow the same pattern
-        registries_conf += (
-            f'\n[[registry]]\nprefix = "{name}"\nlocation = "{name}"\n\n'
-            f'[[registry.mirror]]\nlocation = "{host}/{name}"\n' + ("insecure = true\n" if insecure else "")
-        )
-    server = "https://registry-1.docker.io" if registry_name == "docker.io" else f"https://{registry_name}"
-    hosts_toml = f'server = "{server}"\n\n[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n'
-    served = ", ".join(f"<b>{e(name)}</b>" for name in [registry_name, *others])
-    prefix_example = f"{host}/{others[0]}/OWNER/IMAGE" if others else ""
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1b1f24; }}
-h1 {{ font-size: 1.6rem; }} h2 {{ font-size: 1.15rem; margin-top: 1.8rem; border-bottom: 1px solid #d0d7de; }}
-pre {{ background: #f6f8fa; padding: .8rem; border-radius: 6px; overflow-x: auto; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }}
-.muted {{ color: #57606a; }}
-</style></head>
-<body>
-<h1>hub-rewrite: a mirror of {e(registry_name)}</h1>
-<p>This mirror at <code>{e(mirror_url)}</code> serves {served}, read-only; names without a registry go to <b>{e(registry_name)}</b> (upstream <code>{e(upstream)}</code>).
-<span class="muted">{requests_served:.0f} requests answered since start.</span></p>
-<h2>Cache</h2>
-{cache}
-<h2>Docker Hub rate limit</h2>
-{rate}
-<h2>docker</h2>
-<p>Pull by name: <code>docker pull {e(host)}/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
-<pre>{e(daemon_json)}</pre>
-<h2>containerd</h2>
-<p><code>/etc/containerd/certs.d/{e(registry_name)}/hosts.toml</code> (the same with another
-directory name and server for each other registry: containerd names it in <code>?ns=</code>):</p>
-<pre>{e(hosts_toml)}</pre>
-<h2>podman, skopeo, buildah</h2>
-<p><code>/etc/containers/registries.conf</code>:</p>
-<pre>{e(registries_conf)}</pre>
-{f"<p>Other registries by path prefix: <code>{e(prefix_example)}</code>.</p>" if prefix_example else ""}
-<p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
-</body></html>
-"""
-    return page.encode()

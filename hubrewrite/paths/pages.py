@@ -14,7 +14,7 @@ from ..pull import Pull
 from ..registry.errors import RegistryError
 from ..registry.headers import decode_fields, value_of
 from ..responses import error_response, json_response, make_response
-from ..observe.status_page import status_page
+from ..observe.status_page import StatusFacts, status_page
 
 METRICS_PATH = "/_hub/metrics"
 HEALTH_PATH = "/_hub/health"
@@ -35,20 +35,20 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
     if pull.path == HEALTH_PATH:
         ok, details = await asyncio.to_thread(health, mirror)
         return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
-    served = pull.registries
-    cache = mirror.settings.cache
-    body = status_page(
-        pull.view.mirror_url,
-        served.default_upstream.base,
-        served.default,
-        sorted(served.table),
-        str(cache.directory) if cache else "",
-        cache_bytes,
-        _size_text(cache.max_bytes) if cache else "0",
-        mirror.metrics.hit_rate(),
-        mirror.ratelimits.by_upstream(),
-        sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples if s.name.endswith("_total")),
-    )
+    served, cache = pull.registries, mirror.settings.cache
+    body = status_page(StatusFacts(
+        mirror_url=pull.view.mirror_url,
+        upstream=served.default_upstream.base,
+        registry_name=served.default,
+        registry_names=sorted(served.table),
+        cache_dir=str(cache.directory) if cache else "",
+        cache_bytes=cache_bytes,
+        cache_limit=_size_text(cache.max_bytes) if cache else "0",
+        hit_rate=mirror.metrics.hit_rate(),
+        ratelimits=mirror.ratelimits.by_upstream(),
+        requests_served=sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples
+                            if s.name.endswith("_total")),
+    ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 
 

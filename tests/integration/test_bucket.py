@@ -363,46 +363,46 @@ def test_small_records(bucket, bucket_name, prefix, raw):
 def test_lock_between_two_processes_sharing_the_bucket(ceph, bucket_name, prefix):
     with make_bucket(ceph, bucket_name, prefix) as a, make_bucket(ceph, bucket_name, prefix) as b:
         # Ceph 16.2's RGW honours If-None-Match: * on PUT (and If-Match with an unquoted ETag)
-        assert a.supports_conditional_writes and b.supports_conditional_writes
+        assert a.locks.supports_conditional_writes and b.locks.supports_conditional_writes
         name = "sha256-" + "1" * 64
-        assert a.try_lock(name, 30)
-        assert not b.try_lock(name, 30)
-        assert not a.try_lock(name, 30)  # not re-entrant
-        assert not b.refresh_lock(name, 30)  # b never held it
-        assert a.refresh_lock(name, 30)
-        a.release_lock(name)
-        assert b.try_lock(name, 30)
-        assert not a.try_lock(name, 30)
-        b.release_lock(name)
-        a.release_lock(name)  # not held: nothing happens
+        assert a.locks.try_lock(name, 30)
+        assert not b.locks.try_lock(name, 30)
+        assert not a.locks.try_lock(name, 30)  # not re-entrant
+        assert not b.locks.refresh_lock(name, 30)  # b never held it
+        assert a.locks.refresh_lock(name, 30)
+        a.locks.release_lock(name)
+        assert b.locks.try_lock(name, 30)
+        assert not a.locks.try_lock(name, 30)
+        b.locks.release_lock(name)
+        a.locks.release_lock(name)  # not held: nothing happens
 
 
 def test_expired_lock_is_taken_over_once(ceph, bucket_name, prefix, raw):
     with (make_bucket(ceph, bucket_name, prefix) as a, make_bucket(ceph, bucket_name, prefix) as b,
           make_bucket(ceph, bucket_name, prefix) as c):
-        assert a.try_lock("L", 1)
-        assert not b.try_lock("L", 30)
+        assert a.locks.try_lock("L", 1)
+        assert not b.locks.try_lock("L", 30)
         time.sleep(2.2)  # Last-Modified and Date have whole seconds
-        assert b.try_lock("L", 30)
-        assert not c.try_lock("L", 30)
-        assert not a.refresh_lock("L", 30)  # a lost it
-        a.release_lock("L")  # must not delete b's lock
+        assert b.locks.try_lock("L", 30)
+        assert not c.locks.try_lock("L", 30)
+        assert not a.locks.refresh_lock("L", 30)  # a lost it
+        a.locks.release_lock("L")  # must not delete b's lock
         assert raw.head_object(Bucket=bucket_name, Key=f"{prefix}/locks/L")
-        assert not c.try_lock("L", 30)
+        assert not c.locks.try_lock("L", 30)
 
 
 def test_one_winner_among_racing_lockers(ceph, bucket_name, prefix):
     buckets = [make_bucket(ceph, bucket_name, prefix) for _ in range(6)]
     try:
         for b in buckets:
-            assert b.supports_conditional_writes
+            assert b.locks.supports_conditional_writes
         for round_ in range(5):
             barrier = threading.Barrier(len(buckets))
             wins = []
 
             def contend(b):
                 barrier.wait()
-                if b.try_lock(f"race-{round_}", 30):
+                if b.locks.try_lock(f"race-{round_}", 30):
                     wins.append(b)
 
             threads = [threading.Thread(target=contend, args=(b,)) for b in buckets]
@@ -418,20 +418,20 @@ def test_one_winner_among_racing_lockers(ceph, bucket_name, prefix):
 
 def test_lock_without_conditional_writes_holds_within_the_process(bucket):
     # what a store without If-None-Match gets (Ceph has it, so the detection is overridden here)
-    bucket._conditional = False
-    assert bucket.try_lock("L", 0.5) and not bucket.try_lock("L", 30)
+    bucket.locks._conditional = False
+    assert bucket.locks.try_lock("L", 0.5) and not bucket.locks.try_lock("L", 30)
     time.sleep(0.6)
-    assert bucket.try_lock("L", 30)
-    bucket.release_lock("L")
-    assert bucket.try_lock("L", 30)
+    assert bucket.locks.try_lock("L", 30)
+    bucket.locks.release_lock("L")
+    assert bucket.locks.try_lock("L", 30)
 
 
 def test_bad_lock_arguments(bucket):
     for name in ("", ".probe", "a/b", "x" * 201):
         with pytest.raises(ValueError, match="lock name"):
-            bucket.try_lock(name, 10)
+            bucket.locks.try_lock(name, 10)
     with pytest.raises(ValueError, match="ttl_seconds"):
-        bucket.try_lock("ok", 0)
+        bucket.locks.try_lock("ok", 0)
 
 
 def test_health_and_errors_when_rgw_is_down(ceph, bucket, tmp_path):

@@ -2,7 +2,7 @@ import html
 
 from hubrewrite.observe.logline import pull_log_line
 from hubrewrite.observe.metrics import CountingStream, Metrics
-from hubrewrite.observe.status_page import status_page
+from hubrewrite.observe.status_page import StatusFacts, status_page
 
 
 def test_pull_log_line_names_the_step_and_nothing_else():
@@ -36,9 +36,9 @@ def test_counting_stream_passes_chunks_through():
 
 
 def test_status_page_fills_in_the_mirror_url_and_escapes():
-    page = status_page("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io", ["docker.io", "ghcr.io"],
-                       "/var/cache/hub", 3 * 1024**3, "20g", 0.5,
-                       {"https://registry-1.docker.io": "87;w=21600"}, 42).decode()
+    page = status_page(StatusFacts("http://mirror.example:5000", "https://registry-1.docker.io", "docker.io",
+                                   ["docker.io", "ghcr.io"], "/var/cache/hub", 3 * 1024**3, "20g", 0.5,
+                                   {"https://registry-1.docker.io": "87;w=21600"}, 42)).decode()
     page = html.unescape(page)
     assert "docker pull mirror.example:5000/library/nginx" in page
     assert '"registry-mirrors": [\n    "http://mirror.example:5000"\n  ]' in page
@@ -46,5 +46,5 @@ def test_status_page_fills_in_the_mirror_url_and_escapes():
     assert 'location = "mirror.example:5000"' in page and "insecure = true" in page
     assert "3.0 GiB" in page and "50% hits" in page and "<td>87</td>" in page
     assert "<script" not in page and "<link" not in page and "src=" not in page  # no external assets
-    evil = status_page("https://<x>", "u", "docker.io", [], "", None, "0", None, {}, 0).decode()
+    evil = status_page(StatusFacts("https://<x>", "u", "docker.io", [], "", None, "0", None, {}, 0)).decode()
     assert "<x>" not in evil and "&lt;x&gt;" in evil
