@@ -131,13 +131,13 @@ async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
         raise RegistryError(403, "DENIED", f"repository {pull.client_name(route.name)} is not served by this mirror")
     fields = hdrs.decode_fields(pull.flow.request.headers.fields)
     pull.authorization = hdrs.value_of(fields, "authorization")
-    if settings.accounts is not None:
-        token = bearer_token(pull.authorization)
-        pull.user = mirror.issued.user_of(token)
-        if pull.user is None:
-            return await _sign_in_challenge(pull, mirror)
-        if mirror.issued.is_own(token):
-            pull.authorization = None  # the mirror's own token means nothing upstream
+    sealed = mirror.issued.open(bearer_token(pull.authorization))
+    if sealed is not None:
+        # the mirror's own token: what goes upstream is the upstream's token inside, if any
+        pull.user = sealed.user
+        pull.authorization = f"Bearer {sealed.upstream_token}" if sealed.upstream_token else None
+    if settings.accounts is not None and pull.user is None:
+        return await _sign_in_challenge(pull, mirror)
     pull.identity = client_identity(pull.authorization)
     pull.headers = hdrs.without(hdrs.upstream_request_headers(fields), ["authorization"])
     if pull.authorization:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import ssl
 from dataclasses import dataclass
@@ -19,8 +20,13 @@ from prometheus_client import start_http_server as start_metrics_server
 from .access.confirmations import AccessMemory
 from .access.issued import IssuedTokens
 from .cache.bloblistener import BlobListener
+from .cache.bucket import Bucket
+from .cache.bucket_config import BucketConfigError
+from .cache.bucket_errors import BucketError
+from .cache.shared import SharedStore
 from .cache.downloads import Downloads
 from .cache.serving import BlobSender
+from .cache.signing import URL_LIFETIME as PRESIGNED_URL_LIFETIME
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
 from .cache.store import Store
 from .debug.sideflows import SideFlows
@@ -43,6 +49,7 @@ class Cache:
     blobs: BlobSender
     listener: BlobListener | None = None
     listener_socket: socket.socket | None = None
+    shared: SharedStore | None = None  # the bucket behind the local tier (hub_store_url)
 
 
 class Mirror:
@@ -51,7 +58,8 @@ class Mirror:
         self.metrics = Metrics()
         self.ratelimits = RateLimits(self.metrics)
         self.realms = Realms()
-        self.issued = IssuedTokens()
+        self.secret = secrets.token_bytes(32)  # the key of the mirror's URLs and tokens (see _replace_cache)
+        self.issued = IssuedTokens(self.secret)
         self.loopback = Loopback()
         self.side_flows = SideFlows(lambda: self.settings.side_flows, lambda: self.settings.show_secrets)
         self.client = self._new_client(settings)
@@ -62,8 +70,6 @@ class Mirror:
     def apply(self, settings: Settings, tls: ssl.SSLContext | None) -> None:
         """Take new settings: replace only the parts they changed. Raises OptionsError."""
         old, self.settings = self.settings, settings
-        if settings.users_file != old.users_file:
-            self.issued = IssuedTokens()
         if settings.client != old.client:
             _close_later(self.client.aclose())
             self.client = self._new_client(settings)
@@ -72,6 +78,7 @@ class Mirror:
         if settings.cache != (self.cache.settings if self.cache else None) or tls is not self.tls:
             self.tls = tls
             self._replace_cache()
+            self.issued = IssuedTokens(self.secret)
 
     def _new_client(self, settings: Settings) -> UpstreamClient:
         c = settings.client
@@ -117,17 +124,36 @@ class Mirror:
         downloads = Downloads(store)
         blobs = BlobSender(store, downloads)
         cache = Cache(c, store, AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace), downloads, blobs)
+        if c.store is not None:
+            try:
+                cache.shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
+            except BucketConfigError as e:
+                raise exceptions.OptionsError(f"hub_store_url: {e}") from e
+        self.secret = self._secret(c, cache.shared)
         if c.blob_listen is not None:
             cache.listener, cache.listener_socket = self._blob_listener(c, blobs)
         self.cache = cache
         self.loopback.blobs, self.loopback.store = blobs, store
         log.info("hub_rewrite: caching in %s (limit %s bytes)", c.directory, c.max_bytes or "no")
 
-    def _blob_listener(self, c: CacheSettings, blobs: BlobSender) -> tuple[BlobListener, socket.socket]:
+    @staticmethod
+    def _secret(c: CacheSettings, shared: SharedStore | None) -> bytes:
+        """The key of the blob listener's URLs and of the tokens the mirror issues: hub_blob_secret,
+        else one kept in the shared bucket, else one in the cache directory, so that every process
+        sharing those accepts the others' (a bucket unreachable at start: the directory's, for now)."""
         try:
-            key = load_or_create_secret(c.blob_secret or c.directory / "secret", create=c.blob_secret is None)
+            if c.blob_secret is not None:
+                return load_or_create_secret(c.blob_secret, create=False)
+            if shared is not None:
+                try:
+                    return shared.bucket.shared_secret()
+                except BucketError as e:
+                    log.warning("hub_rewrite: shared store: %s; using the cache directory's key", e)
+            return load_or_create_secret(c.directory / "secret", create=True)
         except SecretError as e:
             raise exceptions.OptionsError(f"hub_blob_secret: {e}") from e
+
+    def _blob_listener(self, c: CacheSettings, blobs: BlobSender) -> tuple[BlobListener, socket.socket]:
         host, port = c.blob_listen
         try:
             # bound now, so a port in use stops the mirror at startup; served once the loop runs
@@ -135,7 +161,7 @@ class Mirror:
                                         reuse_port=False)
         except OSError as e:
             raise exceptions.OptionsError(f"hub_blob_listen {host}:{port}: {e.strerror}") from e
-        return BlobListener(BlobUrlSigner(key), blobs, self._count_listener_bytes), sock
+        return BlobListener(BlobUrlSigner(self.secret), blobs, self._count_listener_bytes), sock
 
     def _count_listener_bytes(self, source: str, count: int) -> None:
         self.metrics.bytes_served.labels(source).inc(count)
@@ -153,6 +179,8 @@ class Mirror:
             if cache.listener_socket is not None:
                 cache.listener_socket.close()
         _close_later(cache.downloads.close())
+        if cache.shared is not None:
+            _close_later(cache.shared.close())
 
     async def close(self) -> None:
         self._stop_metrics_listener()

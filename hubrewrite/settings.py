@@ -18,6 +18,7 @@ from mitmproxy.utils import human
 from .access.accounts import AccountsError, MirrorAccounts, load_users
 from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
+from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import loopback_address, validate_public_url
 from .config_file import options_to_apply, read_config
 from .registry import registries
@@ -127,6 +128,23 @@ OPTIONS = (
     Option("hub_show_secrets", bool, False, """
         Show credentials (Authorization, passwords, tokens, signed URLs) in full in the log,
         mitmweb and saved flows, instead of fingerprints. For local debugging only."""),
+    Option("hub_store_url", str, "", """
+        A bucket shared by several mirror processes behind the local cache (hub_cache_dir, then
+        the local tier): s3://bucket[/prefix]. Blobs, manifests, tag records and repository
+        membership are kept there; the mirror's blob-URL and token key too. Empty: none."""),
+    Option("hub_store_endpoint", str, "", """
+        The S3-compatible server's URL (e.g. http://127.0.0.1:7480 for Ceph RGW, MinIO, R2).
+        Empty: AWS S3."""),
+    Option("hub_store_region", str, "", "The bucket's region. Empty: AWS_REGION, AWS_DEFAULT_REGION or us-east-1."),
+    Option("hub_store_addressing", str, "auto", """
+        S3 addressing: path (endpoint/bucket/key), virtual (bucket.endpoint/key) or auto.""",
+           ["auto", "path", "virtual"]),
+    Option("hub_store_credentials", str, "", """
+        An INI file like ~/.aws/credentials with the bucket's keys. Empty: the AWS
+        environment variables, AWS_PROFILE, ~/.aws or an instance role."""),
+    Option("hub_store_presign", bool, False, """
+        A blob in the bucket is answered with a 307 to a short-lived presigned URL of the
+        object, so the object store (or a CDN in front of it) sends the bytes, not the mirror."""),
     Option("hub_metrics_listen", str, "", """
         Also serve the metrics on this loopback address (e.g. 127.0.0.1:9464), for a local
         Prometheus. Empty: only at /_hub/metrics on the mirror."""),
@@ -151,6 +169,8 @@ class CacheSettings:
     blob_listen: tuple[str, int] | None
     blob_url: str
     blob_secret: Path | None
+    store: BucketConfig | None  # the shared bucket behind the local tier
+    presign: bool
 
 
 @dataclass(frozen=True)
@@ -311,8 +331,9 @@ def _limits(o: optmanager.OptManager) -> Limits:
 
 def _cache(o: optmanager.OptManager) -> CacheSettings | None:
     if not o.hub_cache_dir:
-        if o.hub_blob_listen:
-            raise exceptions.OptionsError("hub_blob_listen serves cached blobs: it needs hub_cache_dir")
+        for option in ("hub_blob_listen", "hub_store_url"):
+            if getattr(o, option):
+                raise exceptions.OptionsError(f"{option} works with the cache: it needs hub_cache_dir")
         return None
     try:
         max_bytes = human.parse_size(o.hub_cache_max_size) or 0
@@ -336,7 +357,21 @@ def _cache(o: optmanager.OptManager) -> CacheSettings | None:
         blob_listen=_host_port("hub_blob_listen", o.hub_blob_listen) if o.hub_blob_listen else None,
         blob_url=o.hub_blob_url.rstrip("/"),
         blob_secret=Path(o.hub_blob_secret).expanduser() if o.hub_blob_secret else None,
+        store=_store(o),
+        presign=o.hub_store_presign,
     )
+
+
+def _store(o: optmanager.OptManager) -> BucketConfig | None:
+    if not o.hub_store_url:
+        if o.hub_store_presign:
+            raise exceptions.OptionsError("hub_store_presign sends clients to the bucket: it needs hub_store_url")
+        return None
+    try:
+        return BucketConfig.parse(o.hub_store_url, endpoint=o.hub_store_endpoint, region=o.hub_store_region,
+                                  addressing=o.hub_store_addressing, credentials_file=o.hub_store_credentials)
+    except BucketConfigError as e:
+        raise exceptions.OptionsError(f"hub_store_url: {e}") from e
 
 
 def _host_port(name: str, value: str) -> tuple[str, int]:

@@ -32,7 +32,7 @@ import bcrypt
 
 from ..registry.errors import RegistryError
 from .bounded import BoundedDict
-from .issued import IssuedTokens
+from .issued import REFRESH, IssuedTokens
 
 log = logging.getLogger("hub_rewrite")
 
@@ -169,15 +169,16 @@ async def sign_in(
 
     Returns (user, the ``Authorization`` for the upstream's token service, the
     form for it): the mirror part of the credentials is dropped. Raises a 401
-    RegistryError. A refresh token counts only if it was issued to a user here.
+    RegistryError. A refresh token counts only if the mirror sealed it for a user.
     """
     fields = dict(form or [])
     grant_type = fields.get("grant_type") if form is not None else None
     if grant_type == "refresh_token":
-        user = issued.user_of(fields.get("refresh_token"))
-        if user is None:
+        sealed = issued.open(fields.get("refresh_token"))
+        if sealed is None or sealed.kind != REFRESH:
             raise _refused("refresh token not issued by this mirror")
-        return user, None, form
+        # the upstream's own refresh token, sealed inside the mirror's, goes on
+        return sealed.user, None, [(k, sealed.upstream_token if k == "refresh_token" else v) for k, v in form]
     basic = parse_basic(authorization)
     if basic is None and grant_type == "password":
         basic = (fields.get("username", ""), fields.get("password", ""))

@@ -43,10 +43,12 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ from .bucket_config import BucketConfig, BucketConfigError
 from .bucket_errors import BucketError, s3_errors
 from .bucket_locks import BucketLocks
 
-__all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStream"]
+__all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStat", "BlobStream"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ UPLOAD_CONCURRENCY = 4  # parts in flight per Bucket, all uploads together (memo
 SMALL_OBJECT_LIMIT = 4 << 20  # manifests and records; distribution refuses manifests over 4 MiB too
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit
 BLOB_TYPE = "application/octet-stream"
+# object metadata upload_blob sets to the digest it verified: an object overwritten by
+# anyone else lacks it, and is never handed out unread (presigned)
+VERIFIED_MARK = "hub-verified-sha256"
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -108,6 +113,12 @@ def _client_config(connect_timeout: float, read_timeout: float, attempts: int, p
         response_checksum_validation="when_required",
         user_agent_extra="hub-rewrite",
     )
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    size: int
+    verified: bool  # stored by upload_blob, which checked the bytes against the digest
 
 
 class BlobStream:
@@ -176,8 +187,19 @@ class Bucket:
 
     def blob_size(self, digest: str) -> int | None:
         """The stored blob's size, or None when the bucket does not have it (one HEAD)."""
+        stat = self.stat_blob(digest)
+        return None if stat is None else stat.size
+
+    def stat_blob(self, digest: str) -> BlobStat | None:
+        """Size, and whether upload_blob stored it (it marks what it verified), from one HEAD."""
         head = self._head(self._blob_key(digest), "blob", digest)
-        return None if head is None else head["ContentLength"]
+        if head is None:
+            return None
+        return BlobStat(head["ContentLength"], head.get("Metadata", {}).get(VERIFIED_MARK) == _hex(digest))
+
+    def delete_blob(self, digest: str) -> None:
+        """Remove a blob found not to match its digest (deleting a missing one is no error)."""
+        self._delete_corrupt(self._blob_key(digest), "blob", digest)
 
     def upload_blob(self, digest: str, path: str | os.PathLike) -> None:
         """Store the file as the blob ``digest``; ValueError (and nothing stored) if it does not match.
@@ -195,7 +217,8 @@ class Bucket:
                 if hashlib.sha256(body).hexdigest() != want:
                     raise ValueError(f"{path} does not hash to {digest}")
                 with s3_errors("upload blob", digest):
-                    self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE)
+                    self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE,
+                                        Metadata={VERIFIED_MARK: want})
             else:
                 self._multipart_upload(key, f, size, want, digest)
 
@@ -260,6 +283,22 @@ class Bucket:
             return self._s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.config.bucket, "Key": self._blob_key(digest)},
                 ExpiresIn=int(expires_seconds))
+
+    def shared_secret(self) -> bytes:
+        """A random key created once in the bucket, the first writer's, for every process sharing it
+        (it signs the mirror's blob URLs and tokens: keep the bucket private)."""
+        key = self._record_key("secret")
+        try:
+            with s3_errors("create", "secret"):
+                self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=secrets.token_hex(32).encode(),
+                                    ContentType=BLOB_TYPE, IfNoneMatch="*")
+        except BucketError as exc:
+            if exc.status not in (409, 412):  # there already: read it
+                raise
+        got = self._get_small(key, "record", "secret")
+        if got is None or len(got[1]) < 32:
+            raise BucketError("read secret: missing or too short")
+        return got[1].strip()
 
     # ------------------------------------------------------------ manifests
 
@@ -386,7 +425,7 @@ class Bucket:
         part_size = max(self._part_size, -(-size // MAX_PARTS))
         with s3_errors("upload blob", digest):
             upload_id = self._s3.create_multipart_upload(
-                Bucket=self.config.bucket, Key=key, ContentType=BLOB_TYPE)["UploadId"]
+                Bucket=self.config.bucket, Key=key, ContentType=BLOB_TYPE, Metadata={VERIFIED_MARK: want})["UploadId"]
         futures: list[Future] = []
         try:
             h = hashlib.sha256()

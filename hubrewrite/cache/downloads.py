@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from ..registry.errors import RegistryError
+from .bucket_errors import BucketError
 from .store import BlobWriter, Store
 
 log = logging.getLogger("hub_rewrite")
@@ -43,7 +44,9 @@ class Download:
         self.size: int | None = None
         self.written = 0
         self.state = STARTING
+        self.mismatch = False  # all the bytes came, and they were not the blob
         self._changed = asyncio.Event()
+        self._ended: list[Callable[[Download], None]] = []
         self.task: asyncio.Task | None = None
 
     def _notify(self) -> None:
@@ -55,6 +58,10 @@ class Download:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
             pass
+
+    def when_ended(self, callback: Callable[[Download], None]) -> None:
+        """``callback(download)`` once it is committed or failed (the shared store uploads, or forgets)."""
+        self._ended.append(callback)
 
     def start(self, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
         """Take over an open upstream answer (200, with Content-Length) and fetch it
@@ -82,9 +89,13 @@ class Download:
             if self.written != self.size:
                 raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {self.written} of {self.size} bytes")
             committed = await asyncio.to_thread(writer.finish)
-        except (httpx.HTTPError, OSError, RegistryError) as e:
+        except (httpx.HTTPError, OSError, RegistryError, BucketError) as e:
             log.warning("blob %s: download failed after %d bytes: %s", self.digest, self.written,
-                        getattr(e, "message", None) or type(e).__name__)
+                        getattr(e, "message", None) or str(e) or type(e).__name__)
+            committed = False
+        except Exception:
+            # a bug must not leave the download (and every follower) waiting forever
+            log.exception("blob %s: download failed", self.digest)
             committed = False
         finally:
             writer.abort()  # no-op once finished
@@ -92,7 +103,8 @@ class Download:
         if committed:
             log.info("cached blob %s (%d bytes, %.1f s)", self.digest, self.written, time.monotonic() - started)
         elif self.written == self.size:
-            log.error("blob %s from upstream does not match its digest: discarded, transfers aborted", self.digest)
+            self.mismatch = True
+            log.error("blob %s from its source does not match its digest: discarded, transfers aborted", self.digest)
         self._end(COMMITTED if committed else FAILED)
 
     def _end(self, state: str) -> None:
@@ -102,6 +114,8 @@ class Download:
         Store.release_lock(self.lock_fd)
         self.downloads.running.pop(self.digest, None)
         self._notify()
+        for callback in self._ended:
+            callback(self)
 
 
 class Downloads:

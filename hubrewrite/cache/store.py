@@ -39,20 +39,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .blobwriter import BlobWriter
+from .digests import hex_of, sha256_of_file
+
 log = logging.getLogger("hub_rewrite")
 
-CHUNK = 1 << 20
 # a tag has a handful of Accept variants (index, single image, legacy): more is abuse
 MAX_TAG_ENTRIES = 16
 # space kept free beyond a blob's size before a download starts
 FREE_SPACE_MARGIN = 64 << 20
-
-
-def _hex(digest: str) -> str:
-    algorithm, _, hex_part = digest.partition(":")
-    if algorithm != "sha256" or len(hex_part) != 64:
-        raise ValueError(f"the cache stores sha256 digests only, not {digest!r}")
-    return hex_part
 
 
 def _key(*parts: str) -> str:
@@ -63,72 +58,11 @@ def _stat_signature(st: os.stat_result) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
 
-def sha256_of_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 @dataclass
 class TagEntry:
     digest: str
     media_type: str
     stored_at: float
-
-
-class BlobWriter:
-    """Writes a blob being downloaded; commits it only if complete and verified."""
-
-    def __init__(self, store: Store, digest: str) -> None:
-        self.store = store
-        self.digest = digest
-        self.hex = _hex(digest)
-        self.path = store.download_path(digest)
-        # unbuffered: every byte counted as written is in the file for followers to read
-        self.file = open(self.path, "wb", buffering=0)
-        self.hasher = hashlib.sha256()
-        self.size = 0
-        self.done = False
-
-    def write(self, chunk: bytes) -> None:
-        """Raises OSError when the disk refuses (full): the download then fails."""
-        view = memoryview(chunk)
-        try:
-            while view:
-                view = view[self.file.write(view):]
-        except OSError as e:
-            self.store.note_problem(e)
-            raise
-        self.hasher.update(chunk)
-        self.size += len(chunk)
-
-    def finish(self) -> bool:
-        """Verify and commit; False (and nothing kept) if the bytes do not match the digest."""
-        if self.done:
-            return False
-        self.done = True
-        try:
-            self.file.close()
-        except OSError as e:
-            self.store.note_problem(e)
-            self.path.unlink(missing_ok=True)
-            return False
-        if self.hasher.hexdigest() != self.hex:
-            self.path.unlink(missing_ok=True)
-            return False
-        return self.store.commit_blob(self.path, self.hex)
-
-    def abort(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        try:
-            self.file.close()
-        except OSError:
-            pass  # the bytes are thrown away anyway
-        self.path.unlink(missing_ok=True)
 
 
 class Store:
@@ -190,12 +124,12 @@ class Store:
     # ---- blobs -----------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
-        hex_part = _hex(digest)
+        hex_part = hex_of(digest)
         return self.root / "blobs" / "sha256" / hex_part[:2] / hex_part
 
     def download_path(self, digest: str) -> Path:
         """Where the holder of the blob's download lock writes it (followers read it there)."""
-        return self.tmp / f"{_hex(digest)}.download"
+        return self.tmp / f"{hex_of(digest)}.download"
 
     def _stamp(self, path: Path) -> Path:
         return path.with_name(path.name + ".ok")
@@ -269,7 +203,7 @@ class Store:
     def download_lock(self, digest: str) -> int | None:
         """An exclusive lock on downloading this blob, across processes; None if held elsewhere."""
         try:
-            fd = os.open(self.tmp / f"{_hex(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            fd = os.open(self.tmp / f"{hex_of(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as e:
             self.note_problem(e)
             return None
@@ -337,7 +271,7 @@ class Store:
     # ---- manifests -----------------------------------------------------------
 
     def manifest_path(self, digest: str) -> Path:
-        hex_part = _hex(digest)
+        hex_part = hex_of(digest)
         return self.root / "manifests" / "sha256" / hex_part[:2] / hex_part
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
@@ -372,7 +306,7 @@ class Store:
     # ---- tags ---------------------------------------------------------------
 
     def _tag_path(self, upstream: str, repository: str, tag: str) -> Path:
-        return self.root / "tags" / f"{_key(upstream, repository, tag)}.json"
+        return self.root / self.tag_record(upstream, repository, tag)
 
     def _read_tag_file(self, path: Path) -> dict:
         try:
@@ -381,15 +315,25 @@ class Store:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> None:
+    @staticmethod
+    def tag_record(upstream: str, repository: str, tag: str) -> str:
+        """Where a tag's record lives, relative to the cache (and to a shared bucket's prefix)."""
+        return f"tags/{_key(upstream, repository, tag)}.json"
+
+    @staticmethod
+    def member_record(upstream: str, repository: str, digest: str) -> str:
+        return f"repos/{_key(upstream, repository)}/{hex_of(digest)}"
+
+    def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> bytes:
         """Remember what a tag resolved to for this (normalized) Accept.
 
         Read-modify-write under an exclusive lock on a sidecar file, so that
         mirror processes sharing the cache do not drop each other's entries
         (held for microseconds). At most MAX_TAG_ENTRIES variants are kept,
-        the most recent ones.
+        the most recent ones. Returns the record as written (for a shared store).
         """
         path = self._tag_path(upstream, repository, tag)
+        record = b""
         with self._writing():
             fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -399,9 +343,18 @@ class Store:
                 entries[accept] = {"digest": digest, "media_type": media_type, "stored_at": time.time()}
                 while len(entries) > MAX_TAG_ENTRIES:
                     del entries[next(iter(entries))]
-                self._write_file(path, json.dumps(entries).encode())
+                record = json.dumps(entries).encode()
+                self._write_file(path, record)
             finally:
                 os.close(fd)  # releases the lock
+        return record
+
+    def merge_tag_record(self, upstream: str, repository: str, tag: str, record: bytes) -> None:
+        """Take a tag's record from a shared store where this cache has none."""
+        path = self._tag_path(upstream, repository, tag)
+        if not path.exists():
+            with self._writing():
+                self._write_file(path, record)
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
         """The tag's digest for exactly this (normalized) Accept."""
@@ -420,14 +373,17 @@ class Store:
     # ---- repository membership ---------------------------------------------------
 
     def _member_path(self, upstream: str, repository: str, digest: str) -> Path:
-        return self.root / "repos" / _key(upstream, repository) / _hex(digest)
+        return self.root / self.member_record(upstream, repository, digest)
 
-    def add_member(self, upstream: str, repository: str, digest: str) -> None:
+    def add_member(self, upstream: str, repository: str, digest: str) -> bool:
+        """Note that the upstream confirmed this repository holds this digest; True if it is new here."""
         path = self._member_path(upstream, repository, digest)
-        if not path.exists():
-            with self._writing():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.touch()
+        if path.exists():
+            return False
+        with self._writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        return True
 
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
         return self._member_path(upstream, repository, digest).exists()

@@ -23,6 +23,15 @@ class Metrics:
         self.ratelimit_remaining = Gauge(
             "hub_ratelimit_remaining", "Latest ratelimit-remaining from the upstream", ["upstream"], registry=r
         )
+        self.store_requests = Counter(
+            "hub_store_requests", "Requests to the shared bucket that worked: read or write, and of what",
+            ["what", "kind"], registry=r)
+        self.store_errors = Counter("hub_store_errors", "Requests to the shared bucket that failed", ["what"], registry=r)
+        self.store_presigned = Counter(
+            "hub_store_presigned_redirects", "Blob requests sent to a presigned URL of the bucket", registry=r)
+        self.tier_hits = Counter(
+            "hub_cache_tier_hits", "Cached blobs served, by where they were: local (disk) or shared (bucket)",
+            ["tier"], registry=r)
         self.cache_writable = Gauge(
             "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
             registry=r,

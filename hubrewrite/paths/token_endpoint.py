@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from urllib.parse import urlsplit
 
 from mitmproxy import http
 
 from ..access.accounts import sign_in
+from ..access.issued import OFFLINE, OWN, OWN_TOKEN_LIFETIME
 from ..mirror import Mirror
 from ..pull import Pull
 from ..registry import headers as hdrs
@@ -33,7 +33,6 @@ from ..responses import STALE_HEADERS, error_response, make_response
 
 log = logging.getLogger("hub_rewrite")
 
-OWN_TOKEN_LIFETIME = 300.0  # seconds: tokens the mirror makes itself (own, offline)
 Fields = list[tuple[str, str]]
 
 
@@ -137,8 +136,7 @@ async def _ask_token_service(
             for token in grant.tokens:
                 mirror.cache.access.note_anonymous_token(token)
         if user is not None:
-            mirror.issued.issue_grant(user, grant)
-            answer = tokens.with_access_token(answer)
+            answer = mirror.issued.sealed_grant(user, grant, answer)
     answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
     return make_response(fetched.status, answer_headers, answer)
 
@@ -146,9 +144,7 @@ async def _ask_token_service(
 def _own_token(mirror: Mirror, user: str) -> http.Response:
     """Mirror accounts in front of an upstream without token auth: the mirror's
     own token, which opens the mirror and is never sent upstream."""
-    token = "hub-rewrite." + secrets.token_urlsafe(24)
-    mirror.issued.issue(token, user, OWN_TOKEN_LIFETIME, own=True)
-    return _token_answer(token, OWN_TOKEN_LIFETIME)
+    return _token_answer(mirror.issued.seal(OWN, user, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME)
 
 
 def _offline_token(mirror: Mirror, user: str | None) -> http.Response:
@@ -157,12 +153,7 @@ def _offline_token(mirror: Mirror, user: str | None) -> http.Response:
     It is the mirror's own, worthless upstream, and opens only what anonymous
     clients were seen to pull within the stale window.
     """
-    assert mirror.cache is not None
-    token = "hub-rewrite-offline." + secrets.token_urlsafe(24)
-    mirror.cache.access.note_anonymous_token(token)
-    if user is not None:
-        mirror.issued.issue(token, user, OWN_TOKEN_LIFETIME)
-    return _token_answer(token, OWN_TOKEN_LIFETIME, STALE_HEADERS)
+    return _token_answer(mirror.issued.seal(OFFLINE, user, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME, STALE_HEADERS)
 
 
 def _token_answer(token: str, lifetime: float, headers: list[tuple[str, str]] = ()) -> http.Response:

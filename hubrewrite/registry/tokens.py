@@ -82,18 +82,6 @@ def parse_grant(body: bytes) -> Grant | None:
     return Grant(tokens, refresh if isinstance(refresh, str) else None, expires_in)
 
 
-def with_access_token(body: bytes) -> bytes:
-    """A grant with ``access_token`` where only ``token`` was given: a client that POSTed reads it."""
-    try:
-        grant = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(grant, dict) and isinstance(grant.get("token"), str) and "access_token" not in grant:
-        grant["access_token"] = grant["token"]
-        return json.dumps(grant).encode()
-    return body
-
-
 def without_refresh_token(body: bytes) -> bytes:
     """A grant without its refresh token (a long-lived credential of the account it was made for)."""
     try:

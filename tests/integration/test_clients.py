@@ -199,7 +199,8 @@ def test_podman_private_image_with_credentials(mirror, upstream, podman_in):
 
 
 @pytest.fixture(scope="module")
-def containerd(tmp_path_factory):
+def containerd(mirror, tmp_path_factory):
+    """One per mirror variant: a containerd that already holds the images would fetch nothing."""
     need("containerd", "containerd")
     need("ctr", "containerd")
     with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:

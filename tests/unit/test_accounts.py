@@ -15,7 +15,8 @@ from hubrewrite.access.credentials import UpstreamCredentials
 from hubrewrite.access.issued import IssuedTokens
 from hubrewrite.access.rules import PolicyError, RepositoryRules
 from hubrewrite.registry.errors import RegistryError as SignInRefused
-from hubrewrite.registry.tokens import parse_grant, with_access_token
+from hubrewrite.access.issued import REFRESH, UPSTREAM
+from hubrewrite.registry.tokens import parse_grant
 
 
 def test_users_file_with_bcrypt_and_argon2(tmp_path):
@@ -67,15 +68,19 @@ def test_parse_basic():
     assert parse_basic(None) is None
 
 
-def test_issued_tokens_expire(monkeypatch):
-    issued = IssuedTokens()
-    issued.issue("tok", "ann", 30)
-    assert issued.user_of("tok") == "ann"
+def test_sealed_tokens_expire_and_need_the_key(monkeypatch):
+    issued = IssuedTokens(b"k" * 32)
+    token = issued.seal(UPSTREAM, "ann", 30, "upstream-jwt")
+    assert token.startswith("hub1.") and "upstream-jwt" not in token and "ann" not in token
+    assert issued.user_of(token) == "ann" and issued.open(token).upstream_token == "upstream-jwt"
+    assert IssuedTokens(b"k" * 32).user_of(token) == "ann"  # another process with the key
+    assert IssuedTokens(b"x" * 32).user_of(token) is None  # another key
+    assert issued.user_of(token[:-2] + "AA") is None  # tampered
     assert issued.user_of("other") is None and issued.user_of(None) is None
-    import hubrewrite.access.issued as accounts
-    real = accounts.time.monotonic
-    monkeypatch.setattr(accounts.time, "monotonic", lambda: real() + 31)
-    assert issued.user_of("tok") is None
+    import hubrewrite.access.issued as sealing
+    real = sealing.time.time
+    monkeypatch.setattr(sealing.time, "time", lambda: real() + 31)
+    assert issued.user_of(token) is None
 
 
 def test_allow_and_deny_patterns():
@@ -114,7 +119,7 @@ def test_sign_in_drops_the_mirror_part():
     from hubrewrite.access.accounts import basic_header, sign_in
 
     accounts = MirrorAccounts({"ann": hash_password("pw")})
-    issued = IssuedTokens()
+    issued = IssuedTokens(b"k" * 32)
 
     def run(authorization, form=None):
         return asyncio.run(sign_in(accounts, issued, authorization, form))
@@ -129,8 +134,11 @@ def test_sign_in_drops_the_mirror_part():
     with pytest.raises(SignInRefused):
         run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])
     answer = json.dumps({"token": "t", "refresh_token": "r", "expires_in": 60}).encode()
-    issued.issue_grant("ann", parse_grant(answer))
-    assert json.loads(with_access_token(answer))["access_token"] == "t"
-    assert issued.user_of("t") == "ann"
-    assert run(None, [("grant_type", "refresh_token"), ("refresh_token", "r")])[0] == "ann"
-    assert parse_grant(b"not json") is None and with_access_token(b"not json") == b"not json"
+    sealed = json.loads(issued.sealed_grant("ann", parse_grant(answer), answer))
+    assert sealed["access_token"] == sealed["token"] != "t"  # a client that POSTed reads access_token
+    assert issued.open(sealed["token"]).upstream_token == "t" and issued.user_of(sealed["token"]) == "ann"
+    assert issued.open(sealed["refresh_token"]).kind == REFRESH
+    assert issued.user_of(sealed["refresh_token"]) is None  # a refresh token opens nothing by itself
+    user, _, form = run(None, [("grant_type", "refresh_token"), ("refresh_token", sealed["refresh_token"])])
+    assert user == "ann" and form == [("grant_type", "refresh_token"), ("refresh_token", "r")]  # the upstream's goes on
+    assert parse_grant(b"not json") is None

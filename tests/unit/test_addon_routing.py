@@ -189,14 +189,15 @@ def test_accounts_v2_needs_a_token_the_mirror_issued(accounts, hub, ghcr):
         assert flow.response.headers["www-authenticate"] == 'Basic realm="hub-rewrite"'
     assert [r for r in ghcr.received if r.path.startswith("/auth")] == []
 
-    # the mirror password alone: an anonymous upstream token, issued to ann
+    # the mirror password alone: an anonymous upstream token, sealed for ann (any process with the key opens it)
     flow = ask(addon, hub, "GET", "/token/ghcr.io?scope=repository:owner/tool:pull",
                headers=[("Authorization", basic("ann", "mirror-pw"))])
-    assert body_json(flow.response)["token"] == "ghcr-token"
+    sealed = body_json(flow.response)["token"]
+    assert sealed.startswith("hub1.") and "ghcr-token" not in sealed
     assert ghcr.received[-1].header("authorization") is None
-    flow = ask(addon, hub, "GET", "/v2/ghcr.io/owner/tool/manifests/1.0", headers=[("Authorization", "Bearer ghcr-token")])
+    flow = ask(addon, hub, "GET", "/v2/ghcr.io/owner/tool/manifests/1.0", headers=[("Authorization", f"Bearer {sealed}")])
     assert flow.response.status_code == 200
-    assert ghcr.received[-1].header("authorization") == "Bearer ghcr-token"
+    assert ghcr.received[-1].header("authorization") == "Bearer ghcr-token"  # the upstream's own token goes on
 
     # with upstream credentials after the mirror password (argon2 user)
     ask(addon, hub, "GET", "/token/ghcr.io", headers=[("Authorization", basic("bob", "bob-pw:alice:up:pw"))])
@@ -214,7 +215,7 @@ def test_accounts_post_password_grant(accounts, hub, ghcr):
     # the mirror password alone becomes an anonymous GET, answered with access_token too
     form = b"grant_type=password&username=ann&password=mirror-pw&service=x&scope=repository%3Aowner%2Ftool%3Apull"
     flow = ask(addon, hub, "POST", "/token/ghcr.io", headers=[("Content-Type", "application/x-www-form-urlencoded")], content=form)
-    assert body_json(flow.response)["access_token"] == "ghcr-token"
+    assert addon.mirror.issued.open(body_json(flow.response)["access_token"]).upstream_token == "ghcr-token"
     assert ghcr.received[-1].method == "GET" and ghcr.received[-1].header("authorization") is None
     # a refresh token the mirror never issued is refused
     flow = ask(addon, hub, "POST", "/token/ghcr.io", content=b"grant_type=refresh_token&refresh_token=stolen",

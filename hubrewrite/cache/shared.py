@@ -1,0 +1,175 @@
+"""The bucket behind the local cache directory (``hub_store_url``): what every mirror process shares.
+
+The local directory stays the staging area and the first tier: a blob is
+verified on local disk, then uploaded (multipart, streamed from the file). A
+process missing a blob locally looks in the bucket (one HEAD) before going
+upstream, and fills its local tier from it while its clients follow, or sends
+them to a presigned URL of the object (``hub_store_presign``). Manifests, tag
+records and repository membership are written through. A bucket that fails is
+noted (health, metrics, one log line per problem) and the mirror goes on with
+its local tier and the upstream.
+
+boto3 is synchronous: every call runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ..access.bounded import BoundedDict
+from ..observe.metrics import Metrics
+from .bucket import BlobStat, BlobStream, Bucket
+from .bucket_errors import BucketError
+
+log = logging.getLogger("hub_rewrite")
+
+KNOWN_FOR = 300.0  # seconds a blob found in the bucket is taken to still be there
+HEALTH_FOR = 5.0  # seconds a reachability check stands
+LOCK_TTL = 120.0  # seconds a download lock lasts unless refreshed (refreshed while downloading)
+
+
+class BucketSource:
+    """An object being read from the bucket, shaped like an upstream answer for a Download."""
+
+    def __init__(self, stream: BlobStream) -> None:
+        self.stream = stream
+        self.headers = {"content-length": str(stream.length)}
+        self._chunks = iter(stream)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while (chunk := await asyncio.to_thread(next, self._chunks, None)) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.stream.close)
+
+
+class SharedStore:
+    def __init__(self, bucket: Bucket, presign_seconds: int, metrics: Metrics) -> None:
+        self.bucket = bucket
+        self.presign_seconds = presign_seconds  # 0: the mirror serves the bytes itself
+        self.metrics = metrics
+        self._known = BoundedDict(100_000)  # digest -> (BlobStat, when found)
+        self._health: tuple[float, bool, str] = (0.0, True, "not checked yet")
+        self._problem: str | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def _call(self, what: str, kind: str, function, *args):
+        """A bucket call in a thread; None (and a noted problem) if the bucket fails."""
+        try:
+            result = await asyncio.to_thread(function, *args)
+        except BucketError as e:
+            self.metrics.store_errors.labels(what).inc()
+            if str(e) != self._problem:
+                log.warning("hub_rewrite: shared store: %s", e)
+            self._problem = str(e)
+            return None
+        self.metrics.store_requests.labels(what, kind).inc()
+        self._problem = None
+        return result
+
+    # ---- blobs -----------------------------------------------------------
+
+    async def blob(self, digest: str) -> BlobStat | None:
+        """The blob in the bucket (one HEAD, remembered for a while once found)."""
+        known = self._known.get(digest)
+        if known is not None and time.monotonic() - known[1] < KNOWN_FOR:
+            return known[0]
+        stat = await self._call("read", "blob-head", self.bucket.stat_blob, digest)
+        if stat is not None:
+            self._known.put(digest, (stat, time.monotonic()))
+        return stat
+
+    async def open(self, digest: str) -> BucketSource | None:
+        stream = await self._call("read", "blob", self.bucket.open_blob, digest)
+        return BucketSource(stream) if stream is not None else None
+
+    def presigned(self, digest: str) -> str:
+        """Made locally (boto3 signs without asking the store): it cannot fail on the network."""
+        self.metrics.store_presigned.inc()
+        return self.bucket.presigned_blob_url(digest, self.presign_seconds)
+
+    def forget(self, digest: str) -> None:
+        """A blob the bucket was found to hold wrongly (it did not match): removed, looked up anew."""
+        self._known.pop(digest, None)
+        self.later(self._call("write", "blob-delete", self.bucket.delete_blob, digest))
+
+    def upload_later(self, digest: str, path: Path) -> None:
+        """A blob just verified on local disk goes up, in the background (clients do not wait)."""
+        async def upload() -> None:
+            if await self.blob(digest) is None:
+                await self._call("write", "blob", self.bucket.upload_blob, digest, path)
+                self._known.pop(digest, None)
+
+        self.later(upload())
+
+    # ---- manifests and records ---------------------------------------------------
+
+    async def manifest(self, digest: str) -> tuple[str, bytes] | None:
+        return await self._call("read", "manifest", self.bucket.get_manifest, digest)
+
+    def put_manifest_later(self, digest: str, media_type: str, body: bytes) -> None:
+        self.later(self._call("write", "manifest", self.bucket.put_manifest, digest, media_type, body))
+
+    async def record(self, key: str) -> bytes | None:
+        return await self._call("read", "record", self.bucket.get_object, key)
+
+    def put_record_later(self, key: str, body: bytes) -> None:
+        self.later(self._call("write", "record", self.bucket.put_object, key, body))
+
+    # ---- one download per blob across processes ---------------------------------
+
+    async def lock(self, digest: str) -> bool | None:
+        """Take the blob's download lock: True, False (another process has it), None (bucket failing)."""
+        return await self._call("write", "lock", self.bucket.locks.try_lock, _lock_name(digest), LOCK_TTL)
+
+    async def keep_lock(self, digest: str) -> None:
+        await self._call("write", "lock", self.bucket.locks.refresh_lock, _lock_name(digest), LOCK_TTL)
+
+    def unlock_later(self, digest: str) -> None:
+        self.later(self._call("write", "lock", self.bucket.locks.release_lock, _lock_name(digest)))
+
+    async def wait_for(self, digest: str, timeout: float) -> BlobStat | None:
+        """Until another process's download of the blob is in the bucket (or its lock is gone)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stat = await self.blob(digest)
+            if stat is not None:
+                return stat
+            if await self.lock(digest):  # the other process gave up: the lock is ours now
+                self.unlock_later(digest)
+                return None
+            await asyncio.sleep(0.5)
+        return None
+
+    # ---- operations -----------------------------------------------------------
+
+    async def health(self) -> tuple[bool, str]:
+        checked, ok, text = self._health
+        if time.monotonic() - checked > HEALTH_FOR:
+            ok, text = await asyncio.to_thread(self.bucket.check_reachable)
+            self._health = (time.monotonic(), ok, text)
+        return ok, text
+
+    def describe(self) -> str:
+        config = self.bucket.config
+        where = f"s3://{config.bucket}/{config.prefix}".rstrip("/")
+        return where + (f", {self._problem}" if self._problem else "")
+
+    def later(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=30)
+        await asyncio.to_thread(self.bucket.close)
+
+
+def _lock_name(digest: str) -> str:
+    return "download-" + digest.replace(":", "-")
