@@ -98,14 +98,15 @@ class SharedStore:
         self._known.pop(digest, None)
         self.later(self._call("write", "blob-delete", self.bucket.delete_blob, digest))
 
-    def upload_later(self, digest: str, path: Path) -> None:
-        """A blob just verified on local disk goes up, in the background (clients do not wait)."""
-        async def upload() -> None:
-            if await self.blob(digest) is None:
-                await self._call("write", "blob", self.bucket.upload_blob, digest, path)
-                self._known.pop(digest, None)
-
-        self.later(upload())
+    async def upload(self, digest: str, path: Path) -> None:
+        """A blob just verified on local disk goes up (unless the bucket has it)."""
+        if await self.blob(digest) is not None:
+            return
+        try:
+            await self._call("write", "blob", self.bucket.upload_blob, digest, path)
+        except (OSError, ValueError) as e:  # the local file went away, or changed: the next miss uploads it
+            log.warning("hub_rewrite: blob %s not uploaded to the shared store: %s", digest, e)
+        self._known.pop(digest, None)
 
     # ---- manifests and records ---------------------------------------------------
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
+from ..cache.bucket import BlobStat
 from ..cache.downloads import Download
 from ..cache.serving import blob_headers
 from ..clientconn import is_forward_proxy
@@ -32,7 +33,7 @@ from ..registry.errors import RegistryError
 from ..registry.upstream import base_url
 from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_response
 from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
-from . import relay
+from . import bucket_blobs, relay
 from .cache_access import Access, check, confirm
 
 log = logging.getLogger("hub_rewrite")
@@ -58,21 +59,25 @@ class Probe:
 async def serve(pull: Pull, mirror: Mirror) -> Answer:
     if mirror.cache is None:
         return await from_storage(pull, mirror)
-    digest = pull.route.reference
+    digest, shared = pull.route.reference, mirror.cache.shared
     whole_get = pull.method == "GET" and "range" not in pull.flow.request.headers
     for _ in range(3):
-        if await _verified(mirror, digest):
-            return await _cached(pull, mirror, "hit")
-        if mirror.cache.downloads.progress(digest) is not None:
-            return await _cached(pull, mirror, "hit")
+        local = await _verified(mirror, digest)
+        if local or mirror.cache.downloads.progress(digest) is not None:
+            return await _cached(pull, mirror, local)
+        if shared is not None and (stat := await shared.blob(digest)) is not None:
+            return await _cached(pull, mirror, False, stat)
         if not whole_get:
             break
         download = mirror.cache.downloads.claim(digest)
-        if download is not None:
-            try:
-                return await _download(pull, mirror, download)
-            finally:
-                download.give_up()  # a no-op once it started
+        if download is None:
+            continue
+        try:
+            if shared is not None and not await bucket_blobs.claim(mirror, digest):
+                continue  # another process downloaded it: from the bucket now
+            return await _download(pull, mirror, download)
+        finally:
+            download.give_up()  # a no-op once it started
     return await from_storage(pull, mirror)
 
 
@@ -81,37 +86,56 @@ async def _verified(mirror: Mirror, digest: str) -> bool:
     return store.has_blob(digest) and await asyncio.to_thread(store.check_blob, digest)
 
 
-async def _cached(pull: Pull, mirror: Mirror, state: str) -> Answer:
-    """A cached blob, or one being downloaded, once the upstream lets this client have it."""
+async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat | None = None) -> Answer:
+    """A cached blob (on disk, being downloaded, or in the shared bucket), once the upstream
+    lets this client have it."""
     try:
         access = await check(pull, mirror, pull.route.reference, pull.route.path())
     except RegistryError as e:
         return error_response(e)
     if access is Access.REFUSED:
         return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
-    if access is Access.STALE:
-        state = "stale"
-        pull.flow.comment += "; blob served from the cache (stale)"
-    else:
-        pull.flow.comment += "; blob served from the cache"
+    state = "stale" if access is Access.STALE else "hit"
+    shared = mirror.cache.shared
+    if shared is not None and shared.presign_seconds and not is_forward_proxy(pull.flow.client_conn):
+        stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
+        if stat is not None and stat.verified:
+            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state))
+    if in_bucket is not None:
+        if pull.method == "HEAD":
+            return make_response(200, _blob_head(pull, state), b"", in_bucket.size)
+        download = await bucket_blobs.fill_local(pull, mirror, in_bucket)
+        if download is None and mirror.cache.downloads.progress(pull.route.reference) is None:
+            return await from_storage(pull, mirror)  # neither the bucket nor this disk can serve it now
+        return send_from_cache(pull, mirror, state, download)
+    if local:
+        mirror.metrics.tier_hits.labels("local").inc()
+    pull.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
     return send_from_cache(pull, mirror, state)
+
+
+def _cache_headers(pull: Pull, state: str) -> list[tuple[str, str]]:
+    digest = pull.route.reference
+    return [("Docker-Content-Digest", digest), *(STALE_HEADERS if state == "stale" else [(CACHE_HEADER, state)])]
+
+
+def _blob_head(pull: Pull, state: str) -> list[tuple[str, str]]:
+    head = [(k, v) for k, v in blob_headers(pull.route.reference) if k != "Docker-Content-Digest"]
+    return head + _cache_headers(pull, state)
 
 
 def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
     """Point the client at the cached (or arriving) bytes: the listener, or the loopback server."""
     cache = mirror.cache
     digest = pull.route.reference
-    headers = [("Docker-Content-Digest", digest), (CACHE_HEADER, state)]
-    if state == "stale":
-        headers = [*headers[:1], *STALE_HEADERS]
+    headers = _cache_headers(pull, state)
     cache.store.touch(digest)
     if cache.listener is not None and not is_forward_proxy(pull.flow.client_conn):
         location = cache.listener.location(_listener_base(pull, mirror), digest)
         return make_response(307, [("Location", location), *headers])
     size = cache.store.blob_size(digest)
     if pull.method == "HEAD" and size is not None and download is None:
-        head = [(k, v) for k, v in blob_headers(digest) if k != "Docker-Content-Digest"]
-        return make_response(200, head + headers, b"", size)
+        return make_response(200, _blob_head(pull, state), b"", size)
     transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
 
@@ -157,6 +181,8 @@ async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
             await response.aclose()
             mirror.cache.store.note_problem(e)
             return await from_storage(pull, mirror)
+        if mirror.cache.shared is not None:
+            bucket_blobs.share_when_done(mirror, download)
         pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
         return send_from_cache(pull, mirror, "miss", download)
     return storage_error(download.digest, 403, "Forbidden")

@@ -13,6 +13,7 @@ from enum import Enum
 
 from ..mirror import Mirror
 from ..pull import Pull
+from ..cache.store import Store
 from ..registry.errors import RegistryError
 
 
@@ -27,7 +28,8 @@ def confirm(pull: Pull, mirror: Mirror, digest: str) -> None:
     cache = mirror.cache
     assert cache is not None and pull.route is not None
     cache.access.confirm(pull.identity, pull.authorization, pull.upstream.base, pull.route.name)
-    cache.store.add_member(pull.upstream.base, pull.route.name, digest)
+    if cache.store.add_member(pull.upstream.base, pull.route.name, digest) and cache.shared is not None:
+        cache.shared.put_record_later(Store.member_record(pull.upstream.base, pull.route.name, digest), b"")
 
 
 def known(pull: Pull, mirror: Mirror, digest: str) -> bool:
@@ -54,12 +56,23 @@ async def check(pull: Pull, mirror: Mirror, digest: str, path: str) -> Access:
         head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False,
                                          purpose="access check: may this client read it")
     except RegistryError as failure:
-        if known_stale(pull, mirror, digest):
+        if await _known_stale_anywhere(pull, mirror, digest):
             return Access.STALE
         raise failure
     if 200 <= head.status < 400:
         confirm(pull, mirror, digest)
         return Access.GRANTED
-    if (head.status == 429 or head.status >= 500) and known_stale(pull, mirror, digest):
+    if (head.status == 429 or head.status >= 500) and await _known_stale_anywhere(pull, mirror, digest):
         return Access.STALE
     return Access.REFUSED
+
+
+async def _known_stale_anywhere(pull: Pull, mirror: Mirror, digest: str) -> bool:
+    """known_stale, with the repository's membership looked up in the shared bucket if need be
+    (another process may have seen it)."""
+    cache = mirror.cache
+    upstream, repository = pull.upstream.base, pull.route.name
+    if cache.shared is not None and not cache.store.is_member(upstream, repository, digest):
+        if await cache.shared.record(Store.member_record(upstream, repository, digest)) is not None:
+            cache.store.add_member(upstream, repository, digest)
+    return known_stale(pull, mirror, digest)

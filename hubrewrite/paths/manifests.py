@@ -13,6 +13,7 @@ import time
 
 from ..mirror import Mirror
 from ..pull import Answer, Transfer, Pull, Retarget
+from ..cache.store import Store
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, same_answer
 from ..responses import API_VERSION_HEADER, CACHE_HEADER, STALE_HEADERS, error_response, make_response
@@ -26,20 +27,20 @@ INLINE_LIMIT = 64 * 1024
 
 
 async def serve(pull: Pull, mirror: Mirror) -> Answer:
-    store, route = mirror.cache.store, pull.route
-    if route.is_digest and known(pull, mirror, route.reference) and store.has_manifest(route.reference):
-        cached = _from_cache(pull, mirror, route.reference, "hit")
+    route = pull.route
+    if route.is_digest and known(pull, mirror, route.reference):
+        cached = await _from_cache(pull, mirror, route.reference, "hit")
         if cached is not None:
             return cached
     try:
         head = await mirror.client.fetch("HEAD", pull.url, pull.headers, purpose="tag resolution (HEAD)")
     except RegistryError as failure:
-        return _stale(pull, mirror) or error_response(failure)
+        return await _stale(pull, mirror) or error_response(failure)
     digest = head.header("docker-content-digest")
     if head.status == 200 and digest and digest.startswith("sha256:"):
         return await _resolved(pull, mirror, head, digest)
     if head.status == 429 or head.status >= 500:
-        stale = _stale(pull, mirror)
+        stale = await _stale(pull, mirror)
         if stale is not None:
             return stale
     return await relay.serve(pull, mirror)  # a refusal or an unusual answer: the upstream's own
@@ -47,33 +48,38 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
 
 async def _resolved(pull: Pull, mirror: Mirror, head, digest: str) -> Answer:
     """The upstream named the digest this client gets: serve it from the cache, or fetch and keep it."""
-    store, route = mirror.cache.store, pull.route
+    store, route, shared = mirror.cache.store, pull.route, mirror.cache.shared
     mirror.ratelimits.note(pull.upstream.base, head.headers)
     confirm(pull, mirror, digest)
     if not route.is_digest:
-        store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest,
-                      head.header("content-type") or "")
+        record = store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest,
+                               head.header("content-type") or "")
+        if shared is not None and record:
+            shared.put_record_later(Store.tag_record(pull.upstream.base, route.name, route.reference), record)
     if pull.method == "HEAD":
         answer = relay.relayed(pull, mirror, head.status, head.headers, b"")
         answer.headers[CACHE_HEADER] = "hit" if store.has_manifest(digest) else "miss"
         return answer
-    cached = _from_cache(pull, mirror, digest, "hit")
+    cached = await _from_cache(pull, mirror, digest, "hit")
     if cached is not None:
         return cached
     answer = await relay.serve(pull, mirror)
     if answer.status_code == 200 and answer.headers.get("docker-content-digest") == digest:
         # stored only if the bytes match the digest (a compressed answer does not)
-        store.put_manifest(digest, answer.headers.get("content-type", ""), answer.raw_content or b"")
+        media_type, body = answer.headers.get("content-type", ""), answer.raw_content or b""
+        if store.put_manifest(digest, media_type, body) and shared is not None:
+            shared.put_manifest_later(digest, media_type, body)
     answer.headers[CACHE_HEADER] = "miss"
     return answer
 
 
-def _stale(pull: Pull, mirror: Mirror) -> Answer | None:
+async def _stale(pull: Pull, mirror: Mirror) -> Answer | None:
     """A cached manifest for an unavailable upstream, within the stale window, for the same Accept."""
     store, access, route = mirror.cache.store, mirror.cache.access, pull.route
     digest = route.reference
     if not route.is_digest:
         key = _accept(pull)
+        await _tag_record_from_bucket(pull, mirror)
         entries = store.tag_entries(pull.upstream.base, route.name, route.reference)
         fresh = [e for k, e in entries.items() if same_answer(k, e.media_type, key)
                  and time.time() - e.stored_at <= access.stale_seconds]
@@ -82,14 +88,28 @@ def _stale(pull: Pull, mirror: Mirror) -> Answer | None:
         digest = max(fresh, key=lambda e: e.stored_at).digest
     if not known_stale(pull, mirror, digest):
         return None
-    cached = _from_cache(pull, mirror, digest, "stale")
+    cached = await _from_cache(pull, mirror, digest, "stale")
     if cached is not None:
         log.warning("serving %s@%s from the cache: upstream unavailable", route.name, digest)
     return cached
 
 
-def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> Answer | None:
-    store = mirror.cache.store
+async def _tag_record_from_bucket(pull: Pull, mirror: Mirror) -> None:
+    """In stale mode, a tag this process never resolved may have been resolved by another one."""
+    store, shared, route = mirror.cache.store, mirror.cache.shared, pull.route
+    if shared is None or store.tag_entries(pull.upstream.base, route.name, route.reference):
+        return
+    record = await shared.record(Store.tag_record(pull.upstream.base, route.name, route.reference))
+    if record is not None:
+        store.merge_tag_record(pull.upstream.base, route.name, route.reference, record)
+
+
+async def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> Answer | None:
+    store, shared = mirror.cache.store, mirror.cache.shared
+    if not store.has_manifest(digest) and shared is not None:
+        found = await shared.manifest(digest)  # verified by the store as it is read
+        if found is not None:
+            store.put_manifest(digest, *found)
     headers = [("Docker-Content-Digest", digest), ("ETag", f'"{digest}"'), API_VERSION_HEADER, (CACHE_HEADER, state)]
     if state == "stale":
         headers = [*headers[:3], *STALE_HEADERS]

@@ -34,6 +34,13 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         return make_response(200, [("Content-Type", content_type)], body)
     if pull.path == HEALTH_PATH:
         ok, details = await asyncio.to_thread(health, mirror)
+        shared = mirror.cache.shared if mirror.cache else None
+        if shared is not None:
+            reachable, text = await shared.health()
+            # the mirror goes on with its local tier and the upstream: degraded, not down
+            details["store"] = text if reachable else f"unreachable: {text}"
+            if not reachable:
+                details.update(status="degraded", serving="from the local tier and the upstream")
         return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
     served, cache = pull.registries, mirror.settings.cache
     body = status_page(StatusFacts(
@@ -48,6 +55,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         ratelimits=mirror.ratelimits.by_upstream(),
         requests_served=sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples
                             if s.name.endswith("_total")),
+        store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 

@@ -1,0 +1,244 @@
+"""Several mirror processes on one bucket of a real S3 server (Ceph RGW on loopback).
+
+Two mirrors with separate local cache directories share a bucket: a blob one
+of them pulled is served by the other without a CDN request; a presigned
+redirect to the object is followed by skopeo; a token one issued is accepted by
+the other; a client the upstream refuses is refused by both though the blob is
+in the bucket; an object corrupted in the bucket is never served as the blob and
+is replaced; with the bucket down the mirrors keep serving and say so; two
+concurrent pulls of one uncached blob through both make one CDN request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.images import make_big_layer, push_image
+from tests.support.mirror import Mirror, free_port
+
+SERVICE = "registry.docker.io"
+PREFIX = "hub"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bucket(ceph) -> str:
+    name = "mirror-" + secrets.token_hex(4)
+    ceph.make_bucket(name)
+    return name
+
+
+def store_options(ceph, bucket: str, cache: Path, **extra: str) -> dict[str, str]:
+    return {"hub_cache_dir": str(cache), "hub_store_url": f"s3://{bucket}/{PREFIX}",
+            "hub_store_endpoint": ceph.endpoint_url, "hub_store_addressing": "path", **extra}
+
+
+def store_env(ceph) -> dict[str, str]:
+    """The bucket's keys, as the standard AWS variables (never on the command line, never logged)."""
+    return {"AWS_ACCESS_KEY_ID": ceph.access_key, "AWS_SECRET_ACCESS_KEY": ceph.secret_key}
+
+
+@pytest.fixture(scope="module")
+def pair(upstream, ceph, bucket, tmp_path_factory):
+    """Two mirror processes, separate local tiers, one bucket."""
+    work = tmp_path_factory.mktemp("shared")
+    a = Mirror(work / "a", upstream.api_url, options=store_options(ceph, bucket, work / "cache-a"),
+               env=store_env(ceph), name="a")
+    b = Mirror(work / "b", upstream.api_url, options=store_options(ceph, bucket, work / "cache-b"),
+               env=store_env(ceph), name="b")
+    with a, b:
+        yield a, b
+
+
+def token(mirror: Mirror, repo: str, auth=None) -> str:
+    r = httpx.get(f"{mirror.url}/token", params={"service": SERVICE, "scope": f"repository:{repo}:pull"}, auth=auth,
+                  timeout=15)
+    assert r.status_code == 200, r.text
+    return r.json()["token"]
+
+
+def get_blob(mirror: Mirror, repo: str, digest: str, bearer: str | None, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    return httpx.get(f"{mirror.url}/v2/{repo}/blobs/{digest}", headers=headers, timeout=60, follow_redirects=True, **kw)
+
+
+def fresh_blob(upstream, tmp_path: Path, repo: str, size: int) -> str:
+    layer = tmp_path / f"{repo.replace('/', '_')}.tar"
+    digest, _ = make_big_layer(layer, size, seed=os.urandom(8))
+    push_image(upstream, repo, "1", [layer], media="oci")
+    return digest
+
+
+def cdn_gets(upstream, digest: str) -> int:
+    return len([r for r in upstream.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
+
+
+def in_bucket(ceph, bucket: str, digest: str, timeout: float = 30) -> bool:
+    """Wait for the background upload of a blob."""
+    s3 = ceph.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s3.head_object(Bucket=bucket, Key=f"{PREFIX}/blobs/sha256/{digest[7:]}")
+            return True
+        except Exception:
+            time.sleep(0.2)
+    return False
+
+
+def test_a_blob_pulled_through_one_is_served_by_the_other_without_the_cdn(pair, upstream, ceph, bucket, tmp_path):
+    a, b = pair
+    digest = fresh_blob(upstream, tmp_path, "team/s-shared", 6 * 1024 * 1024)
+    first = get_blob(a, "team/s-shared", digest, token(a, "team/s-shared"))
+    assert first.status_code == 200 and sha256(first.content) == digest
+    assert in_bucket(ceph, bucket, digest), "not uploaded to the bucket"
+    before = cdn_gets(upstream, digest)
+    second = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
+    assert second.status_code == 200 and sha256(second.content) == digest
+    assert cdn_gets(upstream, digest) == before == 1
+    metrics = httpx.get(f"{b.url}/_hub/metrics").text
+    assert 'hub_cache_tier_hits_total{tier="shared"}' in metrics
+    # and b's own local tier has it now
+    again = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
+    assert again.headers["x-hub-cache"] == "hit" and sha256(again.content) == digest
+
+
+def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair, tmp_path):
+    a, _ = pair
+    image = upstream.images["team/ociapp"]
+    ref = f"docker://{a.host}/team/ociapp:1.0"
+    warm = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / 'warm'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert warm.returncode == 0, warm.stderr
+    for layer in image["layer_digests"]:
+        assert in_bucket(ceph, bucket, layer)
+    options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true")
+    with Mirror(tmp_path / "c", upstream.api_url, options=options, env=store_env(ceph), name="c") as c:
+        before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
+        r = httpx.get(f"{c.url}/v2/team/ociapp/blobs/{image['layer_digests'][0]}",
+                      headers={"Authorization": f"Bearer {token(c, 'team/ociapp')}"}, timeout=30)
+        assert r.status_code == 307 and r.headers["location"].startswith(ceph.endpoint_url)
+        result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
+                                 f"dir:{tmp_path / 'presigned'}"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        for layer in image["layer_digests"]:
+            data = (tmp_path / "presigned" / layer[7:]).read_bytes()
+            assert sha256(data) == layer
+        assert {d: cdn_gets(upstream, d) for d in image["layer_digests"]} == before  # the bucket sent them
+        assert "X-Amz-Signature" not in c.log_text()
+
+
+def test_a_token_issued_by_one_is_accepted_by_the_other(upstream, ceph, tmp_path):
+    from hubrewrite.access.accounts import hash_password
+
+    users = tmp_path / "users"
+    users.write_text(f"ann:{hash_password('mirror-pw')}\n")
+    name = "tokens-" + secrets.token_hex(4)
+    ceph.make_bucket(name)
+    mirrors = [Mirror(tmp_path / n, upstream.api_url, name=n, env=store_env(ceph),
+                      options=store_options(ceph, name, tmp_path / f"cache-{n}", hub_users_file=str(users)))
+               for n in ("one", "two")]
+    with mirrors[0] as one, mirrors[1] as two:
+        issued = token(one, "library/alpine", auth=("ann", "mirror-pw"))
+        assert issued.startswith("hub1.")
+        accept = [("Accept", upstream.images["library/alpine"]["media_type"])]
+        r = httpx.get(f"{two.url}/v2/library/alpine/manifests/3.19",
+                      headers=[("Authorization", f"Bearer {issued}"), *accept], timeout=15)
+        assert r.status_code == 200 and r.headers["docker-content-digest"] == upstream.images["library/alpine"]["digest"]
+        forged = issued[:-4] + ("AAAA" if not issued.endswith("AAAA") else "BBBB")
+        r = httpx.get(f"{two.url}/v2/library/alpine/manifests/3.19",
+                      headers=[("Authorization", f"Bearer {forged}"), *accept], timeout=15)
+        assert r.status_code == 401
+
+
+def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pair, upstream, ceph, bucket, tmp_path):
+    a, b = pair
+    secret = upstream.images["private/secret"]
+    digest = secret["layer_digests"][0]
+    alice = token(a, "private/secret", auth=("alice", upstream.users["alice"]))
+    assert sha256(get_blob(a, "private/secret", digest, alice).content) == digest
+    assert in_bucket(ceph, bucket, digest)
+    options = store_options(ceph, bucket, tmp_path / "cache-p", hub_store_presign="true")
+    with Mirror(tmp_path / "p", upstream.api_url, options=options, env=store_env(ceph), name="p") as presigning:
+        for mirror in (a, b, presigning):
+            anonymous = token(mirror, "private/secret")
+            for bearer in (anonymous, None):
+                r = httpx.get(f"{mirror.url}/v2/private/secret/blobs/{digest}", timeout=30,
+                              headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+                assert r.status_code == 401, (mirror.url, r.status_code)
+                assert digest[7:19] not in r.text and "location" not in r.headers
+
+
+def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, bucket, pair, tmp_path):
+    a, _ = pair
+    digest = fresh_blob(upstream, tmp_path, "team/s-corrupt", 3 * 1024 * 1024)
+    assert sha256(get_blob(a, "team/s-corrupt", digest, token(a, "team/s-corrupt")).content) == digest
+    assert in_bucket(ceph, bucket, digest)
+    key = f"{PREFIX}/blobs/sha256/{digest[7:]}"
+    ceph.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024))  # someone else's bytes
+    for presign in ("false", "true"):
+        options = store_options(ceph, bucket, tmp_path / f"cache-d-{presign}", hub_store_presign=presign)
+        with Mirror(tmp_path / f"d-{presign}", upstream.api_url, options=options, env=store_env(ceph), name="d") as d:
+            bearer = token(d, "team/s-corrupt")
+            for attempt in range(3):  # a client retries a failed transfer, as docker and skopeo do
+                try:
+                    r = get_blob(d, "team/s-corrupt", digest, bearer)
+                except httpx.HTTPError:
+                    continue  # a transfer cut short: never the wrong bytes as a whole
+                if r.status_code == 200:
+                    assert sha256(r.content) == digest, "the corrupted object was served"
+                    break
+            else:
+                pytest.fail("no correct transfer after 3 tries")
+    assert in_bucket(ceph, bucket, digest)
+    body = ceph.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert sha256(body) == digest, "the corrupted object was not replaced"
+
+
+def test_the_bucket_down_the_mirror_serves_on_and_says_so(pair, upstream, ceph, tmp_path):
+    a, _ = pair
+    digest = fresh_blob(upstream, tmp_path, "team/s-down", 1024 * 1024)
+    ceph.stop_rgw()
+    try:
+        health = httpx.get(f"{a.url}/_hub/health", timeout=30).json()
+        time.sleep(5.5)  # the health answer is remembered for a few seconds
+        health = httpx.get(f"{a.url}/_hub/health", timeout=30).json()
+        assert health["status"] == "degraded" and health["store"].startswith("unreachable"), health
+        r = get_blob(a, "team/s-down", digest, token(a, "team/s-down"))
+        assert r.status_code == 200 and sha256(r.content) == digest  # from the upstream
+        again = get_blob(a, "team/s-down", digest, token(a, "team/s-down"))
+        assert again.status_code == 200 and again.headers["x-hub-cache"] == "hit"  # from the local tier
+        assert "Traceback" not in a.log_text()
+    finally:
+        ceph.start_rgw()
+
+
+def test_concurrent_pulls_of_one_uncached_blob_through_both_make_one_cdn_request(pair, upstream, tmp_path):
+    a, b = pair
+    digest = fresh_blob(upstream, tmp_path, "team/s-race", 16 * 1024 * 1024)
+    results = {}
+
+    def pull(name: str, mirror: Mirror) -> None:
+        r = get_blob(mirror, "team/s-race", digest, token(mirror, "team/s-race"))
+        results[name] = (r.status_code, sha256(r.content))
+
+    threads = [threading.Thread(target=pull, args=(n, m)) for n, m in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {"a": (200, digest), "b": (200, digest)}
+    assert cdn_gets(upstream, digest) == 1
