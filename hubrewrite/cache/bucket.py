@@ -4,7 +4,7 @@ one bucket that several mirror processes use together.
     bucket = Bucket(BucketConfig.parse("s3://mirror-cache/hub", endpoint=...))
     if bucket.blob_size(digest) is None:          # one HEAD
         bucket.upload_blob(digest, verified_path)  # multipart, streamed from the file
-    bucket.download_blob(digest, staging_path)     # False: not there (or was corrupt, now removed)
+    stream = bucket.open_blob(digest)              # None: not there; the reader verifies what it gets
     url = bucket.presigned_blob_url(digest, 60)    # for a 307 to the object itself
 
 Keys under the configured prefix (content-addressed, like the local cache):
@@ -18,10 +18,11 @@ Keys under the configured prefix (content-addressed, like the local cache):
 Nothing is stored under a blob or manifest key unless its bytes hash to the
 key's digest: upload_blob hashes the file while it uploads and completes the
 multipart upload only if the digest matches; put_manifest checks first.
-download_blob and get_manifest verify what they read, and delete an object
-that fails, so one bad object cannot be served to every process sharing the
-bucket.  (open_blob and presigned URLs serve bytes unverified: a range cannot
-be checked.)
+get_manifest verifies what it reads and deletes an object that fails; a blob
+read with open_blob is verified by its reader (the mirror's download, which
+then calls delete_blob), so one bad object cannot be served to every process
+sharing the bucket. Presigned URLs go only to objects upload_blob marked as
+verified.
 
 Permissions needed: s3:GetObject, PutObject, DeleteObject, ListBucket (S3
 answers 403 instead of 404 for a missing key without it; the health check is
@@ -47,9 +48,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -221,31 +220,6 @@ class Bucket:
                                         Metadata={VERIFIED_MARK: want})
             else:
                 self._multipart_upload(key, f, size, want, digest)
-
-    def download_blob(self, digest: str, dest_path: str | os.PathLike) -> bool:
-        """Stream the blob into ``dest_path``, verifying it: True when dest holds it.
-
-        False when the bucket does not have it, or had a corrupt copy: then
-        dest and that object are both deleted.  On BucketError dest is deleted."""
-        key, want = self._blob_key(digest), _hex(digest)
-        got = self._get(key, "blob", digest)
-        if got is None:
-            return False
-        h = hashlib.sha256()
-        with closing(got["Body"]), open(dest_path, "wb") as out:  # if open fails, there is nothing to remove
-            try:
-                with s3_errors("download blob", digest):
-                    for chunk in got["Body"].iter_chunks(CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-            except BaseException:
-                Path(dest_path).unlink(missing_ok=True)
-                raise
-        if h.hexdigest() == want:
-            return True
-        Path(dest_path).unlink(missing_ok=True)
-        self._delete_corrupt(key, "blob", digest)
-        return False
 
     def open_blob(self, digest: str, offset: int = 0, length: int | None = None) -> BlobStream | None:
         """A streaming GET of the blob, or of ``length`` bytes from ``offset``; None when absent.
