@@ -73,7 +73,7 @@ for _name in ("botocore", "boto3", "s3transfer"):
 CHUNK = 1 << 20
 PART_SIZE = 8 << 20  # S3's minimum is 5 MiB; above this size a blob goes up in parts
 MAX_PARTS = 10_000  # S3's limit: bigger blobs get bigger parts
-UPLOAD_CONCURRENCY = 4  # parts in flight per Bucket, all uploads together (memory: about 5 x PART_SIZE)
+UPLOAD_CONCURRENCY = 2  # parts in flight per Bucket, all uploads together (memory: about 3 x PART_SIZE; 4 cost +20 MB for 20% speed)
 SMALL_OBJECT_LIMIT = 4 << 20  # manifests and records; distribution refuses manifests over 4 MiB too
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit
 BLOB_TYPE = "application/octet-stream"

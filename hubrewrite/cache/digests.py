@@ -21,3 +21,7 @@ def sha256_of_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -59,6 +59,13 @@ class Download:
         except TimeoutError:
             pass
 
+    async def ended(self, timeout: float) -> str:
+        """The state once committed or failed, or when ``timeout`` is up."""
+        deadline = time.monotonic() + timeout
+        while self.state not in (COMMITTED, FAILED) and (left := deadline - time.monotonic()) > 0:
+            await self.changed(left)
+        return self.state
+
     def when_ended(self, callback: Callable[[Download], None]) -> None:
         """``callback(download)`` once it is committed or failed (the shared store uploads, or forgets)."""
         self._ended.append(callback)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobwriter import BlobWriter
-from .digests import hex_of, sha256_of_file
+from .digests import hex_of, sha256_of_bytes, sha256_of_file
 
 log = logging.getLogger("hub_rewrite")
 
@@ -48,6 +48,8 @@ log = logging.getLogger("hub_rewrite")
 MAX_TAG_ENTRIES = 16
 # space kept free beyond a blob's size before a download starts
 FREE_SPACE_MARGIN = 64 << 20
+# how long a commit trusts the estimated cache size before scanning the files again
+RESCAN_SECONDS = 60.0
 
 
 def _key(*parts: str) -> str:
@@ -78,6 +80,10 @@ class Store:
         self.on_evict = on_evict  # (how many blobs were evicted), for the metrics
         # why the last write failed (disk full, ...), None once writes work again
         self.problem: str | None = None
+        # blob bytes as of the last scan plus this process's commits since: a commit far under
+        # the limit does not scan every cached file (other processes' commits are seen at the next scan)
+        self._estimated_bytes: int | None = None
+        self._scanned_at = 0.0
 
     # ---- failing disks -----------------------------------------------------
 
@@ -188,8 +194,21 @@ class Store:
         if not committed:
             tmp_path.unlink(missing_ok=True)
             return False
-        self.evict(keep=f"sha256:{hex_part}")
+        self._added(final, keep=f"sha256:{hex_part}")
         return True
+
+    def _added(self, path: Path, keep: str) -> None:
+        """Evict if the cache may now be over its limit."""
+        if self.max_bytes <= 0:
+            return
+        if self._estimated_bytes is not None and time.monotonic() - self._scanned_at < RESCAN_SECONDS:
+            try:
+                self._estimated_bytes += path.stat().st_size
+            except FileNotFoundError:
+                pass
+            if self._estimated_bytes <= self.max_bytes:
+                return
+        self.evict(keep)
 
     def _write_stamp(self, path: Path) -> None:
         self._write_file(self._stamp(path), _stat_signature(path.stat()).encode())
@@ -264,6 +283,7 @@ class Store:
             self.remove_blob(digest)
             total -= size
             evicted.append(digest)
+        self._estimated_bytes, self._scanned_at = total, time.monotonic()
         if evicted:
             self.on_evict(len(evicted))
         return evicted
@@ -276,7 +296,7 @@ class Store:
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
         """Store a manifest if its bytes match the digest (and the disk takes it)."""
-        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+        if sha256_of_bytes(body) != digest:
             return False
         path = self.manifest_path(digest)
         stored = False
@@ -298,7 +318,7 @@ class Store:
             media_type = path.with_name(path.name + ".type").read_text()
         except FileNotFoundError:
             return None
-        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+        if sha256_of_bytes(body) != digest:
             path.unlink(missing_ok=True)
             return None
         return media_type, body

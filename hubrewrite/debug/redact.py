@@ -9,6 +9,7 @@ claims, readable, and loses its signature, which is what makes it a token).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -25,8 +26,13 @@ _GRANT_SECRETS = ("token", "access_token", "refresh_token", "id_token")
 
 
 def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
-    """A copy of the flow fit for a log."""
-    return redact_flow(flow.copy())
+    """A copy of the flow fit for a log: its messages copied, the rest shared (a log only
+    reads it, and a whole ``flow.copy()`` serializes both connections, certificates included,
+    for every flow)."""
+    view = copy.copy(flow)
+    view.request = flow.request.copy()
+    view.response = flow.response.copy() if flow.response is not None else None
+    return redact_flow(view)
 
 
 def redact_flow(flow: http.HTTPFlow) -> http.HTTPFlow:

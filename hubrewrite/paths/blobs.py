@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from ..cache.bucket import BlobStat
-from ..cache.downloads import Download
+from ..cache.digests import sha256_of_bytes
+from ..cache.downloads import COMMITTED, FAILED, Download
 from ..cache.serving import blob_headers
 from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
@@ -41,6 +42,8 @@ log = logging.getLogger("hub_rewrite")
 # Headers of the registry's blob redirect that the client should still get
 # with the storage's answer (the storage knows nothing about digests).
 BLOB_HEADERS_KEPT = ("docker-content-digest", "docker-distribution-api-version")
+# blobs up to this size are answered from memory, like small manifests
+INLINE_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -107,11 +110,11 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
         download = await bucket_blobs.fill_local(pull, mirror, in_bucket)
         if download is None and mirror.cache.downloads.progress(pull.route.reference) is None:
             return await from_storage(pull, mirror)  # neither the bucket nor this disk can serve it now
-        return send_from_cache(pull, mirror, state, download)
+        return await send_from_cache(pull, mirror, state, download)
     if local:
         mirror.metrics.tier_hits.labels("local").inc()
     pull.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
-    return send_from_cache(pull, mirror, state)
+    return await send_from_cache(pull, mirror, state)
 
 
 def _cache_headers(pull: Pull, state: str) -> list[tuple[str, str]]:
@@ -124,8 +127,9 @@ def _blob_head(pull: Pull, state: str) -> list[tuple[str, str]]:
     return head + _cache_headers(pull, state)
 
 
-def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
-    """Point the client at the cached (or arriving) bytes: the listener, or the loopback server."""
+async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
+    """Point the client at the cached (or arriving) bytes: the listener, or the loopback server;
+    a small blob is answered with its bytes."""
     cache = mirror.cache
     digest = pull.route.reference
     headers = _cache_headers(pull, state)
@@ -136,8 +140,31 @@ def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download |
     size = cache.store.blob_size(digest)
     if pull.method == "HEAD" and size is not None and download is None:
         return make_response(200, _blob_head(pull, state), b"", size)
+    if pull.method == "GET" and "range" not in pull.flow.request.headers:
+        small = await _small_blob(mirror, digest, download)
+        if small is not None:
+            return small if isinstance(small, http.Response) else make_response(200, _blob_head(pull, state), small)
     transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
+
+
+async def _small_blob(mirror: Mirror, digest: str, download: Download | None) -> bytes | http.Response | None:
+    """The verified bytes of a blob small enough to answer from memory (a config blob, once its
+    download is complete), sparing the trip through the loopback server; an error if its download
+    failed; None to stream it."""
+    store = mirror.cache.store
+    size = download.size if download is not None else store.blob_size(digest)
+    if size is None or size > INLINE_LIMIT:
+        return None
+    if download is not None and await download.ended(mirror.settings.client.timeout) != COMMITTED:
+        if download.state == FAILED:
+            return error_response(RegistryError(502, "UNAVAILABLE", "the blob's download from upstream failed"))
+        return None  # still running: followed
+    try:
+        body = store.blob_path(digest).read_bytes()
+    except FileNotFoundError:
+        return None  # evicted meanwhile: the loopback server answers
+    return body if sha256_of_bytes(body) == digest else None
 
 
 def _listener_base(pull: Pull, mirror: Mirror) -> str:
@@ -184,7 +211,7 @@ async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
         if mirror.cache.shared is not None:
             bucket_blobs.share_when_done(mirror, download)
         pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
-        return send_from_cache(pull, mirror, "miss", download)
+        return await send_from_cache(pull, mirror, "miss", download)
     return storage_error(download.digest, 403, "Forbidden")
 
 

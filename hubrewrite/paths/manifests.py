@@ -1,9 +1,11 @@
 """Manifests with the cache: by digest from the cache, a tag resolved with an upstream HEAD.
 
 HEAD requests do not count against Docker Hub's pull rate limit; a cached
-manifest is then served without any upstream GET. A tag's answer depends on the
-manifest types the client accepts, so the cache keeps one lookup per set of
-them, and serves a stale one only to a client accepting the same set.
+manifest is then served without any upstream GET. A reference nothing is
+cached for is fetched with one GET straight away (a HEAD first would only
+cost a round trip). A tag's answer depends on the manifest types the client
+accepts, so the cache keeps one lookup per set of them, and serves a stale one
+only to a client accepting the same set.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         cached = await _from_cache(pull, mirror, route.reference, "hit")
         if cached is not None:
             return cached
+    if pull.method == "GET" and not _cached_anything(pull, mirror):
+        return await _fetched(pull, mirror)  # no HEAD could spare this GET: one round trip, not two
     try:
         head = await mirror.client.fetch("HEAD", pull.url, pull.headers, purpose="tag resolution (HEAD)")
     except RegistryError as failure:
@@ -46,31 +50,58 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
     return await relay.serve(pull, mirror)  # a refusal or an unusual answer: the upstream's own
 
 
+def _cached_anything(pull: Pull, mirror: Mirror) -> bool:
+    """Could the cache answer for this reference, so that a HEAD might spare the GET (and
+    the stale mode have something to serve)? A shared bucket is only asked after the HEAD."""
+    store, route = mirror.cache.store, pull.route
+    if mirror.cache.shared is not None:
+        return True
+    if route.is_digest:
+        return store.has_manifest(route.reference)
+    return bool(store.tag_entries(pull.upstream.base, route.name, route.reference))
+
+
 async def _resolved(pull: Pull, mirror: Mirror, head, digest: str) -> Answer:
     """The upstream named the digest this client gets: serve it from the cache, or fetch and keep it."""
-    store, route, shared = mirror.cache.store, pull.route, mirror.cache.shared
     mirror.ratelimits.note(pull.upstream.base, head.headers)
-    confirm(pull, mirror, digest)
-    if not route.is_digest:
-        record = store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest,
-                               head.header("content-type") or "")
-        if shared is not None and record:
-            shared.put_record_later(Store.tag_record(pull.upstream.base, route.name, route.reference), record)
+    _remember(pull, mirror, digest, head.header("content-type") or "")
     if pull.method == "HEAD":
         answer = relay.relayed(pull, mirror, head.status, head.headers, b"")
-        answer.headers[CACHE_HEADER] = "hit" if store.has_manifest(digest) else "miss"
+        answer.headers[CACHE_HEADER] = "hit" if mirror.cache.store.has_manifest(digest) else "miss"
         return answer
     cached = await _from_cache(pull, mirror, digest, "hit")
     if cached is not None:
         return cached
+    return await _fetched(pull, mirror, digest)
+
+
+async def _fetched(pull: Pull, mirror: Mirror, digest: str | None = None) -> Answer:
+    """The manifest from upstream, kept if its bytes are the digest it was resolved to
+    (or, not resolved before, the digest its answer names)."""
     answer = await relay.serve(pull, mirror)
-    if answer.status_code == 200 and answer.headers.get("docker-content-digest") == digest:
-        # stored only if the bytes match the digest (a compressed answer does not)
-        media_type, body = answer.headers.get("content-type", ""), answer.raw_content or b""
-        if store.put_manifest(digest, media_type, body) and shared is not None:
-            shared.put_manifest_later(digest, media_type, body)
+    named = answer.headers.get("docker-content-digest", "")
+    if answer.status_code == 200 and named.startswith("sha256:"):
+        if digest is None and (not pull.route.is_digest or named == pull.route.reference):
+            digest = named
+            _remember(pull, mirror, digest, answer.headers.get("content-type", ""))
+        if named == digest:
+            # stored only if the bytes match the digest (a compressed answer does not)
+            media_type, body = answer.headers.get("content-type", ""), answer.raw_content or b""
+            shared = mirror.cache.shared
+            if mirror.cache.store.put_manifest(digest, media_type, body) and shared is not None:
+                shared.put_manifest_later(digest, media_type, body)
     answer.headers[CACHE_HEADER] = "miss"
     return answer
+
+
+def _remember(pull: Pull, mirror: Mirror, digest: str, media_type: str) -> None:
+    """The upstream let this client have ``digest``, and (for a tag) named it for this Accept."""
+    store, route, shared = mirror.cache.store, pull.route, mirror.cache.shared
+    confirm(pull, mirror, digest)
+    if not route.is_digest:
+        record = store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest, media_type)
+        if shared is not None and record:
+            shared.put_record_later(Store.tag_record(pull.upstream.base, route.name, route.reference), record)
 
 
 async def _stale(pull: Pull, mirror: Mirror) -> Answer | None:

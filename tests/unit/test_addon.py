@@ -4,6 +4,7 @@ loopback HTTP server standing in for the upstream registry."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mitmproxy.test import taddons, tflow
 
 from hubrewrite.addon import HubRewrite
 from hubrewrite.loopback import KEY_HEADER
+from hubrewrite.responses import CACHE_HEADER
 
 from .driving import drive
 from .recording_server import Canned, RecordingServer, closed_port
@@ -462,8 +464,6 @@ async def fetch_from_loopback(addon, flow) -> httpx.Response:
 
 def blob_with_cache(addon_ctx, upstream, tmp_path, data: bytes, cdn_path: str = "/cdn/x"):
     """A caching addon; its upstream redirects a blob path to `cdn_path` on itself, which serves `data`."""
-    import hashlib
-
     addon, tctx = addon_ctx
     tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"))
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -474,7 +474,7 @@ def blob_with_cache(addon_ctx, upstream, tmp_path, data: bytes, cdn_path: str = 
 
 
 def test_cache_fill_then_hit_with_confirmed_access(addon_ctx, upstream, tmp_path):
-    data = b"layer-bytes" * 100
+    data = b"layer-bytes" * 10_000  # larger than INLINE_LIMIT: streamed from the loopback server
     addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, data)
 
     async def scenario():
@@ -512,8 +512,9 @@ def test_cache_fill_then_hit_with_confirmed_access(addon_ctx, upstream, tmp_path
 
 
 def test_cache_mismatch_ends_every_transfer_short_and_keeps_nothing(addon_ctx, upstream, tmp_path):
-    addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, b"the-real-blob")
-    upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", "13")], b"not-the-blob!")
+    real = b"the-real-blob" * 10_000
+    addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, real)
+    upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", str(len(real)))], b"not-the-blob!" * 10_000)
 
     async def scenario():
         flow = make_flow(upstream.url, "GET", blob_path)
@@ -531,9 +532,43 @@ def test_cache_mismatch_ends_every_transfer_short_and_keeps_nothing(addon_ctx, u
     run(scenario())
 
 
+def test_small_blob_is_answered_whole_once_verified(addon_ctx, upstream, tmp_path):
+    """A blob up to INLINE_LIMIT (a config blob) is answered with its bytes, no loopback
+    hop; one whose download does not match its digest gets a registry error, never the bytes."""
+    data = b"config" * 100
+    addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, data)
+    wrong = b"x" * len(data)
+    wrong_digest = "sha256:" + hashlib.sha256(b"y" * len(data)).hexdigest()
+    wrong_path = f"/v2/library/nginx/blobs/{wrong_digest}"
+    upstream.routes[("*", wrong_path)] = Canned(307, [("Location", upstream.url + "/cdn/wrong")])
+    upstream.routes[("GET", "/cdn/wrong")] = Canned(200, [("Content-Length", str(len(wrong)))], wrong)
+
+    async def scenario():
+        cold = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer t1")])
+        await drive(addon, cold)
+        assert cold.response.status_code == 200 and cold.response.content == data
+        assert cold.response.headers["docker-content-digest"] == digest
+        assert cold.response.headers[CACHE_HEADER] == "miss"
+        upstream.received.clear()
+        warm = make_flow(upstream.url, "GET", blob_path, headers=[("Authorization", "Bearer t1")])
+        await drive(addon, warm)
+        assert warm.response.content == data and warm.response.headers[CACHE_HEADER] == "hit"
+        assert upstream.received == []  # access remembered for this token
+
+        mismatch = make_flow(upstream.url, "GET", wrong_path)
+        await drive(addon, mismatch)
+        assert mismatch.response.status_code == 502
+        assert json.loads(mismatch.response.content)["errors"][0]["code"] == "UNAVAILABLE"
+        assert not addon.mirror.cache.store.has_blob(wrong_digest)
+        await addon.done()
+
+    run(scenario())
+
+
 def test_cache_aborted_download_releases_it(addon_ctx, upstream, tmp_path):
-    addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, b"x" * 100)
-    upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", "100")], b"partial")  # then stalls
+    size = 100_000  # streamed: larger than INLINE_LIMIT
+    addon, blob_path, digest = blob_with_cache(addon_ctx, upstream, tmp_path, b"x" * size)
+    upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", str(size))], b"partial")  # then stalls
     addon_ctx[1].configure(addon, hub_upstream_timeout=1)
 
     async def scenario():
@@ -550,11 +585,11 @@ def test_cache_aborted_download_releases_it(addon_ctx, upstream, tmp_path):
         assert not addon.mirror.cache.store.has_blob(digest)
         assert list(addon.mirror.cache.store.tmp.glob("*.download")) == []
         # the next client may download it again
-        upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", "100")], b"x" * 100)
+        upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", str(size))], b"x" * size)
         again = make_flow(upstream.url, "GET", blob_path)
         await drive(addon, again)
         assert addon.pulls[again.id].transfer.download is not None
-        assert (await fetch_from_loopback(addon, again)).content == b"x" * 100
+        assert (await fetch_from_loopback(addon, again)).content == b"x" * size
         await addon.done()
 
     run(scenario())
