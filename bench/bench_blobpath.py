@@ -21,7 +21,9 @@ directory and pushes ``bench/big:1.0`` (one uncompressed layer of
 ``--reps`` interleaved repetitions (the order of the groups rotates), each:
 
 * ``cdn``: the big blob with curl straight from a signed CDN URL, and
-  ``skopeo copy --all`` of the multi image straight from the fake Hub (direct);
+  ``skopeo copy --all`` of the multi image straight from the fake Hub (direct)
+  and through mitmdump without the addon (the floor of anything built on
+  mitmproxy: skopeo follows the blob redirects to the CDN itself);
 * per server, fresh with an empty cache: the big blob with curl (following
   redirects, a bearer token from the server's /token), cold, then warm; then a
   cold ``skopeo copy --all`` of the multi image.
@@ -79,9 +81,10 @@ SERVERS = ("nginx", "relay", "listener")
 GROUPS = ("cdn", *SERVERS)
 MIRRORS = ("listener", "relay")  # the issue's targets are for the listener; the relay's are for comparison
 LABELS = {"cdn": "straight from the CDN", "nginx": "nginx proxy_cache (peer)",
-          "relay": "mirror, listener off", "listener": "mirror, listener on"}
+          "relay": "mirror, listener off", "listener": "mirror, listener on",
+          "bare": "mitmdump without the addon"}
 PULL_PATHS = ("cdn", "nginx_cold", "nginx_warm", "relay_cold", "relay_warm", "listener_cold", "listener_warm")
-SKOPEO_PATHS = ("direct", *SERVERS)
+SKOPEO_PATHS = ("direct", "bare", *SERVERS)
 THROTTLE_CLIENTS = 4
 THROTTLE_STAGGER = 0.3  # seconds between client starts
 
@@ -132,6 +135,18 @@ def serving(kind: str, workdir: Path, up: Upstream) -> Iterator[Served]:
         raise BenchError(f"{LABELS[kind]} did not start: {e}") from None
     finally:
         shutil.rmtree(workdir / "cache", ignore_errors=True)
+
+
+@contextmanager
+def bare_mitmdump(workdir: Path, up: Upstream) -> Iterator[Served]:
+    """mitmdump in front of the upstream without the addon: what mitmproxy alone costs a pull
+    (the client follows the blob redirects to the CDN itself; nothing is cached)."""
+    try:
+        with Mirror(workdir, up.api_url, plain=True, name="bare") as m:
+            yield Served("bare", m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
+                         lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
+    except MirrorError as e:
+        raise BenchError(f"mitmdump without the addon did not start: {e}") from None
 
 
 def check_alive(served: Served, label: str) -> None:
@@ -257,6 +272,10 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                     rec = skopeo_copy(None, up.api_host, f"{tag} skopeo")
                     skopeo["direct"].append(rec | {"rep": rep})
                     log(f"{tag} skopeo --all direct: {rec['seconds']:.2f}s")
+                    with bare_mitmdump(workdir / f"bare-{rep}", up) as bare:
+                        rec = skopeo_copy(bare, bare.host, f"{tag} skopeo, mitmdump without the addon")
+                    skopeo["bare"].append(rec | {"rep": rep})
+                    log(f"{tag} skopeo --all through mitmdump without the addon: {rec['seconds']:.2f}s")
                     continue
                 with serving(group, workdir / f"{group}-{rep}", up) as served:
                     url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
@@ -406,8 +425,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     out.append("|---|---:|---:|---:|---:|---:|---:|")
     for p in SKOPEO_PATHS:
         secs = [r["seconds"] for r in skopeo[p]]
-        rss = f"{max(r['peak_rss'] for r in skopeo[p]) / MB:.1f}" if p != "direct" else "n/a"
-        name = "direct (edge + CDN)" if p == "direct" else LABELS[p] + note(p)
+        rss = f"{max(r['peak_rss'] for r in skopeo[p]) / MB:.1f}" if "peak_rss" in skopeo[p][0] else "n/a"
+        name = {"direct": "direct (edge + CDN)", "bare": "mitmdump without the addon (floor: blobs from the CDN)"}.get(
+            p) or LABELS[p] + note(p)
         out.append(f"| {name} | {med(secs):.2f} | {min(secs):.2f} | {max(secs):.2f} | "
                    f"{med(secs) / skopeo_med['direct']:.2f}x | {med([r['cdn_requests'] for r in skopeo[p]]):g} | {rss} |")
     out.append("")
