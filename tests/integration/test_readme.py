@@ -322,8 +322,10 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shell(checkout, home) -> Shell:
-    # COLUMNS: mitmdump shortens logged URLs to the terminal's width; the tests read whole URLs
-    return Shell(checkout, {**os.environ, **OFFLINE_PIP, "HOME": str(home), "COLUMNS": "4000"})
+    # COLUMNS: mitmdump shortens logged URLs to the terminal's width; the tests read whole URLs.
+    # No display: mitmweb as typed opens a browser when it finds one.
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    return Shell(checkout, {**env, **OFFLINE_PIP, "HOME": str(home), "COLUMNS": "4000"})
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.daemons import Dockerd
@@ -50,7 +51,7 @@ class NamespacedDockerd(Dockerd):
     """A Dockerd (tests/support/daemons.py) in a private mount namespace; see the module docstring."""
 
     def __init__(self, workdir: Path, containerd_address: str, config: dict, *, binds: dict[str, Path],
-                 before: str = "", no_proxy: list[str] = (), env: dict[str, str] | None = None,
+                 before: str = "", no_proxy: Sequence[str] = (), env: dict[str, str] | None = None,
                  cli: str = "docker") -> None:
         super().__init__(workdir, containerd_address, config=config, cli=cli)
         self.binds, self.before = dict(binds), before

@@ -20,6 +20,7 @@ import select
 import subprocess
 import termios
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _echo_on(fd: int) -> bool:
     return bool(termios.tcgetattr(fd)[3] & termios.ECHO)
 
 
-def in_terminal(argv: list[str], answers: list[tuple[str, str]], *, secrets: list[str] = (),
+def in_terminal(argv: list[str], answers: list[tuple[str, str]], *, secrets: Sequence[str] = (),
                 env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> TerminalResult:
     """Run ``argv`` on a new terminal; for each (prompt, answer) in order, wait for the prompt, type the answer."""
     master, slave = os.openpty()
@@ -59,11 +60,9 @@ def in_terminal(argv: list[str], answers: list[tuple[str, str]], *, secrets: lis
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
-    finally:
-        os.close(slave)
-    try:
         output += _drain(master)
     finally:
+        os.close(slave)
         os.close(master)
     return TerminalResult(proc.returncode, _scrub(output, secrets))
 
@@ -91,7 +90,7 @@ def _converse(proc: subprocess.Popen, master: int, slave: int, answers: list[tup
             output += chunk.decode(errors="replace")
         elif proc.poll() is not None:
             return output
-    raise TerminalError(f"{argv_name(proc)} still running after the timeout; output so far:\n"
+    raise TerminalError(f"{proc.args[0]} still running after the timeout; output so far:\n"
                         f"{_scrub(output, secrets)[-2000:]}")
 
 
@@ -108,11 +107,7 @@ def _drain(master: int) -> str:
     return data.decode(errors="replace")
 
 
-def argv_name(proc: subprocess.Popen) -> str:
-    return str(proc.args[0]) if isinstance(proc.args, list) else str(proc.args)
-
-
-def _scrub(text: str, secrets) -> str:
+def _scrub(text: str, secrets: Sequence[str] | set[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
