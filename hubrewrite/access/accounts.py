@@ -121,7 +121,7 @@ def load_users(path: Path) -> dict[str, str]:
 
 
 def hash_password(password: str, scheme: str = "bcrypt") -> str:
-    """A hash for the users file (``python -m hubrewrite.accounts``)."""
+    """A hash for the users file (``python -m hubrewrite.access.accounts``)."""
     if SEPARATOR in password:
         raise AccountsError("a mirror password must not contain ':' (it separates upstream credentials)")
     if scheme == "argon2":
@@ -205,12 +205,12 @@ def _refused(message: str, user: str = "") -> RegistryError:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print a users-file line: python -m hubrewrite.accounts USER [--argon2] (password on stdin)."""
+    """Print a users-file line: python -m hubrewrite.access.accounts USER [--argon2] (password on stdin)."""
     import argparse
     import getpass
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m hubrewrite.accounts", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hubrewrite.access.accounts", description=main.__doc__)
     parser.add_argument("user")
     parser.add_argument("--argon2", action="store_true", help="argon2id instead of bcrypt")
     args = parser.parse_args(argv)
