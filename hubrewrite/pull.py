@@ -51,6 +51,7 @@ class Step:
     ref: str = ""
     start: float = field(default_factory=time.time)
     streamed: int | None = None  # body bytes of a streamed answer
+    source: str = "mirror"  # of an answer's body made here (hub_served_bytes_total): a small blob's is "cache" or "upstream"
     in_flight: bool = False
     done: bool = False
 

@@ -28,7 +28,7 @@ def finish(pull: Pull, metrics: Metrics) -> None:
     else:
         size = len(response.raw_content or b"") if response is not None else 0
         if size:
-            metrics.bytes_served.labels("mirror").inc(size)
+            metrics.bytes_served.labels(step.source).inc(size)
     metrics.requests.labels(step.upstream, step.kind, str(status)).inc()
     if cache_state in ("hit", "miss", "stale") and step.kind in ("blob", "manifest"):
         metrics.cache_requests.labels(step.kind, cache_state).inc()

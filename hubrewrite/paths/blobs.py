@@ -142,8 +142,11 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
         return make_response(200, _blob_head(pull, state), b"", size)
     if pull.method == "GET" and "range" not in pull.flow.request.headers:
         small = await _small_blob(mirror, digest, download)
+        if isinstance(small, http.Response):
+            return small
         if small is not None:
-            return small if isinstance(small, http.Response) else make_response(200, _blob_head(pull, state), small)
+            pull.step.source = "cache" if download is None else "upstream"
+            return make_response(200, _blob_head(pull, state), small)
     transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
 
