@@ -65,6 +65,13 @@ class HeadGuard(layer.Layer):
             self.idle_since = time.monotonic()
             self.head_bytes = 0
 
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.closed or self._counting() or (isinstance(event, events.Wakeup) and event.command is self.timer):
+            return super().handle_event(event)
+        # a request in flight: its bytes go straight to the layers below, without this
+        # layer's cost per event (it never pauses, so mitmproxy's pause bookkeeping has nothing to do)
+        return self.child.handle_event(event)
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup) and event.command is self.timer:
             self.timer = None

@@ -30,6 +30,7 @@ from .store import BlobWriter, Store
 log = logging.getLogger("hub_rewrite")
 
 POLL_SECONDS = 0.05  # how often a follower of another process's download looks at the file
+WAKE_BYTES, WAKE_SECONDS = 1 << 20, 0.02  # how much a download writes, or how long it waits, before it wakes its followers
 STARTING, RUNNING, COMMITTED, FAILED = "starting", "running", "committed", "failed"
 
 
@@ -46,12 +47,29 @@ class Download:
         self.state = STARTING
         self.mismatch = False  # all the bytes came, and they were not the blob
         self._changed = asyncio.Event()
+        self._woken_at = 0  # bytes written when followers were last woken
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._ended: list[Callable[[Download], None]] = []
         self.task: asyncio.Task | None = None
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def _wake_followers(self) -> None:
+        """Each wake costs every follower a send: once per MiB written, or within
+        WAKE_SECONDS of any write (a slow source), not once per network read."""
+        if self.written - self._woken_at >= WAKE_BYTES:
+            self._wake()
+        elif self._wake_timer is None:
+            self._wake_timer = asyncio.get_running_loop().call_later(WAKE_SECONDS, self._wake)
+
+    def _wake(self) -> None:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        self._woken_at = self.written
+        self._notify()
 
     async def changed(self, timeout: float) -> None:
         try:
@@ -92,7 +110,7 @@ class Download:
                 writer.write(chunk)
                 self.written += len(chunk)
                 on_bytes(len(chunk))
-                self._notify()
+                self._wake_followers()
             if self.written != self.size:
                 raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {self.written} of {self.size} bytes")
             committed = await asyncio.to_thread(writer.finish)
@@ -120,7 +138,7 @@ class Download:
         self.state = state
         Store.release_lock(self.lock_fd)
         self.downloads.running.pop(self.digest, None)
-        self._notify()
+        self._wake()
         for callback in self._ended:
             callback(self)
 
