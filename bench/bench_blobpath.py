@@ -66,8 +66,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
-                     smoke_banner, tool_version)
+from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
+                     report_footer, run_benchmark, smoke_banner, tool_version)
 from image_set import push_images  # noqa: E402
 from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
 from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
@@ -453,24 +453,15 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
                "processes). Peak RSS = VmHWM reset before each pull, max over reps (nginx: the sum over its "
                "processes). MB = 10^6 bytes. Digest of a warm pull checked per server: "
                + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["digest_verified"].items()) + ".")
-    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
-               f"Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}, {facts['nginx']}, "
-               f"{facts['skopeo']}; repo {facts['git']}")
-    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end.")
-    out.append(f"Command: `{result['command']}`")
-    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    out += report_footer(result, [facts["curl"], facts["nginx"], facts["skopeo"]])
     print("\n".join(out), flush=True)
     return all_ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024, help="big layer size in MiB (default 1024)")
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    blob_arguments(ap, 3, "interleaved repetitions")
     ap.add_argument("--throttle-mb-s", type=float, default=50, help="CDN rate in the throttled scenario (default 50)")
-    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
-    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
-    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
     args = ap.parse_args(argv)
     if args.size_mib < 1 or args.reps < 1 or args.throttle_mb_s <= 0:
         ap.error("--size-mib, --reps and --throttle-mb-s must be positive")

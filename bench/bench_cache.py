@@ -49,8 +49,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
-                     smoke_banner, tool_version)
+from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
+                     report_footer, run_benchmark, smoke_banner, tool_version)
 from image_set import push_images  # noqa: E402
 from procstat import rss_bytes  # noqa: E402
 from pulls import CURL_TIMEOUT, registry_token, skopeo_pull  # noqa: E402
@@ -320,23 +320,14 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     for t, v, ok in targets:
         out.append(f"| {t} | {v} | {'PASS' if ok else 'FAIL'} |")
     out.append("")
-    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, "
-               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, "
-               f"{facts['curl']}, {facts.get('skopeo', '?')}; repo {facts['git']}")
-    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end.")
-    out.append(f"Command: `{result['command']}`")
-    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    out += report_footer(result, [facts["curl"], facts.get("skopeo", "?")])
     print("\n".join(out), flush=True)
     return all_ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024, help="big layer size in MiB (default 1024)")
-    ap.add_argument("--reps", type=int, default=3, help="direct/cold/warm repetitions (default 3)")
-    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
-    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
-    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+    blob_arguments(ap, 3, "direct/cold/warm repetitions")
     args = ap.parse_args(argv)
     if args.size_mib < 1 or args.reps < 1:
         ap.error("--size-mib and --reps must be at least 1")

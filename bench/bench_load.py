@@ -52,8 +52,8 @@ for p in (REPO_ROOT, REPO_ROOT / "bench"):
 
 import httpx  # noqa: E402
 
-from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
-                     smoke_banner)
+from harness import (BenchError, apply_scale, exact_command, log, machine_facts, report_footer,  # noqa: E402
+                     run_benchmark, smoke_banner)
 from procstat import rss_bytes  # noqa: E402
 from pulls import registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image, standard_images  # noqa: E402
@@ -356,13 +356,7 @@ def report(result: dict[str, Any]) -> None:
         out.append("")
     out.append(f"Sequential HEADs: `{HEAD_REPO}:{HEAD_TAG}`, one keep-alive connection, direct = the fake Hub's "
                f"API host with an upstream token. MB = 10^6 bytes.")
-    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, "
-               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, "
-               f"httpx {httpx.__version__}; repo {facts['git']}")
-    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end "
-               f"(clients, mirror and fake Hub share the same CPUs).")
-    out.append(f"Command: `{result['command']}`")
-    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    out += report_footer(result, [f"httpx {httpx.__version__}"], "(clients, mirror and fake Hub share the same CPUs)")
     print("\n".join(out), flush=True)
 
 

@@ -44,8 +44,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
-                     smoke_banner)
+from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
+                     report_footer, run_benchmark, smoke_banner)
 from procstat import cpu_seconds, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
@@ -202,24 +202,15 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
                f"{'PASS' if tput_ok else 'FAIL'}")
     out.append(f"- mirror peak RSS < {RSS_TARGET / MB:.0f} MB: {peak['mirror'] / MB:.1f} MB -> "
                f"{'PASS' if rss_ok else 'FAIL'}\n")
-    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, "
-               f"Linux {facts['kernel']}; Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}; "
-               f"repo {facts['git']}")
-    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end "
-               f"(the run itself keeps about 2 CPUs busy; a high start value means other work was running).")
-    out.append(f"Command: `{result['command']}`")
-    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    out += report_footer(result, [facts["curl"]],
+                         "(the run itself keeps about 2 CPUs busy; a high start value means other work was running)")
     print("\n".join(out), flush=True)
     return tput_ok and rss_ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per path (default 5)")
-    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
-    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
-    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; the blob is deleted)")
+    blob_arguments(ap, 5, "timed repetitions per path")
     args = ap.parse_args(argv)
     if args.size_mib < 1 or args.reps < 1:
         ap.error("--size-mib and --reps must be at least 1")

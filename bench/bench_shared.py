@@ -58,8 +58,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
 
 import httpx  # noqa: E402
 
-from harness import (BenchError, apply_scale, exact_command, log, machine_facts, run_benchmark,  # noqa: E402
-                     smoke_banner, tool_version)
+from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
+                     report_footer, run_benchmark, smoke_banner, tool_version)
 from image_set import push_images  # noqa: E402
 from procstat import cpu_seconds, peak_rss, reset_peak_rss, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
@@ -381,23 +381,14 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
                "radosgw's perf counters put_b/get_b (every client: the mirror, or curl itself after a presigned "
                "307). MB = 10^6 bytes. Digest of a warm pull checked: "
                + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["digest_verified"].items()) + ".")
-    out.append(f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
-               f"Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {facts['curl']}, {facts['ceph']}, "
-               f"boto3 {facts['boto3']}; repo {facts['git']}")
-    out.append(f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end.")
-    out.append(f"Command: `{result['command']}`")
-    out.append(f"Wall time: {result['wall_seconds']:.0f}s")
+    out += report_footer(result, [facts["curl"], facts["ceph"], f"boto3 {facts['boto3']}"])
     print("\n".join(out), flush=True)
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions, groups rotating (default 3)")
-    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
-    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
-    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+    blob_arguments(ap, 3, "repetitions, groups rotating")
     args = ap.parse_args(argv)
     if args.size_mib < 1 or args.reps < 1:
         ap.error("--size-mib and --reps must be positive")

@@ -68,6 +68,30 @@ def smoke_banner(result: dict[str, Any]) -> list[str]:
             f"benchmark runs; the figures below are not measurements)\n"]
 
 
+# ---------------------------------------------------------------- options and report lines they share
+
+
+def blob_arguments(ap: argparse.ArgumentParser, reps: int, reps_help: str) -> None:
+    """The options of the benchmarks that pull one big layer."""
+    ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
+    ap.add_argument("--reps", type=int, default=reps, help=f"{reps_help} (default {reps})")
+    ap.add_argument("--json", type=Path, help="write raw numbers to this file")
+    ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+
+
+def report_footer(result: dict[str, Any], tools: list[str], load_note: str = "") -> list[str]:
+    """A report's last lines: the machine and the ``tools`` measured with, the load around
+    the run, the exact command, the wall time."""
+    facts = result["machine"]
+    return [f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
+            f"Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {', '.join(tools)}; repo {facts['git']}",
+            f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end"
+            f"{' ' + load_note if load_note else ''}.",
+            f"Command: `{result['command']}`",
+            f"Wall time: {result['wall_seconds']:.0f}s"]
+
+
 # ---------------------------------------------------------------- facts for the report
 
 
