@@ -23,7 +23,9 @@ directory and pushes ``bench/big:1.0`` (one uncompressed layer of
 * ``cdn``: the big blob with curl straight from a signed CDN URL, and
   ``skopeo copy --all`` of the multi image straight from the fake Hub (direct)
   and through mitmdump without the addon (the floor of anything built on
-  mitmproxy: skopeo follows the blob redirects to the CDN itself);
+  mitmproxy: skopeo follows the blob redirects to the CDN itself), and through
+  the mirror with ``hub_side_flows=on`` (what mitmweb turns on: the cost of
+  recording the mirror's own exchanges as flows);
 * per server, fresh with an empty cache: the big blob with curl (following
   redirects, a bearer token from the server's /token), cold, then warm; then a
   cold ``skopeo copy --all`` of the multi image.
@@ -82,9 +84,9 @@ GROUPS = ("cdn", *SERVERS)
 MIRRORS = ("listener", "relay")  # the targets are for the listener; the relay's are for comparison
 LABELS = {"cdn": "straight from the CDN", "nginx": "nginx proxy_cache (peer)",
           "relay": "mirror, listener off", "listener": "mirror, listener on",
-          "bare": "mitmdump without the addon"}
+          "bare": "mitmdump without the addon", "side_flows": "mirror, listener off, side flows on (as mitmweb)"}
 PULL_PATHS = ("cdn", "nginx_cold", "nginx_warm", "relay_cold", "relay_warm", "listener_cold", "listener_warm")
-SKOPEO_PATHS = ("direct", "bare", *SERVERS)
+SKOPEO_PATHS = ("direct", "bare", *SERVERS, "side_flows")
 THROTTLE_CLIENTS = 4
 THROTTLE_STAGGER = 0.3  # seconds between client starts
 
@@ -128,6 +130,8 @@ def serving(kind: str, workdir: Path, up: Upstream) -> Iterator[Served]:
             options = {"hub_cache_dir": str(workdir / "cache")}
             if kind == "listener":
                 options["hub_blob_listen"] = f"127.0.0.1:{free_port()}"
+            if kind == "side_flows":
+                options["hub_side_flows"] = "on"  # as in mitmweb: every exchange of the mirror's a flow
             with Mirror(workdir, up.api_url, options=options, name="mirror") as m:
                 yield Served(kind, m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                              lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
@@ -276,6 +280,10 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                         rec = skopeo_copy(bare, bare.host, f"{tag} skopeo, mitmdump without the addon")
                     skopeo["bare"].append(rec | {"rep": rep})
                     log(f"{tag} skopeo --all through mitmdump without the addon: {rec['seconds']:.2f}s")
+                    with serving("side_flows", workdir / f"side-flows-{rep}", up) as served:
+                        rec = skopeo_copy(served, served.host, f"{tag} skopeo, side flows on")
+                    skopeo["side_flows"].append(rec | {"rep": rep})
+                    log(f"{tag} skopeo --all cold, side flows on: {rec['seconds']:.2f}s")
                     continue
                 with serving(group, workdir / f"{group}-{rep}", up) as served:
                     url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
