@@ -5,7 +5,8 @@ trickle in, and accepts connections until the process runs out of files. A
 mirror on a public address needs limits there: how many connections it serves
 at once, how large a request head may be, and how long a client may take to
 send one (or leave a connection idle between requests). Beyond them a
-connection is closed, with a 431 or 408 where a head was started, and the
+connection is closed, with a 431 or 408 where a head was started (in plain
+HTTP: over TLS this layer cannot encrypt, so the close is all), and the
 operator reads one log line per cause and minute, not one per connection.
 
 The head limits are a layer put on top of each client connection's layer
@@ -112,10 +113,14 @@ class HeadGuard(layer.Layer):
     def _close(self, status: int, reason: str) -> layer.CommandGenerator[None]:
         self.closed = True
         self.guard.count(reason)
-        body = error_body("UNSUPPORTED", reason)
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        yield commands.SendData(self.context.client, head + body)
+        if not self.context.client.tls:
+            body = error_body("UNSUPPORTED", reason)
+            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            yield commands.SendData(self.context.client, head + body)
+        # else the answer would go out unencrypted: this layer sits above the client's TLS (an
+        # HTTPS listener, a CONNECT tunnel the proxy intercepts), and plain text there is garbage
+        # the client reports as a TLS error; the close is the answer
         yield commands.CloseConnection(self.context.client)
 
 

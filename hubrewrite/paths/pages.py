@@ -43,10 +43,13 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
                 details.update(status="degraded", serving="from the local tier and the upstream")
         return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
     served, cache = pull.registries, mirror.settings.cache
+    # the registry names without one go to on this host: the default, or the one the host name
+    # or the proxy target fixed (a forward proxy's table need not hold the default registry)
+    home = pull.upstream
     body = status_page(StatusFacts(
         mirror_url=pull.view.mirror_url,
-        upstream=served.default_upstream.base,
-        registry_name=served.default,
+        upstream=home.base,
+        registry_name=home.name,
         registry_names=sorted(served.table),
         cache_dir=str(cache.directory) if cache else "",
         cache_bytes=cache_bytes,

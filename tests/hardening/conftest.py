@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.support.mirror import Mirror
+from tests.support.netns import PublicClient, available
 
 from .helpers import ANSWERS, INDEX_ACCEPT, UPSTREAM_TIMEOUT, EvilListener, anonymous_token
 
@@ -40,6 +41,17 @@ def mirror(upstream, cache_dir, tmp_path_factory):
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
     with Mirror(tmp_path_factory.mktemp("hardening-mirror"), upstream.api_url, options=options) as m:
         yield m
+
+
+@pytest.fixture(scope="module")
+def public_client():
+    """A client on a public address (a network namespace, tests/support/netns.py): the
+    forward proxy treats it as the internet, which a faked peername could not show."""
+    problem = available()
+    if problem:
+        pytest.fail(f"this test needs a network namespace: {problem}")
+    with PublicClient() as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

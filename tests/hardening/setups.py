@@ -15,6 +15,7 @@ from tests.support.mirror import Mirror
 from tests.support.netns import PublicClient
 
 from .helpers import SERVICE
+from .wire import Conn
 
 PROXY_REGISTRY = "hub.test"  # a registry name in the proxy's table that no DNS resolves
 LOCAL_REGISTRY = "localhost"  # one that resolves (to loopback): a tunnel to it would really connect
@@ -46,6 +47,11 @@ def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str) 
     for setting in settings:
         args += ["--set", setting]
     return Mirror(workdir, "", mode="regular", listen_host=client.host_address, extra_args=args)
+
+
+def public_conn(client: PublicClient, proxy: Mirror) -> Conn:
+    """A connection to ``proxy`` (a ``public_proxy``) from the public client's address."""
+    return Conn(client.connect((proxy.listen_host, proxy.port)))
 
 
 def registry_has_manifest(upstream, repo: str, reference: str) -> bool:

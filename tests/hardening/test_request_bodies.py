@@ -27,11 +27,10 @@ import pytest
 
 from tests.integration.test_routing import HOST_MAPPED, routing_mirror
 from tests.support.images import OCI_MANIFEST, canonical_json, sha256_digest
-from tests.support.netns import PublicClient, available
 
 from .helpers import INDEX_ACCEPT, anonymous_token, assert_registry_error, fresh_image
-from .setups import (LOCAL_REGISTRY, PROXY_REGISTRY, log_marks, mirror_token, public_proxy, registry_has_blob,
-                     registry_has_manifest, upload_session, upstream_saw, users_file)
+from .setups import (LOCAL_REGISTRY, PROXY_REGISTRY, log_marks, mirror_token, public_conn, public_proxy,
+                     registry_has_blob, registry_has_manifest, upload_session, upstream_saw, users_file)
 from .wire import FRAMINGS, TWO_MIB, Conn, request_head, send_with_body
 
 ACCEPTS = [f"Accept: {a}" for a in INDEX_ACCEPT]
@@ -65,24 +64,11 @@ def routed(upstream, second_upstream, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def public_client():
-    problem = available()
-    if problem:
-        pytest.fail(f"this test needs a network namespace: {problem}")
-    with PublicClient() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def proxy(public_client, upstream, tmp_path_factory):
     """A forward proxy whose table holds hub.test and localhost (both: the test upstream),
     listening where the public client reaches it; pass-through as configured by default."""
     with public_proxy(public_client, tmp_path_factory.mktemp("bodies-proxy"), upstream) as m:
         yield m
-
-
-def public_conn(public_client: PublicClient, proxy) -> Conn:
-    return Conn(public_client.connect((proxy.listen_host, proxy.port)))
 
 
 # ---------------------------------------------------------------- pushes to a read-only mirror

@@ -6,7 +6,9 @@ where the first one ended."""
 from __future__ import annotations
 
 import socket
+import ssl
 import time
+from pathlib import Path
 
 from .helpers import RawResponse
 
@@ -44,6 +46,19 @@ class Conn:
     def close(self) -> None:
         self.sock.close()
 
+    def tunnel(self, target: str, cafile: Path) -> Conn:
+        """Through a forward proxy: CONNECT ``target`` (host:port), then TLS inside the tunnel,
+        trusting ``cafile`` (mitmproxy's CA). This connection speaks TLS from here on."""
+        self.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        resp = self.read_response("CONNECT")
+        if resp.status != 200 or self.buf:
+            raise WireError(f"CONNECT {target}: {resp.short()}")
+        context = ssl.create_default_context(cafile=str(cafile))
+        timeout = self.sock.gettimeout()
+        self.sock = context.wrap_socket(self.sock, server_hostname=target.rpartition(":")[0])
+        self.sock.settimeout(timeout)
+        return self
+
     def send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
@@ -53,7 +68,7 @@ class Conn:
     def _fill(self) -> bool:
         try:
             data = self.sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
+        except (socket.timeout, ConnectionResetError, ssl.SSLEOFError):
             return False
         self.buf += data
         return bool(data)
