@@ -25,7 +25,7 @@ import resource
 import time
 from collections import Counter
 
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, ctx, http, tcp, tls
 from mitmproxy.proxy import commands, events, layer
 
 from .registry.errors import error_body
@@ -232,6 +232,14 @@ class ConnectionGuard:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if data.ignore_connection and (guard := self._guard(data.context.client)):
             guard.passthrough = True  # bytes of another host's TLS, passed through untouched
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.passthrough = True  # a raw tunnel: its bytes are another protocol's, not heads
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if guard := self._guard(flow.client_conn):
+            guard.passthrough = True  # messages after the upgrade are not request heads
 
     def response(self, flow: http.HTTPFlow) -> None:
         if guard := self._guard(flow.client_conn):

@@ -317,3 +317,93 @@ def test_a_low_open_file_limit_is_respected_without_tracebacks(upstream, tmp_pat
         for s in socks:
             s.close()
         m.stop()
+
+
+def _serve_once(handler) -> int:
+    """A one-connection server on loopback for ``handler(sock)``, in a thread: the port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def run():
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                handler(conn)
+
+    threading.Thread(target=run, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def _echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def _receive(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count and (chunk := sock.recv(65536)):
+        data += chunk
+    return data
+
+
+def test_a_tunnel_passed_through_is_no_request_head(proxy):
+    """A CONNECT to a host outside the table (allowed: the client is on loopback) carries
+    bytes of another protocol: more than a head's limit, and silence longer than the head
+    timeout, are the tunnel's business, not a head's."""
+    port = _serve_once(_echo)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=HEAD_TIMEOUT * 4) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"\r\n\r\n"):
+            answer += sock.recv(1)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        payload = bytes(range(256)) * 1024  # 256 KiB, not TLS, not HTTP
+        sock.sendall(payload)
+        assert _receive(sock, len(payload)) == payload
+        time.sleep(HEAD_TIMEOUT * 2)
+        sock.sendall(b"still there?")
+        assert _receive(sock, 12) == b"still there?"
+
+
+def test_websocket_messages_are_no_request_head(proxy):
+    """A websocket to a host outside the table, through the proxy: its messages after the
+    101 are not a request head, however many bytes and however slow."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request
+
+    def ws_echo(conn: socket.socket) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while data := conn.recv(65536):
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, Request):
+                    conn.sendall(ws.send(AcceptConnection()))
+                elif isinstance(event, BytesMessage):
+                    conn.sendall(ws.send(BytesMessage(data=event.data, message_finished=event.message_finished)))
+
+    port = _serve_once(ws_echo)
+    ws = WSConnection(ConnectionType.CLIENT)
+    received = bytearray()
+
+    def pump(sock: socket.socket, until) -> None:
+        while not until():
+            ws.receive_data(sock.recv(65536))
+            for event in ws.events():
+                if isinstance(event, BytesMessage):
+                    received.extend(event.data)
+                elif isinstance(event, AcceptConnection):
+                    received.extend(b"")  # the upgrade answer: nothing to keep
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=HEAD_TIMEOUT * 4) as sock:
+        opening = ws.send(Request(host=f"127.0.0.1:{port}", target="/echo"))
+        # absolute form: the proxy's request line names the target
+        sock.sendall(opening.replace(b"GET /echo ", f"GET http://127.0.0.1:{port}/echo ".encode(), 1))
+        pump(sock, lambda: ws.state.name == "OPEN")
+        payload = bytes(range(256)) * 1024
+        for i in range(0, len(payload), 16384):
+            sock.sendall(ws.send(BytesMessage(data=payload[i:i + 16384])))
+        pump(sock, lambda: len(received) >= len(payload))
+        assert bytes(received) == payload
+        time.sleep(HEAD_TIMEOUT * 2)
+        sock.sendall(ws.send(BytesMessage(data=b"still there?")))
+        pump(sock, lambda: len(received) >= len(payload) + 12)
+        assert bytes(received[len(payload):]) == b"still there?"
