@@ -67,7 +67,7 @@ class Transfer:
     # "cache" (a verified file) or "download" (a download followed)
     source: str
     download: Download | None = None  # the download whose start this request made
-    retry_path: str | None = None  # a storage refusing a signed URL sends the client back here once
+    retry_location: str | None = None  # a storage refusing a signed URL sends the client back here once
 
 
 @dataclass

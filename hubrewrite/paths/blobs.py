@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from mitmproxy import http
 
@@ -264,8 +264,14 @@ async def from_storage(pull: Pull, mirror: Mirror) -> Answer:
         log.warning("blob %s: %s", digest, e.message)
         return error_response(e)
     pull.flow.comment += f"; blob streamed from {urlsplit(probe.target).hostname}"
-    retry_path = None if pull.retried else pull.route.path()
-    return Retarget(probe.target, Transfer(digest, kept, "storage", retry_path=retry_path))
+    return Retarget(probe.target, Transfer(digest, kept, "storage", retry_location=_retry_location(pull)))
+
+
+def _retry_location(pull: Pull) -> str | None:
+    """The client's own request (its registry prefix, its ``ns``), marked as retried: once only."""
+    if pull.retried:
+        return None
+    return pull.path + "?" + urlencode([*pull.client_query, (RETRY_PARAM, "1")])
 
 
 def storage_error(digest: str, status: int, reason: str) -> http.Response:
@@ -281,6 +287,6 @@ def replace_storage_error(transfer: Transfer, response: http.Response) -> http.R
     status = response.status_code
     if transfer.source != "storage" or status < 300 or status == 416:
         return None  # 416: Range Not Satisfiable is the storage's honest answer
-    if status == 403 and transfer.retry_path:
-        return make_response(307, [("Location", f"{transfer.retry_path}?{RETRY_PARAM}=1")])
+    if status == 403 and transfer.retry_location:
+        return make_response(307, [("Location", transfer.retry_location)])
     return storage_error(transfer.digest, status, response.reason)

@@ -649,6 +649,27 @@ def test_expired_signed_url_sends_client_back_once(addon_ctx, upstream):
     run(scenario())
 
 
+def test_the_second_chance_is_the_clients_own_request(addon_ctx, upstream):
+    """The client named the repository its way (no ``library/``) and the registry with
+    ``ns``: the way back keeps both, or a mirror serving several registries would lose it."""
+    addon, _ = addon_ctx
+    upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(307, [("Location", upstream.url + "/cdn?sig=old")])
+    client_path = f"/v2/nginx/blobs/{DIGEST}"
+
+    async def scenario():
+        flow = make_flow(upstream.url, "GET", f"{client_path}?ns=docker.io")
+        await drive(addon, flow)
+        flow.response = http.Response.make(403, b"<Error>Request has expired</Error>")
+        addon.responseheaders(flow)
+        addon.response(flow)
+        assert flow.response.headers["location"] == f"{client_path}?ns=docker.io&_hub_retry=1"
+        again = make_flow(upstream.url, "GET", flow.response.headers["location"])
+        await drive(addon, again)
+        assert upstream.received[-1].path == f"/v2/library/nginx/blobs/{DIGEST}"  # ns and marker are the mirror's
+
+    run(scenario())
+
+
 def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, upstream):
     addon, _ = addon_ctx
     upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(
