@@ -95,6 +95,10 @@ THREE_PROCESSES = (
 BENCH_PULL = "PYTHONPATH=. .venv/bin/python bench/bench_pull.py --size-mib 1024 --reps 5 --json bench/results/pull.json"
 BENCH_CACHE = "PYTHONPATH=. .venv/bin/python bench/bench_cache.py --size-mib 1024 --reps 3 --json bench/results/cache.json"
 BENCH_LOAD = "PYTHONPATH=. .venv/bin/python bench/bench_load.py --clients 50 --seconds 120 --json bench/results/load.json"
+BENCH_BLOBPATH = ("PYTHONPATH=. .venv/bin/python bench/bench_blobpath.py --size-mib 1024 --reps 3 "
+                  "--json bench/results/blobpath.json")
+BENCH_SHARED = ("PYTHONPATH=. .venv/bin/python bench/bench_shared.py --size-mib 1024 --reps 3 "
+                "--json bench/results/shared.json")
 
 # inline code spans that are commands
 SCRIPTS_RUN_PUBLIC_URL = "scripts/run --set hub_public_url=https://mirror.example.com"
@@ -113,6 +117,7 @@ INLINE_COMMANDS = (SCRIPTS_RUN_PUBLIC_URL, SCRIPTS_TEST_UNIT, SKOPEO_COPY, DOCKE
 NOT_COMMANDS = {
     "docker login": "the command's name in prose; `docker login localhost:5000` and `docker login mirror.example.com` run",
     "mitmdump --mode reverse": "names the plain relay of the benchmark table, not a command to type",
+    "skopeo copy --all": "names the pull the benchmark tables measure (bench_blobpath.py and bench_cache.py run it)",
     ".ci/run": "CI's entry point, named in prose: it execs scripts/test (see the table)",
 }
 PROGRAM = re.compile(r"sudo|docker|dockerd|podman|skopeo|buildah|ctr|nerdctl|crictl|kubectl|mitmdump|mitmweb|mitmproxy|"
@@ -973,6 +978,8 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     BENCH_PULL: BenchSmoke(),
     BENCH_CACHE: BenchSmoke(),
     BENCH_LOAD: BenchSmoke(),
+    BENCH_BLOBPATH: BenchSmoke(),
+    BENCH_SHARED: BenchSmoke(),
     # ---- inline commands
     SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),
