@@ -11,6 +11,25 @@ import json
 from dataclasses import dataclass
 from string import Template
 
+MIRROR_USAGE = Template("""<h2>docker</h2>
+<p>Pull by name: <code>docker pull $host/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
+<pre>$daemon_json</pre>
+<h2>containerd</h2>
+<p><code>/etc/containerd/certs.d/$registry/hosts.toml</code> (the same with another
+directory name and server for each other registry: containerd names it in <code>?ns=</code>):</p>
+<pre>$hosts_toml</pre>
+<h2>podman, skopeo, buildah</h2>
+<p><code>/etc/containers/registries.conf</code>:</p>
+<pre>$registries_conf</pre>
+$prefix_example""")
+
+# a forward proxy: clients keep the registries' own names and reach them through it
+PROXY_USAGE = Template("""<h2>Use it as a proxy</h2>
+<p>Clients keep pulling by the registries' own names and send their traffic through
+<code>$proxy_url</code>; they must trust mitmproxy's CA (<code>~/.mitmproxy/mitmproxy-ca-cert.pem</code> on the mirror):</p>
+<pre>$proxy_env</pre>
+""")
+
 PAGE = Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hub-rewrite mirror</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -23,23 +42,13 @@ table { border-collapse: collapse; } td, th { border: 1px solid #d0d7de; padding
 </style></head>
 <body>
 <h1>hub-rewrite: a mirror of $registry</h1>
-<p>This mirror at <code>$mirror_url</code> serves $served, read-only; names without a registry go to <b>$registry</b> (upstream <code>$upstream</code>).
+<p>$intro
 <span class="muted">$requests requests answered since start.</span></p>
 <h2>Cache</h2>
 $cache
 <h2>Docker Hub rate limit</h2>
 $rate
-<h2>docker</h2>
-<p>Pull by name: <code>docker pull $host/library/nginx</code>, or make it the mirror for every pull in <code>/etc/docker/daemon.json</code>:</p>
-<pre>$daemon_json</pre>
-<h2>containerd</h2>
-<p><code>/etc/containerd/certs.d/$registry/hosts.toml</code> (the same with another
-directory name and server for each other registry: containerd names it in <code>?ns=</code>):</p>
-<pre>$hosts_toml</pre>
-<h2>podman, skopeo, buildah</h2>
-<p><code>/etc/containers/registries.conf</code>:</p>
-<pre>$registries_conf</pre>
-$prefix_example
+$usage
 <p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
 </body></html>
 """)
@@ -58,21 +67,39 @@ class StatusFacts:
     ratelimits: dict[str, str]  # upstream -> latest ratelimit-remaining
     requests_served: float
     store: str = ""  # the shared store (bucket) and its state, if any
+    proxy_url: str = ""  # a forward proxy: the address clients set as their proxy
 
 
 def status_page(facts: StatusFacts) -> bytes:
     e = html.escape
-    host = facts.mirror_url.split("://", 1)[1].rstrip("/")
-    insecure = facts.mirror_url.startswith("http://")
     others = [name for name in facts.registry_names if name != facts.registry_name]
     page = PAGE.substitute(
         registry=e(facts.registry_name),
-        mirror_url=e(facts.mirror_url),
-        served=", ".join(f"<b>{e(name)}</b>" for name in [facts.registry_name, *others]),
-        upstream=e(facts.upstream),
+        intro=_intro(facts, others),
         requests=f"{facts.requests_served:.0f}",
         cache=_cache(facts),
         rate=_rate(facts.ratelimits),
+        usage=_proxy_usage(facts.proxy_url) if facts.proxy_url else _mirror_usage(facts, others),
+    )
+    return page.encode()
+
+
+def _intro(facts: StatusFacts, others: list[str]) -> str:
+    e = html.escape
+    served = ", ".join(f"<b>{e(name)}</b>" for name in [facts.registry_name, *others])
+    if facts.proxy_url:
+        return (f"This forward proxy at <code>{e(facts.proxy_url)}</code> serves {served}, read-only, "
+                "to clients that name them as usual.")
+    return (f"This mirror at <code>{e(facts.mirror_url)}</code> serves {served}, read-only; names without a "
+            f"registry go to <b>{e(facts.registry_name)}</b> (upstream <code>{e(facts.upstream)}</code>).")
+
+
+def _mirror_usage(facts: StatusFacts, others: list[str]) -> str:
+    e = html.escape
+    host = facts.mirror_url.split("://", 1)[1].rstrip("/")
+    insecure = facts.mirror_url.startswith("http://")
+    return MIRROR_USAGE.substitute(
+        registry=e(facts.registry_name),
         host=e(host),
         daemon_json=e(json.dumps({"registry-mirrors": [facts.mirror_url]}
                                  | ({"insecure-registries": [host]} if insecure else {}), indent=2)),
@@ -81,7 +108,12 @@ def status_page(facts: StatusFacts) -> bytes:
         prefix_example=f"<p>Other registries by path prefix: <code>{e(host)}/{e(others[0])}/OWNER/IMAGE</code>.</p>"
         if others else "",
     )
-    return page.encode()
+
+
+def _proxy_usage(proxy_url: str) -> str:
+    env = (f"# dockerd, containerd (their service's environment), podman, skopeo (the shell's)\n"
+           f"HTTPS_PROXY={proxy_url}\nHTTP_PROXY={proxy_url}")
+    return PROXY_USAGE.substitute(proxy_url=html.escape(proxy_url), proxy_env=html.escape(env))
 
 
 def _rate(ratelimits: dict[str, str]) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.utils import human
 
 from ..access.accounts import sign_in
+from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
 from ..pull import Pull
 from ..registry.errors import RegistryError
@@ -59,8 +60,15 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         requests_served=sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples
                             if s.name.endswith("_total")),
         store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
+        proxy_url=_proxy_url(pull.flow.client_conn) if is_forward_proxy(pull.flow.client_conn) else "",
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
+
+
+def _proxy_url(client: connection.Client) -> str:
+    """The proxy's address as this client reached it: what it sets as its proxy."""
+    host, port = client.sockname[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def _signed_in(pull: Pull, mirror: Mirror) -> bool:

@@ -144,5 +144,8 @@ def test_no_user_or_address_through_the_forward_proxy(proxy, public_client, upst
     with public_conn(public_client, proxy) as anonymous:
         proxy_pull(anonymous, upstream.api_url, upstream.api_host, "library/alpine", "3.19")
     identities = ["alice", public_client.address]
-    assert_no_identity(proxy, identities, logged=identities, text=proxy_pages(proxy, upstream))
+    text = proxy_pages(proxy, upstream)
+    assert_no_identity(proxy, identities, logged=identities, text=text)
+    # the status page tells a proxy's users how to use a proxy, not a mirror host
+    assert f"HTTPS_PROXY={proxy.proxy_url.rstrip('/')}" in text and "registry-mirrors" not in text
     assert "Traceback" not in proxy.log_text()  # the proxy is not the suite's checked mirror

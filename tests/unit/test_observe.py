@@ -48,3 +48,13 @@ def test_status_page_fills_in_the_mirror_url_and_escapes():
     assert "<script" not in page and "<link" not in page and "src=" not in page  # no external assets
     evil = status_page(StatusFacts("https://<x>", "u", "docker.io", [], "", None, "0", None, {}, 0)).decode()
     assert "<x>" not in evil and "&lt;x&gt;" in evil
+
+
+def test_status_page_of_a_forward_proxy_says_how_to_use_a_proxy():
+    """Through a forward proxy clients keep the registries' names: no mirror host to pull from."""
+    page = html.unescape(status_page(StatusFacts(
+        "https://ghcr.io", "https://ghcr.io", "ghcr.io", ["docker.io", "ghcr.io"], "", None, "0", None, {}, 3,
+        proxy_url="http://10.0.0.5:8080")).decode())
+    assert "This forward proxy at <code>http://10.0.0.5:8080</code> serves" in page
+    assert "HTTPS_PROXY=http://10.0.0.5:8080" in page and "mitmproxy-ca-cert.pem" in page
+    assert "docker pull" not in page and "registry-mirrors" not in page and "hosts.toml" not in page
