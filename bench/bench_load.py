@@ -311,7 +311,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
 
 
 def report(result: dict[str, Any]) -> None:
-    L, lat, facts = result["load"], result["latency"], result["machine"]
+    L, lat = result["load"], result["latency"]
     peak = max(L["peak_rss_sampled"], result["peak_rss_hwm"])
     rss_ok = peak < RSS_TARGET
     err_ok = L["errors"] == 0

@@ -128,18 +128,13 @@ def store_requests(mirror: Mirror) -> dict[str, float]:
 
 def wait_in_bucket(rgw: CephRGW, bucket: str, digest: str, timeout: float = UPLOAD_TIMEOUT) -> None:
     """Until the blob's object is in the bucket (A uploads it in the background)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError
 
-    s3, key = rgw.client(), f"{PREFIX}/blobs/sha256/{digest.split(':', 1)[1]}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            s3.head_object(Bucket=bucket, Key=key)
+    try:
+        if rgw.wait_for_blob(bucket, PREFIX, digest, timeout):
             return
-        except ClientError:
-            time.sleep(0.1)
-        except BotoCoreError as e:
-            raise BenchError(f"HEAD of the blob's object: {type(e).__name__}") from None
+    except BotoCoreError as e:
+        raise BenchError(f"HEAD of the blob's object: {type(e).__name__}") from None
     raise BenchError(f"the blob was not in the bucket {timeout:.0f}s after the cold pull (A's upload)")
 
 

@@ -135,7 +135,6 @@ def test_side_flows_are_shown(pulled, upstream):
     """The mirror's own exchanges, each a flow of its own, linked both ways to its client flow."""
     api = pulled.web_api
     flows = api.flows()
-    by_id = {f["id"]: f for f in flows}
     shown = summary(flows)
     token_service = side_flows(flows, "token request to the token service")
     assert token_service, shown

@@ -253,19 +253,6 @@ def edge_paths(up) -> list[str]:
     return [r.get("path", "") for r in up.edge_requests()]
 
 
-def in_bucket(ceph, digest: str, timeout: float = 30) -> bool:
-    """The README's bucket holds the blob (uploaded in the background once verified)."""
-    s3 = ceph.client()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            s3.head_object(Bucket=BUCKET, Key=f"hub/blobs/sha256/{digest[7:]}")
-            return True
-        except Exception:
-            time.sleep(0.2)
-    return False
-
-
 def shared_hits(port: int) -> float:
     """``hub_cache_tier_hits_total{tier="shared"}`` of the mirror process on ``port``."""
     metrics = httpx.get(f"http://127.0.0.1:{port}/_hub/metrics", timeout=10).text
@@ -796,7 +783,7 @@ def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
         assert blob.status_code == 200 and sha256(blob.content) == digest
-        assert in_bucket(ceph, digest), "the blob never reached the bucket"
+        assert ceph.wait_for_blob(BUCKET, "hub", digest), "the blob never reached the bucket"
         health = httpx.get(f"http://127.0.0.1:{port}/_hub/health", timeout=30).json()
         log = proc.log_text()
     assert health["status"] == "ok", health
@@ -835,7 +822,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
         base = f"https://{public}"
         first = get_blob(base, "team/readme-three", digest, verify=trusting(certs["ca"]))
         assert first.status_code == 200 and sha256(first.content) == digest
-        assert in_bucket(ceph, digest)
+        assert ceph.wait_for_blob(BUCKET, "hub", digest)
         hits_before = sum(shared_hits(p) for p in ports)
         for _ in range(3):  # nginx sends the requests round the three processes
             again = get_blob(base, "team/readme-three", digest, verify=trusting(certs["ca"]))

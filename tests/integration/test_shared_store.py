@@ -11,7 +11,6 @@ concurrent pulls of one uncached blob through both make one CDN request.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import secrets
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from tests.support.images import make_big_layer, push_image
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
 
 SERVICE = "registry.docker.io"
 PREFIX = "hub"
@@ -86,25 +85,12 @@ def cdn_gets(upstream, digest: str) -> int:
     return len([r for r in upstream.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
 
 
-def in_bucket(ceph, bucket: str, digest: str, timeout: float = 30) -> bool:
-    """Wait for the background upload of a blob."""
-    s3 = ceph.client()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            s3.head_object(Bucket=bucket, Key=f"{PREFIX}/blobs/sha256/{digest[7:]}")
-            return True
-        except Exception:
-            time.sleep(0.2)
-    return False
-
-
 def test_a_blob_pulled_through_one_is_served_by_the_other_without_the_cdn(pair, upstream, ceph, bucket, tmp_path):
     a, b = pair
     digest = fresh_blob(upstream, tmp_path, "team/s-shared", 6 * 1024 * 1024)
     first = get_blob(a, "team/s-shared", digest, token(a, "team/s-shared"))
     assert first.status_code == 200 and sha256(first.content) == digest
-    assert in_bucket(ceph, bucket, digest), "not uploaded to the bucket"
+    assert ceph.wait_for_blob(bucket, PREFIX, digest), "not uploaded to the bucket"
     before = cdn_gets(upstream, digest)
     second = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
     assert second.status_code == 200 and sha256(second.content) == digest
@@ -124,7 +110,7 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
                           capture_output=True, text=True, timeout=120)
     assert warm.returncode == 0, warm.stderr
     for layer in image["layer_digests"]:
-        assert in_bucket(ceph, bucket, layer)
+        assert ceph.wait_for_blob(bucket, PREFIX, layer)
     options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true")
     with Mirror(tmp_path / "c", upstream.api_url, options=options, env=store_env(ceph), name="c") as c:
         before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
@@ -170,7 +156,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
     digest = secret["layer_digests"][0]
     alice = token(a, "private/secret", auth=("alice", upstream.users["alice"]))
     assert sha256(get_blob(a, "private/secret", digest, alice).content) == digest
-    assert in_bucket(ceph, bucket, digest)
+    assert ceph.wait_for_blob(bucket, PREFIX, digest)
     options = store_options(ceph, bucket, tmp_path / "cache-p", hub_store_presign="true")
     with Mirror(tmp_path / "p", upstream.api_url, options=options, env=store_env(ceph), name="p") as presigning:
         for mirror in (a, b, presigning):
@@ -186,7 +172,7 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
     a, _ = pair
     digest = fresh_blob(upstream, tmp_path, "team/s-corrupt", 3 * 1024 * 1024)
     assert sha256(get_blob(a, "team/s-corrupt", digest, token(a, "team/s-corrupt")).content) == digest
-    assert in_bucket(ceph, bucket, digest)
+    assert ceph.wait_for_blob(bucket, PREFIX, digest)
     key = f"{PREFIX}/blobs/sha256/{digest[7:]}"
     ceph.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024))  # someone else's bytes
     for presign in ("false", "true"):
@@ -203,7 +189,7 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
                     break
             else:
                 pytest.fail("no correct transfer after 3 tries")
-    assert in_bucket(ceph, bucket, digest)
+    assert ceph.wait_for_blob(bucket, PREFIX, digest)
     body = ceph.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert sha256(body) == digest, "the corrupted object was not replaced"
 

@@ -168,6 +168,21 @@ class CephRGW:
                           request_checksum_calculation="when_required",
                           response_checksum_validation="when_required", **config))
 
+    def wait_for_blob(self, bucket: str, prefix: str, digest: str, timeout: float = 30) -> bool:
+        """Whether a blob's object appears in the bucket within ``timeout`` (a mirror
+        uploads it in the background once verified): the mirror's key layout."""
+        from botocore.exceptions import ClientError
+
+        s3, key = self.client(), f"{prefix}/blobs/sha256/{digest.split(':', 1)[1]}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                s3.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError:
+                time.sleep(0.1)
+        return False
+
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
