@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+import anyio
 import certifi
 import httpcore
 import httpx
@@ -152,6 +153,11 @@ class UpstreamClient:
         for name in ("accept", "accept-encoding"):
             del self._client.headers[name]
         self._client.headers["user-agent"] = "hub-rewrite"
+
+    async def warm_up(self) -> None:
+        """httpx's transport loads anyio's event-loop backend on its first request (about
+        30 ms of imports): load it at start-up, not while the first client waits."""
+        await anyio.sleep(0)
 
     async def aclose(self) -> None:
         await self._client.aclose()
