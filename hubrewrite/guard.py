@@ -27,6 +27,7 @@ from collections import Counter
 
 from mitmproxy import connection, ctx, http, tcp, tls
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook
 
 from .registry.errors import error_body
 from .settings import Limits
@@ -38,6 +39,8 @@ FILES_PER_CONNECTION = 3  # the client's, one upstream, one to the loopback serv
 # files kept free: the process's own (logs, cache, listeners) and a burst of accepted
 # sockets not yet refused (asyncio accepts up to its listen backlog, 100, at a time)
 RESERVED_FILES = 64 + 100
+# the hooks mitmproxy's HTTP layer starts once it has parsed a request head
+HEAD_PARSED = (HttpRequestHeadersHook, HttpConnectHook)
 
 
 class HeadGuard(layer.Layer):
@@ -53,6 +56,7 @@ class HeadGuard(layer.Layer):
         self.head_bytes = 0
         self.idle_since = time.monotonic()
         self.passthrough = False  # a tunnel to another host, not mitmproxy's HTTP
+        self.head_complete = False  # mitmproxy parsed the head: what follows is its body
         self.closed = False
         self.timer: commands.RequestWakeup | None = None
 
@@ -65,6 +69,7 @@ class HeadGuard(layer.Layer):
         if self.in_flight == 0:
             self.idle_since = time.monotonic()
             self.head_bytes = 0
+            self.head_complete = False
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self.closed or self._counting() or (isinstance(event, events.Wakeup) and event.command is self.timer):
@@ -87,10 +92,15 @@ class HeadGuard(layer.Layer):
             if self.head_bytes > self.guard.limits().max_head_bytes:
                 yield from self._close(431, "request head too large")
                 return
-        yield from self.child.handle_event(event)
+        for command in self.child.handle_event(event):
+            if isinstance(command, HEAD_PARSED):
+                # the head is whole; its body may arrive before the addons' requestheaders
+                # hook (which marks the request in flight) has run, and is not a head
+                self.head_complete = True
+            yield command
 
     def _counting(self) -> bool:
-        return not self.passthrough and self.in_flight == 0
+        return not self.passthrough and self.in_flight == 0 and not self.head_complete
 
     def _arm(self) -> layer.CommandGenerator[None]:
         if self.timer is None:

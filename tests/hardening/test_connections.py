@@ -407,3 +407,31 @@ def test_websocket_messages_are_no_request_head(proxy):
         sock.sendall(ws.send(BytesMessage(data=b"still there?")))
         pump(sock, lambda: len(received) >= len(payload) + 12)
         assert bytes(received[len(payload):]) == b"still there?"
+
+
+SLOW_HOOKS = '''
+import asyncio
+
+
+async def requestheaders(flow):
+    # before the mirror's addons: its body arrives while the hooks are still running
+    if "x-slow-hooks" in flow.request.headers:
+        await asyncio.sleep(1)
+'''
+
+
+def test_a_body_arriving_before_the_hooks_ran_is_no_request_head(upstream, tmp_path):
+    """mitmproxy parses a head, then runs the addons' requestheaders hooks; a body that
+    arrives meanwhile is the request's body, not more head, however long the hooks take
+    (on a loaded machine, a 2 MiB PUT got 431 instead of the mirror's own answer)."""
+    slow = tmp_path / "slow_hooks.py"
+    slow.write_text(SLOW_HOOKS)
+    mirror = Mirror(tmp_path / "mirror", upstream.api_url, options=LIMITS)
+    first_script = mirror.argv.index("-s")
+    mirror.argv[first_script:first_script] = ["-s", str(slow)]
+    with mirror, Conn.to(mirror.port) as conn:
+        body = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+        head = request_head("PUT", "/v2/library/alpine/manifests/1", mirror.host, "X-Slow-Hooks: 1",
+                            "Content-Type: application/vnd.oci.image.manifest.v1+json")
+        resp = conn.exchange("PUT", head, body, "content-length")
+    assert resp.status == 405, resp.short()  # a read-only mirror's answer, not 431
