@@ -89,6 +89,7 @@ class HubRewrite:
                      ", ".join(settings.upstream_credentials.registries()))
 
     async def running(self) -> None:
+        await self.mirror.client.warm_up()  # once, here: start() below also runs on every request
         await self.mirror.start()
 
     async def done(self) -> None:

@@ -167,8 +167,7 @@ class Mirror:
         self.metrics.bytes_served.labels(source).inc(count)
 
     async def start(self) -> None:
-        """What needs the event loop: the loopback server, the blob listener, the upstream client's warm-up."""
-        await self.client.warm_up()
+        """What needs the event loop: the loopback server and the blob listener."""
         await self.loopback.start()
         cache = self.cache
         if cache is not None and cache.listener is not None and cache.listener.server.server is None:
