@@ -58,6 +58,7 @@ from botocore.config import Config
 from .bucket_config import BucketConfig, BucketConfigError
 from .bucket_errors import BucketError, s3_errors
 from .bucket_locks import BucketLocks
+from .digests import hex_of, sha256_of_bytes
 
 __all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStat", "BlobStream"]
 
@@ -81,18 +82,10 @@ BLOB_TYPE = "application/octet-stream"
 # anyone else lacks it, and is never handed out unread (presigned)
 VERIFIED_MARK = "hub-verified-sha256"
 
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
 # prefixes whose objects only this module's verified writers may create
 _RESERVED = ("blobs", "manifests", "locks")
-
-
-def _hex(digest: str) -> str:
-    m = _DIGEST.match(digest) if isinstance(digest, str) else None
-    if not m:
-        raise ValueError(f"expected a digest like sha256:<64 hex digits>, not {digest!r}")
-    return m.group(1)
 
 
 def _client_config(connect_timeout: float, read_timeout: float, attempts: int, pool: int,
@@ -194,7 +187,7 @@ class Bucket:
         head = self._head(self._blob_key(digest), "blob", digest)
         if head is None:
             return None
-        return BlobStat(head["ContentLength"], head.get("Metadata", {}).get(VERIFIED_MARK) == _hex(digest))
+        return BlobStat(head["ContentLength"], head.get("Metadata", {}).get(VERIFIED_MARK) == hex_of(digest))
 
     def delete_blob(self, digest: str) -> None:
         """Remove a blob found not to match its digest (deleting a missing one is no error)."""
@@ -208,12 +201,12 @@ class Bucket:
         ``upload_concurrency`` parts in flight for the whole Bucket, so about
         (upload_concurrency + 1) x part_size bytes of buffers (a finished
         part's buffer is freed just after its slot is)."""
-        key, want = self._blob_key(digest), _hex(digest)
+        key, want = self._blob_key(digest), hex_of(digest)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= self._part_size:
                 body = f.read()
-                if hashlib.sha256(body).hexdigest() != want:
+                if sha256_of_bytes(body) != digest:
                     raise ValueError(f"{path} does not hash to {digest}")
                 with s3_errors("upload blob", digest):
                     self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE,
@@ -278,24 +271,24 @@ class Bucket:
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         """Store a manifest; ValueError (nothing stored) if ``body`` does not hash to ``digest``."""
-        key, want = self._manifest_key(digest), _hex(digest)
+        key = self._manifest_key(digest)  # validates the digest
         if not isinstance(media_type, str) or len(media_type) > 255 or not _MEDIA_TYPE.match(media_type):
             raise ValueError(f"not a media type: {media_type!r}")
         if len(body) > SMALL_OBJECT_LIMIT:
             raise ValueError(f"manifest larger than {SMALL_OBJECT_LIMIT} bytes")
-        if hashlib.sha256(body).hexdigest() != want:
+        if sha256_of_bytes(body) != digest:
             raise ValueError(f"manifest body does not hash to {digest}")
         with s3_errors("put manifest", digest):
             self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=media_type)
 
     def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, body) of a stored manifest, verified; None if absent or corrupt (then deleted)."""
-        key, want = self._manifest_key(digest), _hex(digest)
+        key = self._manifest_key(digest)  # validates the digest
         got = self._get_small(key, "manifest", digest)
         if got is None:
             return None
         media_type, body = got
-        if hashlib.sha256(body).hexdigest() != want:
+        if sha256_of_bytes(body) != digest:
             self._delete_corrupt(key, "manifest", digest)
             return None
         return media_type, body
@@ -341,10 +334,10 @@ class Bucket:
         return "/".join([self.config.prefix, *parts] if self.config.prefix else parts)
 
     def _blob_key(self, digest: str) -> str:
-        return self._key("blobs", "sha256", _hex(digest))
+        return self._key("blobs", "sha256", hex_of(digest))
 
     def _manifest_key(self, digest: str) -> str:
-        return self._key("manifests", "sha256", _hex(digest))
+        return self._key("manifests", "sha256", hex_of(digest))
 
     def _lock_key(self, name: str) -> str:
         return self._key("locks", name)

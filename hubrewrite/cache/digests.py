@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 CHUNK = 1 << 20
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
 def hex_of(digest: str) -> str:
-    algorithm, _, hex_part = digest.partition(":")
-    if algorithm != "sha256" or len(hex_part) != 64:
-        raise ValueError(f"the cache stores sha256 digests only, not {digest!r}")
-    return hex_part
+    """The hex part of a sha256 digest: the key of its file, or of its object in a bucket."""
+    m = _DIGEST.match(digest) if isinstance(digest, str) else None
+    if not m:
+        raise ValueError(f"expected a digest like sha256:<64 hex digits>, not {digest!r}")
+    return m.group(1)
 
 
 def sha256_of_file(path: Path) -> str:
