@@ -12,13 +12,17 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mitmproxy import http
 
+from ..loopback import KEY_HEADER
+from ..registry.headers import CREDENTIAL_HEADERS as SENT_CREDENTIALS
 from .fingerprint import fingerprint
 
-CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-hub-loopback-key")
+# what a client sends (never forwarded to a CDN), what a server sets, and the mirror's loopback key
+CREDENTIAL_HEADERS = (*sorted(SENT_CREDENTIALS), "set-cookie", KEY_HEADER.lower())
 # query parameters that sign a URL: S3/R2 (X-Amz-*), Cloudflare (verify), GCS, Azure (sig), the test CDN
 _SIGNING_PARAM = re.compile(r"(?i)^(x-amz-|x-goog-)|^(signature|sig|verify|token|expires?|key-pair-id|policy|se|sp|sv)$")
 _FORM_SECRETS = ("password", "refresh_token", "access_token", "token")
@@ -51,7 +55,7 @@ def redact_request(request: http.Request) -> None:
     """In place: a request whose credentials were used already (the record of a flow)."""
     redact_headers(request.headers)
     if request.query:
-        request.query = [(k, fingerprint(v) if _SIGNING_PARAM.search(k) else v) for k, v in request.query.items(multi=True)]
+        request.query = _redacted_query(request.query.items(multi=True))
     if request.raw_content and "x-www-form-urlencoded" in request.headers.get("content-type", ""):
         fields = parse_qsl(request.get_text(strict=False) or "", keep_blank_values=True)
         request.text = urlencode([(k, fingerprint(v) if k in _FORM_SECRETS else v) for k, v in fields])
@@ -68,8 +72,12 @@ def redacted_url(url: str) -> str:
     parts = urlsplit(url)
     if not parts.query:
         return url
-    query = [(k, fingerprint(v) if _SIGNING_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    query = _redacted_query(parse_qsl(parts.query, keep_blank_values=True))
     return urlunsplit(parts._replace(query=urlencode(query, safe="<>:")))
+
+
+def _redacted_query(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, fingerprint(v) if _SIGNING_PARAM.search(k) else v) for k, v in pairs]
 
 
 def redacted_grant(body: bytes) -> bytes:
