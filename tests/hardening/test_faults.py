@@ -13,15 +13,13 @@ import time
 import httpx
 import pytest
 
+from tests.support.images import sha256_digest
+
 from .helpers import (INDEX_ACCEPT, SERVICE, UPSTREAM_TIMEOUT, anonymous_token, assert_registry_error,
                       cache_blob_path, fresh_image, part_files, wait_until)
 
 # hub_upstream_timeout=3: an answer must come well within this
 TIMELY = 10.0
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def blob_url(mirror, repo: str, digest: str) -> str:
@@ -79,7 +77,7 @@ def test_cdn_cuts_the_blob_mid_transfer(mirror, upstream, cache_dir, tmp_path):
         upstream.clear_faults()
     assert_not_cached(cache_dir, digest)
     again = pull_blob(mirror, "team/h-cut", digest, token)
-    assert again.status_code == 200 and sha256(again.content) == digest
+    assert again.status_code == 200 and sha256_digest(again.content) == digest
 
 
 def test_cdn_403_expired_url_once_registry_asked_again(mirror, upstream, cache_dir, tmp_path):
@@ -96,7 +94,7 @@ def test_cdn_403_expired_url_once_registry_asked_again(mirror, upstream, cache_d
         upstream.clear_faults()
     chain = [f"{h.status_code} {h.headers.get('location', '')}" for h in r.history]
     assert r.status_code == 200, f"{r.status_code} {r.text[:300]} after {chain}"
-    assert sha256(r.content) == digest
+    assert sha256_digest(r.content) == digest
     probes = edge_blob_gets(upstream, digest)[probes_before:]
     assert len(probes) == 2, f"registry asked {len(probes)} times: {probes}"
     assert [c.get("status") for c in cdn_records(upstream, digest, min_count=2)] == [403, 200]

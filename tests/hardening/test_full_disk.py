@@ -11,7 +11,6 @@ is removed, caching resumes.  Needs root (mount).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.images import sha256_digest
 
 from .helpers import INDEX_ACCEPT, anonymous_token, cache_blob_path, fresh_image, part_files
 
@@ -57,10 +58,6 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -97,15 +94,15 @@ def test_full_disk_serves_without_caching_then_caching_resumes(mirror, upstream,
                 assert r.status_code == 200, f"{method} manifest {ref} on a full disk: {r.status_code} {r.text[:300]}"
                 assert r.headers.get("docker-content-digest") == big["digest"]
                 if method == "GET":
-                    assert sha256(r.content) == big["digest"]
+                    assert sha256_digest(r.content) == big["digest"]
         assert not list((cache_dir / "manifests").rglob(big["digest"][7:])), "manifest cached on a full disk"
 
         # a blob larger than the free space: whole and correct, not cached, nothing partial left
         r = httpx.get(f"{mirror.url}/v2/team/fulldisk-big/blobs/{big_layer}", headers=auth(token),
                       timeout=30, follow_redirects=True)
         assert r.status_code == 200, r.text[:300]
-        assert len(r.content) == big_size and sha256(r.content) == big_layer, \
-            f"blob on a full disk: {len(r.content)} of {big_size} bytes, digest {sha256(r.content)}"
+        assert len(r.content) == big_size and sha256_digest(r.content) == big_layer, \
+            f"blob on a full disk: {len(r.content)} of {big_size} bytes, digest {sha256_digest(r.content)}"
         assert not cache_blob_path(cache_dir, big_layer).exists(), "blob committed to a full disk"
         assert part_files(cache_dir) == [] and tmp_leftovers(cache_dir) == [], os.listdir(cache_dir / "tmp")
 
@@ -124,7 +121,7 @@ def test_full_disk_serves_without_caching_then_caching_resumes(mirror, upstream,
     layer = later["layer_digests"][0]
     r = httpx.get(f"{mirror.url}/v2/team/fulldisk-later/blobs/{layer}", headers=auth(token), timeout=30,
                   follow_redirects=True)
-    assert r.status_code == 200 and sha256(r.content) == layer
+    assert r.status_code == 200 and sha256_digest(r.content) == layer
     assert list((cache_dir / "manifests").rglob(later["digest"][7:])), "manifest not cached after space was freed"
     assert cache_blob_path(cache_dir, layer).exists(), "blob not cached after space was freed"
     health = httpx.get(f"{mirror.url}/_hub/health", timeout=10).json()

@@ -13,7 +13,6 @@ stays far below one copy per client, and every client gets the right bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import secrets
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.images import OCI_MANIFEST, Pusher, canonical_json
+from tests.support.images import OCI_MANIFEST, Pusher, canonical_json, sha256_digest
 
 from .helpers import INDEX_ACCEPT, anonymous_token, fresh_image
 
@@ -41,10 +40,6 @@ CLIENTS = 200
 MANIFEST_SIZE = 4_000_000
 MAX_PEAK_RSS = 300 * 1024 * 1024
 SILENT_FOR = 2.0  # seconds the clients read nothing
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def random_accept(rng: random.Random) -> str:
@@ -148,7 +143,7 @@ def test_a_big_cached_manifest_to_many_clients_at_once_is_not_copied_per_client(
                "Connection: close\r\n\r\n").encode()
     first = httpx.get(f"{mirror.url}/v2/team/big-manifest/manifests/big", timeout=30,
                       headers=[("Authorization", f"Bearer {token}")] + [("Accept", a) for a in INDEX_ACCEPT])
-    assert first.status_code == 200 and sha256(first.content) == digest, first.text[:300]
+    assert first.status_code == 200 and sha256_digest(first.content) == digest, first.text[:300]
     assert len(body) >= MANIFEST_SIZE
 
     mirror.reset_peak_rss()
@@ -165,7 +160,7 @@ def test_a_big_cached_manifest_to_many_clients_at_once_is_not_copied_per_client(
         wrong = []
         for s in sockets:
             head, got = read_answer(s)
-            if not head.startswith(b"HTTP/1.1 200") or sha256(got) != digest:
+            if not head.startswith(b"HTTP/1.1 200") or sha256_digest(got) != digest:
                 wrong.append(f"{head.split(b'\r\n', 1)[0]!r}, {len(got)} bytes")
     finally:
         for s in sockets:

@@ -9,7 +9,6 @@ concurrent first hits must not each start a loopback listener.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -17,16 +16,13 @@ from pathlib import Path
 import httpx
 
 from tests.support.mirror import Mirror
+from tests.support.images import sha256_digest
 
 from .helpers import (INDEX_ACCEPT, UPSTREAM_TIMEOUT, RawResponse, anonymous_token, cache_blob_path, fresh_image, get,
                       parse_response)
 
 PARALLEL = 20
 LISTEN = "0A"  # TCP state in /proc/net/tcp
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def read_until_closed(sock: socket.socket) -> RawResponse:
@@ -82,7 +78,7 @@ def test_concurrent_first_hits_start_one_loopback_server(mirror, upstream, cache
         finally:
             for s in sockets:
                 s.close()
-        results = [f"{a.status} {a.header('x-hub-cache')} {sha256(a.body) == layer}" for a in answers]
+        results = [f"{a.status} {a.header('x-hub-cache')} {sha256_digest(a.body) == layer}" for a in answers]
         after = listening_ports(fresh.proc.pid)
         log = fresh.log_text()
     assert results == ["200 hit True"] * PARALLEL, results

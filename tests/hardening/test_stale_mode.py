@@ -15,7 +15,6 @@ still is), unless ``hub_cache_stale_grace`` covers the expiry.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 
@@ -23,17 +22,14 @@ import httpx
 import pytest
 
 from tests.conftest import running_upstream
-from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Pusher, push_image, push_index
+from tests.support.images import (DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Pusher, push_image, push_index,
+                                  sha256_digest)
 from tests.support.mirror import Mirror
 from tests.support.token_server import decode_jwt_unverified
 
 from .helpers import INDEX_ACCEPT, SERVICE, UPSTREAM_TIMEOUT, anonymous_token, assert_registry_error
 
 DOWN_STATUSES = (401, 502, 503, 504)
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def fresh_index(upstream, repo: str) -> dict:
@@ -59,7 +55,7 @@ def blob(mirror, repo: str, digest: str, token: str | None) -> httpx.Response:
 def assert_stale(r: httpx.Response, digest: str, what: str) -> None:
     assert r.status_code == 200, f"{what}: {r.status_code} {r.text[:300]}"
     assert r.headers.get("x-hub-cache") == "stale", f"{what}: X-Hub-Cache {r.headers.get('x-hub-cache')}"
-    assert r.headers.get("docker-content-digest") == digest and sha256(r.content) == digest, what
+    assert r.headers.get("docker-content-digest") == digest and sha256_digest(r.content) == digest, what
 
 
 def assert_refused(r: httpx.Response, secret: bytes, what: str) -> None:
@@ -148,7 +144,7 @@ def cache_both(mirror, up) -> dict:
         assert r.status_code == 200 and r.headers.get("docker-content-digest") == image["digest"], r.text[:300]
         for digest in (image["config_digest"], *image["layer_digests"]):
             r = blob(mirror, repo, digest, token)
-            assert r.status_code == 200 and sha256(r.content) == digest, f"{repo} {digest}: {r.status_code}"
+            assert r.status_code == 200 and sha256_digest(r.content) == digest, f"{repo} {digest}: {r.status_code}"
     up.stop_service("edge")
     return {"alice": alice, "alice_exp": alice_exp, "anonymous": anonymous}
 
@@ -157,7 +153,7 @@ def serves_private_stale(mirror, up, token: str) -> None:
     private = up.images["private/stale"]
     assert_stale(manifest(mirror, "private/stale", "1", token, INDEX_ACCEPT), private["digest"], "private manifest")
     r = blob(mirror, "private/stale", private["layer_digests"][0], token)
-    assert r.status_code == 200 and sha256(r.content) == private["layer_digests"][0], \
+    assert r.status_code == 200 and sha256_digest(r.content) == private["layer_digests"][0], \
         f"private blob: {r.status_code} {r.text[:200]}"
 
 
@@ -199,7 +195,7 @@ def test_expired_token_opens_nothing_private_in_stale_mode(stale_mirror, short_u
         assert_stale(manifest(stale_mirror, "team/stale-public", "1", token, INDEX_ACCEPT), public["digest"],
                      "public manifest after the tokens expired")
         r = blob(stale_mirror, "team/stale-public", public["layer_digests"][0], token)
-        assert r.status_code == 200 and sha256(r.content) == public["layer_digests"][0], r.text[:200]
+        assert r.status_code == 200 and sha256_digest(r.content) == public["layer_digests"][0], r.text[:200]
 
 
 @pytest.mark.parametrize("stale_mirror", [{"hub_cache_stale_grace": "60"}], indirect=True)

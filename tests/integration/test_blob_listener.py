@@ -11,7 +11,6 @@ same cache directory follows the first one's download.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -21,15 +20,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
-from tests.support.images import make_big_layer, push_image
+from tests.support.images import make_big_layer, push_image, sha256_digest
 from tests.support.mirror import Mirror, free_port
 from tests.support.throttle import throttled_port
 
 SERVICE = "registry.docker.io"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def token_for(mirror: Mirror, repo: str) -> str:
@@ -78,7 +73,7 @@ def test_blob_is_redirected_to_a_signed_url_and_served_there(mirror, upstream, t
     location = first.headers["location"]
     assert urlsplit(location).port != mirror.port and "signature=" in location
     body = httpx.get(location, timeout=30)
-    assert body.status_code == 200 and sha256(body.content) == digest
+    assert body.status_code == 200 and sha256_digest(body.content) == digest
     assert body.headers["content-length"] == str(size) and body.headers["docker-content-digest"] == digest
     assert body.headers["etag"] == f'"{digest}"'
     # warm: a hit, the same signed place; no new CDN request
@@ -178,12 +173,12 @@ def test_followers_of_a_download_cut_by_the_cdn_all_fail_and_nothing_is_cached(m
         upstream.clear_faults()
     for name, r in results.items():
         assert len(r["bytes"]) < size, f"{name} got a complete-looking transfer"
-        assert sha256(r["bytes"]) != digest
+        assert sha256_digest(r["bytes"]) != digest
     blob = cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
     assert not blob.exists() and not list((cache_dir / "tmp").glob("*.download"))
     # and the next pull downloads it again, whole
     again = httpx.get(redirect(mirror, "team/l-cut", digest, token).headers["location"], timeout=60)
-    assert again.status_code == 200 and sha256(again.content) == digest
+    assert again.status_code == 200 and sha256_digest(again.content) == digest
 
 
 def test_one_download_streamed_to_every_client_as_it_arrives(mirror, upstream, tmp_path):
@@ -203,7 +198,7 @@ def test_one_download_streamed_to_every_client_as_it_arrives(mirror, upstream, t
         for t in [*threads, leaver]:
             t.join(120)
     fast = [results[f"c{i}"] for i in range(4)]
-    assert all(r["status"] == 200 and sha256(r["bytes"]) == digest for r in fast), [r["error"] for r in fast]
+    assert all(r["status"] == 200 and sha256_digest(r["bytes"]) == digest for r in fast), [r["error"] for r in fast]
     assert all(r["first"] < 2.0 for r in fast), [r["first"] for r in fast]
     total = [0.3 * i + r["done"] for i, r in enumerate(fast)]
     assert max(total) <= 1.15 * total[0] + 0.5, total
@@ -238,7 +233,7 @@ def test_a_second_process_follows_the_first_ones_download(mirror, upstream, cach
             t1.join(120)
             t2.join(120)
     assert results["first"]["status"] == results["second"]["status"] == 200
-    assert sha256(results["second"]["bytes"]) == digest == sha256(results["first"]["bytes"])
+    assert sha256_digest(results["second"]["bytes"]) == digest == sha256_digest(results["first"]["bytes"])
     assert results["second"]["first"] < 2.0
     assert len(cdn_gets(upstream, digest)) == 1
 
@@ -257,6 +252,6 @@ def test_an_https_mirror_has_an_https_listener_with_its_certificate(upstream, tm
                           verify=trust).json()["token"]
         r = httpx.get(f"{m.url}/v2/team/l-tls/blobs/{digest}", headers={"Authorization": f"Bearer {token}"},
                       verify=trust, follow_redirects=True, timeout=30)
-        assert r.status_code == 200 and sha256(r.content) == digest
+        assert r.status_code == 200 and sha256_digest(r.content) == digest
         assert [h.status_code for h in r.history] == [307]
         assert r.url.scheme == "https" and r.url.port != m.port  # the listener, same certificate

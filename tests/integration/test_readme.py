@@ -48,7 +48,7 @@ from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV, Containerd
-from tests.support.images import Pusher, make_big_layer, push_image
+from tests.support.images import Pusher, make_big_layer, push_image, sha256_digest
 from tests.support.mirror import free_port
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
@@ -202,10 +202,6 @@ def need(request: pytest.FixtureRequest, *binaries: str) -> None:
 
 def sha256_file(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def port_free(port: int) -> bool:
@@ -731,7 +727,7 @@ def test_scripts_run_with_the_cache(request, shell, upstream, tmp_path):
         answers = [get_blob(base, "team/ociapp", layer) for _ in range(2)]
         page = httpx.get(base + "/", timeout=30).text
     assert [a.headers["x-hub-cache"] for a in answers] == ["miss", "hit"]
-    assert all(sha256(a.content) == layer for a in answers)
+    assert all(sha256_digest(a.content) == layer for a in answers)
     assert (cache / "blobs").is_dir()
     assert " of 50.0g used" in page  # hub_cache_max_size
 
@@ -748,7 +744,7 @@ def test_scripts_run_with_the_blob_listener(request, shell, upstream, tmp_path):
         location = redirect.headers["location"]
         assert location.startswith(f"http://127.0.0.1:{listener}/")
         blob = httpx.get(location, timeout=30)
-    assert blob.status_code == 200 and sha256(blob.content) == layer
+    assert blob.status_code == 200 and sha256_digest(blob.content) == layer
 
 
 # ---------------------------------------------------------------- the shared bucket
@@ -782,7 +778,7 @@ def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket
     digest = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
-        assert blob.status_code == 200 and sha256(blob.content) == digest
+        assert blob.status_code == 200 and sha256_digest(blob.content) == digest
         assert ceph.wait_for_blob(BUCKET, "hub", digest), "the blob never reached the bucket"
         health = httpx.get(f"http://127.0.0.1:{port}/_hub/health", timeout=30).json()
         log = proc.log_text()
@@ -821,12 +817,12 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
 
         base = f"https://{public}"
         first = get_blob(base, "team/readme-three", digest, verify=trusting(certs["ca"]))
-        assert first.status_code == 200 and sha256(first.content) == digest
+        assert first.status_code == 200 and sha256_digest(first.content) == digest
         assert ceph.wait_for_blob(BUCKET, "hub", digest)
         hits_before = sum(shared_hits(p) for p in ports)
         for _ in range(3):  # nginx sends the requests round the three processes
             again = get_blob(base, "team/readme-three", digest, verify=trusting(certs["ca"]))
-            assert again.status_code == 200 and sha256(again.content) == digest
+            assert again.status_code == 200 and sha256_digest(again.content) == digest
         hits_after = sum(shared_hits(p) for p in ports)
         log = proc.log_text()
     assert cdn_gets(upstream, digest) == 1

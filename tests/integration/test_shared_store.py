@@ -11,7 +11,6 @@ concurrent pulls of one uncached blob through both make one CDN request.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import subprocess
@@ -22,15 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.images import make_big_layer, push_image
+from tests.support.images import make_big_layer, push_image, sha256_digest
 from tests.support.mirror import Mirror
 
 SERVICE = "registry.docker.io"
 PREFIX = "hub"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +84,17 @@ def test_a_blob_pulled_through_one_is_served_by_the_other_without_the_cdn(pair, 
     a, b = pair
     digest = fresh_blob(upstream, tmp_path, "team/s-shared", 6 * 1024 * 1024)
     first = get_blob(a, "team/s-shared", digest, token(a, "team/s-shared"))
-    assert first.status_code == 200 and sha256(first.content) == digest
+    assert first.status_code == 200 and sha256_digest(first.content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest), "not uploaded to the bucket"
     before = cdn_gets(upstream, digest)
     second = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
-    assert second.status_code == 200 and sha256(second.content) == digest
+    assert second.status_code == 200 and sha256_digest(second.content) == digest
     assert cdn_gets(upstream, digest) == before == 1
     metrics = httpx.get(f"{b.url}/_hub/metrics").text
     assert 'hub_cache_tier_hits_total{tier="shared"}' in metrics
     # and b's own local tier has it now
     again = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
-    assert again.headers["x-hub-cache"] == "hit" and sha256(again.content) == digest
+    assert again.headers["x-hub-cache"] == "hit" and sha256_digest(again.content) == digest
 
 
 def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair, tmp_path):
@@ -122,7 +117,7 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
         assert result.returncode == 0, result.stderr
         for layer in image["layer_digests"]:
             data = (tmp_path / "presigned" / layer[7:]).read_bytes()
-            assert sha256(data) == layer
+            assert sha256_digest(data) == layer
         assert {d: cdn_gets(upstream, d) for d in image["layer_digests"]} == before  # the bucket sent them
         assert "X-Amz-Signature" not in c.log_text()
 
@@ -155,7 +150,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
     secret = upstream.images["private/secret"]
     digest = secret["layer_digests"][0]
     alice = token(a, "private/secret", auth=("alice", upstream.users["alice"]))
-    assert sha256(get_blob(a, "private/secret", digest, alice).content) == digest
+    assert sha256_digest(get_blob(a, "private/secret", digest, alice).content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     options = store_options(ceph, bucket, tmp_path / "cache-p", hub_store_presign="true")
     with Mirror(tmp_path / "p", upstream.api_url, options=options, env=store_env(ceph), name="p") as presigning:
@@ -171,7 +166,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
 def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, bucket, pair, tmp_path):
     a, _ = pair
     digest = fresh_blob(upstream, tmp_path, "team/s-corrupt", 3 * 1024 * 1024)
-    assert sha256(get_blob(a, "team/s-corrupt", digest, token(a, "team/s-corrupt")).content) == digest
+    assert sha256_digest(get_blob(a, "team/s-corrupt", digest, token(a, "team/s-corrupt")).content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     key = f"{PREFIX}/blobs/sha256/{digest[7:]}"
     ceph.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024))  # someone else's bytes
@@ -185,13 +180,13 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
                 except httpx.HTTPError:
                     continue  # a transfer cut short: never the wrong bytes as a whole
                 if r.status_code == 200:
-                    assert sha256(r.content) == digest, "the corrupted object was served"
+                    assert sha256_digest(r.content) == digest, "the corrupted object was served"
                     break
             else:
                 pytest.fail("no correct transfer after 3 tries")
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     body = ceph.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    assert sha256(body) == digest, "the corrupted object was not replaced"
+    assert sha256_digest(body) == digest, "the corrupted object was not replaced"
 
 
 def test_the_bucket_down_the_mirror_serves_on_and_says_so(pair, upstream, ceph, tmp_path):
@@ -204,7 +199,7 @@ def test_the_bucket_down_the_mirror_serves_on_and_says_so(pair, upstream, ceph, 
         health = httpx.get(f"{a.url}/_hub/health", timeout=30).json()
         assert health["status"] == "degraded" and health["store"].startswith("unreachable"), health
         r = get_blob(a, "team/s-down", digest, token(a, "team/s-down"))
-        assert r.status_code == 200 and sha256(r.content) == digest  # from the upstream
+        assert r.status_code == 200 and sha256_digest(r.content) == digest  # from the upstream
         again = get_blob(a, "team/s-down", digest, token(a, "team/s-down"))
         assert again.status_code == 200 and again.headers["x-hub-cache"] == "hit"  # from the local tier
         assert "Traceback" not in a.log_text()
@@ -219,7 +214,7 @@ def test_concurrent_pulls_of_one_uncached_blob_through_both_make_one_cdn_request
 
     def pull(name: str, mirror: Mirror) -> None:
         r = get_blob(mirror, "team/s-race", digest, token(mirror, "team/s-race"))
-        results[name] = (r.status_code, sha256(r.content))
+        results[name] = (r.status_code, sha256_digest(r.content))
 
     threads = [threading.Thread(target=pull, args=(n, m)) for n, m in (("a", a), ("b", b))]
     for t in threads:
