@@ -57,6 +57,7 @@ class SharedStore:
         self._health: tuple[float, bool, str] = (0.0, True, "not checked yet")
         self._problem: str | None = None
         self._background: set[asyncio.Task] = set()
+        self._deleting: dict[str, asyncio.Task] = {}  # digest -> delete of a wrong object, still running
 
     async def _call(self, what: str, kind: str, function, *args):
         """A bucket call in a thread; None (and a noted problem) if the bucket fails."""
@@ -79,6 +80,7 @@ class SharedStore:
         known = self._known.get(digest)
         if known is not None and time.monotonic() - known[1] < KNOWN_FOR:
             return known[0]
+        await self._deleted(digest)
         stat = await self._call("read", "blob-head", self.bucket.stat_blob, digest)
         if stat is not None:
             self._known.put(digest, (stat, time.monotonic()))
@@ -96,12 +98,22 @@ class SharedStore:
     def forget(self, digest: str) -> None:
         """A blob the bucket was found to hold wrongly (it did not match): removed, looked up anew."""
         self._known.pop(digest, None)
-        self.later(self._call("write", "blob-delete", self.bucket.delete_blob, digest))
+        if digest not in self._deleting:
+            task = self.later(self._call("write", "blob-delete", self.bucket.delete_blob, digest))
+            self._deleting[digest] = task
+            task.add_done_callback(lambda _: self._deleting.pop(digest, None))
+
+    async def _deleted(self, digest: str) -> None:
+        # A lookup or an upload waits for the wrong object's delete: else a retry finds
+        # it again, or the delete lands after the good upload and removes that.
+        if (task := self._deleting.get(digest)) is not None:
+            await asyncio.wait({task})
 
     async def upload(self, digest: str, path: Path) -> None:
-        """A blob just verified on local disk goes up (unless the bucket has it)."""
-        if await self.blob(digest) is not None:
-            return
+        """A blob just verified on local disk goes up (unless the bucket has it, verified)."""
+        stat = await self.blob(digest)
+        if stat is not None and stat.verified:
+            return  # an object not marked verified is replaced, not trusted
         try:
             await self._call("write", "blob", self.bucket.upload_blob, digest, path)
         except (OSError, ValueError) as e:  # the local file went away, or changed: the next miss uploads it
@@ -161,10 +173,11 @@ class SharedStore:
         where = f"s3://{config.bucket}/{config.prefix}".rstrip("/")
         return where + (f", {self._problem}" if self._problem else "")
 
-    def later(self, work) -> None:
+    def later(self, work) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
         if self._background:

@@ -3,6 +3,7 @@ and its option parsing (bucket_config.py) without one."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -16,6 +17,8 @@ import pytest
 
 from hubrewrite.cache.bucket import Bucket, BucketError
 from hubrewrite.cache.bucket_config import BucketConfig, BucketConfigError
+from hubrewrite.cache.shared import SharedStore
+from hubrewrite.observe.metrics import Metrics
 
 MiB = 1 << 20
 SECRET_LOOKING = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRET"
@@ -312,6 +315,48 @@ def test_an_overwritten_blob_loses_its_verified_mark_and_can_be_deleted(bucket, 
     bucket.delete_blob(d)  # what the mirror does when its download of it does not match
     assert bucket.blob_size(d) is None
     assert raw.list_objects_v2(Bucket=bucket_name, Prefix=key).get("KeyCount") == 0
+
+
+def test_a_wrong_object_forgotten_then_uploaded_again_ends_verified(ceph, bucket_name, prefix, raw, tmp_path):
+    """What the mirror does when a client's read of a tampered object fails and the client
+    retries at once: the delete of the wrong object and the good upload must not cross
+    (the upload seeing the wrong object and skipping, or the delete landing after it)."""
+    data = os.urandom(3 * MiB)
+    (tmp_path / "b").write_bytes(data)
+    d = digest_of(data)
+    key = key_of(prefix, "blobs", "sha256", d[7:])
+
+    async def tamper_forget_upload() -> None:
+        raw.delete_object(Bucket=bucket_name, Key=key)
+        shared = SharedStore(make_bucket(ceph, bucket_name, prefix), 0, Metrics())
+        await shared.upload(d, tmp_path / "b")
+        raw.put_object(Bucket=bucket_name, Key=key, Body=os.urandom(3 * MiB))  # someone else's bytes
+        assert not (await shared.blob(d)).verified
+        shared.forget(d)  # the read did not match: the delete runs in the background
+        await shared.upload(d, tmp_path / "b")  # the retry's download, verified
+        await shared.close()
+
+    for _ in range(3):
+        asyncio.run(tamper_forget_upload())
+        head = raw.head_object(Bucket=bucket_name, Key=key)
+        assert raw.get_object(Bucket=bucket_name, Key=key)["Body"].read() == data
+        assert head["Metadata"], "not the mirror's verified upload"
+
+
+def test_an_unverified_object_is_replaced_by_the_verified_upload(ceph, bucket_name, prefix, raw, tmp_path):
+    data = os.urandom(200_000)
+    (tmp_path / "b").write_bytes(data)
+    d = digest_of(data)
+    key = key_of(prefix, "blobs", "sha256", d[7:])
+    raw.put_object(Bucket=bucket_name, Key=key, Body=data)  # right bytes, but no one checked them
+
+    async def upload() -> None:
+        shared = SharedStore(make_bucket(ceph, bucket_name, prefix), 0, Metrics())
+        await shared.upload(d, tmp_path / "b")
+        assert (await shared.blob(d)).verified
+        await shared.close()
+
+    asyncio.run(upload())
 
 
 def test_manifests_typed_and_verified(bucket, bucket_name, prefix, raw):
