@@ -14,6 +14,7 @@ from ..mirror import Mirror
 from ..pull import Pull
 from ..registry.errors import RegistryError
 from ..registry.headers import decode_fields, value_of
+from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
 from ..observe.status_page import StatusFacts, status_page
 
@@ -68,7 +69,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
 def _proxy_url(client: connection.Client) -> str:
     """The proxy's address as this client reached it: what it sets as its proxy."""
     host, port = client.sockname[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://{host_for_url(host)}:{port}"
 
 
 async def _signed_in(pull: Pull, mirror: Mirror) -> bool:
