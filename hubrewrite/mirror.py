@@ -12,7 +12,9 @@ import logging
 import secrets
 import socket
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import exceptions
 from prometheus_client import start_http_server as start_metrics_server
@@ -111,7 +113,8 @@ class Mirror:
 
     def _replace_cache(self) -> None:
         if self.cache is not None:
-            self._close_cache(self.cache)
+            for closing in self._closing(self.cache):
+                _close_later(closing)
             self.cache = None
             self.loopback.blobs = self.loopback.store = None
         c = self.settings.cache
@@ -173,19 +176,23 @@ class Mirror:
         if cache is not None and cache.listener is not None and cache.listener.server.server is None:
             await cache.listener.start_on(cache.listener_socket, self.tls)
 
-    def _close_cache(self, cache: Cache) -> None:
+    @staticmethod
+    def _closing(cache: Cache) -> list[Coroutine[Any, Any, None]]:
+        """What closes a cache's parts: run in the background when the cache is replaced,
+        awaited at shutdown (blobs still going up to the shared bucket get there first)."""
+        closing = [cache.downloads.close()]
         if cache.listener is not None:
-            _close_later(cache.listener.stop())
+            closing.append(cache.listener.stop())
             if cache.listener_socket is not None:
                 cache.listener_socket.close()
-        _close_later(cache.downloads.close())
         if cache.shared is not None:
-            _close_later(cache.shared.close())
+            closing.append(cache.shared.close())
+        return closing
 
     async def close(self) -> None:
         self._stop_metrics_listener()
         if self.cache is not None:
-            self._close_cache(self.cache)
+            await asyncio.gather(*self._closing(self.cache))
         await self.loopback.stop()
         await self.client.aclose()
 

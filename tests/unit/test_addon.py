@@ -680,3 +680,25 @@ def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, upstream):
     assert flow.response.status_code == 502
     assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
     assert addon.pulls[flow.id].transfer is None
+
+
+def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, tmp_path, monkeypatch):
+    """done() awaits the shared store's background work (uploads): before, it only scheduled the
+    close, and the loop's end cancelled an upload not yet handed to its thread."""
+    addon, tctx = addon_ctx
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"), hub_store_url="s3://bucket/hub",
+                   hub_store_endpoint=f"http://127.0.0.1:{closed_port()}", hub_store_addressing="path")
+    finished: list[str] = []
+
+    async def upload_still_going() -> None:
+        await asyncio.sleep(0.3)
+        finished.append("uploaded")
+
+    async def scenario():
+        addon.mirror.cache.shared.later(upload_still_going())
+        await addon.done()
+        assert finished == ["uploaded"]
+
+    run(scenario())
