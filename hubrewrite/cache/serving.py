@@ -9,6 +9,8 @@ import os
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
 
 from ..httpserver import Reply, Request
 from .downloads import Downloads, Progress
@@ -114,11 +116,16 @@ class BlobSender:
         if size is None:
             await reply.error(502, "UNAVAILABLE", "the blob's download from upstream did not start", request.method)
             return
-        await reply.head(200, blob_headers(digest) + [("Content-Length", str(size))])
-        if request.method != "GET":
+        try:
+            f = _open_either(progress.path, self.store.blob_path(digest))
+        except FileNotFoundError:  # neither: the download failed (and its file went) just now
+            await reply.error(502, "UNAVAILABLE", "the blob's download from upstream failed", request.method)
             return
-        sent = 0
-        with _open_either(progress.path, self.store.blob_path(digest)) as f:
+        with f:
+            await reply.head(200, blob_headers(digest) + [("Content-Length", str(size))])
+            if request.method != "GET":
+                return
+            sent = 0
             while sent < size:
                 readable = progress.readable()
                 if readable > sent:
@@ -132,13 +139,10 @@ class BlobSender:
                     await progress.wait()
 
 
-@contextmanager
-def _open_either(download_path, committed_path):
+def _open_either(download_path: Path, committed_path: Path) -> BinaryIO:
     """The download's file, or the committed blob if it was renamed into place meanwhile
-    (an open file keeps its bytes across the rename)."""
+    (an open file keeps its bytes across the rename). FileNotFoundError: neither."""
     try:
-        f = open(download_path, "rb")
+        return open(download_path, "rb")
     except FileNotFoundError:
-        f = open(committed_path, "rb")
-    with f:
-        yield f
+        return open(committed_path, "rb")

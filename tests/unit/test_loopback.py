@@ -157,3 +157,43 @@ def test_a_download_is_followed_as_it_grows_and_its_last_byte_waits_for_verifica
             await loopback.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_follower_arriving_as_a_failed_download_removes_its_file_gets_a_registry_error(tmp_path):
+    """The download's file can go (a mismatch or a failure) a moment before the download is marked
+    ended: a client arriving in that moment gets a 502 in the registry's format, never a traceback."""
+    data = b"x" * 100_000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    store = Store(tmp_path, 0)
+
+    class Upstream:
+        headers = {"content-length": str(len(data))}
+
+        def __init__(self):
+            self.queue: asyncio.Queue = asyncio.Queue()
+
+        async def aiter_raw(self):
+            while (chunk := await self.queue.get()) is not None:
+                yield chunk
+
+        async def aclose(self):
+            pass
+
+    async def scenario():
+        loopback = loopback_with(store)
+        await loopback.start()
+        try:
+            download = loopback.blobs.downloads.claim(digest)
+            upstream = Upstream()
+            download.start(upstream, lambda n: None)
+            store.download_path(digest).unlink()
+            async with httpx.AsyncClient() as client:
+                r = await client.get(loopback.url(f"/blobs/{digest}"), headers={KEY_HEADER: loopback.key})
+            assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+            await upstream.queue.put(None)
+            await download.task
+            assert not store.has_blob(digest)
+        finally:
+            await loopback.stop()
+
+    asyncio.run(scenario())
