@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .digests import hex_of
@@ -64,3 +67,59 @@ class BlobWriter:
         self.path.unlink(missing_ok=True)
 
 
+
+
+class WriteBehind:
+    """A download's disk writes and hashing in a thread of their own, up to DEPTH
+    chunks behind the network reads.
+
+    Writing a new file is the costliest step of a cold blob: every page of it is
+    fresh page cache, and on a virtual machine a fresh page can cost more than
+    the network read of it. In the event loop that cost stopped the reads (and
+    every other flow); here the loop keeps reading while the thread writes.
+    One thread per download keeps the chunks in order; ``written(n)`` runs in the
+    loop once n more bytes are on disk, so followers never see bytes not written.
+    """
+
+    DEPTH = 4  # chunks in flight: at most DEPTH x the read size in memory
+
+    def __init__(self, writer: BlobWriter, written: Callable[[int], None]) -> None:
+        self.writer = writer
+        self.written = written
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="blob-write")
+        self.slots = asyncio.Semaphore(self.DEPTH)
+        self.error: BaseException | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        """Queue a chunk; raises the error of an earlier write (OSError: the disk refused)."""
+        await self.slots.acquire()
+        if self.error is not None:
+            self.slots.release()
+            raise self.error
+        future = asyncio.get_running_loop().run_in_executor(self.thread, self.writer.write, chunk)
+        future.add_done_callback(lambda f: self._done(f, len(chunk)))
+
+    def _done(self, future: asyncio.Future, n: int) -> None:
+        self.slots.release()
+        if future.cancelled() or self.error is not None:
+            return
+        if (error := future.exception()) is not None:
+            self.error = error
+        else:
+            self.written(n)
+
+    async def finish(self) -> bool:
+        """After the queued writes: verify and commit (BlobWriter.finish); raises a write's error."""
+        loop = asyncio.get_running_loop()
+        committed = await loop.run_in_executor(self.thread, self.writer.finish)
+        if self.error is not None:
+            raise self.error
+        return committed
+
+    async def abort(self) -> None:
+        """After the queued writes: throw the file away (no-op once finished or aborted)."""
+        try:
+            if not self.writer.done:  # set only in the thread, after every write queued before
+                await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.thread, self.writer.abort))
+        finally:
+            self.thread.shutdown(wait=False)  # queued work still runs, then the thread ends

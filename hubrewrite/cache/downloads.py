@@ -25,6 +25,7 @@ import httpx
 
 from ..registry.errors import RegistryError
 from .bucket_errors import BucketError
+from .blobwriter import WriteBehind
 from .store import BlobWriter, Store
 
 log = logging.getLogger("hub_rewrite")
@@ -105,32 +106,45 @@ class Download:
 
     async def _fetch(self, writer: BlobWriter, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
         started = time.monotonic()
+        disk = WriteBehind(writer, self._on_disk)
+        try:
+            committed = await self._receive(disk, response, on_bytes)
+            await disk.abort()  # what was not committed is thrown away (no-op once committed)
+            self._finished(committed, time.monotonic() - started)  # followers learn it before the answer is closed
+        finally:
+            await disk.abort()  # cancelled (shutdown): the file goes too
+            await response.aclose()
+
+    async def _receive(self, disk: WriteBehind, response: httpx.Response, on_bytes: Callable[[int], None]) -> bool:
+        """Whether the blob came whole, matched its digest and was committed."""
+        received = 0
         try:
             async for chunk in response.aiter_raw():
-                writer.write(chunk)
-                self.written += len(chunk)
+                await disk.write(chunk)
+                received += len(chunk)
                 on_bytes(len(chunk))
-                self._wake_followers()
-            if self.written != self.size:
-                raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {self.written} of {self.size} bytes")
-            committed = await asyncio.to_thread(writer.finish)
+            if received != self.size:
+                raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {received} of {self.size} bytes")
+            return await disk.finish()
         except (httpx.HTTPError, OSError, RegistryError, BucketError) as e:
-            log.warning("blob %s: download failed after %d bytes: %s", self.digest, self.written,
+            log.warning("blob %s: download failed after %d bytes: %s", self.digest, received,
                         getattr(e, "message", None) or str(e) or type(e).__name__)
-            committed = False
         except Exception:
             # a bug must not leave the download (and every follower) waiting forever
             log.exception("blob %s: download failed", self.digest)
-            committed = False
-        finally:
-            writer.abort()  # no-op once finished
-            await response.aclose()
+        return False
+
+    def _finished(self, committed: bool, seconds: float) -> None:
         if committed:
-            log.info("cached blob %s (%d bytes, %.1f s)", self.digest, self.written, time.monotonic() - started)
+            log.info("cached blob %s (%d bytes, %.1f s)", self.digest, self.written, seconds)
         elif self.written == self.size:
             self.mismatch = True
             log.error("blob %s from its source does not match its digest: discarded, transfers aborted", self.digest)
         self._end(COMMITTED if committed else FAILED)
+
+    def _on_disk(self, n: int) -> None:
+        self.written += n
+        self._wake_followers()
 
     def _end(self, state: str) -> None:
         if self.state in (COMMITTED, FAILED):

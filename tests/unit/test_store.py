@@ -1,10 +1,13 @@
+import asyncio
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from hubrewrite.cache.blobwriter import BlobWriter, WriteBehind
 from hubrewrite.cache.store import Store
 
 
@@ -176,3 +179,68 @@ def test_a_disk_that_refuses_writes_never_fails_a_caller(tmp_path):
     assert list(store.tmp.iterdir()) == []  # nothing half-written left behind
     store.put_tag("https://up", "a", "1", "k", "sha256:" + "a" * 64, "t")
     assert store.problem is None
+
+
+def test_write_behind_writes_in_order_and_counts_only_bytes_on_disk(tmp_path):
+    """The loop may run DEPTH chunks ahead of the disk and no further; followers are told of bytes once written."""
+    store = Store(tmp_path, 0)
+    chunks = [os.urandom(65536) for _ in range(WriteBehind.DEPTH + 3)]
+    data = b"".join(chunks)
+    digest = digest_of(data)
+    disk_open = threading.Event()
+
+    class SlowDisk(BlobWriter):
+        def write(self, chunk: bytes) -> None:
+            disk_open.wait(10)
+            super().write(chunk)
+
+    writer = SlowDisk(store, digest)
+    told: list[int] = []
+
+    def written(n: int) -> None:
+        told.append(n)
+        assert writer.path.stat().st_size >= sum(told)
+
+    async def download() -> bool:
+        disk = WriteBehind(writer, written)
+        for chunk in chunks[: WriteBehind.DEPTH]:
+            await asyncio.wait_for(disk.write(chunk), 1)
+        one_more = asyncio.ensure_future(disk.write(chunks[WriteBehind.DEPTH]))
+        await asyncio.sleep(0.1)
+        assert not one_more.done() and told == []  # DEPTH chunks in flight: the reader waits
+        disk_open.set()
+        await one_more
+        for chunk in chunks[WriteBehind.DEPTH + 1 :]:
+            await disk.write(chunk)
+        committed = await disk.finish()
+        await disk.abort()  # no-op once finished
+        return committed
+
+    assert asyncio.run(download())
+    assert sum(told) == len(data)
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_write_behind_raises_a_disk_error_and_keeps_nothing(tmp_path):
+    """A write the kernel refuses fails the download at the next write or at finish; nothing is kept."""
+    store = Store(tmp_path, 0)
+    writer = store.new_writer(digest_of(b"abcdef"))
+    told: list[int] = []
+
+    async def download() -> None:
+        disk = WriteBehind(writer, told.append)
+        await disk.write(b"abc")
+        await asyncio.sleep(0.1)  # on disk by now
+        read_only = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(read_only, writer.file.fileno())  # the kernel refuses every later write (EBADF)
+        os.close(read_only)
+        with pytest.raises(OSError):
+            for _ in range(WriteBehind.DEPTH + 2):
+                await disk.write(b"def")
+            await disk.finish()
+        await disk.abort()
+
+    asyncio.run(download())
+    assert told == [3]
+    assert not store.has_blob(digest_of(b"abcdef"))
+    assert list(store.tmp.glob("*.download")) == []
