@@ -67,8 +67,6 @@ class BlobWriter:
         self.path.unlink(missing_ok=True)
 
 
-
-
 class WriteBehind:
     """A download's disk writes and hashing in a thread of their own, up to DEPTH
     chunks behind the network reads.

@@ -48,6 +48,21 @@ def loopback_with(store: Store) -> Loopback:
     return loopback
 
 
+class FedUpstream:
+    """An upstream answer as Download.start takes it (httpx's shape), fed chunk by chunk by the test; None ends it."""
+
+    def __init__(self, size: int) -> None:
+        self.headers = {"content-length": str(size)}
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def aiter_raw(self):
+        while (chunk := await self.queue.get()) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        pass
+
+
 def test_serves_files_with_ranges_and_the_key(tmp_path):
     data = bytes(range(256)) * 1000
     store = Store(tmp_path, 0)
@@ -114,25 +129,13 @@ def test_a_download_is_followed_as_it_grows_and_its_last_byte_waits_for_verifica
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     store = Store(tmp_path, 0)
 
-    class Upstream:  # an httpx answer as Download.start takes it, fed by the test
-        def __init__(self):
-            self.headers = {"content-length": str(len(data))}
-            self.queue: asyncio.Queue = asyncio.Queue()
-
-        async def aiter_raw(self):
-            while (chunk := await self.queue.get()) is not None:
-                yield chunk
-
-        async def aclose(self):
-            pass
-
     async def scenario():
         loopback = loopback_with(store)
         downloads = loopback.blobs.downloads
         await loopback.start()
         try:
             download = downloads.claim(digest)
-            upstream = Upstream()
+            upstream = FedUpstream(len(data))
             download.start(upstream, lambda n: None)
             async with httpx.AsyncClient() as client:
                 async with client.stream("GET", loopback.url(f"/blobs/{digest}"), headers={KEY_HEADER: loopback.key}) as r:
@@ -166,25 +169,12 @@ def test_a_follower_arriving_as_a_failed_download_removes_its_file_gets_a_regist
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     store = Store(tmp_path, 0)
 
-    class Upstream:
-        headers = {"content-length": str(len(data))}
-
-        def __init__(self):
-            self.queue: asyncio.Queue = asyncio.Queue()
-
-        async def aiter_raw(self):
-            while (chunk := await self.queue.get()) is not None:
-                yield chunk
-
-        async def aclose(self):
-            pass
-
     async def scenario():
         loopback = loopback_with(store)
         await loopback.start()
         try:
             download = loopback.blobs.downloads.claim(digest)
-            upstream = Upstream()
+            upstream = FedUpstream(len(data))
             download.start(upstream, lambda n: None)
             store.download_path(digest).unlink()
             async with httpx.AsyncClient() as client:
