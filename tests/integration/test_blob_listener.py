@@ -255,3 +255,9 @@ def test_an_https_mirror_has_an_https_listener_with_its_certificate(upstream, tm
         assert r.status_code == 200 and sha256_digest(r.content) == digest
         assert [h.status_code for h in r.history] == [307]
         assert r.url.scheme == "https" and r.url.port != m.port  # the listener, same certificate
+        # cached now: the whole blob, and a Range across a block boundary (TLS reads 1 MiB per block)
+        again = httpx.get(str(r.url), verify=trust, timeout=30)
+        assert again.status_code == 200 and again.content == r.content
+        start, end = (1 << 20) - 5000, (1 << 20) + 70_000
+        part = httpx.get(str(r.url), headers={"Range": f"bytes={start}-{end}"}, verify=trust, timeout=30)
+        assert part.status_code == 206 and part.content == r.content[start : end + 1]
