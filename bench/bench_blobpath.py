@@ -6,7 +6,7 @@ nginx proxy_cache, the reference peer, and with the CDN itself.
 Starts the fake Docker Hub (tests/support/upstream.py) in a temporary
 directory and pushes ``bench/big:1.0`` (one uncompressed layer of
 ``--size-mib`` MiB) and ``bench/multi:1.0`` (a two-arch manifest list of about
-10 MB). Three servers are compared, each started fresh with an empty cache:
+10 MB). These servers are compared, each started fresh with an empty cache:
 
 * ``nginx``: nginx ``proxy_cache`` set up as a pull-through mirror
   (bench/nginx_peer.py);
@@ -16,7 +16,10 @@ directory and pushes ``bench/big:1.0`` (one uncompressed layer of
   cached blob is answered with a 307 to that listener, which serves the file
   with sendfile. mitmproxy keeps an option no addon claims without a word, so
   before the listener exists this row measures the relay again; the report
-  says so when no pull was redirected to another port.
+  says so when no pull was redirected to another port;
+* ``listener_tls``: the same served over HTTPS (``--certs``, a test CA curl
+  trusts): the listener then serves with the mirror's certificate, and
+  asyncio encrypts in user space instead of ``sendfile``. Blob pulls only.
 
 ``--reps`` interleaved repetitions (the order of the groups rotates), each:
 
@@ -27,8 +30,8 @@ directory and pushes ``bench/big:1.0`` (one uncompressed layer of
   the mirror with ``hub_side_flows=on`` (what mitmweb turns on: the cost of
   recording the mirror's own exchanges as flows);
 * per server, fresh with an empty cache: the big blob with curl (following
-  redirects, a bearer token from the server's /token), cold, then warm; then a
-  cold ``skopeo copy --all`` of the multi image.
+  redirects, a bearer token from the server's /token), cold, then warm; then
+  (not ``listener_tls``) a cold ``skopeo copy --all`` of the multi image.
 
 Then ``--reps`` rounds of the throttled scenario per server: the CDN's answers
 throttled to ``--throttle-mb-s`` with tc (tests/support/throttle.py), a fresh
@@ -75,18 +78,21 @@ from image_set import push_images  # noqa: E402
 from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
 from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
 from pulls import CURL_TIMEOUT, curl_argv, curl_pull, curl_result, curl_sha256, registry_token, skopeo_pull  # noqa: E402
+from tests.support.certs import make_ca_and_server_cert  # noqa: E402
 from tests.support.mirror import Mirror, MirrorError, free_port  # noqa: E402
 from tests.support.throttle import ThrottleError, throttled_port  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
 from upstream_logs import LogCursor  # noqa: E402
 
 SERVERS = ("nginx", "relay", "listener")
-GROUPS = ("cdn", *SERVERS)
+GROUPS = ("cdn", *SERVERS, "listener_tls")  # listener_tls: blob pulls only (what TLS costs the listener)
 MIRRORS = ("listener", "relay")  # the issue's targets are for the listener; the relay's are for comparison
 LABELS = {"cdn": "straight from the CDN", "nginx": "nginx proxy_cache (peer)",
           "relay": "mirror, listener off", "listener": "mirror, listener on",
+          "listener_tls": "mirror over HTTPS, listener on (same certificate)",
           "bare": "mitmdump without the addon", "side_flows": "mirror, listener off, side flows on (as mitmweb)"}
-PULL_PATHS = ("cdn", "nginx_cold", "nginx_warm", "relay_cold", "relay_warm", "listener_cold", "listener_warm")
+PULL_PATHS = ("cdn", "nginx_cold", "nginx_warm", "relay_cold", "relay_warm", "listener_cold", "listener_warm",
+              "listener_tls_cold", "listener_tls_warm")
 SKOPEO_PATHS = ("direct", "bare", *SERVERS, "side_flows")
 THROTTLE_CLIENTS = 4
 THROTTLE_STAGGER = 0.3  # seconds between client starts
@@ -119,9 +125,10 @@ class Served:
 
 
 @contextmanager
-def serving(kind: str, workdir: Path, up: Upstream) -> Iterator[Served]:
+def serving(kind: str, workdir: Path, up: Upstream, certs: dict[str, Path] | None = None) -> Iterator[Served]:
     """A fresh ``kind`` server with an empty cache under ``workdir``; the cache is
-    deleted when it stops (1 GiB each), the logs stay."""
+    deleted when it stops (1 GiB each), the logs stay. ``certs`` (make_ca_and_server_cert):
+    the certificate of ``listener_tls``."""
     try:
         if kind == "nginx":
             with NginxPeer(workdir, up.api_url, up.token_realm) as peer:
@@ -129,11 +136,12 @@ def serving(kind: str, workdir: Path, up: Upstream) -> Iterator[Served]:
                              lambda: peer.proc is not None and peer.proc.poll() is None, peer.log_tail)
         else:
             options = {"hub_cache_dir": str(workdir / "cache")}
-            if kind == "listener":
+            if kind in ("listener", "listener_tls"):
                 options["hub_blob_listen"] = f"127.0.0.1:{free_port()}"
+            tls = (certs["pem"], "*") if kind == "listener_tls" and certs else None
             if kind == "side_flows":
                 options["hub_side_flows"] = "on"  # as in mitmweb: every exchange of the mirror's a flow
-            with Mirror(workdir, up.api_url, options=options, name="mirror") as m:
+            with Mirror(workdir, up.api_url, options=options, name="mirror", tls=tls) as m:
                 yield Served(kind, m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                              lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
     except (NginxError, MirrorError) as e:
@@ -256,8 +264,10 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         cdn_port = urlsplit(up.cdn_url).port
         cdn_log = LogCursor(up.cdn_requests)
 
+        certs = make_ca_and_server_cert(workdir / "certs")  # listener_tls's; curl trusts its CA
+
         def blob_headers(served: Served) -> list[str]:
-            return [f"Authorization: Bearer {registry_token(served.url, up.service, big['repo'])}"]
+            return [f"Authorization: Bearer {registry_token(served.url, up.service, big['repo'], certs['ca'])}"]
 
         log("warm-up: one untimed pull straight from the CDN, hashed")
         got, n = curl_sha256(up.sign_cdn_url(storage_path))
@@ -299,22 +309,24 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                     skopeo["side_flows"].append(rec | {"rep": rep})
                     log(f"{tag} skopeo --all cold, side flows on: {rec['seconds']:.2f}s")
                     continue
-                with serving(group, workdir / f"{group}-{rep}", up) as served:
+                with serving(group, workdir / f"{group}-{rep}", up, certs) as served:
                     url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
                     for phase in ("cold", "warm"):
                         rec = measured(served, cdn_log, f"{tag} {phase}",
-                                       lambda: curl_pull(url, size, headers, follow=True))
+                                       lambda: curl_pull(url, size, headers, follow=True, cacert=certs["ca"]))
                         rec |= {"rep": rep, "listener_used": listener_used(served, rec)}
                         samples[f"{group}_{phase}"].append(rec)
                         log(f"{tag} {phase}: {rec['mb_per_s']:.0f} MB/s, {rec['cpu_s']:.2f} CPU s, "
                             f"peak RSS {rec['peak_rss'] / MB:.0f} MB, CDN {rec['cdn_requests']} req"
                             + (", via the listener" if rec["listener_used"] else ""))
                     if group not in verified:
-                        got, n = curl_sha256(url, headers, follow=True)
+                        got, n = curl_sha256(url, headers, follow=True, cacert=certs["ca"])
                         if (got, n) != (digest, size):
                             raise BenchError(f"{tag}: a warm pull gave {n} bytes hashing to {got}, "
                                              f"expected {size} bytes {digest}")
                         verified[group] = True
+                    if group not in SKOPEO_PATHS:
+                        continue  # listener_tls: the blob's bytes only
                     rec = skopeo_copy(served, served.host, f"{tag} skopeo")
                     skopeo[group].append(rec | {"rep": rep})
                     log(f"{tag} skopeo --all cold: {rec['seconds']:.2f}s, CDN {rec['cdn_requests']} req")
@@ -438,7 +450,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in PULL_PATHS:
         s = stats[p]
-        kind, _, phase = p.partition("_")
+        kind, phase = p.rsplit("_", 1) if p.endswith(("_cold", "_warm")) else (p, "")
         name = LABELS[kind] + (f", {phase}" if phase else "") + note(kind)
         cpu = f"{s['median_cpu_s_per_gib']:.2f}" if "median_cpu_s_per_gib" in s else "n/a"
         rss = f"{s['max_peak_rss'] / MB:.1f}" if "max_peak_rss" in s else "n/a"
@@ -449,6 +461,12 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     out.append(f"A cache that verifies what it stores hashes every byte before it sends the last one: sha256 runs "
                f"at {sha256:.0f} MB/s here (median), {hashing['seconds']:.2f} s for this blob, of the "
                f"{cold_budget_s:.2f} s the cold target ({COLD_VS_CDN}x the CDN) allows for all the work.\n")
+    tls, plain = stats["listener_tls_warm"], stats["listener_warm"]
+    out.append(f"What HTTPS costs the listener (same certificate as the mirror; asyncio encrypts in user space "
+               f"where plain HTTP uses `sendfile`): warm {tls['median_mb_per_s']:.0f} MB/s at "
+               f"{tls['median_cpu_s_per_gib']:.2f} CPU s/GiB against {plain['median_mb_per_s']:.0f} MB/s at "
+               f"{plain['median_cpu_s_per_gib']:.2f} over HTTP; cold {stats['listener_tls_cold']['median_mb_per_s']:.0f} "
+               f"against {stats['listener_cold']['median_mb_per_s']:.0f} MB/s.\n")
     out.append(f"Cold `skopeo copy --all` of `{multi['repo']}:{multi['tag']}` (two arches, {len(multi['blobs'])} blobs, "
                f"{multi['blob_bytes'] / MB:.1f} MB) into a `dir:`, fresh cache:\n")
     out.append("| path | median s | min | max | vs direct | CDN requests | peak RSS MB |")

@@ -25,14 +25,17 @@ CURL_TIMEOUT = 900
 SKOPEO_TIMEOUT = 900
 
 
-def curl_argv(url: str, headers: list[str] = (), follow: bool = False, timeout: float = CURL_TIMEOUT) -> list[str]:
+def curl_argv(url: str, headers: list[str] = (), follow: bool = False, timeout: float = CURL_TIMEOUT,
+              cacert: Path | None = None) -> list[str]:
     """curl to /dev/null over HTTP/1.1, printing its transfer figures as JSON.
 
     ``follow``: follow redirects like a registry client (curl drops
-    Authorization when the host or port changes)."""
+    Authorization when the host or port changes). ``cacert``: the CA an https:// server is verified with."""
     argv = ["curl", "-sS", "--http1.1", "--max-time", str(int(timeout)), "-o", "/dev/null", "-w", "%{json}"]
     if follow:
         argv.append("-L")
+    if cacert:
+        argv += ["--cacert", str(cacert)]
     for h in headers:
         argv += ["-H", h]
     return argv + [url]
@@ -59,19 +62,21 @@ def curl_result(rc: int, stdout: str, stderr: str, size: int) -> dict[str, Any]:
 
 
 def curl_pull(url: str, size: int, headers: list[str] = (), follow: bool = False,
-              timeout: float = CURL_TIMEOUT) -> dict[str, Any]:
+              timeout: float = CURL_TIMEOUT, cacert: Path | None = None) -> dict[str, Any]:
     """One timed pull to /dev/null; raises BenchError unless 200 and ``size`` bytes."""
-    p = subprocess.run(curl_argv(url, headers, follow, timeout), capture_output=True, text=True,
+    p = subprocess.run(curl_argv(url, headers, follow, timeout, cacert), capture_output=True, text=True,
                        timeout=timeout + 30)
     return curl_result(p.returncode, p.stdout, p.stderr, size)
 
 
 def curl_sha256(url: str, headers: list[str] = (), follow: bool = False,
-                timeout: float = CURL_TIMEOUT) -> tuple[str, int]:
+                timeout: float = CURL_TIMEOUT, cacert: Path | None = None) -> tuple[str, int]:
     """Pull through curl into a streaming sha256 (constant memory)."""
     argv = ["curl", "-sS", "--fail", "--http1.1", "--max-time", str(int(timeout)), "-o", "-"]
     if follow:
         argv.append("-L")
+    if cacert:
+        argv += ["--cacert", str(cacert)]
     for h in headers:
         argv += ["-H", h]
     argv.append(url)
@@ -94,11 +99,11 @@ def curl_sha256(url: str, headers: list[str] = (), follow: bool = False,
     return "sha256:" + h.hexdigest(), n
 
 
-def registry_token(base_url: str, service: str, repo: str) -> str:
+def registry_token(base_url: str, service: str, repo: str, cacert: Path | None = None) -> str:
     """An anonymous pull token from ``base_url``/token (a mirror's, or its peer's)."""
     q = urlencode({"service": service, "scope": f"repository:{repo}:pull"})
     try:
-        r = httpx.get(f"{base_url}/token?{q}", timeout=30)
+        r = httpx.get(f"{base_url}/token?{q}", timeout=30, verify=str(cacert) if cacert else True)
     except httpx.HTTPError as e:
         raise BenchError(f"{base_url}/token: {type(e).__name__}: {e}") from None
     if r.status_code != 200:
