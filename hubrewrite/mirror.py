@@ -12,9 +12,7 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from mitmproxy import exceptions
 from prometheus_client import start_http_server as start_metrics_server
@@ -113,8 +111,7 @@ class Mirror:
 
     def _replace_cache(self) -> None:
         if self.cache is not None:
-            for closing in self._closing(self.cache):
-                _close_later(closing)
+            _close_later(self._close_cache(self.cache))
             self.cache = None
             self.loopback.blobs = self.loopback.store = None
         c = self.settings.cache
@@ -177,22 +174,21 @@ class Mirror:
             await cache.listener.start_on(cache.listener_socket, self.tls)
 
     @staticmethod
-    def _closing(cache: Cache) -> list[Coroutine[Any, Any, None]]:
-        """What closes a cache's parts: run in the background when the cache is replaced,
-        awaited at shutdown (blobs still going up to the shared bucket get there first)."""
-        closing = [cache.downloads.close()]
+    async def _close_cache(cache: Cache) -> None:
+        """Run in the background when the cache is replaced, awaited at shutdown: downloads
+        cancelled first (each lets its lock go), then the bucket's work (uploads) is waited for."""
         if cache.listener is not None:
-            closing.append(cache.listener.stop())
+            await cache.listener.stop()
             if cache.listener_socket is not None:
                 cache.listener_socket.close()
+        await cache.downloads.close()
         if cache.shared is not None:
-            closing.append(cache.shared.close())
-        return closing
+            await cache.shared.close()
 
     async def close(self) -> None:
         self._stop_metrics_listener()
         if self.cache is not None:
-            await asyncio.gather(*self._closing(self.cache))
+            await self._close_cache(self.cache)
         await self.loopback.stop()
         await self.client.aclose()
 

@@ -114,6 +114,7 @@ class Download:
         finally:
             await disk.abort()  # cancelled (shutdown): the file goes too
             await response.aclose()
+            self._end(FAILED)  # no-op once ended; cancelled, the followers (and the bucket lock) are let go
 
     async def _receive(self, disk: WriteBehind, response: httpx.Response, on_bytes: Callable[[int], None]) -> bool:
         """Whether the blob came whole, matched its digest and was committed."""
@@ -183,9 +184,11 @@ class Downloads:
         return None
 
     async def close(self) -> None:
-        for download in list(self.running.values()):
-            if download.task is not None:
-                download.task.cancel()
+        """Cancel the downloads running here, and wait until each has let its file and lock go."""
+        tasks = [d.task for d in list(self.running.values()) if d.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Progress:

@@ -30,6 +30,7 @@ log = logging.getLogger("hub_rewrite")
 KNOWN_FOR = 300.0  # seconds a blob found in the bucket is taken to still be there
 HEALTH_FOR = 5.0  # seconds a reachability check stands
 LOCK_TTL = 120.0  # seconds a download lock lasts unless refreshed (refreshed while downloading)
+CLOSE_WAIT = 30.0  # seconds shutdown waits for uploads and other writes to the bucket
 
 
 class BucketSource:
@@ -180,8 +181,10 @@ class SharedStore:
         return task
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=30)
+        """After the background work, also what that work started meanwhile (an upload's unlock), up to CLOSE_WAIT."""
+        deadline = time.monotonic() + CLOSE_WAIT
+        while self._background and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._background), timeout=left)
         await asyncio.to_thread(self.bucket.close)
 
 

@@ -76,10 +76,9 @@ def share_when_done(mirror: Mirror, download: Download) -> None:
     shared, store, digest = mirror.cache.shared, mirror.cache.store, download.digest
 
     async def keep_lock() -> None:
-        while download.state == RUNNING:
-            await asyncio.sleep(KEEP_LOCK_EVERY)
-            if download.state == RUNNING:
-                await shared.keep_lock(digest)
+        # wakes when the download ends, not KEEP_LOCK_EVERY later: shutdown waits for this task
+        while await download.ended(KEEP_LOCK_EVERY) == RUNNING:
+            await shared.keep_lock(digest)
 
     async def publish() -> None:
         store.in_use[digest] = store.in_use.get(digest, 0) + 1  # not evicted while it goes up

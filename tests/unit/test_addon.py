@@ -682,14 +682,20 @@ def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, upstream):
     assert addon.pulls[flow.id].transfer is None
 
 
-def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, tmp_path, monkeypatch):
-    """done() awaits the shared store's background work (uploads): before, it only scheduled the
-    close, and the loop's end cancelled an upload not yet handed to its thread."""
+def with_unreachable_bucket(addon_ctx, tmp_path, monkeypatch):
+    """A caching addon on a bucket whose endpoint refuses connections (each call fails fast)."""
     addon, tctx = addon_ctx
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"), hub_store_url="s3://bucket/hub",
                    hub_store_endpoint=f"http://127.0.0.1:{closed_port()}", hub_store_addressing="path")
+    return addon
+
+
+def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, tmp_path, monkeypatch):
+    """done() awaits the shared store's background work (uploads): before, it only scheduled the
+    close, and the loop's end cancelled an upload not yet handed to its thread."""
+    addon = with_unreachable_bucket(addon_ctx, tmp_path, monkeypatch)
     finished: list[str] = []
 
     async def upload_still_going() -> None:
@@ -700,5 +706,32 @@ def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, t
         addon.mirror.cache.shared.later(upload_still_going())
         await addon.done()
         assert finished == ["uploaded"]
+
+    run(scenario())
+
+
+def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refresh(addon_ctx, tmp_path, monkeypatch):
+    """A download still running at shutdown is cancelled and lets its file and locks go; its bucket
+    lock's refresher ends with it (it slept KEEP_LOCK_EVERY before: shutdown waited 30 s)."""
+    from hubrewrite.paths.bucket_blobs import share_when_done
+
+    from .fed_upstream import FedUpstream
+
+    addon = with_unreachable_bucket(addon_ctx, tmp_path, monkeypatch)
+    digest = "sha256:" + hashlib.sha256(b"never finished").hexdigest()
+
+    async def scenario():
+        cache = addon.mirror.cache
+        download = cache.downloads.claim(digest)
+        upstream = FedUpstream(1 << 20)
+        download.start(upstream, lambda n: None)
+        share_when_done(addon.mirror, download)
+        await upstream.queue.put(b"x" * 1000)
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        await addon.done()
+        assert asyncio.get_running_loop().time() - started < 10
+        assert download.state == "failed" and digest not in cache.downloads.running
+        assert list(cache.store.tmp.glob("*.download")) == []
 
     run(scenario())

@@ -13,6 +13,8 @@ from hubrewrite.cache.store import Store
 from hubrewrite.loopback import KEY_HEADER, Loopback
 from hubrewrite.responses import make_response
 
+from .fed_upstream import FedUpstream
+
 
 @pytest.mark.parametrize(
     "value,expected",
@@ -46,21 +48,6 @@ def loopback_with(store: Store) -> Loopback:
     loopback.store = store
     loopback.blobs = BlobSender(store, Downloads(store))
     return loopback
-
-
-class FedUpstream:
-    """An upstream answer as Download.start takes it (httpx's shape), fed chunk by chunk by the test; None ends it."""
-
-    def __init__(self, size: int) -> None:
-        self.headers = {"content-length": str(size)}
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    async def aiter_raw(self):
-        while (chunk := await self.queue.get()) is not None:
-            yield chunk
-
-    async def aclose(self) -> None:
-        pass
 
 
 def test_serves_files_with_ranges_and_the_key(tmp_path):
