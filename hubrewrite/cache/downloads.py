@@ -112,9 +112,9 @@ class Download:
             await disk.abort()  # what was not committed is thrown away (no-op once committed)
             self._finished(committed, time.monotonic() - started)  # followers learn it before the answer is closed
         finally:
-            await disk.abort()  # cancelled (shutdown): the file goes too
+            await disk.abort()  # cancelled (shutdown): the file goes too, before the lock does
+            self._end(FAILED)  # no-op once ended; cancelled, the followers (and the locks) are let go
             await response.aclose()
-            self._end(FAILED)  # no-op once ended; cancelled, the followers (and the bucket lock) are let go
 
     async def _receive(self, disk: WriteBehind, response: httpx.Response, on_bytes: Callable[[int], None]) -> bool:
         """Whether the blob came whole, matched its digest and was committed."""
