@@ -31,7 +31,12 @@ def curl_argv(url: str, headers: list[str] = (), follow: bool = False, timeout: 
 
     ``follow``: follow redirects like a registry client (curl drops
     Authorization when the host or port changes). ``cacert``: the CA an https:// server is verified with."""
-    argv = ["curl", "-sS", "--http1.1", "--max-time", str(int(timeout)), "-o", "/dev/null", "-w", "%{json}"]
+    return ["curl", "-sS", "-o", "/dev/null", "-w", "%{json}", *_curl_request(url, headers, follow, timeout, cacert)]
+
+
+def _curl_request(url: str, headers: list[str], follow: bool, timeout: float, cacert: Path | None) -> list[str]:
+    """What every curl of the benchmarks asks: HTTP/1.1, a time limit, redirects, the CA, headers, the URL."""
+    argv = ["--http1.1", "--max-time", str(int(timeout))]
     if follow:
         argv.append("-L")
     if cacert:
@@ -72,14 +77,7 @@ def curl_pull(url: str, size: int, headers: list[str] = (), follow: bool = False
 def curl_sha256(url: str, headers: list[str] = (), follow: bool = False,
                 timeout: float = CURL_TIMEOUT, cacert: Path | None = None) -> tuple[str, int]:
     """Pull through curl into a streaming sha256 (constant memory)."""
-    argv = ["curl", "-sS", "--fail", "--http1.1", "--max-time", str(int(timeout)), "-o", "-"]
-    if follow:
-        argv.append("-L")
-    if cacert:
-        argv += ["--cacert", str(cacert)]
-    for h in headers:
-        argv += ["-H", h]
-    argv.append(url)
+    argv = ["curl", "-sS", "--fail", "-o", "-", *_curl_request(url, headers, follow, timeout, cacert)]
     h = hashlib.sha256()
     n = 0
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -25,8 +25,8 @@ import httpx
 
 from ..registry.errors import RegistryError
 from .bucket_errors import BucketError
-from .blobwriter import WriteBehind
-from .store import BlobWriter, Store
+from .blobwriter import BlobWriter, WriteBehind
+from .store import Store
 
 log = logging.getLogger("hub_rewrite")
 

@@ -11,7 +11,6 @@ for it rather than download it too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ..cache.bucket import BlobStat
