@@ -17,6 +17,7 @@ from mitmproxy import http
 
 from .access.accounts import bearer_token
 from .access.confirmations import client_identity
+from .access.issued import is_sealed
 from .clientconn import is_forward_proxy, public_url_of, reverse_target
 from .mirror import Mirror
 from .pull import RETRY_PARAM, ClientView, Kind, Pull, Step
@@ -131,9 +132,14 @@ async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
         raise RegistryError(403, "DENIED", f"repository {pull.client_name(route.name)} is not served by this mirror")
     fields = hdrs.decode_fields(pull.flow.request.headers.fields)
     pull.authorization = hdrs.value_of(fields, "authorization")
-    sealed = mirror.issued.open(bearer_token(pull.authorization))
-    if sealed is not None:
-        # the mirror's own token: what goes upstream is the upstream's token inside, if any
+    bearer = bearer_token(pull.authorization)
+    if is_sealed(bearer):
+        # the mirror's own token: what goes upstream is the upstream's token inside, if any. One
+        # that does not open (expired, a refresh token, its user removed or the password
+        # changed, another mirror's user) goes nowhere: the client is sent to sign in again
+        sealed = mirror.issued.open(bearer, settings.accounts)
+        if sealed is None:
+            return await _sign_in_challenge(pull, mirror)
         pull.user = sealed.user
         pull.authorization = f"Bearer {sealed.upstream_token}" if sealed.upstream_token else None
     if settings.accounts is not None and pull.user is None:
@@ -150,7 +156,8 @@ async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
 
 
 async def _sign_in_challenge(pull: Pull, mirror: Mirror) -> http.Response:
-    """Mirror accounts: a /v2/ request without a token the mirror issued to a user."""
+    """A /v2/ request without a token of the mirror's that opens (with mirror accounts:
+    issued to one of its users): to the mirror's token endpoint."""
     service = None
     try:
         learned = await mirror.realms.discover(pull.upstream, mirror.client)
@@ -160,6 +167,8 @@ async def _sign_in_challenge(pull: Pull, mirror: Mirror) -> http.Response:
     params = {"realm": pull.view.token_url, "service": service or "hub-rewrite"}
     if pull.route and pull.route.name:
         params["scope"] = f"repository:{pull.client_name(pull.route.name)}:pull"
+    if mirror.settings.accounts is None:
+        return bearer_challenge(params, "token expired or not issued by this mirror")
     return bearer_challenge(params, "sign in to the mirror (docker login)")
 
 

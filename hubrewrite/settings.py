@@ -15,7 +15,7 @@ from mitmproxy import exceptions, optmanager
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
-from .access.accounts import AccountsError, MirrorAccounts, load_users
+from .access.accounts import AccountsError, MirrorAccounts
 from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
@@ -68,7 +68,8 @@ OPTIONS = (
         Mirror accounts: htpasswd-style file of "user:hash" lines (bcrypt or argon2; python -m
         hubrewrite.access.accounts USER prints one). When set, /v2/ needs a token from the
         mirror's /token, which checks Basic credentials "user" /
-        "password[:upstream-user:upstream-password]"."""),
+        "password[:upstream-user:upstream-password]". Read again when it changes: a removed
+        user or a changed password ends that user's tokens."""),
     Option("hub_allow", Sequence[str], [], """
         If set, only repositories matching one of these patterns on "registry/repository" are
         served (e.g. docker.io/library/*); others get DENIED."""),
@@ -302,7 +303,7 @@ def _registries(o: optmanager.OptManager) -> Registries:
 
 def _accounts(path: str) -> MirrorAccounts | None:
     try:
-        return MirrorAccounts(load_users(Path(path).expanduser())) if path else None
+        return MirrorAccounts.from_file(Path(path).expanduser()) if path else None
     except AccountsError as e:
         raise exceptions.OptionsError(f"hub_users_file: {e}") from e
 

@@ -3,8 +3,10 @@
 Users and password hashes live in an htpasswd-style file (``user:hash`` per
 line; bcrypt ``$2b$``/``$2y$`` as written by ``htpasswd -B``, or argon2id).
 A client proves itself once, on the mirror's token endpoint, with Basic
-credentials; the token it gets back (the upstream's, fetched for it) is
-remembered as issued to that user, and every ``/v2/`` request must carry one.
+credentials; the token it gets back (the upstream's, fetched for it) is sealed
+for that user (``issued.py``), and every ``/v2/`` request must carry one. The
+file is read again when it changes (``users_file.py``): a removed user or a
+changed password ends the user's tokens and sign-ins at once.
 
 Clients keep one username/password per registry host, so a client that also
 needs its own upstream account sends both in that one pair::
@@ -32,7 +34,8 @@ import bcrypt
 
 from ..registry.errors import RegistryError
 from .bounded import BoundedDict
-from .issued import REFRESH, IssuedTokens
+from .issued import REFRESH, Holder, IssuedTokens
+from .users_file import AccountsError, UsersFile
 
 log = logging.getLogger("hub_rewrite")
 
@@ -43,10 +46,6 @@ VERIFIED_TTL = 300.0
 _argon2 = argon2.PasswordHasher()
 # compared against when the user is unknown, so timing does not tell
 _DUMMY_BCRYPT = bcrypt.hashpw(b"hub-rewrite", bcrypt.gensalt(rounds=10))
-
-
-class AccountsError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -96,30 +95,6 @@ def bearer_token(authorization: str | None) -> str | None:
     return authorization[7:].strip() or None
 
 
-def load_users(path: Path) -> dict[str, str]:
-    """user -> password hash, from an htpasswd-style file."""
-    users: dict[str, str] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AccountsError(f"cannot read {path}: {e}") from e
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, hashed = line.partition(":")
-        if not sep or not user or not hashed:
-            raise AccountsError(f"{path}:{number}: expected user:hash")
-        if not hashed.startswith(("$2b$", "$2y$", "$2a$", "$argon2id$", "$argon2i$")):
-            raise AccountsError(f"{path}:{number}: user {user}: only bcrypt or argon2 hashes are accepted")
-        if user in users:
-            raise AccountsError(f"{path}:{number}: user {user} listed twice")
-        users[user] = hashed
-    if not users:
-        raise AccountsError(f"{path}: no users")
-    return users
-
-
 def hash_password(password: str, scheme: str = "bcrypt") -> str:
     """A hash for the users file (``python -m hubrewrite.access.accounts``)."""
     if SEPARATOR in password:
@@ -130,33 +105,56 @@ def hash_password(password: str, scheme: str = "bcrypt") -> str:
 
 
 class MirrorAccounts:
-    def __init__(self, users: dict[str, str]) -> None:
-        self.users = users
-        self._verified = BoundedDict()  # sha256(user, password) -> verified until
+    def __init__(self, users: dict[str, str] | UsersFile) -> None:
+        """``users``: user -> password hash, fixed, or a users file read again when it changes."""
+        self._file = users if isinstance(users, UsersFile) else None
+        self._fixed = users if isinstance(users, dict) else {}
+        self._verified = BoundedDict()  # sha256(user, password hash, password) -> verified until
+
+    @classmethod
+    def from_file(cls, path: Path) -> MirrorAccounts:
+        """Raises AccountsError."""
+        return cls(UsersFile(path))
+
+    @property
+    def users(self) -> dict[str, str]:
+        return self._file.current() if self._file is not None else self._fixed
+
+    def password_hash(self, user: str) -> str | None:
+        return self.users.get(user)
 
     def verify(self, user: str, password: str) -> bool:
-        """Blocking (bcrypt/argon2 are slow by design): call from a thread."""
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        now = time.monotonic()
-        if self._verified.get(key, 0) > now:
-            return True
+        """Blocking: call from a thread."""
+        return self.verified_hash(user, password) is not None
+
+    def verified_hash(self, user: str, password: str) -> str | None:
+        """The user's password hash, if ``password`` matches it. Blocking (bcrypt/argon2 are
+        slow by design): call from a thread."""
         hashed = self.users.get(user)
-        ok = False
         if hashed is None:
             bcrypt.checkpw(password.encode(), _DUMMY_BCRYPT)
-        elif hashed.startswith("$argon2"):
-            try:
-                ok = _argon2.verify(hashed, password)
-            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-                ok = False
-        else:
-            try:
-                ok = bcrypt.checkpw(password.encode(), hashed.replace("$2y$", "$2b$", 1).encode())
-            except ValueError:
-                ok = False
-        if ok:
-            self._verified.put(key, now + VERIFIED_TTL)
-        return ok
+            return None
+        # remembered with the hash: a changed password is checked afresh, a removed user never found
+        key = hashlib.sha256(f"{user}\0{hashed}\0{password}".encode()).digest()
+        now = time.monotonic()
+        if self._verified.get(key, 0) > now:
+            return hashed
+        if not _matches(hashed, password):
+            return None
+        self._verified.put(key, now + VERIFIED_TTL)
+        return hashed
+
+
+def _matches(hashed: str, password: str) -> bool:
+    if hashed.startswith("$argon2"):
+        try:
+            return _argon2.verify(hashed, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+    try:
+        return bcrypt.checkpw(password.encode(), hashed.replace("$2y$", "$2b$", 1).encode())
+    except ValueError:
+        return False
 
 
 Form = list[tuple[str, str]]
@@ -164,21 +162,23 @@ Form = list[tuple[str, str]]
 
 async def sign_in(
     accounts: MirrorAccounts, issued: IssuedTokens, authorization: str | None, form: Form | None
-) -> tuple[str, str | None, Form | None]:
+) -> tuple[Holder, str | None, Form | None]:
     """Check a token request's mirror account.
 
-    Returns (user, the ``Authorization`` for the upstream's token service, the
-    form for it): the mirror part of the credentials is dropped. Raises a 401
-    RegistryError. A refresh token counts only if the mirror sealed it for a user.
+    Returns (the holder of the tokens to seal, the ``Authorization`` for the
+    upstream's token service, the form for it): the mirror part of the
+    credentials is dropped. Raises a 401 RegistryError. A refresh token counts
+    only if the mirror sealed it for a user the accounts still hold with the
+    same password; it continues that sign-in's session, never a new one.
     """
     fields = dict(form or [])
     grant_type = fields.get("grant_type") if form is not None else None
     if grant_type == "refresh_token":
-        sealed = issued.open(fields.get("refresh_token"))
-        if sealed is None or sealed.kind != REFRESH:
-            raise _refused("refresh token not issued by this mirror")
+        sealed = issued.open(fields.get("refresh_token"), accounts, kinds=(REFRESH,))
+        if sealed is None or sealed.holder is None:
+            raise _refused("refresh token not issued by this mirror, expired, or its account changed")
         # the upstream's own refresh token, sealed inside the mirror's, goes on
-        return sealed.user, None, [(k, sealed.upstream_token if k == "refresh_token" else v) for k, v in form]
+        return sealed.holder, None, [(k, sealed.upstream_token if k == "refresh_token" else v) for k, v in form]
     basic = parse_basic(authorization)
     if basic is None and grant_type == "password":
         basic = (fields.get("username", ""), fields.get("password", ""))
@@ -188,14 +188,17 @@ async def sign_in(
         credentials = split_credentials(*basic)
     except AccountsError as e:
         raise _refused(str(e), basic[0]) from e
-    if not await asyncio.to_thread(accounts.verify, credentials.mirror_user, credentials.mirror_password):
-        raise _refused("mirror account required: user and password of this mirror", credentials.mirror_user)
+    user = credentials.mirror_user
+    hashed = await asyncio.to_thread(accounts.verified_hash, user, credentials.mirror_password)
+    if hashed is None:
+        raise _refused("mirror account required: user and password of this mirror", user)
+    holder = issued.holder(user, hashed)
     if grant_type == "password":
         rest = [(k, v) for k, v in form or [] if k not in ("username", "password")]
         if credentials.upstream_user is not None:
             rest += [("username", credentials.upstream_user), ("password", credentials.upstream_password or "")]
-        return credentials.mirror_user, None, rest
-    return credentials.mirror_user, credentials.upstream_basic, form
+        return holder, None, rest
+    return holder, credentials.upstream_basic, form
 
 
 def _refused(message: str, user: str = "") -> RegistryError:

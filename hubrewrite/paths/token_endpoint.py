@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from ..access.accounts import sign_in
-from ..access.issued import OFFLINE, OWN, OWN_TOKEN_LIFETIME
+from ..access.issued import OFFLINE, OWN, OWN_TOKEN_LIFETIME, Holder, is_sealed
 from ..mirror import Mirror
 from ..pull import Pull
 from ..registry import headers as hdrs
@@ -44,7 +44,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         named = pull.path[len("/token") + 1:] or None
         pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
         pull.step.upstream = pull.upstream.base
-        authorization, user, form = await _credentials(pull, mirror, form)
+        authorization, holder, form = await _credentials(pull, mirror, form)
         learned = await mirror.realms.discover(pull.upstream, mirror.client)
     except RegistryError as e:
         if e.status == 401:
@@ -53,24 +53,29 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
             e = RegistryError(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
         return error_response(e)
     if learned is None:
-        if user is not None:
-            return _own_token(mirror, user)
+        if holder is not None:
+            return _own_token(mirror, holder)
         return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
     realm, service = learned
     query = tokens.with_service(map_scope_fields(query, _permitted_scopes(pull, mirror)), service)
     if form is not None:
         form = tokens.with_service(map_scope_fields(form, _permitted_scopes(pull, mirror)), service)
-    return await _ask_token_service(pull, mirror, realm, query, form, authorization, user)
+    return await _ask_token_service(pull, mirror, realm, query, form, authorization, holder)
 
 
-async def _credentials(pull: Pull, mirror: Mirror, form: Fields | None) -> tuple[str | None, str | None, Fields | None]:
-    """(the Authorization for the token service, the mirror user, the form): with
-    mirror accounts, their part is checked and dropped."""
+async def _credentials(
+    pull: Pull, mirror: Mirror, form: Fields | None
+) -> tuple[str | None, Holder | None, Fields | None]:
+    """(the Authorization for the token service, the holder of the tokens to seal, the form):
+    with mirror accounts, their part is checked and dropped."""
     authorization = hdrs.value_of(hdrs.decode_fields(pull.flow.request.headers.fields), "authorization")
     if mirror.settings.accounts is None:
+        if any(k == "refresh_token" and is_sealed(v) for k, v in form or []):
+            # another mirror's (this one has no accounts): not the token service's either
+            raise RegistryError(401, "UNAUTHORIZED", "refresh token not issued by this mirror")
         return authorization, None, form
-    user, authorization, form = await sign_in(mirror.settings.accounts, mirror.issued, authorization, form)
-    return authorization, user, form
+    holder, authorization, form = await sign_in(mirror.settings.accounts, mirror.issued, authorization, form)
+    return authorization, holder, form
 
 
 def _permitted_scopes(pull: Pull, mirror: Mirror):
@@ -90,7 +95,8 @@ def _permitted_scopes(pull: Pull, mirror: Mirror):
 
 
 async def _ask_token_service(
-    pull: Pull, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None, user: str | None
+    pull: Pull, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None,
+    holder: Holder | None,
 ) -> http.Response:
     method = pull.method
     if method == "POST" and form is not None and not tokens.carries_credentials(form):
@@ -120,12 +126,12 @@ async def _ask_token_service(
     except RegistryError as e:
         log.warning("token request to %s: %s", host, e.message)
         if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, user)
+            return _offline_token(mirror, holder)
         return error_response(RegistryError(e.status, e.code, f"token service: {e.message}"))
     if fetched.status >= 500:
         log.warning("token request to %s: answered %d", host, fetched.status)
         if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, user)
+            return _offline_token(mirror, holder)
         return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
     answer = fetched.body
     if operators and fetched.status == 200:
@@ -135,25 +141,25 @@ async def _ask_token_service(
         if mirror.cache is not None and as_anonymous:
             for token in grant.tokens:
                 mirror.cache.access.note_anonymous_token(token)
-        if user is not None:
-            answer = mirror.issued.sealed_grant(user, grant, answer)
+        if holder is not None:
+            answer = mirror.issued.sealed_grant(holder, grant, answer)
     answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
     return make_response(fetched.status, answer_headers, answer)
 
 
-def _own_token(mirror: Mirror, user: str) -> http.Response:
+def _own_token(mirror: Mirror, holder: Holder) -> http.Response:
     """Mirror accounts in front of an upstream without token auth: the mirror's
     own token, which opens the mirror and is never sent upstream."""
-    return _token_answer(mirror.issued.seal(OWN, user, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME)
+    return _token_answer(mirror.issued.seal(OWN, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME)
 
 
-def _offline_token(mirror: Mirror, user: str | None) -> http.Response:
+def _offline_token(mirror: Mirror, holder: Holder | None) -> http.Response:
     """A token for a client without credentials while the token service is down.
 
     It is the mirror's own, worthless upstream, and opens only what anonymous
     clients were seen to pull within the stale window.
     """
-    return _token_answer(mirror.issued.seal(OFFLINE, user, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME, STALE_HEADERS)
+    return _token_answer(mirror.issued.seal(OFFLINE, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME, STALE_HEADERS)
 
 
 def _token_answer(token: str, lifetime: float, headers: list[tuple[str, str]] = ()) -> http.Response:

@@ -215,7 +215,8 @@ def test_accounts_post_password_grant(accounts, hub, ghcr):
     # the mirror password alone becomes an anonymous GET, answered with access_token too
     form = b"grant_type=password&username=ann&password=mirror-pw&service=x&scope=repository%3Aowner%2Ftool%3Apull"
     flow = ask(addon, hub, "POST", "/token/ghcr.io", headers=[("Content-Type", "application/x-www-form-urlencoded")], content=form)
-    assert addon.mirror.issued.open(body_json(flow.response)["access_token"]).upstream_token == "ghcr-token"
+    opened = addon.mirror.issued.open(body_json(flow.response)["access_token"], addon.mirror.settings.accounts)
+    assert opened.upstream_token == "ghcr-token" and opened.user == "ann"
     assert ghcr.received[-1].method == "GET" and ghcr.received[-1].header("authorization") is None
     # a refresh token the mirror never issued is refused
     flow = ask(addon, hub, "POST", "/token/ghcr.io", content=b"grant_type=refresh_token&refresh_token=stolen",
