@@ -36,7 +36,10 @@ def presigned(pull: Pull, mirror: Mirror, headers: list[tuple[str, str]]) -> obj
 async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | None:
     """Read a blob from the bucket into the local tier (clients follow it); None: it cannot be."""
     cache, digest = mirror.cache, pull.route.reference
-    download = cache.downloads.claim(digest)
+    try:
+        download = cache.downloads.claim(digest)
+    except OSError:
+        return None  # no space or inode for its lock
     if download is None:
         return None  # already being read (or downloaded) here: follow that one
     source = await cache.shared.open(digest) if cache.store.has_room_for(stat.size) else None

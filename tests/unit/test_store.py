@@ -1,4 +1,5 @@
 import asyncio
+import fcntl
 import hashlib
 import os
 import threading
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hubrewrite.cache import lockfiles
 from hubrewrite.cache.blobwriter import BlobWriter, WriteBehind
 from hubrewrite.cache.store import Store
 
@@ -105,15 +107,81 @@ def test_tags_keyed_by_accept_and_membership(tmp_path):
     assert not store.is_member("https://r", "private/x", digest_of(b"1"))
 
 
-def test_download_lock_is_exclusive(tmp_path):
-    store = Store(tmp_path, 0)
-    fd = store.download_lock(digest_of(b"z"))
-    assert fd is not None
-    assert store.download_lock(digest_of(b"z")) is None
-    Store.release_lock(fd)
-    fd2 = store.download_lock(digest_of(b"z"))
+def test_download_lock_is_exclusive_and_exists_only_while_held(tmp_path):
+    store, other = Store(tmp_path, 0), Store(tmp_path, 0)  # two processes sharing the directory
+    digest = digest_of(b"z")
+    assert not store.download_locked(digest) and list(store.tmp.iterdir()) == []  # looking creates nothing
+    fd = store.download_lock(digest)
+    assert fd is not None and store.download_lock_path(digest).exists()
+    assert other.download_lock(digest) is None and other.download_locked(digest)
+    store.release_download_lock(digest, fd)
+    assert list(store.tmp.iterdir()) == [] and not other.download_locked(digest)
+    fd2 = other.download_lock(digest)
     assert fd2 is not None
-    Store.release_lock(fd2)
+    other.release_download_lock(digest, fd2)
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_lock_taken_on_a_file_just_unlinked_is_not_held(tmp_path):
+    """The flock-and-unlink race: B opened the lock file just before its holder A removed it and
+    let go; B's flock then succeeds on a file no longer in the directory, while C creates and
+    locks a new one. B must see that the path no longer names what it locked."""
+    path = tmp_path / "x.lock"
+    a = lockfiles.acquire(path)
+    b = os.open(path, os.O_RDWR)  # B, between its open and its flock
+    lockfiles.release(path, a)
+    c = lockfiles.acquire(path)
+    assert c is not None
+    fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)  # B's lock succeeds: on the unlinked file
+    assert not lockfiles.names(path, b) and lockfiles.names(path, c)
+    os.close(b)
+    assert lockfiles.acquire(path) is None  # what acquire does: C holds the current file
+    lockfiles.release(path, c)
+
+
+def test_lock_files_exclude_under_contention(tmp_path):
+    """Threads taking and removing one lock file as fast as they can (each its own open file,
+    as separate processes): never two holders at once."""
+    path, holders, worst, errors = tmp_path / "x.lock", [0], [0], []
+    count = threading.Lock()
+
+    def work() -> None:
+        try:
+            for _ in range(3000):
+                fd = lockfiles.acquire(path)
+                if fd is None:
+                    continue
+                with count:
+                    holders[0] += 1
+                    worst[0] = max(worst[0], holders[0])
+                time.sleep(0)
+                with count:
+                    holders[0] -= 1
+                lockfiles.release(path, fd)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and worst[0] == 1 and not path.exists()
+
+
+def test_stale_download_files_are_removed_at_start_but_not_a_held_one(tmp_path):
+    store = Store(tmp_path, 0)
+    stale, orphan, held = digest_of(b"stale"), digest_of(b"orphan"), digest_of(b"held")
+    for digest in (stale, orphan, held):
+        store.download_path(digest).write_bytes(b"partial")
+    store.download_lock_path(stale).write_bytes(b"100")  # its holder crashed
+    fd = store.download_lock(held)
+    (tmp_path / "tags" / "ab.json.lock").touch()  # an earlier version's sidecar
+    Store(tmp_path, 0)  # another process starts on the directory
+    assert sorted(p.name for p in store.tmp.iterdir()) == sorted(
+        [store.download_path(held).name, store.download_lock_path(held).name])
+    assert list((tmp_path / "tags").glob("*.json.lock")) == []
+    store.release_download_lock(held, fd)
 
 
 def test_only_sha256(tmp_path):
