@@ -111,8 +111,8 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
     shared = mirror.cache.shared
     if shared is not None and shared.presign_seconds and not is_forward_proxy(pull.flow.client_conn):
         stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
-        if stat is not None and stat.verified:
-            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state))
+        if stat is not None and await shared.presignable(pull.route.reference, stat):
+            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state), stat)
     if in_bucket is not None:
         if pull.method == "HEAD":
             return make_response(200, _blob_head(pull, state), b"", in_bucket.size)
