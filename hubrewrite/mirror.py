@@ -118,7 +118,7 @@ class Mirror:
         if c is None:
             return
         try:
-            store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc)
+            store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc, c.max_files)
         except OSError as e:
             raise exceptions.OptionsError(f"hub_cache_dir {c.directory}: {e.strerror}") from e
         downloads = Downloads(store)

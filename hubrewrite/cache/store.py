@@ -44,6 +44,7 @@ from pathlib import Path
 from . import lockfiles
 from .blobwriter import BlobWriter
 from .digests import hex_of, sha256_of_bytes, sha256_of_file
+from .eviction import Limits
 
 log = logging.getLogger("hub_rewrite")
 
@@ -53,8 +54,8 @@ MAX_TAG_ENTRIES = 16
 FREE_SPACE_MARGIN = 64 << 20
 # free inodes kept beyond what a download needs (its lock and file, the blob's stamp, records)
 FREE_INODES_MARGIN = 16
-# how long a commit trusts the estimated cache size before scanning the files again
-RESCAN_SECONDS = 60.0
+# most files kept (hub_cache_max_files): a blob or a manifest is two, a record one
+DEFAULT_MAX_FILES = 200_000
 _DOWNLOAD_STEM = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -74,7 +75,8 @@ class TagEntry:
 
 
 class Store:
-    def __init__(self, root: Path, max_bytes: int, on_evict: Callable[[int], None] = lambda count: None) -> None:
+    def __init__(self, root: Path, max_bytes: int, on_evict: Callable[[int], None] = lambda count: None,
+                 max_files: int = DEFAULT_MAX_FILES) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.tmp = root / "tmp"
@@ -83,13 +85,9 @@ class Store:
         self._clean_stale_tmp()
         # digests this process is serving right now: never evicted
         self.in_use: dict[str, int] = {}
-        self.on_evict = on_evict  # (how many blobs were evicted), for the metrics
+        self.limits = Limits(self, max_bytes, max_files, on_evict)
         # why the last write failed (disk full, ...), None once writes work again
         self.problem: str | None = None
-        # blob bytes as of the last scan plus this process's commits since: a commit far under
-        # the limit does not scan every cached file (other processes' commits are seen at the next scan)
-        self._estimated_bytes: int | None = None
-        self._scanned_at = 0.0
 
     # ---- failing disks -----------------------------------------------------
 
@@ -203,21 +201,8 @@ class Store:
         if not committed:
             tmp_path.unlink(missing_ok=True)
             return False
-        self._added(final, keep=f"sha256:{hex_part}")
+        self.limits.blob_added(final, keep=f"sha256:{hex_part}")
         return True
-
-    def _added(self, path: Path, keep: str) -> None:
-        """Evict if the cache may now be over its limit."""
-        if self.max_bytes <= 0:
-            return
-        if self._estimated_bytes is not None and time.monotonic() - self._scanned_at < RESCAN_SECONDS:
-            try:
-                self._estimated_bytes += path.stat().st_size
-            except FileNotFoundError:
-                pass
-            if self._estimated_bytes <= self.max_bytes:
-                return
-        self.evict(keep)
 
     def _write_stamp(self, path: Path) -> None:
         self._write_file(self._stamp(path), _stat_signature(path.stat()).encode())
@@ -249,47 +234,8 @@ class Store:
         """The download ended (its file already committed or removed): the lock file goes too."""
         lockfiles.release(self.download_lock_path(digest), fd)
 
-    # ---- eviction ----------------------------------------------------------
-
-    def blob_entries(self) -> list[tuple[float, int, str]]:
-        """(last use, size, digest) of every committed blob."""
-        entries = []
-        for path in (self.root / "blobs" / "sha256").glob("*/*"):
-            if path.name.endswith(".ok"):
-                continue
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            try:
-                used = self._stamp(path).stat().st_mtime
-            except FileNotFoundError:
-                used = 0.0
-            entries.append((used, size, f"sha256:{path.name}"))
-        return entries
-
     def total_bytes(self) -> int:
-        return sum(size for _, size, _ in self.blob_entries())
-
-    def evict(self, keep: str | None = None) -> list[str]:
-        """Delete least recently used blobs until under the size limit."""
-        if self.max_bytes <= 0:
-            return []
-        entries = self.blob_entries()
-        total = sum(size for _, size, _ in entries)
-        evicted = []
-        for _, size, digest in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if digest == keep or self.in_use.get(digest):
-                continue
-            self.remove_blob(digest)
-            total -= size
-            evicted.append(digest)
-        self._estimated_bytes, self._scanned_at = total, time.monotonic()
-        if evicted:
-            self.on_evict(len(evicted))
-        return evicted
+        return self.limits.total_bytes()
 
     # ---- manifests -----------------------------------------------------------
 
@@ -302,13 +248,22 @@ class Store:
         if sha256_of_bytes(body) != digest:
             return False
         path = self.manifest_path(digest)
-        stored = False
+        stored, new = False, not path.exists()
         with self._writing():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._write_file(path.with_name(path.name + ".type"), media_type.encode())
             self._write_file(path, body)
             stored = True
+        if stored and new:
+            self.limits.files_added(2)
         return stored
+
+    def touch_manifest(self, digest: str) -> None:
+        """Mark a manifest as just used (the file limit evicts the least recently used)."""
+        try:
+            os.utime(self.manifest_path(digest))
+        except OSError:
+            pass
 
     def has_manifest(self, digest: str) -> bool:
         return self.manifest_path(digest).exists()
@@ -357,7 +312,7 @@ class Store:
         the most recent ones. Returns the record as written (for a shared store).
         """
         path = self._tag_path(upstream, repository, tag)
-        record = b""
+        record, new = b"", not path.exists()
         with self._writing():
             fd = os.open(self.root / "tags" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -371,6 +326,8 @@ class Store:
                 self._write_file(path, record)
             finally:
                 os.close(fd)  # releases the lock
+        if record and new:
+            self.limits.files_added(1)
         return record
 
     def merge_tag_record(self, upstream: str, repository: str, tag: str, record: bytes) -> None:
@@ -379,6 +336,7 @@ class Store:
         if not path.exists():
             with self._writing():
                 self._write_file(path, record)
+                self.limits.files_added(1)
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
         """The tag's digest for exactly this (normalized) Accept."""
@@ -405,8 +363,15 @@ class Store:
         if path.exists():
             return False
         with self._writing():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            for _ in range(2):
+                new_folder = not path.parent.exists()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.touch()
+                    break
+                except FileNotFoundError:
+                    continue  # the folder was just removed as empty (the file limit): once more
+            self.limits.files_added(1 + new_folder)
         return True
 
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:

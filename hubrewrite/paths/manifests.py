@@ -154,6 +154,7 @@ async def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> An
         size = store.manifest_path(digest).stat().st_size
     except FileNotFoundError:
         return None
+    store.touch_manifest(digest)
     if size > INLINE_LIMIT and pull.method == "GET":
         return Retarget(f"/manifests/{digest}", Transfer(digest, headers, "cache"), loopback=True)
     cached = store.get_manifest(digest)

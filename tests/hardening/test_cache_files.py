@@ -8,6 +8,10 @@ at all; a download's lock file goes when the download ends; lock and
 while one a live process holds stays (and keeps excluding); and with no inode
 left an uncached blob is served whole and correct without caching (health
 says the cache is full) until inodes are free again. Needs root (mount).
+
+What requests for content the upstream has leave (tag records, membership
+records, manifests, blobs) is bounded by ``hub_cache_max_files``: an anonymous
+client resolving a hundred tags of one image leaves the cache within it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import fcntl
 import os
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.images import sha256_digest
+from tests.support.images import Pusher, sha256_digest
 from tests.support.mirror import Mirror
 
 from .helpers import UPSTREAM_TIMEOUT, anonymous_token, assert_registry_error, cache_blob_path, fresh_image
@@ -167,3 +172,41 @@ def test_with_no_inode_left_an_uncached_blob_is_served_without_caching(mirror, u
     assert r.status_code == 200 and sha256_digest(r.content) == later_layer
     assert cache_blob_path(cache_dir, later_layer).exists(), "not cached once inodes were free again"
     assert httpx.get(f"{mirror.url}/_hub/health", timeout=10).json().get("cache") == "writable"
+
+
+MAX_FILES = 40
+TAGS = 100
+
+
+def counted_files(cache: Path) -> int:
+    """What hub_cache_max_files counts: the files of blobs, manifests and records, and the
+    repository folders."""
+    files = [p for sub in ("blobs", "manifests", "tags", "repos") for p in (cache / sub).rglob("*")
+             if (p.is_file() and p.name != ".lock") or p.parent.name == "repos"]
+    return len(files)
+
+
+def test_records_of_many_tags_stay_within_the_file_limit(upstream, tmp_path):
+    image = fresh_image(upstream, tmp_path, "team/many-tags")
+    with Pusher(upstream) as p:
+        for i in range(TAGS):
+            p.push_manifest("team/many-tags", f"t{i}", image["manifest_bytes"], image["media_type"])
+    cache = tmp_path / "cache"
+    options = {"hub_cache_dir": str(cache), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
+               "hub_cache_max_files": str(MAX_FILES)}
+    with Mirror(tmp_path / "limited", upstream.api_url, options=options, name="limited") as limited:
+        token = anonymous_token(limited.url, "team/many-tags")
+        with httpx.Client(base_url=limited.url, headers=auth(token), timeout=30) as client:
+            for i in range(TAGS):
+                r = client.head(f"/v2/team/many-tags/manifests/t{i}", headers={"Accept": image["media_type"]})
+                assert r.status_code == 200 and r.headers.get("docker-content-digest") == image["digest"]
+            for digest in (image["config_digest"], *image["layer_digests"]):
+                assert sha256_digest(client.get(f"/v2/team/many-tags/blobs/{digest}").content) == digest
+        deadline = time.monotonic() + 10
+        while counted_files(cache) > MAX_FILES and time.monotonic() < deadline:
+            time.sleep(0.2)  # the limit is kept by a scan in a thread of its own
+        assert counted_files(cache) <= MAX_FILES, f"{counted_files(cache)} files for a limit of {MAX_FILES}"
+        r = httpx.head(f"{limited.url}/v2/team/many-tags/manifests/t{TAGS - 1}", headers={
+            **auth(token), "Accept": image["media_type"]}, timeout=30)
+        assert r.status_code == 200, "the mirror still serves"
+        assert "Traceback" not in limited.log_text()

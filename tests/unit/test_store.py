@@ -312,3 +312,51 @@ def test_write_behind_raises_a_disk_error_and_keeps_nothing(tmp_path):
     assert told == [3]
     assert not store.has_blob(digest_of(b"abcdef"))
     assert list(store.tmp.glob("*.download")) == []
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def cached_files(root: Path) -> int:
+    """Files and repository folders the file limit counts."""
+    counted = [p for sub in ("blobs", "manifests", "tags", "repos") for p in (root / sub).rglob("*")
+               if p.is_file() or p.parent.name == "repos"]
+    return len([p for p in counted if p.name != ".lock"])
+
+
+def test_the_file_limit_removes_the_least_recently_used_entries_of_any_kind(tmp_path):
+    store = Store(tmp_path, 0, max_files=40)
+    in_use = put_blob(store, b"served")
+    store.in_use[in_use] = 1
+    old = put_blob(store, b"old")
+    os.utime(store.blob_path(old).with_name(store.blob_path(old).name + ".ok"), (1, 1))  # used long ago
+    recent = put_blob(store, b"recent")
+    for i in range(100):  # what anonymous clients can add: a record per tag, per repository and digest
+        store.put_tag("https://r", "library/a", f"tag-{i}", "accept:", digest_of(b"%d" % i), "t")
+        store.add_member("https://r", f"library/r{i}", digest_of(b"%d" % i))
+        assert store.put_manifest(digest_of(b"m%d" % i), "t", b"m%d" % i)
+        time.sleep(0.001)
+    assert wait_for(lambda: not store.limits._scanning and cached_files(tmp_path) <= 40), cached_files(tmp_path)
+    assert not store.has_blob(recent), "older than the records: evicted first"
+    recent = put_blob(store, b"recent")
+    store.add_member("https://r", "library/last", digest_of(b"last"))
+    assert wait_for(lambda: not store.limits._scanning and cached_files(tmp_path) <= 40), cached_files(tmp_path)
+    store.limits.evict_files()
+    assert store.has_blob(in_use) and store.has_blob(recent), "a blob in use or recently used went"
+    assert not store.has_blob(old), "the least recently used blob stayed"
+    assert store.get_tag("https://r", "library/a", "tag-99", "accept:") is not None  # the newest stay
+    assert store.get_tag("https://r", "library/a", "tag-0", "accept:") is None
+    assert len(list((tmp_path / "repos").iterdir())) == len(list((tmp_path / "repos").glob("*/*")))  # no empty folder
+
+
+def test_no_file_limit_with_zero(tmp_path):
+    store = Store(tmp_path, 0, max_files=0)
+    for i in range(30):
+        store.add_member("https://r", f"library/r{i}", digest_of(b"%d" % i))
+    assert cached_files(tmp_path) == 60
