@@ -22,7 +22,8 @@ directories, run three groups in an order that rotates:
   - B: warm from the bucket (bucket -> B's local tier, the client following),
     then again: warm from B's local tier;
   - C, with ``hub_store_presign=true``: warm, a 307 to a presigned URL of the
-    object, which curl then downloads from RGW itself.
+    object, which curl then downloads from RGW itself (A, B and C share a
+    ``hub_blob_secret``: C presigns the object on the mark A made with it).
 
 Per pull: MB/s, time to first byte (curl, summed over redirects), CPU seconds
 per GiB and peak RSS (VmHWM, reset before each pull) of the mirror process,
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 import shutil
 import statistics
 import sys
@@ -101,8 +103,13 @@ def mirror_process(name: str, workdir: Path, up: Upstream, rgw: CephRGW, bucket:
     options = {"hub_cache_dir": str(cache)}
     env: dict[str, str] = {}
     if bucket is not None:
+        # one key of their own (not the bucket's), so C presigns the object A uploaded and marked
+        secret = workdir.parent / "blob-secret"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(32))
         options |= {"hub_store_url": f"s3://{bucket}/{PREFIX}", "hub_store_endpoint": rgw.endpoint_url,
-                    "hub_store_addressing": "path", "hub_store_presign": "true" if presign else "false"}
+                    "hub_store_addressing": "path", "hub_store_presign": "true" if presign else "false",
+                    "hub_blob_secret": str(secret)}
         env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}  # never on argv
     try:
         with Mirror(workdir, up.api_url, options=options, env=env, name="mirror") as m:

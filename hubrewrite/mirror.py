@@ -118,7 +118,7 @@ class Mirror:
         if c is None:
             return
         try:
-            store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc)
+            store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc, c.max_files)
         except OSError as e:
             raise exceptions.OptionsError(f"hub_cache_dir {c.directory}: {e.strerror}") from e
         downloads = Downloads(store)
@@ -129,7 +129,10 @@ class Mirror:
                 cache.shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
             except BucketConfigError as e:
                 raise exceptions.OptionsError(f"hub_store_url: {e}") from e
-        self.secret = self._secret(c, cache.shared)
+        self.secret, kept_in_bucket = self._secret(c, cache.shared)
+        if cache.shared is not None:
+            # a key the bucket holds proves nothing against whoever can write to the bucket
+            cache.shared.use_mark_key(None if kept_in_bucket else self.secret)
         if c.blob_listen is not None:
             cache.listener, cache.listener_socket = self._blob_listener(c, blobs)
         self.cache = cache
@@ -137,19 +140,20 @@ class Mirror:
         log.info("hub_rewrite: caching in %s (limit %s bytes)", c.directory, c.max_bytes or "no")
 
     @staticmethod
-    def _secret(c: CacheSettings, shared: SharedStore | None) -> bytes:
+    def _secret(c: CacheSettings, shared: SharedStore | None) -> tuple[bytes, bool]:
         """The key of the blob listener's URLs and of the tokens the mirror issues: hub_blob_secret,
         else one kept in the shared bucket, else one in the cache directory, so that every process
-        sharing those accepts the others' (a bucket unreachable at start: the directory's, for now)."""
+        sharing those accepts the others' (a bucket unreachable at start: the directory's, for now);
+        and whether it is the bucket's."""
         try:
             if c.blob_secret is not None:
-                return load_or_create_secret(c.blob_secret, create=False)
+                return load_or_create_secret(c.blob_secret, create=False), False
             if shared is not None:
                 try:
-                    return shared.bucket.shared_secret()
+                    return shared.bucket.shared_secret(), True
                 except BucketError as e:
                     log.warning("hub_rewrite: shared store: %s; using the cache directory's key", e)
-            return load_or_create_secret(c.directory / "secret", create=True)
+            return load_or_create_secret(c.directory / "secret", create=True), False
         except SecretError as e:
             raise exceptions.OptionsError(f"hub_blob_secret: {e}") from e
 

@@ -103,6 +103,10 @@ OPTIONS = (
     Option("hub_cache_max_size", str, "20g", """
         Size limit of cached blobs (e.g. 500m, 20g); least recently used blobs are evicted beyond
         it. 0: no limit."""),
+    Option("hub_cache_max_files", int, 200_000, """
+        Most files the cache keeps (a blob or a manifest is two, a tag or membership record
+        one): beyond it the least recently used entries of any kind are removed. Bounds the
+        inodes requests can make the mirror use (tiny blobs, records). 0: no limit."""),
     Option("hub_cache_stale", int, 3600, """
         Seconds for which cached content is still served while the upstream is unreachable or
         answers 429/5xx (marked with a Warning header)."""),
@@ -164,6 +168,7 @@ def declare(loader) -> None:
 class CacheSettings:
     directory: Path
     max_bytes: int
+    max_files: int
     stale_seconds: int
     stale_grace: int
     auth_ttl: int
@@ -340,9 +345,9 @@ def _cache(o: optmanager.OptManager) -> CacheSettings | None:
         max_bytes = human.parse_size(o.hub_cache_max_size) or 0
     except ValueError as e:
         raise exceptions.OptionsError(f"hub_cache_max_size: {e}") from e
-    if o.hub_cache_stale < 0 or o.hub_cache_stale_grace < 0 or o.hub_cache_auth_ttl < 1:
+    if o.hub_cache_stale < 0 or o.hub_cache_stale_grace < 0 or o.hub_cache_auth_ttl < 1 or o.hub_cache_max_files < 0:
         raise exceptions.OptionsError(
-            "hub_cache_stale and hub_cache_stale_grace must be >= 0, hub_cache_auth_ttl >= 1"
+            "hub_cache_stale, hub_cache_stale_grace and hub_cache_max_files must be >= 0, hub_cache_auth_ttl >= 1"
         )
     if o.hub_blob_url:
         try:
@@ -352,6 +357,7 @@ def _cache(o: optmanager.OptManager) -> CacheSettings | None:
     return CacheSettings(
         directory=Path(o.hub_cache_dir).expanduser(),
         max_bytes=max_bytes,
+        max_files=o.hub_cache_max_files,
         stale_seconds=o.hub_cache_stale,
         stale_grace=o.hub_cache_stale_grace,
         auth_ttl=o.hub_cache_auth_ttl,

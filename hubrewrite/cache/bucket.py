@@ -10,6 +10,7 @@ one bucket that several mirror processes use together.
 Keys under the configured prefix (content-addressed, like the local cache):
 
     blobs/sha256/<hex>       blob bytes, application/octet-stream
+    marks/sha256/<hex>       the mark of the blob's verified object (an HMAC, shared.py)
     manifests/sha256/<hex>   manifest bytes; Content-Type = its media type
     locks/<name>             cross-process locks (bucket_locks.py)
     <anything else>          small records through put_object/get_object
@@ -21,8 +22,9 @@ multipart upload only if the digest matches; put_manifest checks first.
 get_manifest verifies what it reads and deletes an object that fails; a blob
 read with open_blob is verified by its reader (the mirror's download, which
 then calls delete_blob), so one bad object cannot be served to every process
-sharing the bucket. Presigned URLs go only to objects upload_blob marked as
-verified.
+sharing the bucket. Which objects may be handed out as presigned URLs, unread,
+is the shared store's decision (shared.py): by their ETag, which upload_blob
+and open_blob report, never by their metadata alone.
 
 Permissions needed: s3:GetObject, PutObject, DeleteObject, ListBucket (S3
 answers 403 instead of 404 for a missing key without it; the health check is
@@ -40,14 +42,11 @@ boto3 does the S3 work (SigV4, multipart, presigning): no hand-written signing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import secrets
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +57,7 @@ from botocore.config import Config
 from .bucket_config import BucketConfig, BucketConfigError
 from .bucket_errors import BucketError, s3_errors
 from .bucket_locks import BucketLocks
+from .bucket_upload import PartUploads
 from .digests import hex_of, sha256_of_bytes
 
 __all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStat", "BlobStream"]
@@ -73,19 +73,19 @@ for _name in ("botocore", "boto3", "s3transfer"):
 
 CHUNK = 1 << 20
 PART_SIZE = 8 << 20  # S3's minimum is 5 MiB; above this size a blob goes up in parts
-MAX_PARTS = 10_000  # S3's limit: bigger blobs get bigger parts
 UPLOAD_CONCURRENCY = 2  # parts in flight per Bucket, all uploads together (memory: about 3 x PART_SIZE; 4 cost +20 MB for 20% speed)
 SMALL_OBJECT_LIMIT = 4 << 20  # manifests and records; distribution refuses manifests over 4 MiB too
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit
 BLOB_TYPE = "application/octet-stream"
-# object metadata upload_blob sets to the digest it verified: an object overwritten by
-# anyone else lacks it, and is never handed out unread (presigned)
+# object metadata upload_blob sets to the digest it verified: a hint that the mirror stored
+# it (another process need not upload it again), never a proof: anyone who can write to the
+# bucket can copy it onto other bytes. What proves it is the ETag (marks/, shared.py).
 VERIFIED_MARK = "hub-verified-sha256"
 
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$")
 # prefixes whose objects only this module's verified writers may create
-_RESERVED = ("blobs", "manifests", "locks")
+_RESERVED = ("blobs", "manifests", "locks", "marks")
 
 
 def _client_config(connect_timeout: float, read_timeout: float, attempts: int, pool: int,
@@ -110,7 +110,14 @@ def _client_config(connect_timeout: float, read_timeout: float, attempts: int, p
 @dataclass(frozen=True)
 class BlobStat:
     size: int
-    verified: bool  # stored by upload_blob, which checked the bytes against the digest
+    etag: str  # as the store reports it (quotes removed): other bytes, another ETag
+    marked: bool  # carries upload_blob's metadata: stored by a mirror, or copied from such an object
+    version: str | None = None  # the object's version id, where the bucket keeps versions
+
+
+def _stat(answer: dict[str, Any], size: int, marked: bool) -> BlobStat:
+    version = answer.get("VersionId")
+    return BlobStat(size, (answer.get("ETag") or "").strip('"'), marked, None if version in (None, "null") else version)
 
 
 class BlobStream:
@@ -118,8 +125,9 @@ class BlobStream:
 
     ``size``: the whole blob's size; ``length``: the bytes this stream carries."""
 
-    def __init__(self, body: Any, size: int, length: int, digest: str) -> None:
+    def __init__(self, body: Any, size: int, length: int, digest: str, etag: str = "") -> None:
         self._body, self.size, self.length, self._digest = body, size, length, digest
+        self.etag = etag  # of the object this GET read
 
     def __iter__(self) -> Iterator[bytes]:
         with s3_errors("read blob", self._digest):
@@ -143,7 +151,6 @@ class Bucket:
         if part_size < 5 << 20:
             raise ValueError("part_size must be at least 5 MiB (S3's minimum part size)")
         self.config = config
-        self._part_size = part_size
         try:
             session = boto3.session.Session(
                 aws_access_key_id=config.access_key, aws_secret_access_key=config.secret_key,
@@ -156,8 +163,7 @@ class Bucket:
         except botocore.exceptions.ProfileNotFound:
             raise BucketConfigError(f"AWS profile {config.profile!r} is not configured") from None
         # parts in flight across all uploads of this Bucket: bounds upload memory per process
-        self._upload_slots = threading.BoundedSemaphore(upload_concurrency)
-        self._upload_pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="bucket-upload")
+        self._uploads = PartUploads(self._s3, config.bucket, part_size, upload_concurrency)
         # cross-process locks: one download per blob among the processes sharing the bucket
         self.locks = BucketLocks(self._s3, config.bucket, self._key)
 
@@ -165,7 +171,7 @@ class Bucket:
         return f"Bucket({self.config})"
 
     def close(self) -> None:
-        self._upload_pool.shutdown(wait=True)
+        self._uploads.close()
         self._s3.close()
         self._quick_s3.close()
 
@@ -187,14 +193,15 @@ class Bucket:
         head = self._head(self._blob_key(digest), "blob", digest)
         if head is None:
             return None
-        return BlobStat(head["ContentLength"], head.get("Metadata", {}).get(VERIFIED_MARK) == hex_of(digest))
+        return _stat(head, head["ContentLength"], head.get("Metadata", {}).get(VERIFIED_MARK) == hex_of(digest))
 
     def delete_blob(self, digest: str) -> None:
         """Remove a blob found not to match its digest (deleting a missing one is no error)."""
         self._delete_corrupt(self._blob_key(digest), "blob", digest)
 
-    def upload_blob(self, digest: str, path: str | os.PathLike) -> None:
+    def upload_blob(self, digest: str, path: str | os.PathLike) -> BlobStat:
         """Store the file as the blob ``digest``; ValueError (and nothing stored) if it does not match.
+        Returns the stored object's size, ETag and version, as the store answered the upload.
 
         Up to PART_SIZE in one PUT, else a multipart upload: the file is read
         once, in order, hashed as it goes, parts uploaded from threads; at most
@@ -204,15 +211,16 @@ class Bucket:
         key, want = self._blob_key(digest), hex_of(digest)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size <= self._part_size:
-                body = f.read()
-                if sha256_of_bytes(body) != digest:
-                    raise ValueError(f"{path} does not hash to {digest}")
-                with s3_errors("upload blob", digest):
-                    self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE,
-                                        Metadata={VERIFIED_MARK: want})
-            else:
-                self._multipart_upload(key, f, size, want, digest)
+            if size > self._uploads.part_size:
+                answer = self._uploads.upload(key, f, size, want, digest, {VERIFIED_MARK: want}, BLOB_TYPE)
+                return _stat(answer, size, True)
+            body = f.read()
+            if sha256_of_bytes(body) != digest:
+                raise ValueError(f"{path} does not hash to {digest}")
+            with s3_errors("upload blob", digest):
+                answer = self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=body, ContentType=BLOB_TYPE,
+                                             Metadata={VERIFIED_MARK: want})
+            return _stat(answer, size, True)
 
     def open_blob(self, digest: str, offset: int = 0, length: int | None = None) -> BlobStream | None:
         """A streaming GET of the blob, or of ``length`` bytes from ``offset``; None when absent.
@@ -236,20 +244,32 @@ class Bucket:
             return None
         content_range = got.get("ContentRange")  # "bytes 0-99/1000" on a ranged answer
         size = int(content_range.rsplit("/", 1)[1]) if content_range else got["ContentLength"]
-        return BlobStream(got["Body"], size, got["ContentLength"], digest)
+        return BlobStream(got["Body"], size, got["ContentLength"], digest, (got.get("ETag") or "").strip('"'))
 
-    def presigned_blob_url(self, digest: str, expires_seconds: int) -> str:
-        """A GET URL for the blob object that works without credentials for ``expires_seconds``.
+    def presigned_blob_url(self, digest: str, expires_seconds: int, version: str | None = None) -> str:
+        """A GET URL for the blob object that works without credentials for ``expires_seconds``;
+        for that ``version`` of it only, when given (a bucket keeping versions).
 
         Only the host is signed, so a client's Range header works with it.
         The URL is a secret until it expires: never log it.  Made locally,
         without asking the store (so it does not say whether the blob exists)."""
         if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"expires_seconds must be between 1 and {MAX_PRESIGN_SECONDS}")
+        params = {"Bucket": self.config.bucket, "Key": self._blob_key(digest)}
+        if version is not None:
+            params["VersionId"] = version
         with s3_errors("presign blob", digest):
-            return self._s3.generate_presigned_url(
-                "get_object", Params={"Bucket": self.config.bucket, "Key": self._blob_key(digest)},
-                ExpiresIn=int(expires_seconds))
+            return self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expires_seconds))
+
+    def put_blob_mark(self, digest: str, mark: bytes) -> None:
+        """The mark of the blob's verified object (signing.BlobMarkSigner), beside it."""
+        with s3_errors("put mark", digest):
+            self._s3.put_object(Bucket=self.config.bucket, Key=self._mark_key(digest), Body=mark,
+                                ContentType=BLOB_TYPE)
+
+    def get_blob_mark(self, digest: str) -> bytes | None:
+        got = self._get_small(self._mark_key(digest), "mark", digest)
+        return None if got is None else got[1]
 
     def shared_secret(self) -> bytes:
         """A random key created once in the bucket, the first writer's, for every process sharing it
@@ -339,6 +359,9 @@ class Bucket:
     def _manifest_key(self, digest: str) -> str:
         return self._key("manifests", "sha256", hex_of(digest))
 
+    def _mark_key(self, digest: str) -> str:
+        return self._key("marks", "sha256", hex_of(digest))
+
     def _lock_key(self, name: str) -> str:
         return self._key("locks", name)
 
@@ -387,52 +410,3 @@ class Bucket:
         log.warning("the bucket's %s %s does not match its digest: deleting it", kind, name)
         with s3_errors(f"delete corrupt {kind}", name):
             self._s3.delete_object(Bucket=self.config.bucket, Key=key)
-
-    def _multipart_upload(self, key: str, f: Any, size: int, want: str, digest: str) -> None:
-        part_size = max(self._part_size, -(-size // MAX_PARTS))
-        with s3_errors("upload blob", digest):
-            upload_id = self._s3.create_multipart_upload(
-                Bucket=self.config.bucket, Key=key, ContentType=BLOB_TYPE, Metadata={VERIFIED_MARK: want})["UploadId"]
-        futures: list[Future] = []
-        try:
-            h = hashlib.sha256()
-            number = 0
-            while True:
-                self._upload_slots.acquire()
-                try:
-                    for failed in (fut for fut in futures if fut.done() and fut.exception()):
-                        failed.result()  # stop reading at the first failed part
-                    data = f.read(part_size)
-                    if not data:
-                        self._upload_slots.release()
-                        break
-                    h.update(data)
-                    number += 1
-                    future = self._upload_pool.submit(self._upload_part, key, upload_id, number, data, digest)
-                except BaseException:
-                    self._upload_slots.release()
-                    raise
-                del data  # only the part upload holds the buffer now
-                future.add_done_callback(lambda _: self._upload_slots.release())
-                futures.append(future)
-            parts = [fut.result() for fut in futures]
-            if h.hexdigest() != want:
-                raise ValueError(f"{f.name} does not hash to {digest}")
-            with s3_errors("upload blob", digest):
-                self._s3.complete_multipart_upload(
-                    Bucket=self.config.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
-        except BaseException:
-            wait(futures)  # no part may land after the abort
-            try:
-                self._s3.abort_multipart_upload(Bucket=self.config.bucket, Key=key, UploadId=upload_id)
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-                # left to the bucket's lifecycle rule (AbortIncompleteMultipartUpload)
-                log.warning("could not abort the multipart upload of %s", digest)
-            raise
-
-    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes, digest: str) -> dict[str, Any]:
-        with s3_errors(f"upload part {number} of blob", digest):
-            answer = self._s3.upload_part(Bucket=self.config.bucket, Key=key, UploadId=upload_id,
-                                          PartNumber=number, Body=data)
-        return {"ETag": answer["ETag"], "PartNumber": number}
-

@@ -151,7 +151,7 @@ class Download:
         if self.state in (COMMITTED, FAILED):
             return
         self.state = state
-        Store.release_lock(self.lock_fd)
+        self.downloads.store.release_download_lock(self.digest, self.lock_fd)
         self.downloads.running.pop(self.digest, None)
         self._wake()
         for callback in self._ended:
@@ -164,7 +164,9 @@ class Downloads:
         self.running: dict[str, Download] = {}  # digest -> this process's download
 
     def claim(self, digest: str) -> Download | None:
-        """Become the downloader of a blob, or None if someone (here or in another process) is."""
+        """Become the downloader of a blob, or None if someone (here or in another process) is.
+        Raises OSError when the lock file cannot be created (no space or inode left: serve
+        without caching)."""
         if digest in self.running:
             return None
         fd = self.store.download_lock(digest)
@@ -246,7 +248,7 @@ class ForeignProgress(Progress):
         self._size: int | None = None
 
     async def size(self, timeout: float) -> int | None:
-        lock = self.path.with_suffix(".lock")
+        lock = self.store.download_lock_path(self.digest)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.store.download_locked(self.digest):

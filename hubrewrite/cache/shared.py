@@ -4,7 +4,9 @@ The local directory stays the staging area and the first tier: a blob is
 verified on local disk, then uploaded (multipart, streamed from the file). A
 process missing a blob locally looks in the bucket (one HEAD) before going
 upstream, and fills its local tier from it while its clients follow, or sends
-them to a presigned URL of the object (``hub_store_presign``). Manifests, tag
+them to a presigned URL of the object (``hub_store_presign``: only objects
+whose ETag this process verified, or a mark made with a key the bucket does
+not hold vouches for; see ``presignable``). Manifests, tag
 records and repository membership are written through. A bucket that fails is
 noted (health, metrics, one log line per problem) and the mirror goes on with
 its local tier and the upstream.
@@ -24,6 +26,7 @@ from ..access.bounded import BoundedDict
 from ..observe.metrics import Metrics
 from .bucket import BlobStat, BlobStream, Bucket
 from .bucket_errors import BucketError
+from .signing import BlobMarkSigner
 
 log = logging.getLogger("hub_rewrite")
 
@@ -39,6 +42,7 @@ class BucketSource:
     def __init__(self, stream: BlobStream) -> None:
         self.stream = stream
         self.headers = {"content-length": str(stream.length)}
+        self.etag = stream.etag  # of the object read: verified once the download commits
         self._chunks = iter(stream)
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
@@ -55,6 +59,10 @@ class SharedStore:
         self.presign_seconds = presign_seconds  # 0: the mirror serves the bytes itself
         self.metrics = metrics
         self._known = BoundedDict(100_000)  # digest -> (BlobStat, when found)
+        # digest -> the ETag of its object as this process verified it (uploaded it, read it
+        # whole, or checked its mark): what may be handed out unread, while unchanged
+        self._verified = BoundedDict(100_000)
+        self._marks: BlobMarkSigner | None = None  # see use_mark_key
         self._health: tuple[float, bool, str] = (0.0, True, "not checked yet")
         self._problem: str | None = None
         self._background: set[asyncio.Task] = set()
@@ -91,14 +99,42 @@ class SharedStore:
         stream = await self._call("read", "blob", self.bucket.open_blob, digest)
         return BucketSource(stream) if stream is not None else None
 
-    def presigned(self, digest: str) -> str:
-        """Made locally (boto3 signs without asking the store): it cannot fail on the network."""
+    def presigned(self, digest: str, stat: BlobStat) -> str:
+        """Made locally (boto3 signs without asking the store): it cannot fail on the network.
+        Where the bucket keeps versions, for the version checked only."""
         self.metrics.store_presigned.inc()
-        return self.bucket.presigned_blob_url(digest, self.presign_seconds)
+        return self.bucket.presigned_blob_url(digest, self.presign_seconds, stat.version)
+
+    # ---- which objects may be handed out unread ----------------------------------
+
+    def use_mark_key(self, key: bytes | None) -> None:
+        """The key of the marks this process writes and trusts; None when the key is kept in the
+        bucket itself: whoever can write to the bucket can read it and mark anything."""
+        self._marks = None if key is None else BlobMarkSigner(key)
+
+    async def presignable(self, digest: str, stat: BlobStat) -> bool:
+        """May the object be handed out without reading it (a presigned URL)? Only if its ETag is
+        one this process verified, or one a mark made with a key the bucket does not hold vouches
+        for: a copy of the object's metadata onto other bytes has another ETag."""
+        if stat.etag and self._verified.get(digest) == stat.etag:
+            return True
+        if self._marks is None or not stat.marked or not stat.etag:
+            return False
+        mark = await self._call("read", "blob-mark", self.bucket.get_blob_mark, digest)
+        if mark is None or not self._marks.verify(digest, stat.size, stat.etag, mark):
+            return False
+        self._verified.put(digest, stat.etag)
+        return True
+
+    def verified_read(self, digest: str, etag: str) -> None:
+        """This process read the whole object and it matched its digest."""
+        if etag:
+            self._verified.put(digest, etag)
 
     def forget(self, digest: str) -> None:
         """A blob the bucket was found to hold wrongly (it did not match): removed, looked up anew."""
         self._known.pop(digest, None)
+        self._verified.pop(digest, None)
         if digest not in self._deleting:
             task = self.later(self._call("write", "blob-delete", self.bucket.delete_blob, digest))
             self._deleting[digest] = task
@@ -111,15 +147,22 @@ class SharedStore:
             await asyncio.wait({task})
 
     async def upload(self, digest: str, path: Path) -> None:
-        """A blob just verified on local disk goes up (unless the bucket has it, verified)."""
+        """A blob just verified on local disk goes up (unless a mirror stored it already), and is
+        remembered (and marked) as verified with the ETag the store gave it."""
         stat = await self.blob(digest)
-        if stat is not None and stat.verified:
-            return  # an object not marked verified is replaced, not trusted
+        if stat is not None and stat.marked:
+            return  # an object without the mirror's metadata is replaced, not trusted
         try:
-            await self._call("write", "blob", self.bucket.upload_blob, digest, path)
+            stored = await self._call("write", "blob", self.bucket.upload_blob, digest, path)
         except (OSError, ValueError) as e:  # the local file went away, or changed: the next miss uploads it
             log.warning("hub_rewrite: blob %s not uploaded to the shared store: %s", digest, e)
+            stored = None
         self._known.pop(digest, None)
+        if stored is not None and stored.etag:
+            self._verified.put(digest, stored.etag)
+            if self._marks is not None:
+                mark = self._marks.mark(digest, stored.size, stored.etag)
+                await self._call("write", "blob-mark", self.bucket.put_blob_mark, digest, mark)
 
     # ---- manifests and records ---------------------------------------------------
 

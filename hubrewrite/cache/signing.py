@@ -1,8 +1,10 @@
-"""Signed blob URLs for the blob listener: an HMAC over the digest and an expiry.
+"""Signed blob URLs for the blob listener (an HMAC over the digest and an expiry),
+and the marks of verified blob objects in a shared bucket.
 
-The key comes from ``hub_blob_secret`` (a file) or, when that is unset, from a
-file generated once in the cache directory, so mirror processes sharing a
-cache accept each other's URLs.
+The key comes from ``hub_blob_secret`` (a file) or, when that is unset, from
+the shared bucket or a file generated once in the cache directory, so mirror
+processes sharing a cache (or a bucket) accept each other's URLs. Each use
+derives its own key from it.
 """
 
 from __future__ import annotations
@@ -60,3 +62,18 @@ class BlobUrlSigner:
         if not expires.isdigit() or int(expires) < time.time():
             return False
         return hmac.compare_digest(self._mac(digest, int(expires)), signature)
+
+
+class BlobMarkSigner:
+    """The mark a shared bucket's blob object gets once verified: an HMAC over the digest and
+    the object's size and ETag, as the bucket reported them for the verified upload. A copy of
+    the mark on other bytes has another ETag; only a holder of the key can make a new one."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = hashlib.sha256(b"hub-rewrite blob mark\0" + key).digest()
+
+    def mark(self, digest: str, size: int, etag: str) -> bytes:
+        return hmac.new(self._key, f"{digest}\n{size}\n{etag}".encode(), hashlib.sha256).hexdigest().encode()
+
+    def verify(self, digest: str, size: int, etag: str, mark: bytes) -> bool:
+        return hmac.compare_digest(self.mark(digest, size, etag), mark.strip())

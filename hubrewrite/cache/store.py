@@ -9,10 +9,11 @@ Layout under the cache directory (several mirror processes may share it):
     manifests/sha256/ab/<hex>    verified manifest bytes
     manifests/sha256/ab/<hex>.type   its media type
     tags/<key>.json              (upstream, repository, tag, Accept) -> digest
-    tags/<key>.json.lock         held while that record is rewritten
+    tags/.lock                   held while a tag record is rewritten
     repos/<key>/<hex>            the upstream confirmed this repository holds it
     tmp/<hex>.download           a blob being downloaded (by the holder of <hex>.lock)
-    tmp/                         other files being written, and the download locks
+    tmp/<hex>.lock               that download's lock: exists only while held (lockfiles.py)
+    tmp/                         other files being written
 
 Nothing is ever visible under its final name before it is complete and
 verified: files are written in tmp/ and renamed into place. A blob whose stamp
@@ -32,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -39,8 +41,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import lockfiles
 from .blobwriter import BlobWriter
 from .digests import hex_of, sha256_of_bytes, sha256_of_file
+from .eviction import Limits
 
 log = logging.getLogger("hub_rewrite")
 
@@ -48,8 +52,11 @@ log = logging.getLogger("hub_rewrite")
 MAX_TAG_ENTRIES = 16
 # space kept free beyond a blob's size before a download starts
 FREE_SPACE_MARGIN = 64 << 20
-# how long a commit trusts the estimated cache size before scanning the files again
-RESCAN_SECONDS = 60.0
+# free inodes kept beyond what a download needs (its lock and file, the blob's stamp, records)
+FREE_INODES_MARGIN = 16
+# most files kept (hub_cache_max_files): a blob or a manifest is two, a record one
+DEFAULT_MAX_FILES = 200_000
+_DOWNLOAD_STEM = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _key(*parts: str) -> str:
@@ -68,7 +75,8 @@ class TagEntry:
 
 
 class Store:
-    def __init__(self, root: Path, max_bytes: int, on_evict: Callable[[int], None] = lambda count: None) -> None:
+    def __init__(self, root: Path, max_bytes: int, on_evict: Callable[[int], None] = lambda count: None,
+                 max_files: int = DEFAULT_MAX_FILES) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.tmp = root / "tmp"
@@ -77,13 +85,9 @@ class Store:
         self._clean_stale_tmp()
         # digests this process is serving right now: never evicted
         self.in_use: dict[str, int] = {}
-        self.on_evict = on_evict  # (how many blobs were evicted), for the metrics
+        self.limits = Limits(self, max_bytes, max_files, on_evict)
         # why the last write failed (disk full, ...), None once writes work again
         self.problem: str | None = None
-        # blob bytes as of the last scan plus this process's commits since: a commit far under
-        # the limit does not scan every cached file (other processes' commits are seen at the next scan)
-        self._estimated_bytes: int | None = None
-        self._scanned_at = 0.0
 
     # ---- failing disks -----------------------------------------------------
 
@@ -116,13 +120,16 @@ class Store:
             raise
 
     def has_room_for(self, size: int | None) -> bool:
-        """Room for a download of this size (unknown: the margin) without filling the disk."""
+        """Room for a download of this size (unknown: the margin) without filling the disk or
+        using its last inodes."""
         try:
             st = os.statvfs(self.root)
         except OSError as e:
             self.note_problem(e)
             return False
-        if st.f_bavail * st.f_frsize >= (size or 0) + FREE_SPACE_MARGIN:
+        # f_files is 0 where a file system does not count inodes (btrfs)
+        inodes_left = not st.f_files or st.f_favail >= FREE_INODES_MARGIN
+        if st.f_bavail * st.f_frsize >= (size or 0) + FREE_SPACE_MARGIN and inodes_left:
             return True
         self.note_problem(OSError(errno.ENOSPC, "disk full"))
         return False
@@ -194,21 +201,8 @@ class Store:
         if not committed:
             tmp_path.unlink(missing_ok=True)
             return False
-        self._added(final, keep=f"sha256:{hex_part}")
+        self.limits.blob_added(final, keep=f"sha256:{hex_part}")
         return True
-
-    def _added(self, path: Path, keep: str) -> None:
-        """Evict if the cache may now be over its limit."""
-        if self.max_bytes <= 0:
-            return
-        if self._estimated_bytes is not None and time.monotonic() - self._scanned_at < RESCAN_SECONDS:
-            try:
-                self._estimated_bytes += path.stat().st_size
-            except FileNotFoundError:
-                pass
-            if self._estimated_bytes <= self.max_bytes:
-                return
-        self.evict(keep)
 
     def _write_stamp(self, path: Path) -> None:
         self._write_file(self._stamp(path), _stat_signature(path.stat()).encode())
@@ -219,74 +213,29 @@ class Store:
         self._stamp(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
+    def download_lock_path(self, digest: str) -> Path:
+        """Exists only while a process holds it (lockfiles.py); holds the blob's size once known."""
+        return self.tmp / f"{hex_of(digest)}.lock"
+
     def download_lock(self, digest: str) -> int | None:
-        """An exclusive lock on downloading this blob, across processes; None if held elsewhere."""
+        """An exclusive lock on downloading this blob, across processes; None if held elsewhere.
+        Raises OSError (noted as the cache's problem) when the lock file cannot be created."""
         try:
-            fd = os.open(self.tmp / f"{hex_of(digest)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            return lockfiles.acquire(self.download_lock_path(digest))
         except OSError as e:
             self.note_problem(e)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+            raise
 
     def download_locked(self, digest: str) -> bool:
-        """Is someone (another process, or another claim here) downloading this blob right now?"""
-        fd = self.download_lock(digest)
-        if fd is None:
-            return True
-        Store.release_lock(fd)
-        return False
+        """Is a process (this one included) downloading this blob right now? Creates nothing."""
+        return lockfiles.is_held(self.download_lock_path(digest))
 
-    @staticmethod
-    def release_lock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-    # ---- eviction ----------------------------------------------------------
-
-    def blob_entries(self) -> list[tuple[float, int, str]]:
-        """(last use, size, digest) of every committed blob."""
-        entries = []
-        for path in (self.root / "blobs" / "sha256").glob("*/*"):
-            if path.name.endswith(".ok"):
-                continue
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            try:
-                used = self._stamp(path).stat().st_mtime
-            except FileNotFoundError:
-                used = 0.0
-            entries.append((used, size, f"sha256:{path.name}"))
-        return entries
+    def release_download_lock(self, digest: str, fd: int) -> None:
+        """The download ended (its file already committed or removed): the lock file goes too."""
+        lockfiles.release(self.download_lock_path(digest), fd)
 
     def total_bytes(self) -> int:
-        return sum(size for _, size, _ in self.blob_entries())
-
-    def evict(self, keep: str | None = None) -> list[str]:
-        """Delete least recently used blobs until under the size limit."""
-        if self.max_bytes <= 0:
-            return []
-        entries = self.blob_entries()
-        total = sum(size for _, size, _ in entries)
-        evicted = []
-        for _, size, digest in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if digest == keep or self.in_use.get(digest):
-                continue
-            self.remove_blob(digest)
-            total -= size
-            evicted.append(digest)
-        self._estimated_bytes, self._scanned_at = total, time.monotonic()
-        if evicted:
-            self.on_evict(len(evicted))
-        return evicted
+        return self.limits.total_bytes()
 
     # ---- manifests -----------------------------------------------------------
 
@@ -299,13 +248,22 @@ class Store:
         if sha256_of_bytes(body) != digest:
             return False
         path = self.manifest_path(digest)
-        stored = False
+        stored, new = False, not path.exists()
         with self._writing():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._write_file(path.with_name(path.name + ".type"), media_type.encode())
             self._write_file(path, body)
             stored = True
+        if stored and new:
+            self.limits.files_added(2)
         return stored
+
+    def touch_manifest(self, digest: str) -> None:
+        """Mark a manifest as just used (the file limit evicts the least recently used)."""
+        try:
+            os.utime(self.manifest_path(digest))
+        except OSError:
+            pass
 
     def has_manifest(self, digest: str) -> bool:
         return self.manifest_path(digest).exists()
@@ -347,15 +305,16 @@ class Store:
     def put_tag(self, upstream: str, repository: str, tag: str, accept: str, digest: str, media_type: str) -> bytes:
         """Remember what a tag resolved to for this (normalized) Accept.
 
-        Read-modify-write under an exclusive lock on a sidecar file, so that
-        mirror processes sharing the cache do not drop each other's entries
-        (held for microseconds). At most MAX_TAG_ENTRIES variants are kept,
+        Read-modify-write under an exclusive lock on tags/.lock, one file for
+        every tag (a file per tag would be an inode per tag), so that mirror
+        processes sharing the cache do not drop each other's entries (held for
+        microseconds). At most MAX_TAG_ENTRIES variants are kept,
         the most recent ones. Returns the record as written (for a shared store).
         """
         path = self._tag_path(upstream, repository, tag)
-        record = b""
+        record, new = b"", not path.exists()
         with self._writing():
-            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root / "tags" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 entries = self._read_tag_file(path)
@@ -367,6 +326,8 @@ class Store:
                 self._write_file(path, record)
             finally:
                 os.close(fd)  # releases the lock
+        if record and new:
+            self.limits.files_added(1)
         return record
 
     def merge_tag_record(self, upstream: str, repository: str, tag: str, record: bytes) -> None:
@@ -375,6 +336,7 @@ class Store:
         if not path.exists():
             with self._writing():
                 self._write_file(path, record)
+                self.limits.files_added(1)
 
     def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
         """The tag's digest for exactly this (normalized) Accept."""
@@ -401,8 +363,15 @@ class Store:
         if path.exists():
             return False
         with self._writing():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            for _ in range(2):
+                new_folder = not path.parent.exists()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.touch()
+                    break
+                except FileNotFoundError:
+                    continue  # the folder was just removed as empty (the file limit): once more
+            self.limits.files_added(1 + new_folder)
         return True
 
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
@@ -411,11 +380,34 @@ class Store:
     # ---- housekeeping ----------------------------------------------------------
 
     def _clean_stale_tmp(self, older_than: float = 24 * 3600) -> None:
-        """Remove leftovers of crashed downloads (another process may be writing newer ones)."""
+        """Leftovers of crashed processes: download locks and files no live process holds, other
+        temporary files after a day (another process may be writing newer ones)."""
         now = time.time()
+        downloads = set()
         for path in self.tmp.iterdir():
+            stem, _, suffix = path.name.partition(".")
+            if suffix in ("lock", "download") and _DOWNLOAD_STEM.match(stem):
+                downloads.add(f"sha256:{stem}")
+                continue
             try:
                 if now - path.stat().st_mtime > older_than:
                     path.unlink()
             except (FileNotFoundError, IsADirectoryError):
                 pass
+        for digest in downloads:
+            self._clean_download(digest)
+        for path in (self.root / "tags").glob("*.json.lock"):  # earlier versions' sidecars: one lock now
+            path.unlink(missing_ok=True)
+
+    def _clean_download(self, digest: str) -> None:
+        """Remove a download's file and lock unless a live process holds the lock."""
+        try:
+            fd = lockfiles.acquire(self.download_lock_path(digest))
+        except OSError:
+            return  # no inode for the lock: the next start cleans it
+        if fd is None:
+            return  # a download in progress
+        try:
+            self.download_path(digest).unlink(missing_ok=True)
+        finally:
+            self.release_download_lock(digest, fd)

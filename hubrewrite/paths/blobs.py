@@ -1,10 +1,12 @@
 """Blob GET/HEAD: from the cache, or from the upstream's storage, never held in memory.
 
 With a cache: a verified blob goes to a client its upstream confirmed; a blob
-being downloaded is followed; otherwise the first whole-blob GET claims the
-download, the registry is asked for the blob once with that client's token,
-and the mirror fetches it from where the registry redirects (its CDN, without
-any credential) into the cache while every client follows the file. The
+being downloaded is followed; otherwise, for a whole-blob GET, the registry is
+asked for the blob with that client's token and, only if it has it for this
+client, the request claims the download (a lock file: a digest the registry
+does not have leaves nothing on disk), and the mirror fetches it from where
+the registry redirects (its CDN, without any credential) into the cache while
+every client follows the file. The
 client's bytes come from the mirror's loopback server through mitmproxy, or
 from the blob listener (a 307 to a signed URL there) when it is on.
 
@@ -72,13 +74,20 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
             return await _cached(pull, mirror, False, stat)
         if not whole_get:
             break
-        download = mirror.cache.downloads.claim(digest)
+        # the registry first: a digest it does not have (or will not give this client) costs no lock and no file
+        probe = await _probe(pull, mirror)
+        if probe.answer is not None:
+            return probe.answer
+        try:
+            download = mirror.cache.downloads.claim(digest)
+        except OSError:
+            return await from_storage(pull, mirror, probe)  # no space or inode for its lock: not cached
         if download is None:
             continue
         try:
             if shared is not None and not await bucket_blobs.claim(mirror, digest):
                 continue  # another process downloaded it: from the bucket now
-            return await _download(pull, mirror, download)
+            return await _download(pull, mirror, download, probe)
         finally:
             download.give_up()  # a no-op once it started
     return await from_storage(pull, mirror)
@@ -102,8 +111,8 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
     shared = mirror.cache.shared
     if shared is not None and shared.presign_seconds and not is_forward_proxy(pull.flow.client_conn):
         stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
-        if stat is not None and stat.verified:
-            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state))
+        if stat is not None and await shared.presignable(pull.route.reference, stat):
+            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state), stat)
     if in_bucket is not None:
         if pull.method == "HEAD":
             return make_response(200, _blob_head(pull, state), b"", in_bucket.size)
@@ -180,13 +189,10 @@ def _listener_base(pull: Pull, mirror: Mirror) -> str:
     return base_url(scheme, host, cache.listener.server.port)
 
 
-async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
-    """This client's request starts the blob's download: the registry is asked with its
-    token, the mirror follows the redirect (no credentials) and fetches into the cache."""
+async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe) -> Answer:
+    """This client's request starts the blob's download: the registry's answer to its probe
+    (with the client's token) is followed without credentials and fetched into the cache."""
     for attempt in (1, 2):
-        probe = await _probe(pull, mirror)
-        if probe.answer is not None:
-            return probe.answer
         headers = pull.headers if probe.direct else hdrs.without_credentials(pull.headers)
         try:
             response = await mirror.client.send("GET", probe.target, headers, purpose="blob download into the cache")
@@ -198,19 +204,22 @@ async def _download(pull: Pull, mirror: Mirror, download: Download) -> Answer:
             await response.aclose()
             log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
                         urlsplit(probe.target).hostname)
+            probe = await _probe(pull, mirror)
+            if probe.answer is not None:
+                return probe.answer
             continue
         if status != 200 or not size.isdigit() or not mirror.cache.store.has_room_for(int(size)):
             await response.aclose()
             if status != 200:
                 return storage_error(download.digest, status, response.reason_phrase)
             return await from_storage(pull, mirror)  # no room (or no length): served without caching
-        confirm(pull, mirror, download.digest)
         try:
             download.start(response, mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc)
         except OSError as e:
             await response.aclose()
             mirror.cache.store.note_problem(e)
             return await from_storage(pull, mirror)
+        confirm(pull, mirror, download.digest)
         if mirror.cache.shared is not None:
             bucket_blobs.share_when_done(mirror, download)
         pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
@@ -240,10 +249,11 @@ async def _probe(pull: Pull, mirror: Mirror) -> Probe:
         return Probe(answer=error_response(e))
 
 
-async def from_storage(pull: Pull, mirror: Mirror) -> Answer:
+async def from_storage(pull: Pull, mirror: Mirror, probe: Probe | None = None) -> Answer:
     """The client's own flow fetches the blob from where the registry redirects
-    (mitmproxy streams it), without the client's credentials."""
-    probe = await _probe(pull, mirror)
+    (mitmproxy streams it), without the client's credentials; ``probe``: the registry's
+    answer to this request, if it was asked already."""
+    probe = probe or await _probe(pull, mirror)
     if probe.answer is not None:
         return probe.answer
     digest = pull.route.reference
@@ -255,7 +265,7 @@ async def from_storage(pull: Pull, mirror: Mirror) -> Answer:
         # but clients (containerd) use it: the path names it.
         kept.append(("Docker-Content-Digest", digest))
     if mirror.cache is not None:
-        confirm(pull, mirror, digest)
+        confirm(pull, mirror, digest, member=False)  # nothing cached: no record of it either
         kept.append((CACHE_HEADER, "miss"))
     try:
         # mitmproxy would answer a failed connection with an HTML page: check first

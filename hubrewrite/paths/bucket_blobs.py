@@ -1,10 +1,11 @@
 """Blobs and the shared bucket (``hub_store_url``): what ``paths/blobs.py`` asks of it.
 
 A blob in the bucket but not on this process's disk is either handed out as a
-presigned URL of the object (``hub_store_presign``; only objects the mirror
-itself verified and uploaded) or read into the local tier while clients follow
-it, verified like any download (a wrong object is deleted, to be fetched
-upstream again). A blob downloaded from upstream goes up to the bucket once
+presigned URL of the object (``hub_store_presign``; only objects whose ETag
+this process verified, or that a mark made with a key the bucket does not hold
+vouches for: ``SharedStore.presignable``) or read into the local tier while
+clients follow it, verified like any download (a wrong object is deleted, to
+be fetched upstream again; a right one is remembered as verified). A blob downloaded from upstream goes up to the bucket once
 verified, under a lock in the bucket that tells the other processes to wait
 for it rather than download it too.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 
 from ..cache.bucket import BlobStat
-from ..cache.downloads import RUNNING, Download
+from ..cache.downloads import COMMITTED, RUNNING, Download
+from ..cache.shared import SharedStore
 from ..mirror import Mirror
 from ..pull import Pull
 from ..responses import make_response
@@ -25,18 +27,21 @@ WAIT_FOR_OTHERS = 600.0  # seconds a request waits for another process's downloa
 KEEP_LOCK_EVERY = 30.0  # seconds between two refreshes of a download's lock in the bucket
 
 
-def presigned(pull: Pull, mirror: Mirror, headers: list[tuple[str, str]]) -> object:
-    """A 307 to the object itself: the object store sends the bytes."""
+def presigned(pull: Pull, mirror: Mirror, headers: list[tuple[str, str]], stat: BlobStat) -> object:
+    """A 307 to the object itself (as checked: ``stat``): the object store sends the bytes."""
     shared = mirror.cache.shared
     mirror.metrics.tier_hits.labels("shared").inc()
     pull.flow.comment += "; blob sent to a presigned URL of the shared bucket"
-    return make_response(307, [("Location", shared.presigned(pull.route.reference)), *headers])
+    return make_response(307, [("Location", shared.presigned(pull.route.reference, stat)), *headers])
 
 
 async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | None:
     """Read a blob from the bucket into the local tier (clients follow it); None: it cannot be."""
     cache, digest = mirror.cache, pull.route.reference
-    download = cache.downloads.claim(digest)
+    try:
+        download = cache.downloads.claim(digest)
+    except OSError:
+        return None  # no space or inode for its lock
     if download is None:
         return None  # already being read (or downloaded) here: follow that one
     source = await cache.shared.open(digest) if cache.store.has_room_for(stat.size) else None
@@ -50,10 +55,18 @@ async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | N
         download.give_up()
         cache.store.note_problem(e)
         return None
-    download.when_ended(lambda d: cache.shared.forget(digest) if d.mismatch else None)
+    download.when_ended(lambda d: _read_ended(cache.shared, d, source.etag))
     mirror.metrics.tier_hits.labels("shared").inc()
     pull.flow.comment += "; blob read from the shared bucket into the cache"
     return download
+
+
+def _read_ended(shared: SharedStore, download: Download, etag: str) -> None:
+    """A wrong object is removed; a right one, read whole and verified, may be handed out (presigned)."""
+    if download.mismatch:
+        shared.forget(download.digest)
+    elif download.state == COMMITTED:
+        shared.verified_read(download.digest, etag)
 
 
 async def claim(mirror: Mirror, digest: str) -> bool:

@@ -23,12 +23,14 @@ class Access(Enum):
     REFUSED = "refused"  # the upstream said no: the client gets the upstream's own answer, as if nothing were cached
 
 
-def confirm(pull: Pull, mirror: Mirror, digest: str) -> None:
-    """The upstream just let this client read this digest of this repository."""
+def confirm(pull: Pull, mirror: Mirror, digest: str, member: bool = True) -> None:
+    """The upstream just let this client read this digest of this repository; ``member``:
+    remember that the repository holds it (for content the cache holds: a record per
+    request for content it does not hold would only fill the disk)."""
     cache = mirror.cache
     assert cache is not None and pull.route is not None
     cache.access.confirm(pull.identity, pull.authorization, pull.upstream.base, pull.route.name)
-    if cache.store.add_member(pull.upstream.base, pull.route.name, digest) and cache.shared is not None:
+    if member and cache.store.add_member(pull.upstream.base, pull.route.name, digest) and cache.shared is not None:
         cache.shared.put_record_later(Store.member_record(pull.upstream.base, pull.route.name, digest), b"")
 
 

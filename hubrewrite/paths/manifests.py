@@ -3,9 +3,10 @@
 HEAD requests do not count against Docker Hub's pull rate limit; a cached
 manifest is then served without any upstream GET. A reference nothing is
 cached for is fetched with one GET straight away (a HEAD first would only
-cost a round trip). A tag's answer depends on the manifest types the client
-accepts, so the cache keeps one lookup per set of them, and serves a stale one
-only to a client accepting the same set.
+cost a round trip). A tag's answer depends on the manifest types the client's
+Accept names as sent, so the cache keeps one lookup per Accept key
+(registry/mediatypes.py), only for an answer of a type that Accept asked for,
+and serves a stale one only where the upstream would answer alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..mirror import Mirror
 from ..pull import Answer, Transfer, Pull, Retarget
 from ..cache.store import Store
 from ..registry.errors import RegistryError
-from ..registry.mediatypes import accept_key, same_answer
+from ..registry.mediatypes import accept_key, asks_for, same_answer
 from ..responses import API_VERSION_HEADER, CACHE_HEADER, STALE_HEADERS, error_response, make_response
 from . import relay
 from .cache_access import confirm, known, known_stale
@@ -98,8 +99,11 @@ def _remember(pull: Pull, mirror: Mirror, digest: str, media_type: str) -> None:
     """The upstream let this client have ``digest``, and (for a tag) named it for this Accept."""
     store, route, shared = mirror.cache.store, pull.route, mirror.cache.shared
     confirm(pull, mirror, digest)
-    if not route.is_digest:
-        record = store.put_tag(pull.upstream.base, route.name, route.reference, _accept(pull), digest, media_type)
+    accept = _accept(pull)
+    # kept only for an Accept that asked for this type: an answer it did not ask for (schema1
+    # for types the upstream did not recognize) says nothing about what the tag is for others
+    if not route.is_digest and accept is not None and asks_for(accept, media_type):
+        record = store.put_tag(pull.upstream.base, route.name, route.reference, accept, digest, media_type)
         if shared is not None and record:
             shared.put_record_later(Store.tag_record(pull.upstream.base, route.name, route.reference), record)
 
@@ -110,6 +114,8 @@ async def _stale(pull: Pull, mirror: Mirror) -> Answer | None:
     digest = route.reference
     if not route.is_digest:
         key = _accept(pull)
+        if key is None:
+            return None  # an Accept too long to have been kept
         await _tag_record_from_bucket(pull, mirror)
         entries = store.tag_entries(pull.upstream.base, route.name, route.reference)
         fresh = [e for k, e in entries.items() if same_answer(k, e.media_type, key)
@@ -148,6 +154,7 @@ async def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> An
         size = store.manifest_path(digest).stat().st_size
     except FileNotFoundError:
         return None
+    store.touch_manifest(digest)
     if size > INLINE_LIMIT and pull.method == "GET":
         return Retarget(f"/manifests/{digest}", Transfer(digest, headers, "cache"), loopback=True)
     cached = store.get_manifest(digest)
@@ -157,5 +164,5 @@ async def _from_cache(pull: Pull, mirror: Mirror, digest: str, state: str) -> An
     return make_response(200, [("Content-Type", media_type), *headers], body)
 
 
-def _accept(pull: Pull) -> str:
+def _accept(pull: Pull) -> str | None:
     return accept_key(pull.flow.request.headers.get_all("accept"))

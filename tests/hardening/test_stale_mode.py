@@ -4,8 +4,16 @@ served only where the upstream itself would have served it.
 Item 7, Accept: a tag cached for a client accepting single-image manifests only
 (distribution then converts the index to its amd64 manifest) is not served to a
 client accepting indexes (the registry's error instead); a client naming the
-same manifest types in another order, with q-params, gets it stale.  Likewise
-an index cached for one index-accepting client is served stale to another.
+same manifest types in another order and spacing gets it stale, one adding
+parameters does not (a registry may read them).  Likewise an index cached for
+one index-accepting client is served stale to another.
+
+Issue 17, item 8, letter case: distribution matches Accept types
+case-sensitively, so an anonymous request naming the index types in upper case
+gets a tag's amd64 manifest, and one naming only the schema2 type in upper case
+gets schema1.  Neither answer may stand in, with the upstream down, for what
+docker, containerd and schema2-only clients asked for in lower case; nor may an
+index answer go to a client that refused index types with ``q=0``.
 
 Item 8, token expiry: against an upstream whose tokens live a few seconds, a
 private image cached through alice is served stale while her token is valid;
@@ -30,6 +38,7 @@ from tests.support.token_server import decode_jwt_unverified
 from .helpers import INDEX_ACCEPT, SERVICE, UPSTREAM_TIMEOUT, anonymous_token, assert_registry_error
 
 DOWN_STATUSES = (401, 502, 503, 504)
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 
 def fresh_index(upstream, repo: str) -> dict:
@@ -83,11 +92,13 @@ def test_single_image_answer_is_not_served_stale_to_an_index_accepting_client(mi
         assert r.headers.get("docker-content-digest") != amd64["digest"], \
             "an index-accepting client got the amd64 manifest cached for a narrower Accept"
         assert_refused(r, amd64["manifest_bytes"], "index Accept, only a single-image answer cached")
-        # the same types, in another order and with q-params: the same answer, stale
-        r = manifest(mirror, "team/stale-narrow", "1", token,
-                     [f"{DOCKER_MANIFEST};q=0.8, {OCI_MANIFEST}; q=0.9"])
+        # the same types, in another order and spacing: the same answer, stale
+        r = manifest(mirror, "team/stale-narrow", "1", token, [f"{DOCKER_MANIFEST} ,  {OCI_MANIFEST}"])
         assert_stale(r, amd64["digest"], "the same single-image types spelled differently")
         assert r.headers.get("content-type") == DOCKER_MANIFEST
+        # with parameters it is another Accept: what decided the answer is not known for it
+        r = manifest(mirror, "team/stale-narrow", "1", token, [f"{DOCKER_MANIFEST};q=0.8, {OCI_MANIFEST};q=0.9"])
+        assert_refused(r, amd64["manifest_bytes"], "the single-image types with q-params")
 
 
 def test_index_answer_is_served_stale_to_an_index_accepting_client_spelled_differently(mirror, upstream):
@@ -102,6 +113,43 @@ def test_index_answer_is_served_stale_to_an_index_accepting_client_spelled_diffe
         r = manifest(mirror, "team/stale-wide", "1", token, [spelled])
         assert_stale(r, index["digest"], "index types in one header, another order, q-params")
         assert r.headers.get("content-type") == DOCKER_LIST
+
+
+# ---------------------------------------------------------------- issue 17, item 8: letter case
+
+SHOUTED_INDEXES = [DOCKER_LIST.upper(), OCI_INDEX.upper(), DOCKER_MANIFEST, OCI_MANIFEST]
+
+
+def test_accept_in_upper_case_cannot_poison_the_stale_answers_of_other_clients(mirror, upstream):
+    repo = "team/stale-case"
+    index = fresh_index(upstream, repo)
+    amd64 = index["manifests"]["amd64"]
+    token = anonymous_token(mirror.url, repo)
+    r = manifest(mirror, repo, "1", token, INDEX_ACCEPT)  # docker, containerd
+    assert r.status_code == 200 and r.headers.get("docker-content-digest") == index["digest"], r.text[:300]
+    r = manifest(mirror, repo, "1", token, [DOCKER_MANIFEST])  # a schema2-only client
+    assert r.status_code == 200 and r.headers.get("docker-content-digest") == amd64["digest"], r.text[:300]
+
+    r = manifest(mirror, repo, "1", token, [f"{DOCKER_LIST};q=0", f"{OCI_INDEX};q=0", DOCKER_MANIFEST])
+    assert r.status_code == 200, r.text[:300]  # distribution ignores q: the list
+    # then anonymous requests the upstream reads without the types they name in upper case
+    r = manifest(mirror, repo, "1", token, SHOUTED_INDEXES)
+    assert r.status_code == 200 and r.headers.get("docker-content-digest") == amd64["digest"], \
+        f"the upstream matches Accept case-sensitively: {r.status_code} {r.headers}"
+    r = manifest(mirror, repo, "1", token, [DOCKER_MANIFEST.upper()])
+    assert r.status_code == 200 and r.headers.get("content-type") == SCHEMA1, r.headers
+
+    with upstream.service_stopped("registry"):
+        r = manifest(mirror, repo, "1", token, INDEX_ACCEPT)
+        assert_stale(r, index["digest"], "docker and containerd after an upper-case Accept")
+        assert r.headers.get("content-type") == DOCKER_LIST
+        r = manifest(mirror, repo, "1", token, [DOCKER_MANIFEST])
+        assert_stale(r, amd64["digest"], "a schema2-only client after a schema1 answer in upper case")
+        r = manifest(mirror, repo, "1", token, SHOUTED_INDEXES)  # its own answer, as the upstream gave it
+        assert_stale(r, amd64["digest"], "the upper-case Accept itself")
+        # index types refused with q=0: never the index
+        r = manifest(mirror, repo, "1", token, [f"{DOCKER_LIST};q=0", f"{OCI_INDEX};q=0", DOCKER_MANIFEST])
+        assert r.headers.get("docker-content-digest") != index["digest"], "index served to a client refusing it"
 
 
 # ---------------------------------------------------------------- item 8: expiring tokens

@@ -244,7 +244,7 @@ def test_small_blob_single_put_and_head(bucket, bucket_name, prefix, raw, tmp_pa
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     bucket.upload_blob(digest_of(b""), empty)
-    assert bucket.stat_blob(digest_of(b"")).size == 0 and bucket.stat_blob(digest_of(b"")).verified
+    assert bucket.stat_blob(digest_of(b"")).size == 0 and bucket.stat_blob(digest_of(b"")).marked
 
 
 @pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["single-put", "multipart"])
@@ -309,12 +309,77 @@ def test_an_overwritten_blob_loses_its_verified_mark_and_can_be_deleted(bucket, 
     d = digest_of(data)
     bucket.upload_blob(d, tmp_path / "b")
     key = key_of(prefix, "blobs", "sha256", d[7:])
-    assert bucket.stat_blob(d).verified  # stored by upload_blob
+    assert bucket.stat_blob(d).marked  # stored by upload_blob
     raw.put_object(Bucket=bucket_name, Key=key, Body=b"X" + data[1:])  # same size, other bytes
-    assert not bucket.stat_blob(d).verified  # not ours any more: never handed out presigned
+    assert not bucket.stat_blob(d).marked  # not ours any more: never handed out presigned
     bucket.delete_blob(d)  # what the mirror does when its download of it does not match
     assert bucket.blob_size(d) is None
     assert raw.list_objects_v2(Bucket=bucket_name, Prefix=key).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["single-put", "multipart"])
+def test_upload_and_read_report_the_objects_etag(ceph, bucket_name, prefix, raw, tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "b").write_bytes(data)
+    d = digest_of(data)
+    with make_bucket(ceph, bucket_name, prefix, part_size=5 * MiB) as b:
+        stored = b.upload_blob(d, tmp_path / "b")
+        stat = b.stat_blob(d)
+        assert stored.etag and stored.etag == stat.etag and stat.size == stored.size == size and stat.marked
+        with b.open_blob(d) as stream:
+            assert stream.etag == stat.etag
+        key = key_of(prefix, "blobs", "sha256", d[7:])
+        head = raw.head_object(Bucket=bucket_name, Key=key)
+        # other bytes with the metadata copied: the mark is there, the ETag is not the same
+        raw.put_object(Bucket=bucket_name, Key=key, Body=os.urandom(size), Metadata=head["Metadata"])
+        copied = b.stat_blob(d)
+        assert copied.marked and copied.size == size and copied.etag != stored.etag
+
+
+def test_a_marked_object_is_presigned_only_for_the_etag_this_process_verified(ceph, bucket_name, prefix, raw,
+                                                                             tmp_path):
+    data = os.urandom(300_000)
+    (tmp_path / "b").write_bytes(data)
+    d = digest_of(data)
+    key = key_of(prefix, "blobs", "sha256", d[7:])
+
+    async def check() -> None:
+        uploader, other = (SharedStore(make_bucket(ceph, bucket_name, prefix), 60, Metrics()) for _ in range(2))
+        keyed = SharedStore(make_bucket(ceph, bucket_name, prefix), 60, Metrics())
+        uploader.use_mark_key(b"k" * 32)
+        keyed.use_mark_key(b"k" * 32)
+        other.use_mark_key(None)  # the key is the bucket's: marks prove nothing
+        await uploader.upload(d, tmp_path / "b")
+        stat = await other.blob(d)
+        assert await uploader.presignable(d, stat) and await keyed.presignable(d, stat)
+        assert not await other.presignable(d, stat)
+        other.verified_read(d, stat.etag)  # it read the object whole, and it matched
+        assert await other.presignable(d, stat)
+        head = raw.head_object(Bucket=bucket_name, Key=key)
+        raw.put_object(Bucket=bucket_name, Key=key, Body=os.urandom(len(data)), Metadata=head["Metadata"])
+        replaced = keyed.bucket.stat_blob(d)
+        for shared in (uploader, keyed, other):
+            assert not await shared.presignable(d, replaced)
+        for shared in (uploader, keyed, other):
+            await shared.close()
+
+    asyncio.run(check())
+
+
+def test_a_presigned_url_of_a_version_serves_that_version(ceph, tmp_path):
+    name = ceph.make_bucket("hub-versioned")
+    ceph.client().put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    data = os.urandom(100_000)
+    (tmp_path / "b").write_bytes(data)
+    d = digest_of(data)
+    with make_bucket(ceph, name, "v") as b:
+        stored = b.upload_blob(d, tmp_path / "b")
+        assert stored.version and b.stat_blob(d).version == stored.version
+        url = b.presigned_blob_url(d, 60, stored.version)
+        ceph.client().put_object(Bucket=name, Key=f"v/blobs/sha256/{d[7:]}", Body=b"replaced")
+        assert b.stat_blob(d).version != stored.version
+        assert httpx.get(url).content == data  # the version checked, not what replaced it
+        assert httpx.get(b.presigned_blob_url(d, 60)).content == b"replaced"
 
 
 def test_a_wrong_object_forgotten_then_uploaded_again_ends_verified(ceph, bucket_name, prefix, raw, tmp_path):
@@ -331,7 +396,7 @@ def test_a_wrong_object_forgotten_then_uploaded_again_ends_verified(ceph, bucket
         shared = SharedStore(make_bucket(ceph, bucket_name, prefix), 0, Metrics())
         await shared.upload(d, tmp_path / "b")
         raw.put_object(Bucket=bucket_name, Key=key, Body=os.urandom(3 * MiB))  # someone else's bytes
-        assert not (await shared.blob(d)).verified
+        assert not (await shared.blob(d)).marked
         shared.forget(d)  # the read did not match: the delete runs in the background
         await shared.upload(d, tmp_path / "b")  # the retry's download, verified
         await shared.close()
@@ -353,7 +418,7 @@ def test_an_unverified_object_is_replaced_by_the_verified_upload(ceph, bucket_na
     async def upload() -> None:
         shared = SharedStore(make_bucket(ceph, bucket_name, prefix), 0, Metrics())
         await shared.upload(d, tmp_path / "b")
-        assert (await shared.blob(d)).verified
+        assert (await shared.blob(d)).marked
         await shared.close()
 
     asyncio.run(upload())

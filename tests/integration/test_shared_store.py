@@ -7,6 +7,11 @@ the other; a client the upstream refuses is refused by both though the blob is
 in the bucket; an object corrupted in the bucket is never served as the blob and
 is replaced; with the bucket down the mirrors keep serving and say so; two
 concurrent pulls of one uncached blob through both make one CDN request.
+
+Issue 17, item 12: an object replaced by someone with write access to the
+bucket, with the mirror's metadata copied onto the other bytes, is never
+handed out as a presigned URL, whole or in ranges, by the process that
+uploaded it or by another, whether the key is the bucket's or hub_blob_secret.
 """
 
 from __future__ import annotations
@@ -46,13 +51,22 @@ def store_env(ceph) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pair(upstream, ceph, bucket, tmp_path_factory):
-    """Two mirror processes, separate local tiers, one bucket."""
+def blob_secret(tmp_path_factory) -> str:
+    """The processes' own key (hub_blob_secret), not the bucket's: with it, a process presigns
+    objects another one uploaded (their marks are made with a key the bucket does not hold)."""
+    path = tmp_path_factory.mktemp("secret") / "blob-secret"
+    path.write_text(secrets.token_hex(32))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair(upstream, ceph, bucket, blob_secret, tmp_path_factory):
+    """Two mirror processes, separate local tiers, one bucket, one key."""
     work = tmp_path_factory.mktemp("shared")
-    a = Mirror(work / "a", upstream.api_url, options=store_options(ceph, bucket, work / "cache-a"),
-               env=store_env(ceph), name="a")
-    b = Mirror(work / "b", upstream.api_url, options=store_options(ceph, bucket, work / "cache-b"),
-               env=store_env(ceph), name="b")
+    a = Mirror(work / "a", upstream.api_url, env=store_env(ceph), name="a",
+               options=store_options(ceph, bucket, work / "cache-a", hub_blob_secret=blob_secret))
+    b = Mirror(work / "b", upstream.api_url, env=store_env(ceph), name="b",
+               options=store_options(ceph, bucket, work / "cache-b", hub_blob_secret=blob_secret))
     with a, b:
         yield a, b
 
@@ -97,7 +111,7 @@ def test_a_blob_pulled_through_one_is_served_by_the_other_without_the_cdn(pair, 
     assert again.headers["x-hub-cache"] == "hit" and sha256_digest(again.content) == digest
 
 
-def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair, tmp_path):
+def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair, blob_secret, tmp_path):
     a, _ = pair
     image = upstream.images["team/ociapp"]
     ref = f"docker://{a.host}/team/ociapp:1.0"
@@ -106,12 +120,11 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
     assert warm.returncode == 0, warm.stderr
     for layer in image["layer_digests"]:
         assert ceph.wait_for_blob(bucket, PREFIX, layer)
-    options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true")
+    options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true", hub_blob_secret=blob_secret)
     with Mirror(tmp_path / "c", upstream.api_url, options=options, env=store_env(ceph), name="c") as c:
         before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
-        r = httpx.get(f"{c.url}/v2/team/ociapp/blobs/{image['layer_digests'][0]}",
-                      headers={"Authorization": f"Bearer {token(c, 'team/ociapp')}"}, timeout=30)
-        assert r.status_code == 307 and r.headers["location"].startswith(ceph.endpoint_url)
+        # never read by c: presigned on the mark a made (the mark lands just after the object)
+        assert eventually_presigned(ceph, c, "team/ociapp", image["layer_digests"][0], token(c, "team/ociapp"))
         result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
                                  f"dir:{tmp_path / 'presigned'}"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -223,3 +236,79 @@ def test_concurrent_pulls_of_one_uncached_blob_through_both_make_one_cdn_request
         t.join(120)
     assert results == {"a": (200, digest), "b": (200, digest)}
     assert cdn_gets(upstream, digest) == 1
+
+
+# ---------------------------------------------------------------- issue 17, item 12: the verified mark
+
+
+def replace_keeping_metadata(ceph, bucket: str, digest: str) -> None:
+    """What anyone with write access to the bucket can do: other bytes of the same size under
+    the blob's key, with the metadata and type copied from the mirror's object."""
+    s3, key = ceph.client(), f"{PREFIX}/blobs/sha256/{digest[7:]}"
+    head = s3.head_object(Bucket=bucket, Key=key)
+    assert head["Metadata"], "not the mirror's upload"
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(head["ContentLength"]), ContentType=head["ContentType"],
+                  Metadata=head["Metadata"])
+    assert s3.head_object(Bucket=bucket, Key=key)["Metadata"] == head["Metadata"]
+
+
+def redirect(mirror: Mirror, repo: str, digest: str, bearer: str, **headers: str) -> str:
+    """Where the mirror's answer to a blob GET points (its Location), without following it."""
+    request = httpx.Request("GET", f"{mirror.url}/v2/{repo}/blobs/{digest}",
+                            headers={"Authorization": f"Bearer {bearer}", **headers})
+    with httpx.Client(timeout=30) as client:
+        r = client.send(request, stream=True)  # a transfer of a replaced object is cut short: unread
+        r.close()
+    # 502: the read of a replaced object failed its digest before the range was sent
+    assert r.status_code in (200, 206, 307, 502), f"{digest} {headers}: {r.status_code}"
+    return r.headers.get("location", "")
+
+
+def eventually_presigned(ceph, mirror: Mirror, repo: str, digest: str, bearer: str) -> bool:
+    """Presigned within a few seconds (the upload's mark lands just after the object does)."""
+    deadline = time.monotonic() + 10
+    while not redirect(mirror, repo, digest, bearer).startswith(ceph.endpoint_url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+@pytest.mark.parametrize("key", ["kept-in-bucket", "hub_blob_secret"])
+def test_an_object_replaced_with_its_mark_copied_is_never_presigned(upstream, ceph, tmp_path, key):
+    name = ceph.make_bucket("marks-" + secrets.token_hex(4))
+    extra = {"hub_store_presign": "true"}
+    if key == "hub_blob_secret":
+        (tmp_path / "blob-secret").write_text(secrets.token_hex(32))
+        extra["hub_blob_secret"] = str(tmp_path / "blob-secret")
+    repo = f"team/s-marks-{key.replace('_', '-')}"
+    layers = []
+    for part in ("control", "whole", "ranged"):
+        layers.append(tmp_path / f"{part}.tar")
+        make_big_layer(layers[-1], 1024 * 1024, seed=os.urandom(8))
+    control, whole, ranged = push_image(upstream, repo, "1", layers, media="oci")["layer_digests"]
+    writer = Mirror(tmp_path / "w", upstream.api_url, options=store_options(ceph, name, tmp_path / "cache-w", **extra),
+                    env=store_env(ceph), name="w")
+    reader = Mirror(tmp_path / "r", upstream.api_url, options=store_options(ceph, name, tmp_path / "cache-r", **extra),
+                    env=store_env(ceph), name="r")
+    with writer, reader:
+        tw, tr = token(writer, repo), token(reader, repo)
+        for digest in (control, whole, ranged):
+            assert sha256_digest(get_blob(writer, repo, digest, tw).content) == digest
+            assert ceph.wait_for_blob(name, PREFIX, digest), "not uploaded"
+        # what was verified is still presigned: by the process that uploaded it, and by another
+        # one once it read the object whole, or at once with a mark it can trust
+        assert eventually_presigned(ceph, writer, repo, control, tw), "the uploader does not presign"
+        first = redirect(reader, repo, control, tr)
+        assert first.startswith(ceph.endpoint_url) == (key == "hub_blob_secret"), first
+        assert eventually_presigned(ceph, reader, repo, control, tr), "not presigned after a verified read"
+
+        replace_keeping_metadata(ceph, name, whole)
+        replace_keeping_metadata(ceph, name, ranged)
+        for who, mirror, bearer in (("the uploader", writer, tw), ("the other process", reader, tr)):
+            location = redirect(mirror, repo, whole, bearer)
+            assert not location.startswith(ceph.endpoint_url), f"{who}: replaced object presigned"
+            location = redirect(mirror, repo, ranged, bearer, Range="bytes=0-99")
+            assert not location.startswith(ceph.endpoint_url), f"{who}: replaced object presigned (Range)"
+        for mirror in (writer, reader):
+            assert "Traceback" not in mirror.log_text()

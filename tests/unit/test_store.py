@@ -1,4 +1,5 @@
 import asyncio
+import fcntl
 import hashlib
 import os
 import threading
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hubrewrite.cache import lockfiles
 from hubrewrite.cache.blobwriter import BlobWriter, WriteBehind
 from hubrewrite.cache.store import Store
 
@@ -105,15 +107,81 @@ def test_tags_keyed_by_accept_and_membership(tmp_path):
     assert not store.is_member("https://r", "private/x", digest_of(b"1"))
 
 
-def test_download_lock_is_exclusive(tmp_path):
-    store = Store(tmp_path, 0)
-    fd = store.download_lock(digest_of(b"z"))
-    assert fd is not None
-    assert store.download_lock(digest_of(b"z")) is None
-    Store.release_lock(fd)
-    fd2 = store.download_lock(digest_of(b"z"))
+def test_download_lock_is_exclusive_and_exists_only_while_held(tmp_path):
+    store, other = Store(tmp_path, 0), Store(tmp_path, 0)  # two processes sharing the directory
+    digest = digest_of(b"z")
+    assert not store.download_locked(digest) and list(store.tmp.iterdir()) == []  # looking creates nothing
+    fd = store.download_lock(digest)
+    assert fd is not None and store.download_lock_path(digest).exists()
+    assert other.download_lock(digest) is None and other.download_locked(digest)
+    store.release_download_lock(digest, fd)
+    assert list(store.tmp.iterdir()) == [] and not other.download_locked(digest)
+    fd2 = other.download_lock(digest)
     assert fd2 is not None
-    Store.release_lock(fd2)
+    other.release_download_lock(digest, fd2)
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_lock_taken_on_a_file_just_unlinked_is_not_held(tmp_path):
+    """The flock-and-unlink race: B opened the lock file just before its holder A removed it and
+    let go; B's flock then succeeds on a file no longer in the directory, while C creates and
+    locks a new one. B must see that the path no longer names what it locked."""
+    path = tmp_path / "x.lock"
+    a = lockfiles.acquire(path)
+    b = os.open(path, os.O_RDWR)  # B, between its open and its flock
+    lockfiles.release(path, a)
+    c = lockfiles.acquire(path)
+    assert c is not None
+    fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)  # B's lock succeeds: on the unlinked file
+    assert not lockfiles.names(path, b) and lockfiles.names(path, c)
+    os.close(b)
+    assert lockfiles.acquire(path) is None  # what acquire does: C holds the current file
+    lockfiles.release(path, c)
+
+
+def test_lock_files_exclude_under_contention(tmp_path):
+    """Threads taking and removing one lock file as fast as they can (each its own open file,
+    as separate processes): never two holders at once."""
+    path, holders, worst, errors = tmp_path / "x.lock", [0], [0], []
+    count = threading.Lock()
+
+    def work() -> None:
+        try:
+            for _ in range(3000):
+                fd = lockfiles.acquire(path)
+                if fd is None:
+                    continue
+                with count:
+                    holders[0] += 1
+                    worst[0] = max(worst[0], holders[0])
+                time.sleep(0)
+                with count:
+                    holders[0] -= 1
+                lockfiles.release(path, fd)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and worst[0] == 1 and not path.exists()
+
+
+def test_stale_download_files_are_removed_at_start_but_not_a_held_one(tmp_path):
+    store = Store(tmp_path, 0)
+    stale, orphan, held = digest_of(b"stale"), digest_of(b"orphan"), digest_of(b"held")
+    for digest in (stale, orphan, held):
+        store.download_path(digest).write_bytes(b"partial")
+    store.download_lock_path(stale).write_bytes(b"100")  # its holder crashed
+    fd = store.download_lock(held)
+    (tmp_path / "tags" / "ab.json.lock").touch()  # an earlier version's sidecar
+    Store(tmp_path, 0)  # another process starts on the directory
+    assert sorted(p.name for p in store.tmp.iterdir()) == sorted(
+        [store.download_path(held).name, store.download_lock_path(held).name])
+    assert list((tmp_path / "tags").glob("*.json.lock")) == []
+    store.release_download_lock(held, fd)
 
 
 def test_only_sha256(tmp_path):
@@ -244,3 +312,51 @@ def test_write_behind_raises_a_disk_error_and_keeps_nothing(tmp_path):
     assert told == [3]
     assert not store.has_blob(digest_of(b"abcdef"))
     assert list(store.tmp.glob("*.download")) == []
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def cached_files(root: Path) -> int:
+    """Files and repository folders the file limit counts."""
+    counted = [p for sub in ("blobs", "manifests", "tags", "repos") for p in (root / sub).rglob("*")
+               if p.is_file() or p.parent.name == "repos"]
+    return len([p for p in counted if p.name != ".lock"])
+
+
+def test_the_file_limit_removes_the_least_recently_used_entries_of_any_kind(tmp_path):
+    store = Store(tmp_path, 0, max_files=40)
+    in_use = put_blob(store, b"served")
+    store.in_use[in_use] = 1
+    old = put_blob(store, b"old")
+    os.utime(store.blob_path(old).with_name(store.blob_path(old).name + ".ok"), (1, 1))  # used long ago
+    recent = put_blob(store, b"recent")
+    for i in range(100):  # what anonymous clients can add: a record per tag, per repository and digest
+        store.put_tag("https://r", "library/a", f"tag-{i}", "accept:", digest_of(b"%d" % i), "t")
+        store.add_member("https://r", f"library/r{i}", digest_of(b"%d" % i))
+        assert store.put_manifest(digest_of(b"m%d" % i), "t", b"m%d" % i)
+        time.sleep(0.001)
+    assert wait_for(lambda: not store.limits._scanning and cached_files(tmp_path) <= 40), cached_files(tmp_path)
+    assert not store.has_blob(recent), "older than the records: evicted first"
+    recent = put_blob(store, b"recent")
+    store.add_member("https://r", "library/last", digest_of(b"last"))
+    assert wait_for(lambda: not store.limits._scanning and cached_files(tmp_path) <= 40), cached_files(tmp_path)
+    store.limits.evict_files()
+    assert store.has_blob(in_use) and store.has_blob(recent), "a blob in use or recently used went"
+    assert not store.has_blob(old), "the least recently used blob stayed"
+    assert store.get_tag("https://r", "library/a", "tag-99", "accept:") is not None  # the newest stay
+    assert store.get_tag("https://r", "library/a", "tag-0", "accept:") is None
+    assert len(list((tmp_path / "repos").iterdir())) == len(list((tmp_path / "repos").glob("*/*")))  # no empty folder
+
+
+def test_no_file_limit_with_zero(tmp_path):
+    store = Store(tmp_path, 0, max_files=0)
+    for i in range(30):
+        store.add_member("https://r", f"library/r{i}", digest_of(b"%d" % i))
+    assert cached_files(tmp_path) == 60
