@@ -19,7 +19,7 @@ from .access.accounts import AccountsError, MirrorAccounts, load_users
 from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
-from .clientconn import loopback_address, validate_public_url
+from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
 from .config_file import options_to_apply, read_config
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
@@ -62,8 +62,13 @@ OPTIONS = (
         ghcr.mirror.example=ghcr.io), matched against the request's Host header or TLS server name."""),
     Option("hub_proxy_passthrough", bool, True, """
         Forward-proxy (regular) mode: pass traffic for hosts outside hub_upstreams through
-        untouched (TLS not intercepted), for clients on private or loopback addresses (any client
-        with proxyauth set). Off: refuse it for everyone."""),
+        untouched (TLS not intercepted), for clients in hub_private_networks (any client with
+        proxyauth set). Off: refuse it for everyone."""),
+    Option("hub_private_networks", Sequence[str], list(DEFAULT_PRIVATE_NETWORKS), """
+        Client networks (CIDR, e.g. 10.0.0.0/8, fd00::/8) that forward-proxy pass-through is for.
+        Default: loopback, RFC 1918, link-local and unique local addresses; not 6to4, Teredo or
+        carrier-grade NAT (100.64.0.0/10), whose clients may be anyone. An IPv4-mapped IPv6
+        client address is matched as its IPv4 address. Empty: no client is private."""),
     Option("hub_users_file", str, "", """
         Mirror accounts: htpasswd-style file of "user:hash" lines (bcrypt or argon2; python -m
         hubrewrite.access.accounts USER prints one). When set, /v2/ needs a token from the
@@ -196,6 +201,7 @@ class Settings:
     public_url: str
     registries: Registries
     proxy_passthrough: bool
+    private_networks: PrivateNetworks  # clients the pass-through is for
     proxy_guarded: bool  # mitmproxy's proxyauth is set
     accounts: MirrorAccounts | None
     users_file: str
@@ -243,6 +249,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         public_url=_public_url(o.hub_public_url),
         registries=table,
         proxy_passthrough=o.hub_proxy_passthrough,
+        private_networks=_private_networks(o.hub_private_networks),
         proxy_guarded=bool(getattr(o, "proxyauth", None)),
         accounts=accounts,
         users_file=o.hub_users_file,
@@ -298,6 +305,13 @@ def _registries(o: optmanager.OptManager) -> Registries:
     except registries.TableError as e:
         raise exceptions.OptionsError(f"hub_upstreams/hub_host_map: {e}") from e
     return Registries(table, default, host_map, official_registry=default, official_prefix=prefix)
+
+
+def _private_networks(specs: Sequence[str]) -> PrivateNetworks:
+    try:
+        return PrivateNetworks.parse(specs)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"hub_private_networks: {e}") from e
 
 
 def _accounts(path: str) -> MirrorAccounts | None:
