@@ -23,6 +23,7 @@ from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import paths
 from .admission import admit, carries_body, place_of
+from .config_file import command_line_options
 from .debug import contentviews
 from .debug.logs import LogRedaction
 from .debug.sideflows import is_side_flow, serving
@@ -71,7 +72,7 @@ class HubRewrite:
             # Here, not in load(): command-line --set values of addon options are
             # applied only after load(), and they must win over the file.
             try:
-                applied = apply_config_file(ctx.options)
+                applied = apply_config_file(ctx.options, command_line_options(ctx.master))
             except exceptions.OptionsError as e:
                 # A mirror running with half its configuration is worse than none:
                 # an error logged at startup makes mitmdump exit with status 1.

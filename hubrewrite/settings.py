@@ -217,8 +217,9 @@ class Settings:
     side_flows: bool
 
 
-def apply_config_file(options: optmanager.OptManager) -> str | None:
-    """Apply hub_config's file below the command line; the path applied, if any."""
+def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
+    """Apply hub_config's file below the command line (``named``: the options it named, None if
+    unknown; see config_file.command_line_options); the path applied, if any."""
     if not options.hub_config:
         return None
     path = Path(options.hub_config).expanduser()
@@ -228,7 +229,7 @@ def apply_config_file(options: optmanager.OptManager) -> str | None:
         raise exceptions.OptionsError(f"hub_config: {path} does not exist")
     data = read_config(path)
     try:
-        options.update(**options_to_apply(options, data, str(path)))
+        options.update(**options_to_apply(options, data, str(path), named))
     except (TypeError, ValueError) as e:
         raise exceptions.OptionsError(f"{path}: {e}") from e
     return str(path)
