@@ -1,18 +1,24 @@
-"""What the mirror does to a client's HTTP/2 stream or connection that mitmproxy's hooks cannot.
+"""What the mirror does to a client's HTTP/2 streams and connection that mitmproxy's hooks cannot.
 
 mitmproxy lets an addon answer or kill a flow (an HTTP/2 stream is then reset
-with INTERNAL_ERROR), not reset a stream as malformed, nor close a client's
-connection. RFC 9113 §8.1.1 wants a request whose ``content-length`` disagrees
-with its DATA reset with PROTOCOL_ERROR; h2 checks that for DATA frames, but
-not for a HEADERS frame that ends the stream, and such a request reached the
-mirror as a GET announcing a body that never comes (its refusal, parked at the
-loopback server until the body is read, then waited forever).
+with INTERNAL_ERROR); not reset a stream as malformed, close a client's
+connection, or stop parsing what it read from one. The mirror needs all three:
+
+- RFC 9113 §8.1.1 wants a request whose ``content-length`` disagrees with its
+  DATA reset with PROTOCOL_ERROR; h2 checks that for DATA frames, but not for
+  a HEADERS frame that ends the stream, and such a request reached the mirror
+  as a GET announcing a body that never comes (its refusal, parked at the
+  loopback server until the body is read, then waited there for ever);
+- a client that resets streams as fast as it opens them is disconnected
+  (connwork.py), and what it sent and mitmproxy already read must not become
+  thousands of flows after that.
 
 Everything here reaches into mitmproxy 12's proxy internals: the connection
-handlers of the ``proxyserver`` addon, a context's layer stack, ``HttpLayer``'s
-streams and connections, ``Http2Server``'s h2 connection. It is kept to this
-module and checked by tests/hardening/test_http2.py, which reads the error
-code of the reset on the wire.
+handlers of the ``proxyserver`` addon and their transports, a context's layer
+stack, ``HttpLayer``'s streams and connections, ``Http2Server``'s h2
+connection, the layer below a client's TLS. It is kept to this module and
+checked by tests/hardening/test_http2.py, which reads the resets' error codes
+on the wire and counts what a rapid reset reaches.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from mitmproxy.proxy.layers.http._http2 import Http2Server
 # bytes of an HTTP/2 client's data handed to mitmproxy's HTTP layer at a time (about a hundred
 # HEADERS frames at most)
 PIECE = 4096
+
 
 def body_disagrees_with_length(request: http.Request) -> bool:
     """An HTTP/2 request whose whole body (read by now) is not as long as its ``content-length``."""
@@ -124,11 +131,12 @@ def _h2_stream_of(flow: http.HTTPFlow) -> tuple[Http2Server, int] | None:
     handler = _handler_of(flow.client_conn)
     if handler is None:
         return None
-    for layer in handler.layer.context.layers:
-        if not isinstance(layer, HttpLayer):
+    for http_layer in handler.layer.context.layers:
+        if not isinstance(http_layer, HttpLayer):
             continue
-        server = layer.connections.get(flow.client_conn)
-        stream_id = next((i for i, stream in layer.streams.items() if stream.flow is flow), None)
+        server = http_layer.connections.get(flow.client_conn)
+        stream_id = next((i for i, stream in http_layer.streams.items() if getattr(stream, "flow", None) is flow),
+                         None)
         if isinstance(server, Http2Server) and stream_id is not None:
             return server, stream_id
     return None
