@@ -18,17 +18,20 @@ import asyncio
 import logging
 import ssl
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import paths
 from .admission import admit, carries_body, place_of
+from .config_file import command_line_options
+from .connwork import ConnectionWork
 from .debug import contentviews
 from .debug.logs import LogRedaction
 from .debug.sideflows import is_side_flow, serving
 from .debug.redact import redact_request
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
+from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER, restore_client_url
 from .mirror import Mirror
 from .observe import steps
@@ -54,9 +57,12 @@ class HubRewrite:
         # and saves (-w) with every flow: live objects (downloads, tasks) do not belong there
         self.pulls = BoundedDict(MAX_PULLS)
         # one concern each, mitmproxy style: sub-addons get every hook after this one
+        guard = ConnectionGuard(lambda: self.mirror.settings.limits)
+        self.work = ConnectionWork(close_client, guard.count)  # HTTP/2 streams reset while served
         self.addons = [
             ForwardProxy(lambda: self.mirror),
-            ConnectionGuard(lambda: self.mirror.settings.limits),
+            guard,
+            PieceReading(),  # after the guard, which decides a connection's first layer
             LogRedaction(lambda: self.mirror.settings.show_secrets),
         ]
 
@@ -71,7 +77,7 @@ class HubRewrite:
             # Here, not in load(): command-line --set values of addon options are
             # applied only after load(), and they must win over the file.
             try:
-                applied = apply_config_file(ctx.options)
+                applied = apply_config_file(ctx.options, command_line_options(ctx.master))
             except exceptions.OptionsError as e:
                 # A mirror running with half its configuration is worse than none:
                 # an error logged at startup makes mitmdump exit with status 1.
@@ -102,6 +108,9 @@ class HubRewrite:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or is_side_flow(flow):
             return
+        if not self.work.arrived(flow):
+            flow.kill()  # its connection was closed for resetting streams: nothing more of it is served
+            return
         place = place_of(flow, self.mirror.settings.registries)
         if place is None:
             return  # forward-proxy traffic for another host, passed through
@@ -122,6 +131,9 @@ class HubRewrite:
             flow.request.stream = False  # a token form is short and read whole
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if body_disagrees_with_length(flow.request):
+            reset_as_malformed(flow)  # RFC 9113 §8.1.1, before any work for it
+            return
         pull: Pull | None = self.pulls.get(flow.id)
         if pull is None or pull.settled or flow.response or flow.error or flow.request.stream:
             return  # not ours, answered, or streaming where requestheaders sent it
@@ -130,12 +142,17 @@ class HubRewrite:
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return
         serving.set(flow)
-        try:
-            answer = await paths.serve(pull, self.mirror)
-        except Exception:
-            # A bug must never let the request through unchecked.
-            log.exception("hub_rewrite: internal error on %s %s", flow.request.method, pull.path)
-            answer = error_response(RegistryError(500, "UNKNOWN", "internal error in the mirror"))
+        async with self.work.turn(flow.client_conn) as ours:
+            if not ours:
+                if flow.killable:
+                    flow.kill()  # its connection is gone: nobody waits for the answer
+                return
+            try:
+                answer = await paths.serve(pull, self.mirror)
+            except Exception:
+                # A bug must never let the request through unchecked.
+                log.exception("hub_rewrite: internal error on %s %s", flow.request.method, pull.path)
+                answer = error_response(RegistryError(500, "UNKNOWN", "internal error in the mirror"))
         self._apply(pull, answer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -154,6 +171,7 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self.work.finished(flow)
         pull: Pull | None = self.pulls.pop(flow.id, None)
         self._close_record(flow, pull)
         if pull is None:
@@ -166,12 +184,16 @@ class HubRewrite:
         steps.finish(pull, self.mirror.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.work.finished(flow)
         pull: Pull | None = self.pulls.pop(flow.id, None)
         self._close_record(flow, pull)
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
             steps.finish(pull, self.mirror.metrics)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.work.disconnected(client)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # keep_host_header (mitm.conf) leaves the reverse target's TLS server

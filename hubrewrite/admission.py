@@ -85,6 +85,8 @@ def _new_pull(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Up
 
 def _classify(pull: Pull) -> None:
     request, path, step = pull.flow.request, pull.path, pull.step
+    if request.headers.get("upgrade", "").strip().lower() == "h2c":
+        ignore_h2c_upgrade(request)
     if "upgrade" in request.headers:
         raise RegistryError(400, "UNSUPPORTED", "protocol upgrades are not served by this mirror")
     if request.method == "OPTIONS":
@@ -97,6 +99,21 @@ def _classify(pull: Pull) -> None:
         pull.kind, step.kind = Kind.TOKEN, "token"
         if request.method not in ("GET", "POST"):
             raise RegistryError(405, "UNSUPPORTED", "token requests are GET or POST")
+
+
+def ignore_h2c_upgrade(request: http.Request) -> None:
+    """An offer to switch a plain-HTTP connection to HTTP/2 (``curl --http2``): mitmproxy
+    speaks HTTP/2 over TLS only, and RFC 9110 §7.8 lets a server ignore an Upgrade header
+    and answer in HTTP/1.1. Its headers go (as mitmproxy's disable_h2c addon drops them,
+    but before the mirror decides on the request, which would refuse an upgrade)."""
+    request.headers.pop("upgrade", None)
+    request.headers.pop("http2-settings", None)
+    options = [t.strip() for t in request.headers.get("connection", "").split(",")]
+    kept = [t for t in options if t and t.lower() not in ("upgrade", "http2-settings")]
+    if kept:
+        request.headers["connection"] = ", ".join(kept)  # "close" still closes
+    else:
+        request.headers.pop("connection", None)
 
 
 def _route(pull: Pull) -> None:

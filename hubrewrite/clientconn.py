@@ -4,6 +4,8 @@ address, and the mirror's own URL as that client sees it."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
@@ -62,10 +64,43 @@ def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-def is_private_client(client: connection.Client) -> bool:
-    """On a loopback or private address (not reachable from the internet)."""
-    address = ip_of(client.peername[0]) if client.peername else None
-    return address is not None and not address.is_global
+# hub_private_networks' default: loopback, RFC 1918, link-local and unique local addresses.
+# An explicit list rather than ``not ipaddress.is_global``, whose "not global" also covers
+# ranges behind which public clients sit: 6to4 (2002::/16), Teredo (2001::/32) and
+# carrier-grade NAT (100.64.0.0/10).
+DEFAULT_PRIVATE_NETWORKS = (
+    "127.0.0.0/8", "::1/128",
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+    "169.254.0.0/16", "fe80::/10",
+    "fc00::/7",
+)
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # such a client is matched as its IPv4 address
+
+
+@dataclass(frozen=True)
+class PrivateNetworks:
+    """The client networks the operator calls private (``hub_private_networks``)."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def parse(cls, specs: Sequence[str]) -> PrivateNetworks:
+        networks = []
+        for spec in specs:
+            try:
+                network = ipaddress.ip_network(spec.strip())
+            except ValueError as e:
+                raise ValueError(f"{spec!r} is not a network in CIDR notation ({e})") from None
+            if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED):
+                raise ValueError(f"{spec!r}: IPv4-mapped clients are matched as IPv4, name the IPv4 network")
+            networks.append(network)
+        return cls(tuple(networks))
+
+    def holds(self, client: connection.Client) -> bool:
+        """The client connects from one of the networks (an IPv4-mapped address as its IPv4)."""
+        address = ip_of(client.peername[0]) if client.peername else None
+        return address is not None and any(address in network for network in self.networks)
+
 
 
 def loopback_address(value: str) -> tuple[str, int]:

@@ -3,9 +3,10 @@
 Requests for hosts in the upstream table get the mirror's handling (the
 ``HubRewrite`` addon). Anything else passes through untouched, TLS not
 intercepted, so clients trust mitmproxy's CA only for registries; but only for
-clients on private or loopback addresses, or for any client once mitmproxy's
-``proxyauth`` guards the proxy: mitm.conf turns ``block_global`` off for the
-mirror, and a proxy that passes anything for anyone is an open proxy.
+clients in ``hub_private_networks`` (an explicit list: loopback, RFC 1918,
+link-local and unique local addresses by default), or for any client once
+mitmproxy's ``proxyauth`` guards the proxy: mitm.conf turns ``block_global`` off
+for the mirror, and a proxy that passes anything for anyone is an open proxy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from mitmproxy import connection, http, tls
 
 from .admission import carries_body
-from .clientconn import is_forward_proxy, is_private_client
+from .clientconn import is_forward_proxy
 from .debug.sideflows import is_side_flow
 from .loopback import CLIENT_URL
 from .registry.errors import RegistryError
@@ -26,7 +27,7 @@ class ForwardProxy:
 
     def may_pass_through(self, client: connection.Client) -> bool:
         settings = self.mirror_of().settings
-        return settings.proxy_passthrough and (settings.proxy_guarded or is_private_client(client))
+        return settings.proxy_passthrough and (settings.proxy_guarded or settings.private_networks.holds(client))
 
     def _served(self, host: str | None, port: int) -> bool:
         return bool(host) and self.mirror_of().settings.registries.for_proxy_target(host, port) is not None

@@ -29,6 +29,7 @@ from mitmproxy import connection, ctx, http, tcp, tls
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook
 
+from . import connection_log
 from .registry.errors import error_body
 from .settings import Limits
 
@@ -168,6 +169,12 @@ class ConnectionGuard:
         return min(self.limits().max_connections, max(16, (self.file_limit - RESERVED_FILES) // FILES_PER_CONNECTION))
 
     # ---- hooks -----------------------------------------------------------
+
+    def load(self, loader) -> None:
+        connection_log.install()  # what is said about single connections is this guard's to say
+
+    def done(self) -> None:
+        connection_log.uninstall()
 
     def running(self) -> None:
         """Out of files despite the limit (a burst of connections): asyncio pauses accepting

@@ -19,7 +19,7 @@ from .access.accounts import AccountsError, MirrorAccounts
 from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
-from .clientconn import loopback_address, validate_public_url
+from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
 from .config_file import options_to_apply, read_config
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
@@ -62,8 +62,13 @@ OPTIONS = (
         ghcr.mirror.example=ghcr.io), matched against the request's Host header or TLS server name."""),
     Option("hub_proxy_passthrough", bool, True, """
         Forward-proxy (regular) mode: pass traffic for hosts outside hub_upstreams through
-        untouched (TLS not intercepted), for clients on private or loopback addresses (any client
-        with proxyauth set). Off: refuse it for everyone."""),
+        untouched (TLS not intercepted), for clients in hub_private_networks (any client with
+        proxyauth set). Off: refuse it for everyone."""),
+    Option("hub_private_networks", Sequence[str], list(DEFAULT_PRIVATE_NETWORKS), """
+        Client networks (CIDR, e.g. 10.0.0.0/8, fd00::/8) that forward-proxy pass-through is for.
+        Default: loopback, RFC 1918, link-local and unique local addresses; not 6to4, Teredo or
+        carrier-grade NAT (100.64.0.0/10), whose clients may be anyone. An IPv4-mapped IPv6
+        client address is matched as its IPv4 address. Empty: no client is private."""),
     Option("hub_users_file", str, "", """
         Mirror accounts: htpasswd-style file of "user:hash" lines (bcrypt or argon2; python -m
         hubrewrite.access.accounts USER prints one). When set, /v2/ needs a token from the
@@ -202,6 +207,7 @@ class Settings:
     public_url: str
     registries: Registries
     proxy_passthrough: bool
+    private_networks: PrivateNetworks  # clients the pass-through is for
     proxy_guarded: bool  # mitmproxy's proxyauth is set
     accounts: MirrorAccounts | None
     users_file: str
@@ -217,8 +223,9 @@ class Settings:
     side_flows: bool
 
 
-def apply_config_file(options: optmanager.OptManager) -> str | None:
-    """Apply hub_config's file below the command line; the path applied, if any."""
+def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
+    """Apply hub_config's file below the command line (``named``: the options it named, None if
+    unknown; see config_file.command_line_options); the path applied, if any."""
     if not options.hub_config:
         return None
     path = Path(options.hub_config).expanduser()
@@ -228,7 +235,7 @@ def apply_config_file(options: optmanager.OptManager) -> str | None:
         raise exceptions.OptionsError(f"hub_config: {path} does not exist")
     data = read_config(path)
     try:
-        options.update(**options_to_apply(options, data, str(path)))
+        options.update(**options_to_apply(options, data, str(path), named))
     except (TypeError, ValueError) as e:
         raise exceptions.OptionsError(f"{path}: {e}") from e
     return str(path)
@@ -249,6 +256,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         public_url=_public_url(o.hub_public_url),
         registries=table,
         proxy_passthrough=o.hub_proxy_passthrough,
+        private_networks=_private_networks(o.hub_private_networks),
         proxy_guarded=bool(getattr(o, "proxyauth", None)),
         accounts=accounts,
         users_file=o.hub_users_file,
@@ -304,6 +312,13 @@ def _registries(o: optmanager.OptManager) -> Registries:
     except registries.TableError as e:
         raise exceptions.OptionsError(f"hub_upstreams/hub_host_map: {e}") from e
     return Registries(table, default, host_map, official_registry=default, official_prefix=prefix)
+
+
+def _private_networks(specs: Sequence[str]) -> PrivateNetworks:
+    try:
+        return PrivateNetworks.parse(specs)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"hub_private_networks: {e}") from e
 
 
 def _accounts(path: str) -> MirrorAccounts | None:

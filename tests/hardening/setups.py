@@ -5,6 +5,7 @@ afterwards (the proof that an attack had no effect)."""
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,19 +40,31 @@ def mirror_token(mirror_url: str, user: str, password: str, scope: str, path: st
     return r.json()["token"]
 
 
-def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str) -> Mirror:
+def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str, ipv6: bool = False) -> Mirror:
     """A forward proxy (not started) listening on this host's end of ``client``'s veth pair,
-    serving the upstream as ``hub.test`` and as ``localhost``."""
+    serving the upstream as ``hub.test`` and as ``localhost``. With ``ipv6`` it also listens
+    on the IPv6 end, at ``proxy.port6``."""
     args = ["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", f"hub_upstreams={LOCAL_REGISTRY}={upstream.api_url}"]
     for setting in settings:
         args += ["--set", setting]
-    return Mirror(workdir, "", mode="regular", listen_host=client.host_address, extra_args=args)
+    port6 = 0
+    if ipv6:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind((client.host_address6, 0))
+            port6 = s.getsockname()[1]
+        args += ["--mode", f"regular@{client.host_address6}:{port6}"]  # no brackets: mitmproxy splits at the last ':'
+    proxy = Mirror(workdir, "", mode="regular", listen_host=client.host_address, extra_args=args)
+    proxy.port6 = port6
+    return proxy
 
 
-def public_conn(client: PublicClient, proxy: Mirror) -> Conn:
-    """A connection to ``proxy`` (a ``public_proxy``) from the public client's address."""
-    return Conn(client.connect((proxy.listen_host, proxy.port)))
+def public_conn(client: PublicClient, proxy: Mirror, source: str | None = None) -> Conn:
+    """A connection to ``proxy`` (a ``public_proxy``) from the public client's address (or ``source``,
+    one of its addresses: an IPv6 one connects to the proxy's IPv6 listener)."""
+    if source is not None and ":" in source:
+        return Conn(client.connect((client.host_address6, proxy.port6), source=source))
+    return Conn(client.connect((proxy.listen_host, proxy.port), source=source))
 
 
 def registry_has_manifest(upstream, repo: str, reference: str) -> bool:

@@ -349,3 +349,35 @@ def test_forward_proxy_passes_through_only_for_private_clients(routed, hub):
     flow.client_conn.peername = ("8.8.8.8", 5555)
     run(drive(addon, flow))
     assert flow.response.status_code == 200
+
+
+def test_private_means_the_operators_list_not_is_global(routed, hub):
+    """hub_private_networks, not ipaddress.is_global: 6to4, Teredo and CGNAT clients are
+    public by default; an operator who calls a network private gets exactly that."""
+    addon, tctx = routed
+
+    def passes(peer: str) -> bool:
+        flow = make_flow(hub.url, "GET", "/anything", mode="regular")
+        flow.client_conn.peername = (peer, 5555)
+        run(drive(addon, flow))
+        return flow.response is None
+
+    private = ["127.0.0.1", "::1", "10.9.8.7", "172.31.0.1", "192.168.1.9", "169.254.3.4", "fe80::1%eth0",
+               "fd00::5", "::ffff:10.1.2.3"]
+    public = ["2002:c000:204::5", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "100.64.7.9", "::ffff:100.64.7.9",
+              "192.88.99.7", "8.8.8.8", "2606:4700::1111", "172.32.0.1"]
+    assert [p for p in private if not passes(p)] == []
+    assert [p for p in public if passes(p)] == []
+    tctx.configure(addon, hub_private_networks=["100.64.0.0/10", "2002::/16"])
+    assert [p for p in ("100.64.7.9", "::ffff:100.64.7.9", "2002:c000:204::5") if not passes(p)] == []
+    assert [p for p in ("10.9.8.7", "127.0.0.1", "fd00::5") if passes(p)] == []
+    tctx.configure(addon, hub_private_networks=[])
+    assert not passes("127.0.0.1")
+
+
+@pytest.mark.parametrize("spec,message", [("10.0.0.1/8", "host bits"), ("10.0.0.0/33", "CIDR"),
+                                          ("example.com", "CIDR"), ("::ffff:10.0.0.0/104", "IPv4-mapped")])
+def test_private_networks_must_be_networks(routed, spec, message):
+    addon, tctx = routed
+    with pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(addon, hub_private_networks=[spec])
