@@ -56,7 +56,7 @@ class HubRewrite:
         # one concern each, mitmproxy style: sub-addons get every hook after this one
         self.addons = [
             ForwardProxy(lambda: self.mirror),
-            ConnectionGuard(lambda: self.mirror.settings.limits),
+            ConnectionGuard(lambda: self.mirror.budget),
             LogRedaction(lambda: self.mirror.settings.show_secrets),
         ]
 
