@@ -57,7 +57,7 @@ class HubRewrite:
         # and saves (-w) with every flow: live objects (downloads, tasks) do not belong there
         self.pulls = BoundedDict(MAX_PULLS)
         # one concern each, mitmproxy style: sub-addons get every hook after this one
-        guard = ConnectionGuard(lambda: self.mirror.settings.limits)
+        guard = ConnectionGuard(lambda: self.mirror.budget)
         self.work = ConnectionWork(close_client, guard.count)  # HTTP/2 streams reset while served
         self.addons = [
             ForwardProxy(lambda: self.mirror),

@@ -3,8 +3,9 @@
 mitmproxy reads a request head of any size and waits for it as long as bytes
 trickle in, and accepts connections until the process runs out of files. A
 mirror on a public address needs limits there: how many connections it serves
-at once, how large a request head may be, and how long a client may take to
-send one (or leave a connection idle between requests). Beyond them a
+at once (its share of the open files, ``connlimits.py``), how large a request
+head may be, and how long a client may take to send one (or leave a
+connection idle between requests). Beyond them a
 connection is closed, with a 431 or 408 where a head was started (in plain
 HTTP: over TLS this layer cannot encrypt, so the close is all), and the
 operator reads one log line per cause and minute, not one per connection.
@@ -20,26 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
-import resource
 import time
-from collections import Counter
+from collections.abc import Callable
 
 from mitmproxy import connection, ctx, http, tcp, tls
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook
 
 from . import connection_log
+from .connlimits import ClosedLog, FileBudget
 from .registry.errors import error_body
 from .settings import Limits
 
-log = logging.getLogger("hub_rewrite")
-
-REPORT_EVERY = 60.0  # seconds between two log lines about closed connections
-FILES_PER_CONNECTION = 3  # the client's, one upstream, one to the loopback server or the CDN
-# files kept free: the process's own (logs, cache, listeners) and a burst of accepted
-# sockets not yet refused (asyncio accepts up to its listen backlog, 100, at a time)
-RESERVED_FILES = 64 + 100
 # the hooks mitmproxy's HTTP layer starts once it has parsed a request head
 HEAD_PARSED = (HttpRequestHeadersHook, HttpConnectHook)
 
@@ -138,35 +131,20 @@ class HeadGuard(layer.Layer):
 class ConnectionGuard:
     """The addon: the connection limit, and a HeadGuard on every client connection."""
 
-    def __init__(self, limits_of) -> None:
-        self.limits_of = limits_of  # -> the running Limits (they change with the options)
+    def __init__(self, budget_of: Callable[[], FileBudget]) -> None:
+        self.budget_of = budget_of  # -> the mirror's FileBudget (its limits change with the options)
         self.open: dict[str, HeadGuard | None] = {}  # client id -> its guard (None until its first layer)
-        self.pending: Counter[str] = Counter()  # cause -> connections closed since it was last logged
-        self.reported: dict[str, float] = {}  # cause -> when it was last logged
-        self.file_limit = _raise_file_limit()
+        self.closed_log = ClosedLog()
 
     def limits(self) -> Limits:  # a method: mitmproxy reads every attribute of an addon when it loads
-        return self.limits_of()
+        return self.budget_of().limits()
 
     def count(self, cause: str) -> None:
-        """A cause is logged when it first closes a connection; more of it within the
-        minute make one line at the minute's end: one line per cause and minute."""
-        now = time.monotonic()
-        last = self.reported.get(cause)
-        if last is None or now - last >= REPORT_EVERY:
-            log.warning("hub_rewrite: closed a client connection: %s", cause)
-            self.reported[cause] = now
-            return
-        if not self.pending[cause]:
-            asyncio.get_running_loop().call_later(last + REPORT_EVERY - now, self._report, cause)
-        self.pending[cause] += 1
-
-    def _report(self, cause: str) -> None:
-        log.warning("hub_rewrite: closed %d more client connection(s) within a minute: %s", self.pending.pop(cause, 0), cause)
-        self.reported[cause] = time.monotonic()
+        self.closed_log.count(cause)
 
     def max_connections(self) -> int:
-        return min(self.limits().max_connections, max(16, (self.file_limit - RESERVED_FILES) // FILES_PER_CONNECTION))
+        """The main port's share of the open files (the blob listener has the same)."""
+        return self.budget_of().connections()
 
     # ---- hooks -----------------------------------------------------------
 
@@ -265,14 +243,3 @@ class ConnectionGuard:
     def error(self, flow: http.HTTPFlow) -> None:
         self.response(flow)
 
-
-def _raise_file_limit() -> int:
-    """Open files: the soft limit raised to the hard one (every connection needs a few)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20

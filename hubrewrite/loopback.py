@@ -29,7 +29,7 @@ from mitmproxy import http
 from .access.bounded import BoundedDict
 from .cache.serving import BlobSender
 from .cache.store import Store
-from .httpserver import HttpServer, Reply, Request, drain_body
+from .httpserver import HttpServer, Reply, Request
 from .registry.errors import error_body
 from .registry.headers import decode_fields
 
@@ -76,7 +76,7 @@ class Loopback:
             return
         kind, _, name = request.path.lstrip("/").partition("/")
         if kind == "answers":
-            await drain_body(reply.reader, request)
+            await reply.discard_body()
             status, headers, body = self.answers.pop(name, None) or _parked_answer()
             await reply.head(status, headers)
             if body and request.method != "HEAD":

@@ -29,7 +29,9 @@ from .cache.serving import BlobSender
 from .cache.signing import URL_LIFETIME as PRESIGNED_URL_LIFETIME
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
 from .cache.store import Store
+from .connlimits import FileBudget
 from .debug.sideflows import SideFlows
+from .httpserver import ServerLimits
 from .loopback import Loopback
 from .observe.metrics import Metrics
 from .observe.ratelimits import RateLimits
@@ -38,6 +40,10 @@ from .settings import CacheSettings, Settings
 from .upstream_client import UpstreamClient, make_ssl_context
 
 log = logging.getLogger("hub_rewrite")
+
+# connections the kernel takes for the blob listener before it accepts them: a burst is
+# accepted (and beyond the listener's share closed at once) rather than dropped
+LISTEN_BACKLOG = 1024
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Cache:
 class Mirror:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.budget = FileBudget(lambda: self.settings)  # the open files, shared by the main port and the listener
         self.metrics = Metrics()
         self.ratelimits = RateLimits(self.metrics)
         self.realms = Realms()
@@ -79,6 +86,14 @@ class Mirror:
             self.tls = tls
             self._replace_cache()
             self.issued = IssuedTokens(self.secret)
+        self._warn_of_file_limit(old if old is not settings else None)
+
+    def _warn_of_file_limit(self, old: Settings | None) -> None:
+        """Once, and when the options change it: the open-file limit holding the ports below hub_max_connections."""
+        allowed, wanted = self.budget.connections(), self.settings.limits.max_connections
+        if allowed < wanted and (old is None or old.limits != self.settings.limits or old.cache != self.settings.cache):
+            log.warning("hub_rewrite: %d open files allow %d client connections per port, not hub_max_connections "
+                        "(%d): raise the hard limit (README: Open files)", self.budget.file_limit, allowed, wanted)
 
     def _new_client(self, settings: Settings) -> UpstreamClient:
         c = settings.client
@@ -162,10 +177,15 @@ class Mirror:
         try:
             # bound now, so a port in use stops the mirror at startup; served once the loop runs
             sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                        reuse_port=False)
+                                        backlog=LISTEN_BACKLOG, reuse_port=False)
         except OSError as e:
             raise exceptions.OptionsError(f"hub_blob_listen {host}:{port}: {e.strerror}") from e
-        return BlobListener(BlobUrlSigner(self.secret), blobs, self._count_listener_bytes), sock
+        return BlobListener(BlobUrlSigner(self.secret), blobs, self._count_listener_bytes, self._listener_limits), sock
+
+    def _listener_limits(self) -> ServerLimits:
+        """The main port's limits (guard.py), and the same share of the open files."""
+        limits = self.settings.limits
+        return ServerLimits(self.budget.connections(), limits.head_timeout, limits.max_head_bytes, limits.stall_timeout)
 
     def _count_listener_bytes(self, source: str, count: int) -> None:
         self.metrics.bytes_served.labels(source).inc(count)
@@ -174,7 +194,7 @@ class Mirror:
         """What needs the event loop: the loopback server and the blob listener."""
         await self.loopback.start()
         cache = self.cache
-        if cache is not None and cache.listener is not None and cache.listener.server.server is None:
+        if cache is not None and cache.listener is not None and not cache.listener.server.running:
             await cache.listener.start_on(cache.listener_socket, self.tls)
 
     @staticmethod

@@ -94,14 +94,16 @@ OPTIONS = (
         Largest non-blob answer (manifest, tag list, token, error) the mirror buffers, in bytes;
         larger ones get 502. Blobs are always streamed."""),
     Option("hub_max_connections", int, 1000, """
-        Client connections served at once; more are closed at once (one log line per minute
-        says how many). Keep it below the process's open-file limit."""),
+        Client connections served at once on each port (the main one and the blob listener),
+        also bounded by the open-file limit; more are closed at once (one log line per minute
+        says how many)."""),
     Option("hub_head_timeout", int, 30, """
         Seconds a client may take to send a request head (and an idle connection may wait for
-        the next one); then the connection is closed."""),
+        the next one; on the blob listener, with the TLS handshake); then the connection is
+        closed. Both ports."""),
     Option("hub_max_head_bytes", int, 65536, """
         Largest request head (request line and headers) read from a client, in bytes; a larger
-        one is answered 431 and the connection closed."""),
+        one is answered 431 and the connection closed. Both ports."""),
     Option("hub_cache_dir", str, "", """
         Directory of the pull-through cache (blobs and manifests, verified by digest; several
         mirror processes may share it). Empty: no cache."""),
@@ -200,6 +202,7 @@ class Limits:
     max_connections: int
     head_timeout: int
     max_head_bytes: int
+    stall_timeout: int  # mitmproxy's tcp_timeout: how long the blob listener's client may leave its answer unread
 
 
 @dataclass(frozen=True)
@@ -347,7 +350,7 @@ def _limits(o: optmanager.OptManager) -> Limits:
         raise exceptions.OptionsError(
             "hub_max_connections and hub_head_timeout must be at least 1, hub_max_head_bytes at least 4096"
         )
-    return Limits(o.hub_max_connections, o.hub_head_timeout, o.hub_max_head_bytes)
+    return Limits(o.hub_max_connections, o.hub_head_timeout, o.hub_max_head_bytes, max(1, o.tcp_timeout))
 
 
 def _cache(o: optmanager.OptManager) -> CacheSettings | None:

@@ -26,6 +26,7 @@ from .registry.errors import RegistryError
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+MAX_UPSTREAM_CONNECTIONS = 200  # at once, to every upstream together (connlimits.py counts their files)
 
 # httpcore reads 64 KiB per receive: a blob download costs 16,384 trips through its
 # stack per GiB. Reading up to 1 MiB (only what has arrived: small answers are not
@@ -144,7 +145,7 @@ class UpstreamClient:
             verify=verify,
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=40),
+            limits=httpx.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS, max_keepalive_connections=40),
             trust_env=False,  # never route through a proxy from the environment
         )
         # httpx adds Accept and Accept-Encoding of its own; the registry must see

@@ -16,7 +16,9 @@ from ..httpserver import Reply, Request
 from .downloads import Downloads, Progress
 from .store import Store
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # ASCII digits: int() reads any script's
+# more digits than any file size has: such a number is read as "beyond the file", never parsed
+MAX_DIGITS = 19
 Counter = Callable[[str, int], None]
 # a follower gives up on a download that has not started within this long
 START_TIMEOUT = 60.0
@@ -31,15 +33,19 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None | str:
         return None  # RFC 9110: an unparseable Range is ignored
     first, last = m.group(1), m.group(2)
     if first:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-        if start >= size or (last and int(last) < start):
+        start = _number(first)
+        end = min(_number(last), size - 1) if last else size - 1
+        if start >= size or (last and _number(last) < start):
             return "invalid"
         return start, end
-    suffix = int(last)
+    suffix = _number(last)
     if suffix == 0 or size == 0:
         return "invalid"
     return max(size - suffix, 0), size - 1
+
+
+def _number(digits: str) -> int:
+    return int(digits) if len(digits) <= MAX_DIGITS else 1 << 64
 
 
 def blob_headers(digest: str) -> list[tuple[str, str]]:

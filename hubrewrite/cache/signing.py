@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from urllib.parse import urlencode
 
 # long enough for a client to follow the redirect, short enough that a leaked URL soon means nothing
 URL_LIFETIME = 300
+# exactly as query() writes them: ASCII digits without a leading zero (int() would read other
+# spellings of the same number, and any length), a lower-case hex HMAC
+EXPIRES_RE = re.compile(r"[1-9][0-9]{0,11}")
+SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class SecretError(ValueError):
@@ -59,7 +64,7 @@ class BlobUrlSigner:
         return urlencode({"expires": expires, "signature": self._mac(digest, expires)})
 
     def verify(self, digest: str, expires: str, signature: str) -> bool:
-        if not expires.isdigit() or int(expires) < time.time():
+        if not EXPIRES_RE.fullmatch(expires) or not SIGNATURE_RE.fullmatch(signature) or int(expires) < time.time():
             return False
         return hmac.compare_digest(self._mac(digest, int(expires)), signature)
 

@@ -29,6 +29,10 @@ from .fed_upstream import FedUpstream
         ("bytes=-0", "invalid"),
         ("items=0-1", None),
         ("bytes=0-1,5-6", None),
+        ("bytes=٠-٩", None),  # digits of another script: not a Range this reads
+        ("bytes=" + "9" * 5000 + "-", "invalid"),  # any length: beyond the file, never parsed
+        ("bytes=10-" + "9" * 5000, (10, 99)),
+        ("bytes=-" + "9" * 5000, (0, 99)),
     ],
 )
 def test_parse_range(value, expected):
