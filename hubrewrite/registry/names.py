@@ -88,10 +88,26 @@ def validate_digest(digest: str) -> None:
 
 
 def validate_reference(reference: str) -> None:
-    if ":" in reference:
+    """A manifest reference is a tag or a digest; anything else (or nothing) names no manifest.
+
+    The spec's only failure for a manifest GET, HEAD or PUT is 404 (end-3, end-7), and
+    distribution's router answers 404 to a reference outside its grammar: so the
+    mirror says MANIFEST_UNKNOWN itself, and nothing goes upstream. (A blob or
+    referrers digest stays DIGEST_INVALID: distribution and, for referrers, the
+    spec answer those with 400.)
+    """
+    if ":" not in reference:
+        if not TAG_RE.fullmatch(reference):
+            raise _no_such_manifest("not a valid tag")
+        return
+    try:
         validate_digest(reference)
-    elif not TAG_RE.fullmatch(reference):
-        raise RegistryError(400, "TAG_INVALID", "invalid tag")
+    except RegistryError as e:
+        raise _no_such_manifest(e.message) from None
+
+
+def _no_such_manifest(why: str) -> RegistryError:
+    return RegistryError(404, "MANIFEST_UNKNOWN", f"manifest unknown: {why}")
 
 
 def parse_route(path: str) -> Route:
@@ -116,7 +132,9 @@ def parse_route(path: str) -> Route:
         validate_name(upload.group(1))
         return Route(Kind.UPLOAD, upload.group(1), upload.group(2))
     segments = rest.split("/")
-    if any(s in ("", ".", "..") for s in segments):
+    # a manifest route's last segment is its reference, which validate_reference judges
+    in_name = segments[:-1] if len(segments) >= 3 and segments[-2] == "manifests" else segments
+    if any(s in ("", ".", "..") for s in in_name):
         raise RegistryError(400, "NAME_INVALID", "empty or relative path segments are not allowed")
 
     if len(segments) >= 3 and segments[-2] == "tags" and segments[-1] == "list":

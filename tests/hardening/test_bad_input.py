@@ -74,6 +74,43 @@ def test_bad_path_gets_spec_error_and_never_reaches_upstream(mirror, upstream, p
     assert reached == [], f"{path} reached the upstream: {reached}"
 
 
+# Manifest references that are no tag and no digest, or none at all. The spec's only
+# failure for a manifest GET or HEAD is 404 (end-3) and distribution's router answers 404:
+# the OCI conformance suite asks for ".INVALID_MANIFEST_NAME" and expects 404.
+BAD_REFERENCES = {
+    "starts with '.'": ".INVALID_MANIFEST_NAME",
+    "starts with '-'": "-latest",
+    "longer than 128": "t" * 129,
+    "missing": "",
+    "'..'": "..",
+    "':' in a tag": "a:b",
+    "digest not hex": "sha256:totallywrong",
+    "digest too short": "sha256:" + "0" * 63,
+    "unknown digest algorithm": "sha1:da39a3ee5e6b4b0d3255bfef95601890afd80709",
+}
+
+
+@pytest.mark.parametrize("reference", list(BAD_REFERENCES.values()), ids=list(BAD_REFERENCES))
+def test_bad_manifest_reference_is_unknown_and_never_reaches_upstream(mirror, upstream, reference):
+    token = anonymous_token(mirror.url, "team/ociapp")
+    path = f"/v2/team/ociapp/manifests/{reference}"
+    edge_before, tokens_before = edge_count(upstream), len(upstream.token_requests())
+    for method in (b"GET", b"HEAD"):
+        for auth in ([], [f"Authorization: Bearer {token}"]):
+            resp = raw_request(mirror.port, get(path, mirror.port, *auth, method=method))
+            what = f"{method.decode()} {path} {'with' if auth else 'without'} a token"
+            assert resp.status == 404, f"{what}: {resp.short()}"
+            assert resp.header("content-type") == "application/json; charset=utf-8", what
+            if method == b"GET":
+                assert assert_registry_error(resp, (404,), what)["code"] == "MANIFEST_UNKNOWN"
+    # the conformance suite's "400 response body" request: a GET with a body
+    resp = raw_request(mirror.port, get(path, mirror.port, "Content-Type: application/vnd.oci.image.manifest.v1+json",
+                                        "Content-Length: 9") + b"blablabla")
+    assert assert_registry_error(resp, (404,), f"GET {path} with a body")["code"] == "MANIFEST_UNKNOWN"
+    assert upstream.edge_requests()[edge_before:] == [], f"{path} reached the upstream"
+    assert upstream.token_requests()[tokens_before:] == [], f"{path} made the mirror ask for a token"
+
+
 def test_bad_paths_leave_nothing_odd_in_the_cache(mirror, cache_dir):
     allowed_top = {"blobs", "manifests", "tags", "repos", "tmp", "secret"}  # secret: the key, made at start
     for p in cache_dir.rglob("*"):

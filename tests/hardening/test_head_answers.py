@@ -76,6 +76,7 @@ def reverse_cases(token: str) -> dict:
     return {
         "bad name 400": ("/v2/Library/Alpine/manifests/3.19", [auth], b"", 400),
         "bad digest 400": ("/v2/library/alpine/blobs/sha256:xyz", [auth], b"", 400),
+        "bad reference 404": ("/v2/library/alpine/manifests/.INVALID_MANIFEST_NAME", [auth], b"", 404),
         "unknown route 404": ("/v2/library/alpine/whatever/3.19", [auth], b"", 404),
         "token endpoint 405": (f"/token?service={SERVICE}", [], b"", 405),
         "with a body 400": ("/v2/library/alpine/manifests/3.19", [auth, *ACCEPTS], b"{}", 400),

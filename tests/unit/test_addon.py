@@ -93,6 +93,8 @@ def test_cors_preflight(addon_ctx, upstream):
         ("/v2/../../etc/passwd", 400, "NAME_INVALID"),
         ("/v2/%2e%2e/x/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/a/blobs/md5:00", 400, "DIGEST_INVALID"),
+        ("/v2/a/b/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/b/manifests/", 404, "MANIFEST_UNKNOWN"),
         ("/admin", 404, "UNSUPPORTED"),
     ],
 )

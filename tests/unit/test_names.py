@@ -41,8 +41,21 @@ def test_valid_routes(path, kind, name, ref):
         ("/v2/a//b/manifests/x", 400, "NAME_INVALID"),
         ("/v2/Upper/manifests/x", 400, "NAME_INVALID"),
         ("/v2/" + "a" * 256 + "/manifests/x", 400, "NAME_INVALID"),
-        ("/v2/a/manifests/" + "t" * 129, 400, "TAG_INVALID"),
-        ("/v2/a/manifests/-bad", 400, "TAG_INVALID"),
+        # a manifest reference that is no tag or digest names no manifest: 404, as the
+        # spec (end-3) and distribution's router answer (the OCI conformance suite checks it)
+        ("/v2/a/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/..", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/a:b", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/sha256:totallywrong", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/md5:" + "0" * 32, 404, "MANIFEST_UNKNOWN"),
+        # ... but a bad name in a manifest route is still the name's fault
+        ("/v2/a/../manifests/x", 400, "NAME_INVALID"),
+        ("/v2//manifests/x", 400, "NAME_INVALID"),
+        # blob and referrers digests: DIGEST_INVALID, as distribution (blobs) and the spec (referrers) say
+        ("/v2/a/referrers/sha256:abcd", 400, "DIGEST_INVALID"),
         ("/v2/a/blobs/md5:abcd", 400, "DIGEST_INVALID"),
         ("/v2/a/blobs/sha256:abcd", 400, "DIGEST_INVALID"),
         ("/v2/a/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
