@@ -141,7 +141,7 @@ def serving(kind: str, workdir: Path, up: Upstream, certs: dict[str, Path] | Non
             tls = (certs["pem"], "*") if kind == "listener_tls" and certs else None
             if kind == "side_flows":
                 options["hub_side_flows"] = "on"  # as in mitmweb: every exchange of the mirror's a flow
-            with Mirror(workdir, up.api_url, options=options, name="mirror", tls=tls) as m:
+            with Mirror(workdir, up, options=options, name="mirror", tls=tls) as m:
                 yield Served(kind, m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                              lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
     except (NginxError, MirrorError) as e:
@@ -155,7 +155,7 @@ def bare_mitmdump(workdir: Path, up: Upstream) -> Iterator[Served]:
     """mitmdump in front of the upstream without the addon: what mitmproxy alone costs a pull
     (the client follows the blob redirects to the CDN itself; nothing is cached)."""
     try:
-        with Mirror(workdir, up.api_url, plain=True, name="bare") as m:
+        with Mirror(workdir, up, plain=True, name="bare") as m:
             yield Served("bare", m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                          lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
     except MirrorError as e:

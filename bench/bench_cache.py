@@ -178,7 +178,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                 rec = pull(image, up.api_host, None, f"rep {rep}/{args.reps} {image} direct")
                 samples[image]["direct"].append(rec | {"rep": rep})
             cache_dir = workdir / f"cache-{rep}"
-            with Mirror(workdir / f"mirror-{rep}", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+            with Mirror(workdir / f"mirror-{rep}", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
                 for path in ("cold", "warm"):
                     for image in IMAGES:
                         rec = pull(image, mirror.host, mirror, f"rep {rep}/{args.reps} {image} {path}")
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         storage_path = up.blob_storage_path(digest)
         cache_dir = workdir / "cache-concurrent"
         conc: dict[str, Any] = {}
-        with Mirror(workdir / "mirror-concurrent", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+        with Mirror(workdir / "mirror-concurrent", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
             time.sleep(1.0)
             conc["idle_rss"] = rss_bytes(mirror.proc.pid)
             token = registry_token(mirror.url, up.service, big["repo"])

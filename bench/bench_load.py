@@ -269,7 +269,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         head_digest = next(d for r, _, d in work["tags"] if r == HEAD_REPO)
 
         cache_dir = workdir / "cache"
-        with Mirror(workdir / "mirror", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+        with Mirror(workdir / "mirror", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
             pid = mirror.proc.pid
             time.sleep(1.0)
             result["idle_rss"] = rss_bytes(pid)

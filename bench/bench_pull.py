@@ -100,7 +100,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             raise BenchError(f"blob not found in registry storage at {storage_path}")
 
         with Mirror(workdir / "plain", up.cdn_url, plain=True, name="plain") as plain, \
-                Mirror(workdir / "mirror", up.api_url, name="mirror") as mirror:
+                Mirror(workdir / "mirror", up, name="mirror") as mirror:
             time.sleep(1.0)  # let both settle before reading idle RSS
             result["idle_rss"] = {"plain": rss_bytes(plain.proc.pid), "mirror": rss_bytes(mirror.proc.pid)}
             procs = {"plain": plain, "mirror": mirror}

@@ -105,7 +105,7 @@ def mirror_process(name: str, workdir: Path, up: Upstream, rgw: CephRGW, bucket:
                     "hub_store_addressing": "path", "hub_store_presign": "true" if presign else "false"}
         env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}  # never on argv
     try:
-        with Mirror(workdir, up.api_url, options=options, env=env, name="mirror") as m:
+        with Mirror(workdir, up, options=options, env=env, name="mirror") as m:
             yield m
     except MirrorError as e:
         raise BenchError(f"mirror {name} did not start: {e}") from None

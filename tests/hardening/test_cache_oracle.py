@@ -46,7 +46,7 @@ def mirror(upstream, cache_dir, tmp_path_factory):
     """The suite's mirror, its table naming the test upstream docker.io, which the host name
     hub.mirror.test selects too."""
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-    with Mirror(tmp_path_factory.mktemp("oracle-mirror"), upstream.api_url, options=options, extra_args=[
+    with Mirror(tmp_path_factory.mktemp("oracle-mirror"), upstream, options=options, extra_args=[
             "--set", f"hub_upstreams=docker.io={upstream.api_url}",
             "--set", f"hub_host_map={HOST_MAPPED}=docker.io"]) as m:
         yield m

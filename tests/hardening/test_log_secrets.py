@@ -35,7 +35,7 @@ def skopeo_copy(mirror, ref: str, dest, creds: str | None = None) -> subprocess.
 @pytest.fixture(scope="module")
 def mirror(upstream, cache_dir, tmp_path_factory):
     """Unused here: each test starts its own mirror (hardening's conftest checks this one around every test)."""
-    with Mirror(tmp_path_factory.mktemp("log-secrets-idle"), upstream.api_url,
+    with Mirror(tmp_path_factory.mktemp("log-secrets-idle"), upstream,
                 options={"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}) as m:
         yield m
 
@@ -44,7 +44,7 @@ def mirror(upstream, cache_dir, tmp_path_factory):
 def test_mitmdump_output_holds_no_secret(upstream, tmp_path, flow_detail):
     password = upstream.users["alice"]
     options = {"hub_cache_dir": str(tmp_path / "cache"), "flow_detail": flow_detail}
-    with Mirror(tmp_path / "m", upstream.api_url, options=options, env=WIDE) as m:
+    with Mirror(tmp_path / "m", upstream, options=options, env=WIDE) as m:
         for run in ("cold", "warm"):  # a cold pull streams from the CDN, a warm one from the loopback server
             result = skopeo_copy(m, "private/secret:1.0", tmp_path / run, f"alice:{password}")
             assert result.returncode == 0, result.stderr

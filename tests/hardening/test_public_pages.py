@@ -84,7 +84,7 @@ def test_no_user_or_address_after_pulls(mirror, upstream):
 def accounts(upstream, tmp_path_factory):
     base = tmp_path_factory.mktemp("pages-accounts")
     path, passwords = users_file(base, "bob")
-    with Mirror(base / "m", upstream.api_url, extra_args=["--set", f"hub_users_file={path}"]) as m:
+    with Mirror(base / "m", upstream, extra_args=["--set", f"hub_users_file={path}"]) as m:
         m.passwords = passwords
         yield m
 

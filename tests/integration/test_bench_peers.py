@@ -92,7 +92,7 @@ def test_nginx_peer_pulls_through_and_caches_blobs(upstream, peer_image, tmp_pat
 def test_nginx_peer_verifies_upstream_tls(upstream, peer_image, tmp_path):
     certs = make_ca_and_server_cert(tmp_path / "certs")
     # an HTTPS front for the registry: a plain mitmdump terminating TLS with the test CA's certificate
-    with Mirror(tmp_path / "front", upstream.api_url, plain=True, tls=(certs["pem"], "*"), name="front") as front:
+    with Mirror(tmp_path / "front", upstream, plain=True, tls=(certs["pem"], "*"), name="front") as front:
         with NginxPeer(tmp_path / "trusting", front.url.replace("127.0.0.1", "localhost"), upstream.token_realm, ca_cert=certs["ca"]) as peer:
             r = get_blob(peer.url, peer_image["layer_digests"][0], token(peer.url, upstream.service))
             assert r.status_code == 200

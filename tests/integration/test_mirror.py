@@ -56,7 +56,7 @@ def anonymous_token(mirror: Mirror, repo: str, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def mirror(upstream, tmp_path_factory):
-    with Mirror(tmp_path_factory.mktemp("mirror"), upstream.api_url) as m:
+    with Mirror(tmp_path_factory.mktemp("mirror"), upstream) as m:
         yield m
 
 
@@ -319,7 +319,7 @@ def test_https_with_user_certificate(upstream, tmp_path):
     cert_dir = tmp_path / "client-certs"
     cert_dir.mkdir()
     (cert_dir / "ca.crt").write_bytes(certs["ca"].read_bytes())
-    with Mirror(tmp_path / "m", upstream.api_url, tls=(certs["pem"], "*")) as m:
+    with Mirror(tmp_path / "m", upstream, tls=(certs["pem"], "*")) as m:
         # verified TLS with the user's certificate, served as HTTP/1.1 even to an h2-capable client
         version = subprocess.run(
             ["curl", "-s", "--http2", "--cacert", str(certs["ca"]), "-o", "/dev/null", "-w", "%{http_version}", f"{m.url}/v2/"],
@@ -332,7 +332,7 @@ def test_https_with_user_certificate(upstream, tmp_path):
         assert result.returncode == 0, result.stderr
         assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
         # with an explicit public URL the realm follows it
-    with Mirror(tmp_path / "m2", upstream.api_url, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
+    with Mirror(tmp_path / "m2", upstream, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
         r = httpx.get(f"{m2.url}/v2/", verify=ssl.create_default_context(cafile=str(certs["ca"])))
         assert r.headers["www-authenticate"].startswith('Bearer realm="https://localhost:1/token"')
 
@@ -341,7 +341,7 @@ def test_upstream_tls_obeys_mitmproxy_options(upstream, tmp_path):
     """The addon's own upstream requests verify TLS like mitmproxy does."""
     certs = make_ca_and_server_cert(tmp_path / "certs")
     # an HTTPS front for the upstream: a plain mitmdump terminating TLS with our test CA's certificate
-    with Mirror(tmp_path / "front", upstream.api_url, plain=True, tls=(certs["pem"], "*"), name="front") as front:
+    with Mirror(tmp_path / "front", upstream, plain=True, tls=(certs["pem"], "*"), name="front") as front:
         https_upstream = f"https://127.0.0.1:{front.port}"
         with Mirror(tmp_path / "untrusted", https_upstream, name="untrusted") as m:
             r = httpx.get(f"{m.url}/v2/", timeout=30)

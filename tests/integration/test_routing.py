@@ -96,7 +96,7 @@ def table_args(upstream, second_upstream, *settings: str) -> list[str]:
 
 def routing_mirror(workdir: Path, upstream, second_upstream, *settings: str, **kw) -> Mirror:
     """A reverse-mode mirror for docker.io (default) and ghcr.io, not yet started."""
-    return Mirror(workdir, upstream.api_url, extra_args=table_args(upstream, second_upstream, *settings),
+    return Mirror(workdir, upstream, extra_args=table_args(upstream, second_upstream, *settings),
                   env=WIDE_LOG, **kw)
 
 

@@ -49,9 +49,9 @@ def store_env(ceph) -> dict[str, str]:
 def pair(upstream, ceph, bucket, tmp_path_factory):
     """Two mirror processes, separate local tiers, one bucket."""
     work = tmp_path_factory.mktemp("shared")
-    a = Mirror(work / "a", upstream.api_url, options=store_options(ceph, bucket, work / "cache-a"),
+    a = Mirror(work / "a", upstream, options=store_options(ceph, bucket, work / "cache-a"),
                env=store_env(ceph), name="a")
-    b = Mirror(work / "b", upstream.api_url, options=store_options(ceph, bucket, work / "cache-b"),
+    b = Mirror(work / "b", upstream, options=store_options(ceph, bucket, work / "cache-b"),
                env=store_env(ceph), name="b")
     with a, b:
         yield a, b
@@ -107,7 +107,7 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
     for layer in image["layer_digests"]:
         assert ceph.wait_for_blob(bucket, PREFIX, layer)
     options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true")
-    with Mirror(tmp_path / "c", upstream.api_url, options=options, env=store_env(ceph), name="c") as c:
+    with Mirror(tmp_path / "c", upstream, options=options, env=store_env(ceph), name="c") as c:
         before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
         r = httpx.get(f"{c.url}/v2/team/ociapp/blobs/{image['layer_digests'][0]}",
                       headers={"Authorization": f"Bearer {token(c, 'team/ociapp')}"}, timeout=30)
@@ -129,7 +129,7 @@ def test_a_token_issued_by_one_is_accepted_by_the_other(upstream, ceph, tmp_path
     users.write_text(f"ann:{hash_password('mirror-pw')}\n")
     name = "tokens-" + secrets.token_hex(4)
     ceph.make_bucket(name)
-    mirrors = [Mirror(tmp_path / n, upstream.api_url, name=n, env=store_env(ceph),
+    mirrors = [Mirror(tmp_path / n, upstream, name=n, env=store_env(ceph),
                       options=store_options(ceph, name, tmp_path / f"cache-{n}", hub_users_file=str(users)))
                for n in ("one", "two")]
     with mirrors[0] as one, mirrors[1] as two:
@@ -153,7 +153,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
     assert sha256_digest(get_blob(a, "private/secret", digest, alice).content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     options = store_options(ceph, bucket, tmp_path / "cache-p", hub_store_presign="true")
-    with Mirror(tmp_path / "p", upstream.api_url, options=options, env=store_env(ceph), name="p") as presigning:
+    with Mirror(tmp_path / "p", upstream, options=options, env=store_env(ceph), name="p") as presigning:
         for mirror in (a, b, presigning):
             anonymous = token(mirror, "private/secret")
             for bearer in (anonymous, None):
@@ -172,7 +172,7 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
     ceph.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024))  # someone else's bytes
     for presign in ("false", "true"):
         options = store_options(ceph, bucket, tmp_path / f"cache-d-{presign}", hub_store_presign=presign)
-        with Mirror(tmp_path / f"d-{presign}", upstream.api_url, options=options, env=store_env(ceph), name="d") as d:
+        with Mirror(tmp_path / f"d-{presign}", upstream, options=options, env=store_env(ceph), name="d") as d:
             bearer = token(d, "team/s-corrupt")
             for attempt in range(3):  # a client retries a failed transfer, as docker and skopeo do
                 try:

@@ -1,7 +1,12 @@
 """The "registry-1.docker.io" edge: a transparent reverse proxy to distribution.
 
 Run:  python -m tests.support.edge --upstream http://127.0.0.1:REG --cdn-base http://127.0.0.1:CDN \
-          --secret-file F --ready-file R [--port 0] [--log L] [--sign-ttl 1200] [--ratelimit 100]
+          --secret-file F --ready-file R [--port 0] [--log L] [--sign-ttl 1200] [--ratelimit 100] \
+          [--tls-cert CRT --tls-key KEY]
+
+With ``--tls-cert``/``--tls-key`` it serves HTTPS only (HTTP/1.1 by ALPN), as
+registry-1.docker.io does; distribution behind it stays plain HTTP on loopback,
+like Docker Hub's internal network.
 
 Every request is forwarded intact (method, path+query, all end-to-end headers
 in order, repeated ones included, Host too, body streamed) over a keep-alive
@@ -58,8 +63,9 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.common import (FaultSwitch, JsonLog, auth_summary, fault_control, hang_until_disconnect,
-                                  install_term_handler, is_loopback, load_secret, serve, sign_cdn_path, watch_parent)
+from tests.support.common import (FaultSwitch, JsonLog, add_tls_args, auth_summary, fault_control,
+                                  hang_until_disconnect, install_term_handler, is_loopback, load_secret, serve,
+                                  sign_cdn_path, tls_from_args, watch_parent)
 
 EDGE_FAULT_MODES = frozenset({"status500", "status429", "hang", "close"})
 TOOMANYREQUESTS_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by "
@@ -455,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enforce-ratelimit", action="store_true")
     ap.add_argument("--log", type=Path)
     ap.add_argument("--ready-file", type=Path)
+    add_tls_args(ap)
     args = ap.parse_args(argv)
 
     install_term_handler()
@@ -470,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         "jlog": JsonLog(args.log),
         "faults": FaultSwitch(EDGE_FAULT_MODES, {"path_contains": str, "method": str}),
     }
-    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file)
+    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file, tls=tls_from_args(args))
 
 
 if __name__ == "__main__":
