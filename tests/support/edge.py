@@ -17,6 +17,9 @@ Proxy-Connection, Expect) are not forwarded, as RFC 9110 requires.
 
 The only changes:
 
+* over TLS, ``X-Forwarded-Proto: https`` is set (as a TLS-terminating front
+  does), so distribution's absolute URLs (upload ``Location``) say https.
+
 * 3xx whose ``Location`` starts with ``--cdn-base``: the CDN signature query
   (``expires=&signature=``) is appended, like Docker Hub's signed blob URLs.
 * ``/v2/<name>/manifests/<ref>`` GET/HEAD answers (except 401) get Docker
@@ -156,6 +159,7 @@ class Handler(BaseHTTPRequestHandler):
     rl: RateLimit
     jlog: JsonLog
     faults: FaultSwitch
+    tls: bool = False
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -228,6 +232,9 @@ class Handler(BaseHTTPRequestHandler):
                    if k.lower() not in HOP_BY_HOP and k.lower() not in conn_tokens]
         if self.headers.get("Host") is None:
             headers.insert(0, ("Host", f"{self.upstream_host}:{self.upstream_port}"))
+        if self.tls:  # as a TLS-terminating front tells distribution, so its absolute URLs say https
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-proto"]
+            headers.append(("X-Forwarded-Proto", "https"))
 
         # ---- request body
         te = (self.headers.get("Transfer-Encoding") or "").lower()
@@ -477,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         "jlog": JsonLog(args.log),
         "faults": FaultSwitch(EDGE_FAULT_MODES, {"path_contains": str, "method": str}),
     }
-    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file, tls=tls_from_args(args))
+    tls = tls_from_args(args)
+    attrs["tls"] = tls is not None
+    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file, tls=tls)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,9 @@ class RoundTrips:
             self.pending = max(arrived, self.earliest)
 
     def target_data(self, arrived: float) -> None:
-        if self.pending is not None:
+        # only data the target sent after the flight reached it answers it (not data that was
+        # already on its way, as in a download the client keeps acknowledging)
+        if self.pending is not None and arrived >= self.pending + self.delay:
             self.done.append((self.pending, arrived + self.delay))
             self.pending = None
 
