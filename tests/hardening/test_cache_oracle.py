@@ -107,8 +107,16 @@ def raw_answer(r: RawResponse) -> tuple:
     return r.status, code, sorted({k.lower() for k, _ in r.headers} - VOLATILE)
 
 
-# one client for the module's requests: a new one per request costs more than the request
-HTTP = httpx.Client(timeout=15)
+# one client for the module's requests (a new one per request costs more than the request),
+# trusting the HTTPS upstream's CA as well: set by the fixture below
+HTTP: httpx.Client
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_client(upstream):
+    global HTTP
+    with httpx.Client(timeout=15, verify=upstream.verify) as HTTP:
+        yield
 
 
 def ask(base: str, method: str, repo: str, digest: str, token: str | None, ranged: bool,

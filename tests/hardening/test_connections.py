@@ -46,7 +46,7 @@ def mirror(upstream, cache_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def forward_proxy(upstream, tmp_path_factory):
     """The mirror as a forward proxy with the same limits, serving the upstream as hub.test."""
-    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", options=LIMITS,
+    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert, options=LIMITS,
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}"]) as m:
         yield m
 

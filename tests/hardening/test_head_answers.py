@@ -49,7 +49,7 @@ def unreachable(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy(upstream, tmp_path_factory):
     """A forward proxy serving the upstream as hub.test; other hosts refused (no pass-through)."""
-    with Mirror(tmp_path_factory.mktemp("head-proxy"), "", mode="regular", extra_args=[
+    with Mirror(tmp_path_factory.mktemp("head-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert, extra_args=[
             "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", "hub_proxy_passthrough=false"]) as m:
         yield m

@@ -89,7 +89,7 @@ def test_forward_proxy_output_holds_no_secret(upstream, tmp_path, flow_detail):
     password, proxy_password = upstream.users["alice"], "proxy-" + secrets.token_urlsafe(12)
     options = {"hub_cache_dir": str(tmp_path / "cache"), "flow_detail": flow_detail,
                "proxyauth": f"puller:{proxy_password}"}
-    with Mirror(tmp_path / "m", "", mode="regular", options=options, env=WIDE,
+    with Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, options=options, env=WIDE,
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}"]) as m:
         proxy_url = f"http://puller:{proxy_password}@{m.host}"
         verify = ssl.create_default_context(cafile=str(m.ca_cert))

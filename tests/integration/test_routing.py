@@ -376,7 +376,7 @@ def forward_proxy(upstream, tmp_path_factory):
     """The mirror as a forward proxy (``--mode regular``) whose table has one registry,
     ``hub.test``, served by the first upstream; ``.cert_dir`` holds its CA as ca.crt."""
     base = tmp_path_factory.mktemp("routing-forward")
-    m = Mirror(base, "", mode="regular", env=WIDE_LOG, extra_args=[
+    m = Mirror(base, "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
         "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
     ]).start()
     try:
@@ -391,7 +391,7 @@ def forward_proxy(upstream, tmp_path_factory):
 def test_forward_proxy_with_the_cache(upstream, tmp_path):
     """Forward-proxy mode gets the pull-through cache too: a second skopeo copy
     through the proxy makes no CDN request, and the blobs come marked as hits."""
-    m = Mirror(tmp_path / "m", "", mode="regular", env=WIDE_LOG, extra_args=[
+    m = Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
         "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}", "--set", f"hub_cache_dir={tmp_path / 'cache'}",
     ]).start()
     try:
@@ -587,7 +587,7 @@ def test_forward_proxy_passthrough_off_refuses_other_hosts(upstream, tmp_path):
     registry is still served."""
     canary = EvilListener()
     try:
-        with Mirror(tmp_path / "m", "", mode="regular", env=WIDE_LOG, extra_args=[
+        with Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
             "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", "hub_proxy_passthrough=false",
         ]) as m:

@@ -270,7 +270,10 @@ class Upstream:
         os.chmod(users_file, 0o600)
         tls_args: list[str] = []
         if self.ca is not None:
-            self._tls_files = self.ca.issue(self.run_dir / "tls", "upstream", hosts=("localhost",), ips=("127.0.0.1",))
+            # "127.0.0.1" as a DNS name too: nginx (the benchmarks' reference peer) checks a server's
+            # name with X509_check_host, which never looks at IP address entries
+            self._tls_files = self.ca.issue(self.run_dir / "tls", "upstream", hosts=("localhost", "127.0.0.1"),
+                                            ips=("127.0.0.1",))
             tls_args = ["--tls-cert", str(self._tls_files["cert"]), "--tls-key", str(self._tls_files["key"])]
 
         # 1. token server
