@@ -22,17 +22,19 @@ that verifies the target's certificate for 127.0.0.1 accepts the relay's port.
   half-close (``shutdown(SHUT_WR)``); the connection ends when both directions
   have ended. A reset or error on one side aborts both.
 
-One JSON line per connection is appended to ``--log`` when it ends: ``conn``
-(a number), ``opened``/``closed`` (Unix times), ``to_target``/``to_client``
-(bytes), ``error`` (if any) and ``round_trips``: ``[start, end]`` pairs, in the
-client's time, of the connection's request-answer exchanges. The first is the
-TCP handshake (if the connection carried data); then each flight of client data
-that follows an answer (or starts the connection) opens one, and the target's
-next data closes it when it reaches the client. For strictly alternating
-protocols (TLS handshakes, HTTP/1.1) that is exactly one entry per TLS flight
-and per request; an HTTP/2 client's flow-control frames during a download look
-like extra exchanges. ``summarize_round_trips`` turns them into the longest
-chain of sequential round trips (bench/README.md explains how it is used).
+Events are appended to ``--log`` as JSON lines as they happen, each with ``ts``
+and ``conn`` (the connection's number): ``open`` (accepted), ``first_data`` (the
+client's first bytes: over TLS, the handshake begins), ``round_trip`` with
+``start``/``end`` (Unix times, in the client's time) for each request-answer
+exchange, and ``close`` with ``to_target``/``to_client`` (bytes) and ``error``
+(if any). The first round trip of a connection is the TCP handshake; then each
+flight of client data that follows an answer (or starts the connection) opens
+one, and the first data the target sends after that flight reached it closes it
+when it reaches the client. For strictly alternating protocols (a TLS handshake,
+HTTP/1.1) that is exactly one round trip per TLS flight and per request; an
+HTTP/2 client's flow-control frames during a download look like extra exchanges.
+``summarize_round_trips`` turns the events of, say, one pull into counts and the
+longest chain of sequential round trips (bench/README.md explains how it is used).
 """
 
 from __future__ import annotations
@@ -117,25 +119,29 @@ async def _all_or_none(coroutines) -> None:
 
 
 class RoundTrips:
-    """Request-answer exchanges of one connection, in the client's time (see the module doc)."""
+    """Request-answer exchanges of one connection, in the client's time (see the module doc);
+    each is logged as it completes."""
 
-    def __init__(self, delay: float, opened: float, connect_rtt: bool):
-        self.delay, self.opened, self.connect_rtt = delay, opened, connect_rtt
+    def __init__(self, delay: float, opened: float, connect_rtt: bool, emit):
+        self.delay, self.opened, self.connect_rtt, self.emit = delay, opened, connect_rtt, emit
         self.earliest = opened + 2 * delay if connect_rtt else opened
         self.pending: float | None = None
-        self.done: list[tuple[float, float]] = []
+        self.started = False
 
     def client_data(self, arrived: float) -> None:
+        if not self.started:
+            self.started = True
+            self.emit("first_data")
+            if self.connect_rtt:
+                self.emit("round_trip", self.opened, self.earliest)
         if self.pending is None:
-            if not self.done and self.connect_rtt:
-                self.done.append((self.opened, self.earliest))
             self.pending = max(arrived, self.earliest)
 
     def target_data(self, arrived: float) -> None:
         # only data the target sent after the flight reached it answers it (not data that was
         # already on its way, as in a download the client keeps acknowledging)
         if self.pending is not None and arrived >= self.pending + self.delay:
-            self.done.append((self.pending, arrived + self.delay))
+            self.emit("round_trip", self.pending, arrived + self.delay)
             self.pending = None
 
 
@@ -145,37 +151,41 @@ class Relay:
         self.target, self.delay, self.window = target, rtt / 2, window
         self.connect_rtt, self.log = connect_rtt, log or JsonLog(None)
         self.numbers = itertools.count(1)
+        self.to_wall = time.time() - time.monotonic()  # monotonic -> Unix time, to line up with other logs
+
+    def _emitter(self, conn: int):
+        def emit(event: str, *interval: float, **more: Any) -> None:
+            rec: dict[str, Any] = {"event": event, "conn": conn, **more}
+            if interval:
+                rec["start"], rec["end"] = (round(t + self.to_wall, 6) for t in interval)
+            self.log.write(rec)
+        return emit
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        opened, wall = time.monotonic(), time.time()
-        rec: dict[str, Any] = {"conn": next(self.numbers), "to_target": 0, "to_client": 0}
-        trips = RoundTrips(self.delay, opened, self.connect_rtt)
-        target_w = None
+        emit = self._emitter(next(self.numbers))
+        emit("open")
+        trips = RoundTrips(self.delay, time.monotonic(), self.connect_rtt, emit)
+        target_w, up, down, error = None, None, None, None
         try:
             target_r, target_w = await asyncio.open_connection(*self.target)
             up = DelayLine(client_r, target_w, self.delay, self.window,
                            not_before=trips.earliest + self.delay, on_data=trips.client_data)
             down = DelayLine(target_r, client_w, self.delay, self.window, on_data=trips.target_data)
-            try:
-                await _all_or_none([up.run(), down.run()])
-            finally:
-                rec.update(to_target=up.bytes, to_client=down.bytes)
+            await _all_or_none([up.run(), down.run()])
         except (OSError, asyncio.IncompleteReadError) as exc:
-            rec["error"] = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
         finally:
             for w in (client_w, target_w):
                 if w is not None:
-                    w.transport.abort() if "error" in rec else w.close()
-        to_wall = wall - opened  # monotonic -> Unix time, for lining up with the services' logs
-        rec.update(opened=round(wall, 6), closed=round(time.monotonic() + to_wall, 6),
-                   round_trips=[[round(a + to_wall, 6), round(b + to_wall, 6)] for a, b in trips.done])
-        self.log.write(rec)
+                    w.transport.abort() if error else w.close()
+        emit("close", to_target=up.bytes if up else 0, to_client=down.bytes if down else 0,
+             **({"error": error} if error else {}))
 
 
 def longest_chain(intervals: Iterable[tuple[float, float]], slack: float = 0.0) -> int:
     """The most intervals that follow one another, each starting after the previous ended
     (``slack`` seconds of overlap tolerated): the sequential round trips among them."""
-    ends: list[tuple[float, int]] = []  # (end, chain length ending there), sorted by end
+    ends: list[tuple[float, int]] = []  # (end, chain length ending there)
     best = 0
     for start, end in sorted(intervals, key=lambda iv: iv[1]):
         before = max((n for e, n in ends if e <= start + slack), default=0)
@@ -184,16 +194,18 @@ def longest_chain(intervals: Iterable[tuple[float, float]], slack: float = 0.0) 
     return best
 
 
-def summarize_round_trips(records: Iterable[dict[str, Any]], since: float = 0.0, until: float = float("inf"),
-                          slack: float = 0.002) -> dict[str, int]:
-    """Connections, TLS handshakes (connections that carried data: every service is
-    HTTPS), round trips and sequential round trips among relay log records of connections
-    opened in [since, until)."""
-    recs = [r for r in records if since <= r["opened"] < until]
-    trips = [tuple(t) for r in recs for t in r["round_trips"]]
-    return {"connections": len(recs), "tls_handshakes": sum(1 for r in recs if r["to_target"]),
-            "round_trips": len(trips), "sequential_round_trips": longest_chain(trips, slack),
-            "bytes_to_client": sum(r["to_client"] for r in recs)}
+def summarize_round_trips(records: Iterable[dict[str, Any]], slack: float = 0.002) -> dict[str, int]:
+    """What some relay log records (say, those written during one pull) tell: connections
+    opened, TLS handshakes (connections whose client sent data: every relayed service is
+    HTTPS), connections closed without any data (reachability probes), round trips, and
+    sequential round trips (the longest chain of round trips each starting after the
+    previous one was answered)."""
+    recs = list(records)
+    trips = [(r["start"], r["end"]) for r in recs if r.get("event") == "round_trip"]
+    return {"connections": sum(1 for r in recs if r.get("event") == "open"),
+            "tls_handshakes": sum(1 for r in recs if r.get("event") == "first_data"),
+            "probes": sum(1 for r in recs if r.get("event") == "close" and not r["to_target"]),
+            "round_trips": len(trips), "sequential_round_trips": longest_chain(trips, slack)}
 
 
 async def _serve(args: argparse.Namespace) -> None:

@@ -64,6 +64,16 @@ def relay(tmp_path):
         echo.sock.close()
 
 
+def closed_records(log, timeout=5.0):
+    """The relay's log once it recorded a connection's close."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = read_json_lines(log)
+        if any(r["event"] == "close" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.02)
+
+
 def _recv_exactly(sock, n):
     out = bytearray()
     while len(out) < n:
@@ -94,16 +104,18 @@ def test_delay_order_and_half_close(relay):
         assert s.recv(1) == b""  # and then the server's close comes through
     assert 2 * RTT <= first < 2 * RTT + 0.08, first
     assert RTT <= again < RTT + 0.08, again
-    deadline = time.monotonic() + 5
-    while not (recs := read_json_lines(log)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    (rec,) = recs
-    assert rec["to_target"] == rec["to_client"] - 3 == 11 + len(payload)
-    assert "error" not in rec
-    trips = rec["round_trips"]
+    recs = closed_records(log)
+    (close,) = [r for r in recs if r["event"] == "close"]
+    assert close["to_target"] == close["to_client"] - 3 == 11 + len(payload)
+    assert "error" not in close
+    trips = [(r["start"], r["end"]) for r in recs if r["event"] == "round_trip"]
     assert len(trips) >= 4  # TCP, first, second, the payload (which may answer in pieces)
     assert all(end - start >= RTT - 0.005 for start, end in trips)
-    assert summarize_round_trips(recs)["tls_handshakes"] == 1
+    assert trips[1][1] - trips[0][0] >= 2 * RTT - 0.005  # TCP, then the first exchange
+    summary = summarize_round_trips(recs)
+    assert (summary["connections"], summary["tls_handshakes"], summary["probes"]) == (1, 1, 0)
+    # TCP, first, second in a row; while the payload streams, flights overlap their answers
+    assert 4 <= summary["sequential_round_trips"] <= len(trips)
 
 
 def test_back_pressure_holds_a_slow_reader(relay):
@@ -121,6 +133,14 @@ def test_back_pressure_holds_a_slow_reader(relay):
                 time.sleep(0.01)
         # echo server blocked by our not reading: relay window 1 MiB each way + kernel buffers
         assert sent < 64 << 20, sent
+
+
+def test_a_probe_is_a_connection_without_data(relay):
+    port, log = relay
+    socket.create_connection(("127.0.0.1", port)).close()  # connect and close, as a reachability check
+    recs = closed_records(log)
+    assert summarize_round_trips(recs) == {"connections": 1, "tls_handshakes": 0, "probes": 1, "round_trips": 0,
+                                           "sequential_round_trips": 0}
 
 
 def test_a_refused_target_closes_the_client(tmp_path):
