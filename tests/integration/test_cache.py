@@ -159,7 +159,9 @@ def test_two_mirror_processes_share_one_cache(mirror, upstream, cache_dir, tmp_p
 
 
 def test_cached_image_pulls_while_upstream_is_down(tmp_path):
-    with Upstream(tmp_path / "upstream") as up:
+    """On a plain-HTTP upstream (an in-house registry; the module's other tests use the HTTPS one):
+    the cache fills, then serves while the upstream is gone."""
+    with Upstream(tmp_path / "upstream", tls=False) as up:
         images = standard_images(up, big_size=1024 * 1024)
         with Mirror(tmp_path / "m", up, options={"hub_cache_dir": str(tmp_path / "cache"), "hub_cache_stale": "600"}) as m:
             ok = copy(f"docker://{m.host}/library/alpine:3.19", tmp_path / "before", "--all")
