@@ -219,7 +219,7 @@ def table_args(upstream, second_upstream) -> str:
             f"--set hub_upstreams=ghcr.io={second_upstream.api_url}")
 
 
-def trust(upstream) -> str:
+def trust_upstream(upstream) -> str:
     """The option an operator adds for an upstream whose certificates come from their own CA, as the
     test upstream's do (Docker Hub's are publicly trusted: the README's commands need nothing)."""
     return f"--set ssl_verify_upstream_trusted_ca={upstream.ca_cert}"
@@ -350,7 +350,7 @@ def mirror(request, shell, upstream, second_upstream, images, tmp_path_factory) 
     port = free_port()
     text = typed(request, MITMDUMP, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
                  append=f"{table_args(upstream, second_upstream)} --set hub_host_map={HOST_MAPPED}=ghcr.io "
-                        f"{trust(upstream)}")
+                        f"{trust_upstream(upstream)}")
     with start_mirror(shell, text, tmp_path_factory.mktemp("mirror") / "mirror.log", port) as proc:
         yield Running(proc, port)
 
@@ -565,7 +565,7 @@ def test_mirror_accounts(request, shell, upstream, second_upstream, dockerd, tmp
 
     port = free_port()
     text = typed(request, MITMDUMP, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                 append=f"--set hub_users_file={shlex.quote(str(users))} {trust(upstream)}")
+                 append=f"--set hub_users_file={shlex.quote(str(users))} {trust_upstream(upstream)}")
     env = docker_env(dockerd)
     pull = f"docker pull 127.0.0.1:{port}/library/alpine:3.19"
     with start_mirror(shell, text, tmp_path / "accounts.log", port) as proc:
@@ -619,7 +619,7 @@ def forward_proxy(request, shell, second_upstream, images, tmp_path_factory) -> 
     """The README's forward-proxy command, ghcr.io served by the test upstream standing in for it."""
     port = free_port()
     text = typed(request, FORWARD_PROXY, {"@8080": f"@{port}"},
-                 append=f"--set hub_upstreams=ghcr.io={second_upstream.api_url} {trust(second_upstream)}")
+                 append=f"--set hub_upstreams=ghcr.io={second_upstream.api_url} {trust_upstream(second_upstream)}")
     with start_mirror(shell, text, tmp_path_factory.mktemp("forward") / "forward.log", port) as proc:
         yield Running(proc, port)
 
@@ -686,7 +686,7 @@ def test_https(request, shell, checkout, upstream, second_upstream, images, cont
     port = free_port()
     mirror_host = f"127.0.0.1:{port}"
     text = typed(request, SCRIPTS_RUN_TLS, {"mirror.example.com:5000": mirror_host},
-                 append=f"{table_args(upstream, second_upstream)} {trust(upstream)}")
+                 append=f"{table_args(upstream, second_upstream)} {trust_upstream(upstream)}")
     trust = {"SSL_CERT_FILE": str(certs["ca"])}  # the test CA as the clients' system store
     with start_mirror(shell, text, tmp_path / "tls.log", port, env=mirror_url_env(upstream, port)) as proc:
         v2 = httpx.get(f"https://{mirror_host}/v2/", verify=trusting(certs["ca"]), timeout=30)
@@ -717,7 +717,7 @@ def test_https(request, shell, checkout, upstream, second_upstream, images, cont
 
 def test_scripts_run_with_a_public_url(request, shell, upstream, tmp_path):
     port = free_port()
-    text = typed(request, SCRIPTS_RUN_PUBLIC_URL, append=trust(upstream))
+    text = typed(request, SCRIPTS_RUN_PUBLIC_URL, append=trust_upstream(upstream))
     with start_mirror(shell, text, tmp_path / "run.log", port, env=mirror_url_env(upstream, port)):
         v2 = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=30)
     assert v2.status_code == 401
@@ -727,7 +727,7 @@ def test_scripts_run_with_a_public_url(request, shell, upstream, tmp_path):
 def test_scripts_run_with_the_cache(request, shell, upstream, tmp_path):
     port = free_port()
     cache = tmp_path / "cache"
-    text = typed(request, SCRIPTS_RUN_CACHE, {"/var/cache/hub-rewrite": str(cache)}, append=trust(upstream))
+    text = typed(request, SCRIPTS_RUN_CACHE, {"/var/cache/hub-rewrite": str(cache)}, append=trust_upstream(upstream))
     layer = upstream.images["team/ociapp"]["layer_digests"][0]
     with start_mirror(shell, text, tmp_path / "run.log", port, env=mirror_url_env(upstream, port)):
         base = f"http://127.0.0.1:{port}"
@@ -742,7 +742,7 @@ def test_scripts_run_with_the_cache(request, shell, upstream, tmp_path):
 def test_scripts_run_with_the_blob_listener(request, shell, upstream, tmp_path):
     port, listener = free_port(), free_port()
     text = typed(request, SCRIPTS_RUN_LISTENER, {"/var/cache/hub-rewrite": str(tmp_path / "cache"),
-                                                 "0.0.0.0:5001": f"0.0.0.0:{listener}"}, append=trust(upstream))
+                                                 "0.0.0.0:5001": f"0.0.0.0:{listener}"}, append=trust_upstream(upstream))
     layer = upstream.images["team/ociapp"]["layer_digests"][0]
     with start_mirror(shell, text, tmp_path / "run.log", port, ports=[port, listener],
                       env=mirror_url_env(upstream, port)):
@@ -781,7 +781,7 @@ def fresh_blob(up, tmp_path: Path, repo: str, size: int) -> str:
 def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket, tmp_path):
     port = free_port()
     text = typed(request, SCRIPTS_RUN_BUCKET, {**S3_KEYS, "/var/cache/hub-rewrite": str(tmp_path / "cache"),
-                                               "https://s3.example.com": ceph.endpoint_url}, append=trust(upstream))
+                                               "https://s3.example.com": ceph.endpoint_url}, append=trust_upstream(upstream))
     digest = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
@@ -805,7 +805,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
     script = "\n".join([
         typed(request, EXPORT_KEYS, S3_KEYS),
         typed(request, THREE_PROCESSES, {**replace, "https://registry-1.docker.io": upstream.api_url,
-                                         "--set hub_store_url=": f"{trust(upstream)} --set hub_store_url=",
+                                         "--set hub_store_url=": f"{trust_upstream(upstream)} --set hub_store_url=",
                                          "/var/cache/hub-rewrite": str(tmp_path / "cache"),
                                          "https://mirror.example.com": f"https://{public}",
                                          "https://s3.example.com": ceph.endpoint_url}),
@@ -847,7 +847,7 @@ def test_mitmweb_shows_a_skopeo_pull(request, shell, checkout, upstream, tmp_pat
     need(request, "skopeo")
     port, web_port = free_port(), free_port()
     text = typed(request, MITMWEB, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                 append=f"--set web_port={web_port} {trust(upstream)}")
+                 append=f"--set web_port={web_port} {trust_upstream(upstream)}")
     copy = typed(request, SKOPEO_COPY, {"localhost:5000": f"localhost:{port}", "/tmp/alpine": str(tmp_path / "alpine")})
     with start_mirror(shell, text, tmp_path / "mitmweb.log", port, ports=[port, web_port],
                       ready_text="Web server listening at") as proc:
@@ -875,7 +875,7 @@ def test_record_and_replay(request, shell, checkout, upstream, tmp_path):
     need(request, "skopeo")
     port, web_port = free_port(), free_port()
     record = typed(request, RECORD, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                   append=trust(upstream))
+                   append=trust_upstream(upstream))
     with start_mirror(shell, record, tmp_path / "record.log", port):
         result = shell.run(f"skopeo copy --src-tls-verify=false docker://127.0.0.1:{port}/team/ociapp:1.0 "
                            f"dir:{tmp_path / 'out'}", env=NO_NETWORK_ENV, timeout=CLIENT_TIMEOUT)

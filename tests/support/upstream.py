@@ -78,6 +78,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _processes_of(service: str) -> tuple[str, ...]:
+    """The processes a service is made of: the CDN is nginx in front of the Python CDN."""
+    return ("cdn-front", "cdn") if service == "cdn" else (service,)
+
+
 def _base(url: str) -> str:
     u = urlsplit(url)
     return f"{u.scheme}://{u.netloc}"
@@ -420,7 +425,7 @@ class Upstream:
             raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
         if not self._procs:
             raise UpstreamError("upstream not started")
-        for proc_name in (("cdn-front", "cdn") if name == "cdn" else (name,)):
+        for proc_name in _processes_of(name):
             proc = self._proc(proc_name)
             if proc is not None:
                 proc.stop()
@@ -445,9 +450,9 @@ class Upstream:
                 self._restart(name, port)
                 break
             except UpstreamError as exc:
-                for proc_name in (name, "cdn-front"):
+                for proc_name in _processes_of(name):
                     proc = self._proc(proc_name)
-                    if proc is not None and (proc_name == name or name == "cdn"):
+                    if proc is not None:
                         proc.stop()
                         self._procs.remove(proc)
                 if "address already in use" not in str(exc).lower() or time.monotonic() > deadline:
