@@ -62,8 +62,8 @@ LABELS = {
     "cold": "through the mirror, cold cache",
     "warm": "through the mirror, warm cache",
 }
-COUNTS = ("seconds", "requests", "edge", "token", "cdn", "connections", "tls_handshakes", "probes",
-          "round_trips", "sequential_round_trips")
+COUNTS = ("seconds", "requests", "edge", "token", "cdn", "connections", "tls_handshakes", "tls_edge", "tls_token",
+          "tls_cdn", "probes", "round_trips", "sequential_round_trips")
 
 
 def push_multi(up: Upstream) -> dict[str, Any]:
@@ -96,7 +96,9 @@ class Counter:
                     for name in ("edge", "token", "cdn")}
         relayed = [r for n in RELAYED for r in new[f"relay-{n}"]]
         counts = {name: len(recs) for name, recs in services.items()}
-        return {"requests": sum(counts.values()), **counts, **summarize_round_trips(relayed)}
+        handshakes = {n: summarize_round_trips(new[f"relay-{n}"])["tls_handshakes"] for n in RELAYED}
+        return {"requests": sum(counts.values()), **counts, **summarize_round_trips(relayed),
+                **{f"tls_{n}": k for n, k in handshakes.items()}}
 
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
@@ -155,13 +157,14 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
                f"{image['blob_bytes'] / 2**20:.0f} MiB); {args.rtt_ms:g} ms round-trip time between the puller "
                f"(skopeo, or the proxy it talks to) and every upstream host, the client next to the proxy; "
                f"{args.reps} repetitions, medians.\n")
-    out.append("| path | time s | upstream requests (edge/token/CDN) | connections | TLS handshakes "
+    out.append("| path | time s | upstream requests (edge/token/CDN) | connections | TLS handshakes (edge/token/CDN) "
                "| probes | round trips | sequential round trips |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for p in PATHS:
         m = medians[p]
         out.append(f"| {LABELS[p]} | {m['seconds']:.2f} | {m['requests']:g} ({m['edge']:g}/{m['token']:g}/"
-                   f"{m['cdn']:g}) | {m['connections']:g} | {m['tls_handshakes']:g} | {m['probes']:g} | "
+                   f"{m['cdn']:g}) | {m['connections']:g} | {m['tls_handshakes']:g} ({m['tls_edge']:g}/"
+                   f"{m['tls_token']:g}/{m['tls_cdn']:g}) | {m['probes']:g} | "
                    f"{m['round_trips']:g} | {m['sequential_round_trips']:g} |")
     out.append("")
     out.append("Connections and round trips are the upstream side only (through the relays). Probes: connections "
