@@ -102,7 +102,8 @@ def test_delay_order_and_half_close(relay):
         s.shutdown(socket.SHUT_WR)  # half-close: the other way still works
         assert _recv_exactly(s, 3) == b"bye"
         assert s.recv(1) == b""  # and then the server's close comes through
-    assert 2 * RTT <= first < 2 * RTT + 0.08, first
+    # the relay's clock for the connection starts at its accept, which may come a little before t0
+    assert 2 * RTT - 0.01 <= first < 2 * RTT + 0.08, first
     assert RTT <= again < RTT + 0.08, again
     recs = closed_records(log)
     (close,) = [r for r in recs if r["event"] == "close"]
