@@ -46,7 +46,8 @@ def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str) 
             "--set", f"hub_upstreams={LOCAL_REGISTRY}={upstream.api_url}"]
     for setting in settings:
         args += ["--set", setting]
-    return Mirror(workdir, "", mode="regular", upstream_ca=upstream.ca_cert, listen_host=client.host_address, extra_args=args)
+    return Mirror(workdir, "", mode="regular", upstream_ca=upstream.ca_cert, listen_host=client.host_address,
+                  extra_args=args)
 
 
 def public_conn(client: PublicClient, proxy: Mirror) -> Conn:

@@ -11,7 +11,7 @@ the uncached digest: otherwise the answer tells that someone pulled it.
 In every mode a client can name the registry: reverse mode by plain path, by
 path prefix (``/v2/docker.io/<repo>/...``) and by a mapped Host name
 (``hub_host_map``); and the mirror as a forward proxy, asked by a client on a
-public address (a network namespace) for the registry's API host in plain HTTP
+public address (a network namespace) for the registry's API URL in absolute form
 and for ``hub.test`` through a CONNECT tunnel (TLS, mitmproxy's CA), where
 alice's pull through the proxy filled the proxy's own cache.
 """
@@ -176,8 +176,8 @@ def reverse_way(mirror, mode: str) -> tuple[Callable[[str], str], Asker]:
 
 
 def proxy_way(proxy, public_client, upstream, mode: str) -> tuple[Callable[[str], str], Asker]:
-    """The same through the forward proxy, from the public client: plain HTTP to the
-    registry's API host (absolute-form), or CONNECT hub.test:443 and TLS inside."""
+    """The same through the forward proxy, from the public client: the registry's
+    https:// API URL in absolute form (no tunnel), or CONNECT hub.test:443 and TLS inside."""
 
     def exchange(method: str, path: str, headers: list[str]) -> RawResponse:
         with public_conn(public_client, proxy) as conn:

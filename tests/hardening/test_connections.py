@@ -7,7 +7,7 @@ refused at once; the log says so once per cause, never with a traceback; and
 the mirror keeps serving throughout (conftest.keeps_serving).
 
 The same as a forward proxy, for each head a proxy client sends: a request in
-absolute form (plain HTTP to the registry's API host), a CONNECT head, and a
+absolute form (the registry's https:// API URL, no tunnel), a CONNECT head, and a
 request inside a CONNECT tunnel (TLS with mitmproxy's CA, where an answer in
 plain text would be garbage to the client: a close is the answer there)."""
 
@@ -46,7 +46,8 @@ def mirror(upstream, cache_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def forward_proxy(upstream, tmp_path_factory):
     """The mirror as a forward proxy with the same limits, serving the upstream as hub.test."""
-    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert, options=LIMITS,
+    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert,
+                options=LIMITS,
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}"]) as m:
         yield m
 

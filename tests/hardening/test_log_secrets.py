@@ -84,8 +84,8 @@ def test_forward_proxy_output_holds_no_secret(upstream, tmp_path, flow_detail):
     hub.test:443, TLS with mitmproxy's CA): a Range GET of a private layer, which the
     client's own flow streams from where the registry redirects (the CDN, a signed URL),
     then skopeo pulls the image cold (from the CDN); again, now both from the cache (the
-    Range from the loopback server); token grants through the tunnel and in plain HTTP to
-    the registry's API host."""
+    Range from the loopback server); token grants through the tunnel and in absolute form
+    to the registry's API URL."""
     password, proxy_password = upstream.users["alice"], "proxy-" + secrets.token_urlsafe(12)
     options = {"hub_cache_dir": str(tmp_path / "cache"), "flow_detail": flow_detail,
                "proxyauth": f"puller:{proxy_password}"}

@@ -457,7 +457,7 @@ def test_forward_proxy_client_never_sees_token_server_or_cdn(forward_proxy, upst
     ``https://hub.test/token...`` (the mirror, not the token server); a token from
     there opens the manifest, and each blob GET is answered 200 with the bytes by
     the mirror itself, never with a redirect to the CDN.  Asked for by its API host
-    (``http://127.0.0.1:<edge port>``, plain HTTP through the proxy), the registry
+    (``https://127.0.0.1:<edge port>``, through a CONNECT tunnel), the registry
     is served the same way: the realm names that host, not the token server."""
     ociapp = upstream.images["team/ociapp"]
     ctx = ssl.create_default_context(cafile=str(forward_proxy.ca_cert))
