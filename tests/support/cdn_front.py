@@ -44,9 +44,9 @@ server {{
         proxy_set_header Connection "";
         proxy_buffering off;
         proxy_request_buffering off;
-        proxy_buffer_size 256k;
-        proxy_buffers 4 256k;
-        proxy_busy_buffers_size 512k;
+        proxy_buffer_size 1m;
+        proxy_buffers 4 1m;
+        proxy_busy_buffers_size 2m;
         proxy_next_upstream off;
         proxy_connect_timeout 10s;
         proxy_read_timeout 600s;
