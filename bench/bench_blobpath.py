@@ -73,7 +73,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
         sys.path.insert(0, p)
 
 from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
-                     report_footer, run_benchmark, smoke_banner, tool_version)
+                     report_footer, run_benchmark, smoke_banner, tool_version, upstream_options)
 from image_set import push_images  # noqa: E402
 from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
 from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
@@ -131,7 +131,7 @@ def serving(kind: str, workdir: Path, up: Upstream, certs: dict[str, Path] | Non
     the certificate of ``listener_tls``."""
     try:
         if kind == "nginx":
-            with NginxPeer(workdir, up.api_url, up.token_realm) as peer:
+            with NginxPeer(workdir, up.api_url, up.token_realm, ca_cert=up.ca_cert) as peer:
                 yield Served(kind, peer.url, peer.host, peer.port, peer.pids,
                              lambda: peer.proc is not None and peer.proc.poll() is None, peer.log_tail)
         else:
@@ -141,7 +141,7 @@ def serving(kind: str, workdir: Path, up: Upstream, certs: dict[str, Path] | Non
             tls = (certs["pem"], "*") if kind == "listener_tls" and certs else None
             if kind == "side_flows":
                 options["hub_side_flows"] = "on"  # as in mitmweb: every exchange of the mirror's a flow
-            with Mirror(workdir, up.api_url, options=options, name="mirror", tls=tls) as m:
+            with Mirror(workdir, up, options=options, name="mirror", tls=tls) as m:
                 yield Served(kind, m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                              lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
     except (NginxError, MirrorError) as e:
@@ -155,7 +155,7 @@ def bare_mitmdump(workdir: Path, up: Upstream) -> Iterator[Served]:
     """mitmdump in front of the upstream without the addon: what mitmproxy alone costs a pull
     (the client follows the blob redirects to the CDN itself; nothing is cached)."""
     try:
-        with Mirror(workdir, up.api_url, plain=True, name="bare") as m:
+        with Mirror(workdir, up, plain=True, name="bare") as m:
             yield Served("bare", m.url, m.host, m.port, lambda: process_tree(m.proc.pid),
                          lambda: m.proc.poll() is None, lambda: m.log_text()[-3000:])
     except MirrorError as e:
@@ -255,7 +255,7 @@ def rotated(items: tuple[str, ...], rep: int) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
-    with Upstream(workdir / "hub") as up:
+    with Upstream(workdir / "hub", **upstream_options(args, result)) as up:
         images = push_images(up, workdir, args.size_mib)
         result["images"] = images
         big, multi = images["big"], images["multi"]
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             return [f"Authorization: Bearer {registry_token(served.url, up.service, big['repo'], certs['ca'])}"]
 
         log("warm-up: one untimed pull straight from the CDN, hashed")
-        got, n = curl_sha256(up.sign_cdn_url(storage_path))
+        got, n = curl_sha256(up.sign_cdn_url(storage_path), cacert=up.ca_cert)
         if (got, n) != (digest, size):
             raise BenchError(f"the CDN served {n} bytes hashing to {got}, expected {size} bytes {digest}")
 
@@ -284,7 +284,8 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             shutil.rmtree(dest, ignore_errors=True)
             try:
                 return measured(served, cdn_log, label, lambda: {"seconds": skopeo_pull(
-                    host, multi["repo"], multi["tag"], dest, multi["blobs"], multi=True)})
+                    host, multi["repo"], multi["tag"], dest, multi["blobs"], multi=True,
+                    cert_dir=up.cert_dir if served is None else None)})
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
 
@@ -292,7 +293,8 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             for group in rotated(GROUPS, rep - 1):
                 tag = f"rep {rep}/{args.reps} {group}"
                 if group == "cdn":
-                    rec = measured(None, cdn_log, tag, lambda: curl_pull(up.sign_cdn_url(storage_path), size))
+                    rec = measured(None, cdn_log, tag,
+                                   lambda: curl_pull(up.sign_cdn_url(storage_path), size, cacert=up.ca_cert))
                     samples["cdn"].append(rec | {"rep": rep})
                     log(f"{tag}: {rec['mb_per_s']:.0f} MB/s")
                     sha256_rates.append(sha256_rate(size))

@@ -50,7 +50,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
         sys.path.insert(0, p)
 
 from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
-                     report_footer, run_benchmark, smoke_banner, tool_version)
+                     report_footer, run_benchmark, smoke_banner, tool_version, upstream_options)
 from image_set import push_images  # noqa: E402
 from procstat import rss_bytes  # noqa: E402
 from pulls import CURL_TIMEOUT, registry_token, skopeo_pull  # noqa: E402
@@ -133,7 +133,7 @@ def concurrent_pulls(mirror: Mirror, token: str, repo: str, digest: str, size: i
 
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
-    with Upstream(workdir / "hub") as up:
+    with Upstream(workdir / "hub", **upstream_options(args, result)) as up:
         images = push_images(up, workdir, args.size_mib)
         result["images"] = images
         cdn_log, edge_log, token_log = (LogCursor(up.cdn_requests), LogCursor(up.edge_requests),
@@ -163,7 +163,8 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             shutil.rmtree(dest, ignore_errors=True)
             try:
                 rec = measured(label, lambda: skopeo_pull(host, info["repo"], info["tag"], dest, info["blobs"],
-                                                          info["multi"]), mirror)
+                                                          info["multi"], up.cert_dir if mirror is None else None),
+                               mirror)
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
             rec["mb_per_s"] = info["blob_bytes"] / rec["seconds"] / MB
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                 rec = pull(image, up.api_host, None, f"rep {rep}/{args.reps} {image} direct")
                 samples[image]["direct"].append(rec | {"rep": rep})
             cache_dir = workdir / f"cache-{rep}"
-            with Mirror(workdir / f"mirror-{rep}", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+            with Mirror(workdir / f"mirror-{rep}", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
                 for path in ("cold", "warm"):
                     for image in IMAGES:
                         rec = pull(image, mirror.host, mirror, f"rep {rep}/{args.reps} {image} {path}")
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         storage_path = up.blob_storage_path(digest)
         cache_dir = workdir / "cache-concurrent"
         conc: dict[str, Any] = {}
-        with Mirror(workdir / "mirror-concurrent", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+        with Mirror(workdir / "mirror-concurrent", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
             time.sleep(1.0)
             conc["idle_rss"] = rss_bytes(mirror.proc.pid)
             token = registry_token(mirror.url, up.service, big["repo"])

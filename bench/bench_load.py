@@ -53,7 +53,7 @@ for p in (REPO_ROOT, REPO_ROOT / "bench"):
 import httpx  # noqa: E402
 
 from harness import (BenchError, apply_scale, exact_command, log, machine_facts, report_footer,  # noqa: E402
-                     run_benchmark, smoke_banner)
+                     run_benchmark, smoke_banner, upstream_argument, upstream_options)
 from procstat import rss_bytes  # noqa: E402
 from pulls import registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image, standard_images  # noqa: E402
@@ -102,7 +102,7 @@ def push_all(up: Upstream, workdir: Path, big_size: int) -> dict[str, Any]:
             for d in [img["config_digest"], *img["layer_digests"]]:
                 blobs[(repo, d)] = None
     # every blob's bytes, once, straight from the fake Hub (to check Range answers against)
-    with httpx.Client(timeout=60, follow_redirects=True) as c:
+    with up.http(timeout=60, follow_redirects=True) as c:
         tokens = {repo: up.get_token(f"repository:{repo}:pull") for repo in images}
         for repo, d in list(blobs):
             r = c.get(f"{up.api_url}/v2/{repo}/blobs/{d}", headers={"Authorization": f"Bearer {tokens[repo]}"})
@@ -112,10 +112,11 @@ def push_all(up: Upstream, workdir: Path, big_size: int) -> dict[str, Any]:
     return {"tags": tags, "manifests": manifests, "blobs": [(r, d, b) for (r, d), b in blobs.items()]}
 
 
-def head_latencies(base: str, token: str, n: int, expect_digest: str) -> list[float]:
+def head_latencies(base: str, token: str, n: int, expect_digest: str, verify: Any = True) -> list[float]:
     """``n`` sequential manifest HEADs over one keep-alive connection; seconds each."""
     out = []
-    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}", "Accept": ACCEPT}) as c:
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}", "Accept": ACCEPT},
+                      verify=verify) as c:
         url = f"{base}/v2/{HEAD_REPO}/manifests/{HEAD_TAG}"
         c.head(url)  # connection set up, not timed
         for _ in range(n):
@@ -259,7 +260,7 @@ class Load:
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
     t0 = time.monotonic()
-    with Upstream(workdir / "hub") as up:
+    with Upstream(workdir / "hub", **upstream_options(args, result)) as up:
         log(f"fake Hub up ({time.monotonic() - t0:.1f}s); pushing images")
         work = push_all(up, workdir, args.big_mib << 20)
         result["work_set"] = {"tags": len(work["tags"]), "manifests": len(work["manifests"]),
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         head_digest = next(d for r, _, d in work["tags"] if r == HEAD_REPO)
 
         cache_dir = workdir / "cache"
-        with Mirror(workdir / "mirror", up.api_url, options={"hub_cache_dir": str(cache_dir)}) as mirror:
+        with Mirror(workdir / "mirror", up, options={"hub_cache_dir": str(cache_dir)}) as mirror:
             pid = mirror.proc.pid
             time.sleep(1.0)
             result["idle_rss"] = rss_bytes(pid)
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
 
             def latency(phase: str) -> None:
                 log(f"latency ({phase}): {args.latency_n} sequential manifest HEADs direct, then via the mirror")
-                direct = head_latencies(up.api_url, up_tok, args.latency_n, head_digest)
+                direct = head_latencies(up.api_url, up_tok, args.latency_n, head_digest, up.verify)
                 via = head_latencies(mirror.url, mi_tok, args.latency_n, head_digest)
                 result.setdefault("latency", {})[phase] = {
                     "direct": lat_summary(direct), "mirror": lat_summary(via),
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="random seed of the request mix")
     ap.add_argument("--json", type=Path, help="write raw numbers to this file")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs, cache)")
+    upstream_argument(ap)
     args = ap.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0 or args.latency_n < 1:
         ap.error("--clients, --seconds and --latency-n must be positive")

@@ -1,6 +1,6 @@
 """Blob pull benchmark: the mirror vs. a plain mitmdump relay vs. the CDN itself.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_pull.py [--size-mib 1024] [--reps 5] [--json out.json]
+    PYTHONPATH=. .venv/bin/python bench/bench_pull.py [--size-mib 1024] [--reps 5] [--json out.json] [--plain-upstream]
 
 Starts the fake Docker Hub (tests/support/upstream.py) in a temporary
 directory, pushes one image ``bench/big:1.0`` with a single uncompressed layer
@@ -16,6 +16,10 @@ from one repetition to the next):
               mitmdump + the hub-rewrite addon, pointed at the fake Hub's API
               (cold: the addon probes the registry, follows the 307 to the
               CDN and streams; nothing is cached).
+
+The fake Hub speaks HTTPS like Docker Hub (``--plain-upstream``: plain HTTP):
+the ``cdn`` pull verifies the test CA, ``plain`` and ``mirror`` trust it with
+``ssl_verify_upstream_trusted_ca``; the client side of both proxies is plain HTTP.
 
 Every pull must answer 200 with the full size, or the benchmark fails (exit 1)
 instead of averaging it in.  Before the timed repetitions each path is pulled
@@ -45,7 +49,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
         sys.path.insert(0, p)
 
 from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
-                     report_footer, run_benchmark, smoke_banner)
+                     report_footer, run_benchmark, smoke_banner, upstream_options)
 from procstat import cpu_seconds, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
@@ -84,7 +88,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, float]:
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
     size_bytes = args.size_mib << 20
     t0 = time.monotonic()
-    with Upstream(workdir / "hub") as up:
+    with Upstream(workdir / "hub", **upstream_options(args, result)) as up:
         log(f"fake Hub up ({time.monotonic() - t0:.1f}s); writing a {args.size_mib} MiB layer")
         layer = workdir / "layer.tar"
         digest, size = make_big_layer(layer, size_bytes, seed=b"bench")
@@ -99,15 +103,15 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         if not (up.storage_root / storage_path.lstrip("/")).is_file():
             raise BenchError(f"blob not found in registry storage at {storage_path}")
 
-        with Mirror(workdir / "plain", up.cdn_url, plain=True, name="plain") as plain, \
-                Mirror(workdir / "mirror", up.api_url, name="mirror") as mirror:
+        with Mirror(workdir / "plain", up.cdn_url, plain=True, name="plain", upstream_ca=up.ca_cert) as plain, \
+                Mirror(workdir / "mirror", up, name="mirror") as mirror:
             time.sleep(1.0)  # let both settle before reading idle RSS
             result["idle_rss"] = {"plain": rss_bytes(plain.proc.pid), "mirror": rss_bytes(mirror.proc.pid)}
             procs = {"plain": plain, "mirror": mirror}
 
             def pull(path: str, timed: bool = True) -> dict[str, Any]:
                 if path == "cdn":
-                    return curl_pull(up.sign_cdn_url(storage_path), size)
+                    return curl_pull(up.sign_cdn_url(storage_path), size, cacert=up.ca_cert)
                 if path == "plain":
                     signed = up.sign_cdn_url(storage_path)
                     parts = urlsplit(signed)
@@ -180,7 +184,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     out.append("## hub-rewrite blob pull benchmark\n")
     out.append(f"Blob: `{blob['repo']}:{blob['tag']}` layer {blob['digest'][:19]}..., {blob['size']} bytes "
                f"({blob['size'] / 2**20:.1f} MiB); {args.reps} timed reps per path, interleaved, "
-               f"after one untimed warm-up pull each; curl client, HTTP/1.1, loopback.\n")
+               f"after one untimed warm-up pull each; curl client, HTTP/1.1, loopback; "
+               f"upstream {result.get('upstream_transport', 'http').upper()}.\n")
     out.append("| path | median MB/s | min | max | ratio vs plain relay | median TTFB ms "
                "| mitmdump CPU s/GiB | peak RSS |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -61,7 +61,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
 import httpx  # noqa: E402
 
 from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
-                     report_footer, run_benchmark, smoke_banner, tool_version)
+                     report_footer, run_benchmark, smoke_banner, tool_version, upstream_options)
 from image_set import push_images  # noqa: E402
 from procstat import cpu_seconds, peak_rss, reset_peak_rss, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
@@ -112,7 +112,7 @@ def mirror_process(name: str, workdir: Path, up: Upstream, rgw: CephRGW, bucket:
                     "hub_blob_secret": str(secret)}
         env = {"AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}  # never on argv
     try:
-        with Mirror(workdir, up.api_url, options=options, env=env, name="mirror") as m:
+        with Mirror(workdir, up, options=options, env=env, name="mirror") as m:
             yield m
     except MirrorError as e:
         raise BenchError(f"mirror {name} did not start: {e}") from None
@@ -154,7 +154,7 @@ def rotated(items: tuple[str, ...], rep: int) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None:
-    with Upstream(workdir / "hub") as up, ceph_cluster(workdir / "ceph", args) as rgw:
+    with Upstream(workdir / "hub", **upstream_options(args, result)) as up, ceph_cluster(workdir / "ceph", args) as rgw:
         big = push_images(up, workdir, args.size_mib)["big"]
         result["image"] = big
         digest, size = big["layer_digest"], big["layer_size"]
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
         rgw_port = int(rgw.endpoint_url.rsplit(":", 1)[1])
 
         log("warm-up: one untimed pull straight from the CDN, hashed")
-        got, n = curl_sha256(up.sign_cdn_url(storage_path))
+        got, n = curl_sha256(up.sign_cdn_url(storage_path), cacert=up.ca_cert)
         if (got, n) != (digest, size):
             raise BenchError(f"the CDN served {n} bytes hashing to {got}, expected {size} bytes {digest}")
 
@@ -243,7 +243,8 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
             for group in rotated(GROUPS, rep - 1):
                 tag = f"rep {rep}/{args.reps} {group}"
                 if group == "cdn":
-                    record("cdn", rep, measured(None, tag, lambda: curl_pull(up.sign_cdn_url(storage_path), size)))
+                    record("cdn", rep, measured(None, tag, lambda: curl_pull(up.sign_cdn_url(storage_path), size,
+                                                                             cacert=up.ca_cert)))
                 elif group == "local":
                     with mirror_process("A, no bucket", workdir / f"local-{rep}", up, rgw, None) as m:
                         note_idle_rss("A, no bucket", m)

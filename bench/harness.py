@@ -71,6 +71,28 @@ def smoke_banner(result: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- options and report lines they share
 
 
+def upstream_argument(ap: argparse.ArgumentParser) -> None:
+    """``--plain-upstream``: the fake Hub in plain HTTP instead of HTTPS (Docker Hub's shape, the default)."""
+    ap.add_argument("--plain-upstream", action="store_true",
+                    help="run the fake Docker Hub on plain HTTP (default: HTTPS on the edge, the token "
+                         "service and the CDN, like Docker Hub)")
+
+
+def upstream_options(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """The Upstream(...) keyword arguments ``--plain-upstream`` asks for; notes the transport in ``result``."""
+    plain = bool(getattr(args, "plain_upstream", False))
+    result["upstream_transport"] = "http" if plain else "https"
+    return {"tls": not plain}
+
+
+def transport_note(result: dict[str, Any]) -> str:
+    """A report's words for the fake Hub's transport."""
+    if result.get("upstream_transport") == "http":
+        return "fake Docker Hub on plain HTTP (--plain-upstream)"
+    return ("fake Docker Hub on HTTPS like Docker Hub (edge and token service HTTP/1.1, CDN behind nginx "
+            "with h2/http1.1; the mirror trusts the test CA by ssl_verify_upstream_trusted_ca)")
+
+
 def blob_arguments(ap: argparse.ArgumentParser, reps: int, reps_help: str) -> None:
     """The options of the benchmarks that pull one big layer."""
     ap.add_argument("--size-mib", type=int, default=1024, help="layer size in MiB (default 1024)")
@@ -78,13 +100,15 @@ def blob_arguments(ap: argparse.ArgumentParser, reps: int, reps_help: str) -> No
     ap.add_argument("--json", type=Path, help="write raw numbers to this file")
     ap.add_argument("--strict", action="store_true", help="also exit 2 when a target is missed")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs; blob data deleted)")
+    upstream_argument(ap)
 
 
 def report_footer(result: dict[str, Any], tools: list[str], load_note: str = "") -> list[str]:
     """A report's last lines: the machine and the ``tools`` measured with, the load around
     the run, the exact command, the wall time."""
     facts = result["machine"]
-    return [f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
+    return ([f"Upstream: {transport_note(result)}."] if "upstream_transport" in result else []) + [
+            f"Machine: nproc {facts['nproc']}, {facts['cpu']}, {facts['mem_total']} RAM, Linux {facts['kernel']}; "
             f"Python {facts['python']}, mitmproxy {facts['mitmproxy']}, {', '.join(tools)}; repo {facts['git']}",
             f"Load average (1/5/15 min): {result['loadavg_start']} at start, {result['loadavg_end']} at end"
             f"{' ' + load_note if load_note else ''}.",

@@ -1,6 +1,6 @@
 """nginx ``proxy_cache`` as a pull-through registry mirror: the reference peer.
 
-    with NginxPeer(workdir, up.api_url, up.token_realm) as peer:
+    with NginxPeer(workdir, up.api_url, up.token_realm, ca_cert=up.ca_cert) as peer:
         peer.url      # http://127.0.0.1:PORT, a registry API (docker://127.0.0.1:PORT/...)
         peer.pids()   # master, workers, cache manager: for CPU and memory figures
 
@@ -20,7 +20,12 @@ with Debian's ``/usr/sbin/nginx`` (``apt-get install nginx``):
   ``sendfile`` without asking the registry. ``proxy_cache_lock`` with long
   timeouts: one upstream download per blob, later clients wait for it to
   finish (nginx does not stream an unfinished cache entry to them);
-* upstream TLS is verified (``ca_cert``, default: the system's CA bundle).
+* upstream TLS is verified (``ca_cert``, default: the system's CA bundle): the
+  registry, the token service and the CDN the blob redirects name
+  (``proxy_ssl_trusted_certificate``, ``proxy_ssl_verify on``,
+  ``proxy_ssl_server_name on``). nginx checks a server's name against the
+  certificate's DNS names only, which is why the fake Hub's certificate also
+  names ``127.0.0.1`` as a DNS name.
 
 Not a model for access control: a cached blob is served to anyone who names
 its repository and digest.

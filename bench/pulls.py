@@ -109,9 +109,14 @@ def registry_token(base_url: str, service: str, repo: str, cacert: Path | None =
     return r.json()["token"]
 
 
-def skopeo_pull(host: str, repo: str, tag: str, dest: Path, blobs: dict[str, int], multi: bool) -> float:
-    """One timed ``skopeo copy`` into ``dir:dest``; raises BenchError unless every blob arrived whole."""
-    argv = ["skopeo", "copy", "--src-tls-verify=false", "--src-no-creds"]
+def skopeo_pull(host: str, repo: str, tag: str, dest: Path, blobs: dict[str, int], multi: bool,
+                cert_dir: Path | None = None) -> float:
+    """One timed ``skopeo copy`` into ``dir:dest``; raises BenchError unless every blob arrived whole.
+
+    ``cert_dir``: a directory with the CA of an HTTPS registry (the fake Hub straight); without
+    it, TLS is not required (a mirror on plain HTTP, or the plain fake Hub)."""
+    tls = ["--src-cert-dir", str(cert_dir)] if cert_dir else ["--src-tls-verify=false"]
+    argv = ["skopeo", "copy", *tls, "--src-no-creds"]
     if multi:
         argv.append("--all")
     argv += [f"docker://{host}/{repo}:{tag}", f"dir:{dest}"]

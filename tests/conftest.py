@@ -1,6 +1,9 @@
 """Shared pytest fixtures.
 
-``upstream``: a session-wide fake Docker Hub (tests/support/upstream.py) with
+``test_ca``: the session's CA (tests/support/certs.py); both upstreams' HTTPS
+certificates come from it, so one ``ssl_verify_upstream_trusted_ca`` trusts both.
+
+``upstream``: a session-wide fake Docker Hub (tests/support/upstream.py), HTTPS like Docker Hub, with
 the standard image set pushed once (``upstream.images``, also available as the
 ``upstream_images`` fixture).  The big layer is 256 MiB unless
 ``HUB_TEST_BIG_SIZE`` (bytes) says otherwise.  The registry storage is removed
@@ -36,11 +39,19 @@ def running_upstream(workdir, fill, **kwargs):
 
 
 @pytest.fixture(scope="session")
-def upstream(tmp_path_factory):
+def test_ca(tmp_path_factory):
+    from tests.support.certs import TestCA
+
+    return TestCA(tmp_path_factory.mktemp("test-ca"))
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory, test_ca):
     from tests.support.images import standard_images
 
     big_size = int(os.environ.get("HUB_TEST_BIG_SIZE", 256 * 1024 * 1024))
-    yield from running_upstream(tmp_path_factory.mktemp("upstream"), lambda up: standard_images(up, big_size=big_size))
+    yield from running_upstream(tmp_path_factory.mktemp("upstream"), lambda up: standard_images(up, big_size=big_size),
+                                ca=test_ca)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +84,9 @@ def second_images(up) -> dict:
 
 
 @pytest.fixture(scope="session")
-def second_upstream(tmp_path_factory):
+def second_upstream(tmp_path_factory, test_ca):
     yield from running_upstream(tmp_path_factory.mktemp("second-upstream"), second_images,
-                                service=SECOND_SERVICE, issuer=SECOND_SERVICE)
+                                service=SECOND_SERVICE, issuer=SECOND_SERVICE, ca=test_ca)
 
 
 @pytest.fixture(scope="session")

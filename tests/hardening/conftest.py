@@ -39,7 +39,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mirror(upstream, cache_dir, tmp_path_factory):
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-    with Mirror(tmp_path_factory.mktemp("hardening-mirror"), upstream.api_url, options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("hardening-mirror"), upstream, options=options) as m:
         yield m
 
 

@@ -32,7 +32,7 @@ def listener_mirror(workdir: Path, upstream, cache_dir: Path, tls: tuple[Path, s
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
                "hub_blob_listen": f"127.0.0.1:{port}", "hub_head_timeout": str(HEAD_TIMEOUT),
                "tcp_timeout": str(STALL_TIMEOUT)}
-    m = Mirror(workdir, upstream.api_url, options=options, tls=tls)
+    m = Mirror(workdir, upstream, options=options, tls=tls)
     m.argv = ["prlimit", f"--nofile={FILE_LIMIT}:{FILE_LIMIT}", "--", *m.argv]  # prlimit execs: same pid
     m.listener_port = port
     return m

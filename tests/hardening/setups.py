@@ -54,7 +54,8 @@ def public_proxy(client: PublicClient, workdir: Path, upstream, *settings: str, 
             s.bind((client.host_address6, 0))
             port6 = s.getsockname()[1]
         args += ["--mode", f"regular@{client.host_address6}:{port6}"]  # no brackets: mitmproxy splits at the last ':'
-    proxy = Mirror(workdir, "", mode="regular", listen_host=client.host_address, extra_args=args)
+    proxy = Mirror(workdir, "", mode="regular", upstream_ca=upstream.ca_cert, listen_host=client.host_address,
+                   extra_args=args)
     proxy.port6 = port6
     return proxy
 

@@ -84,7 +84,7 @@ def accounts_mirror(base: Path, upstream, key_file: Path, users: UsersFile | Non
     if users is not None:
         options["hub_users_file"] = str(users.path)
     args = [a for s in settings for a in ("--set", s)]
-    mirror = Mirror(base / "m", upstream.api_url, options=options, extra_args=args).start()
+    mirror = Mirror(base / "m", upstream, options=options, extra_args=args).start()
     mirror.users = users
     return mirror
 

@@ -107,7 +107,7 @@ def test_stale_lock_and_download_files_are_removed_at_start_but_not_a_held_one(u
     holder = hold_lock(tmp / f"{held}.lock")
     try:
         options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-        with Mirror(tmp_path / "second", upstream.api_url, options=options, name="second") as second:
+        with Mirror(tmp_path / "second", upstream, options=options, name="second") as second:
             left = sorted(os.listdir(tmp))
             assert left == [f"{held}.download", f"{held}.lock"], f"after a mirror started on the cache: {left}"
             assert "Traceback" not in second.log_text()
@@ -194,7 +194,7 @@ def test_records_of_many_tags_stay_within_the_file_limit(upstream, tmp_path):
     cache = tmp_path / "cache"
     options = {"hub_cache_dir": str(cache), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
                "hub_cache_max_files": str(MAX_FILES)}
-    with Mirror(tmp_path / "limited", upstream.api_url, options=options, name="limited") as limited:
+    with Mirror(tmp_path / "limited", upstream, options=options, name="limited") as limited:
         token = anonymous_token(limited.url, "team/many-tags")
         with httpx.Client(base_url=limited.url, headers=auth(token), timeout=30) as client:
             for i in range(TAGS):

@@ -11,7 +11,7 @@ the uncached digest: otherwise the answer tells that someone pulled it.
 In every mode a client can name the registry: reverse mode by plain path, by
 path prefix (``/v2/docker.io/<repo>/...``) and by a mapped Host name
 (``hub_host_map``); and the mirror as a forward proxy, asked by a client on a
-public address (a network namespace) for the registry's API host in plain HTTP
+public address (a network namespace) for the registry's API URL in absolute form
 and for ``hub.test`` through a CONNECT tunnel (TLS, mitmproxy's CA), where
 alice's pull through the proxy filled the proxy's own cache.
 """
@@ -46,7 +46,7 @@ def mirror(upstream, cache_dir, tmp_path_factory):
     """The suite's mirror, its table naming the test upstream docker.io, which the host name
     hub.mirror.test selects too."""
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-    with Mirror(tmp_path_factory.mktemp("oracle-mirror"), upstream.api_url, options=options, extra_args=[
+    with Mirror(tmp_path_factory.mktemp("oracle-mirror"), upstream, options=options, extra_args=[
             "--set", f"hub_upstreams=docker.io={upstream.api_url}",
             "--set", f"hub_host_map={HOST_MAPPED}=docker.io"]) as m:
         yield m
@@ -107,8 +107,16 @@ def raw_answer(r: RawResponse) -> tuple:
     return r.status, code, sorted({k.lower() for k, _ in r.headers} - VOLATILE)
 
 
-# one client for the module's requests: a new one per request costs more than the request
-HTTP = httpx.Client(timeout=15)
+# one client for the module's requests (a new one per request costs more than the request),
+# trusting the HTTPS upstream's CA as well: set by the fixture below
+HTTP: httpx.Client
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_client(upstream):
+    global HTTP
+    with httpx.Client(timeout=15, verify=upstream.verify) as HTTP:
+        yield
 
 
 def ask(base: str, method: str, repo: str, digest: str, token: str | None, ranged: bool,
@@ -168,8 +176,8 @@ def reverse_way(mirror, mode: str) -> tuple[Callable[[str], str], Asker]:
 
 
 def proxy_way(proxy, public_client, upstream, mode: str) -> tuple[Callable[[str], str], Asker]:
-    """The same through the forward proxy, from the public client: plain HTTP to the
-    registry's API host (absolute-form), or CONNECT hub.test:443 and TLS inside."""
+    """The same through the forward proxy, from the public client: the registry's
+    https:// API URL in absolute form (no tunnel), or CONNECT hub.test:443 and TLS inside."""
 
     def exchange(method: str, path: str, headers: list[str]) -> RawResponse:
         with public_conn(public_client, proxy) as conn:

@@ -33,7 +33,7 @@ PER_CONNECTION = re.compile(r"^\[[^]]*\]\[[^]]*\] (client connect|client disconn
 def mirror(upstream, cache_dir, tmp_path_factory):
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
                "hub_head_timeout": str(HEAD_TIMEOUT), "hub_max_connections": str(MAX_CONNECTIONS)}
-    with Mirror(tmp_path_factory.mktemp("connection-log-mirror"), upstream.api_url, options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("connection-log-mirror"), upstream, options=options) as m:
         yield m
 
 
@@ -79,7 +79,7 @@ def test_a_slowloris_flood_logs_one_line_per_cause(mirror):
 
 
 def test_at_debug_verbosity_each_connection_is_told(upstream, tmp_path):
-    with Mirror(tmp_path / "m", upstream.api_url, options={"hub_head_timeout": str(HEAD_TIMEOUT)},
+    with Mirror(tmp_path / "m", upstream, options={"hub_head_timeout": str(HEAD_TIMEOUT)},
                 extra_args=["-v"]) as verbose:
         start = len(verbose.log_text())
         slowloris(verbose.port, 20)

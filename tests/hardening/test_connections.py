@@ -7,7 +7,7 @@ refused at once; the log says so once per cause, never with a traceback; and
 the mirror keeps serving throughout (conftest.keeps_serving).
 
 The same as a forward proxy, for each head a proxy client sends: a request in
-absolute form (plain HTTP to the registry's API host), a CONNECT head, and a
+absolute form (the registry's https:// API URL, no tunnel), a CONNECT head, and a
 request inside a CONNECT tunnel (TLS with mitmproxy's CA, where an answer in
 plain text would be garbage to the client: a close is the answer there)."""
 
@@ -39,14 +39,15 @@ HUGE = b"X-Junk: " + b"a" * (100 * 1024 * 1024) + b"\r\n"
 def mirror(upstream, cache_dir, tmp_path_factory):
     """A mirror with small connection limits (and the cache, as in the rest of the suite)."""
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT), **LIMITS}
-    with Mirror(tmp_path_factory.mktemp("connections-mirror"), upstream.api_url, options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("connections-mirror"), upstream, options=options) as m:
         yield m
 
 
 @pytest.fixture(scope="module")
 def forward_proxy(upstream, tmp_path_factory):
     """The mirror as a forward proxy with the same limits, serving the upstream as hub.test."""
-    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", options=LIMITS,
+    with Mirror(tmp_path_factory.mktemp("connections-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert,
+                options=LIMITS,
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}"]) as m:
         yield m
 
@@ -228,7 +229,7 @@ def test_over_tls_a_close_is_the_answer(upstream, tmp_path):
     """A reverse-mode mirror serving HTTPS: a huge head and a trickled one, each sent over
     TLS, are closed, without a plain-text answer in the TLS stream."""
     certs = make_ca_and_server_cert(tmp_path / "certs")
-    with Mirror(tmp_path / "m", upstream.api_url, tls=(certs["pem"], "*"), options=LIMITS) as m:
+    with Mirror(tmp_path / "m", upstream, tls=(certs["pem"], "*"), options=LIMITS) as m:
         context = ssl.create_default_context(cafile=str(certs["ca"]))
 
         def connect() -> tuple[socket.socket, bytes]:
@@ -276,7 +277,7 @@ def test_a_low_open_file_limit_is_respected_without_tracebacks(upstream, tmp_pat
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    m = Mirror(tmp_path / "m", upstream.api_url)
+    m = Mirror(tmp_path / "m", upstream)
     import subprocess
 
     real_popen = subprocess.Popen
@@ -426,7 +427,7 @@ def test_a_body_arriving_before_the_hooks_ran_is_no_request_head(upstream, tmp_p
     (on a loaded machine, a 2 MiB PUT got 431 instead of the mirror's own answer)."""
     slow = tmp_path / "slow_hooks.py"
     slow.write_text(SLOW_HOOKS)
-    mirror = Mirror(tmp_path / "mirror", upstream.api_url, options=LIMITS)
+    mirror = Mirror(tmp_path / "mirror", upstream, options=LIMITS)
     first_script = mirror.argv.index("-s")
     mirror.argv[first_script:first_script] = ["-s", str(slow)]
     with mirror, Conn.to(mirror.port) as conn:

@@ -31,7 +31,7 @@ def guarded(upstream, tmp_path_factory):
     """Mirror accounts (bob) and a deny rule for library/busybox."""
     base = tmp_path_factory.mktemp("head-guarded")
     path, passwords = users_file(base, "bob")
-    with Mirror(base / "m", upstream.api_url, extra_args=[
+    with Mirror(base / "m", upstream, extra_args=[
             "--set", f"hub_upstreams=docker.io={upstream.api_url}", "--set", f"hub_users_file={path}",
             "--set", "hub_deny=docker.io/library/busybox"]) as m:
         m.bob = mirror_token(m.url, "bob", passwords["bob"], "repository:library/alpine:pull")
@@ -49,7 +49,7 @@ def unreachable(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy(upstream, tmp_path_factory):
     """A forward proxy serving the upstream as hub.test; other hosts refused (no pass-through)."""
-    with Mirror(tmp_path_factory.mktemp("head-proxy"), "", mode="regular", extra_args=[
+    with Mirror(tmp_path_factory.mktemp("head-proxy"), "", mode="regular", upstream_ca=upstream.ca_cert, extra_args=[
             "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", "hub_proxy_passthrough=false"]) as m:
         yield m

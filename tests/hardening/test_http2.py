@@ -55,7 +55,7 @@ def certs(tmp_path_factory):
 def h2_mirror(upstream, certs, tmp_path_factory):
     """The mirror over HTTPS with HTTP/2 to clients turned on (mitm.conf turns it off)."""
     options = {"http2": "true", "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-    with Mirror(tmp_path_factory.mktemp("h2-mirror"), upstream.api_url, tls=(certs["pem"], "*"), options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("h2-mirror"), upstream, tls=(certs["pem"], "*"), options=options) as m:
         yield m
 
 

@@ -35,7 +35,7 @@ def skopeo_copy(mirror, ref: str, dest, creds: str | None = None) -> subprocess.
 @pytest.fixture(scope="module")
 def mirror(upstream, cache_dir, tmp_path_factory):
     """Unused here: each test starts its own mirror (hardening's conftest checks this one around every test)."""
-    with Mirror(tmp_path_factory.mktemp("log-secrets-idle"), upstream.api_url,
+    with Mirror(tmp_path_factory.mktemp("log-secrets-idle"), upstream,
                 options={"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}) as m:
         yield m
 
@@ -44,7 +44,7 @@ def mirror(upstream, cache_dir, tmp_path_factory):
 def test_mitmdump_output_holds_no_secret(upstream, tmp_path, flow_detail):
     password = upstream.users["alice"]
     options = {"hub_cache_dir": str(tmp_path / "cache"), "flow_detail": flow_detail}
-    with Mirror(tmp_path / "m", upstream.api_url, options=options, env=WIDE) as m:
+    with Mirror(tmp_path / "m", upstream, options=options, env=WIDE) as m:
         for run in ("cold", "warm"):  # a cold pull streams from the CDN, a warm one from the loopback server
             result = skopeo_copy(m, "private/secret:1.0", tmp_path / run, f"alice:{password}")
             assert result.returncode == 0, result.stderr
@@ -84,12 +84,12 @@ def test_forward_proxy_output_holds_no_secret(upstream, tmp_path, flow_detail):
     hub.test:443, TLS with mitmproxy's CA): a Range GET of a private layer, which the
     client's own flow streams from where the registry redirects (the CDN, a signed URL),
     then skopeo pulls the image cold (from the CDN); again, now both from the cache (the
-    Range from the loopback server); token grants through the tunnel and in plain HTTP to
-    the registry's API host."""
+    Range from the loopback server); token grants through the tunnel and in absolute form
+    to the registry's API URL."""
     password, proxy_password = upstream.users["alice"], "proxy-" + secrets.token_urlsafe(12)
     options = {"hub_cache_dir": str(tmp_path / "cache"), "flow_detail": flow_detail,
                "proxyauth": f"puller:{proxy_password}"}
-    with Mirror(tmp_path / "m", "", mode="regular", options=options, env=WIDE,
+    with Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, options=options, env=WIDE,
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}"]) as m:
         proxy_url = f"http://puller:{proxy_password}@{m.host}"
         verify = ssl.create_default_context(cafile=str(m.ca_cert))

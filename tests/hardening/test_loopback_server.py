@@ -61,7 +61,7 @@ def test_concurrent_first_hits_start_one_loopback_server(mirror, upstream, cache
     assert r.status_code == 200 and cache_blob_path(cache_dir, layer).exists(), r.text[:300]
 
     options = {"hub_cache_dir": str(cache_dir), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT)}
-    with Mirror(tmp_path / "fresh-mirror", upstream.api_url, options=options) as fresh:
+    with Mirror(tmp_path / "fresh-mirror", upstream, options=options) as fresh:
         # the tag first, as a client does: the upstream confirms this token's access to the
         # repository, so the blob requests are answered from the cache at once, all together
         r = httpx.get(f"{fresh.url}/v2/team/loopback-once/manifests/1", headers=[

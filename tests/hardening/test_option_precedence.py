@@ -88,7 +88,7 @@ def test_the_command_line_wins_even_with_default_values(upstream, tmp_path: Path
     args = ["--set", f"hub_config={conf}", "-s", str(script)]
     for key in shipped:
         args += set_to(key, default[key])
-    mirror = Mirror(tmp_path / "m", upstream.api_url, extra_args=args,
+    mirror = Mirror(tmp_path / "m", upstream, extra_args=args,
                     env={"HUB_TEST_KEYS": ",".join(shipped), "HUB_TEST_REPORT": str(report)})
     with mirror:
         assert "options loaded from" in mirror.log_text(), mirror.log_text()[-2000:]
@@ -103,7 +103,7 @@ def test_the_file_still_applies_where_the_command_line_is_silent(upstream, tmp_p
     script = tmp_path / "report_options.py"
     script.write_text(REPORT_OPTIONS)
     report = tmp_path / "options.json"
-    mirror = Mirror(tmp_path / "m", upstream.api_url, extra_args=["-s", str(script)],
+    mirror = Mirror(tmp_path / "m", upstream, extra_args=["-s", str(script)],
                     env={"HUB_TEST_KEYS": key, "HUB_TEST_REPORT": str(report)})
     with mirror:
         effective = json.loads(report.read_text())

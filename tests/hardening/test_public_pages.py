@@ -84,7 +84,7 @@ def test_no_user_or_address_after_pulls(mirror, upstream):
 def accounts(upstream, tmp_path_factory):
     base = tmp_path_factory.mktemp("pages-accounts")
     path, passwords = users_file(base, "bob")
-    with Mirror(base / "m", upstream.api_url, extra_args=["--set", f"hub_users_file={path}"]) as m:
+    with Mirror(base / "m", upstream, extra_args=["--set", f"hub_users_file={path}"]) as m:
         m.passwords = passwords
         yield m
 
@@ -126,7 +126,7 @@ def proxy_pull(conn: Conn, base: str, host: str, repo: str, tag: str, credential
 
 def proxy_pages(proxy, upstream) -> str:
     """The pages through the proxy, as anyone may fetch them: of hub.test (CONNECT, TLS)
-    and of the registry's API host (plain HTTP)."""
+    and of the registry's API URL (absolute form, no tunnel)."""
     verify = ssl.create_default_context(cafile=str(proxy.ca_cert))
     texts = []
     with httpx.Client(proxy=proxy.proxy_url, verify=verify, trust_env=False, timeout=15) as client:

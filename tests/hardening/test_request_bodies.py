@@ -273,7 +273,7 @@ def test_public_client_body_to_a_host_outside_the_table(proxy, public_client, ev
 
 
 def test_public_client_reads_with_a_body_through_the_proxy(proxy, public_client, upstream):
-    """Through the proxy (plain HTTP to the registry's API host, which the table names),
+    """Through the proxy (the registry's API URL in absolute form, which the table names),
     a GET with a body is refused 400 and nothing reaches the upstream; without a body it
     is served."""
     tag = marker()

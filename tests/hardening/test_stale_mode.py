@@ -216,7 +216,7 @@ def stale_mirror(short_upstream, tmp_path, request):
     options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
                **getattr(request, "param", {})}
     try:
-        with Mirror(tmp_path / "mirror", short_upstream.api_url, options=options) as m:
+        with Mirror(tmp_path / "mirror", short_upstream, options=options) as m:
             yield m
             assert "Traceback" not in m.log_text()
     finally:

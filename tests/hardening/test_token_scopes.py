@@ -53,7 +53,7 @@ def scoped(upstream, second_upstream, tmp_path_factory):
     args = table_args(upstream, second_upstream, f"hub_host_map={HOST_MAPPED}=ghcr.io",
                       f"hub_upstream_credentials={creds}", "hub_deny=docker.io/private/secret",
                       "hub_deny=ghcr.io/private/*")
-    with Mirror(base / "m", upstream.api_url, extra_args=args, env=env) as m:
+    with Mirror(base / "m", upstream, extra_args=args, env=env) as m:
         yield m
 
 

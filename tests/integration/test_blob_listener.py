@@ -54,7 +54,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def mirror(upstream, cache_dir, tmp_path_factory):
     options = {"hub_cache_dir": str(cache_dir), "hub_blob_listen": f"127.0.0.1:{free_port()}",
                "hub_upstream_timeout": "5"}
-    with Mirror(tmp_path_factory.mktemp("listener-mirror"), upstream.api_url, options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("listener-mirror"), upstream, options=options) as m:
         yield m
 
 
@@ -220,7 +220,7 @@ def _prefix_of(got: bytes, whole: bytes) -> bytes:
 def test_a_second_process_follows_the_first_ones_download(mirror, upstream, cache_dir, tmp_path):
     digest, size = fresh_blob(upstream, tmp_path, "team/l-shared", 32 * 1024 * 1024)
     options = {"hub_cache_dir": str(cache_dir), "hub_blob_listen": f"127.0.0.1:{free_port()}"}
-    with Mirror(tmp_path / "second", upstream.api_url, options=options, name="second") as second:
+    with Mirror(tmp_path / "second", upstream, options=options, name="second") as second:
         results: dict = {}
         with throttled_port(int(urlsplit(upstream.cdn_url).port), 24):
             first_location = redirect(mirror, "team/l-shared", digest, token_for(mirror, "team/l-shared")).headers["location"]
@@ -247,7 +247,7 @@ def test_an_https_mirror_has_an_https_listener_with_its_certificate(upstream, tm
     trust = ssl.create_default_context(cafile=str(certs["ca"]))
     digest, _ = fresh_blob(upstream, tmp_path, "team/l-tls", 2 * 1024 * 1024)
     options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_blob_listen": f"127.0.0.1:{free_port()}"}
-    with Mirror(tmp_path / "m", upstream.api_url, tls=(certs["pem"], "*"), options=options) as m:
+    with Mirror(tmp_path / "m", upstream, tls=(certs["pem"], "*"), options=options) as m:
         token = httpx.get(f"{m.url}/token", params={"service": SERVICE, "scope": "repository:team/l-tls:pull"},
                           verify=trust).json()["token"]
         r = httpx.get(f"{m.url}/v2/team/l-tls/blobs/{digest}", headers={"Authorization": f"Bearer {token}"},

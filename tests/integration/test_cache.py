@@ -41,7 +41,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mirror(upstream, cache_dir, tmp_path_factory):
-    with Mirror(tmp_path_factory.mktemp("cached-mirror"), upstream.api_url, options={"hub_cache_dir": str(cache_dir)}) as m:
+    with Mirror(tmp_path_factory.mktemp("cached-mirror"), upstream, options={"hub_cache_dir": str(cache_dir)}) as m:
         yield m
 
 
@@ -151,7 +151,7 @@ def test_concurrent_pulls_of_one_uncached_blob_fetch_it_once(mirror, upstream, t
 def test_two_mirror_processes_share_one_cache(mirror, upstream, cache_dir, tmp_path):
     assert copy(f"docker://{mirror.host}/team/ociapp:1.0", tmp_path / "a").returncode == 0
     before = cdn_count(upstream)
-    with Mirror(tmp_path / "second", upstream.api_url, options={"hub_cache_dir": str(cache_dir)}, name="second") as second:
+    with Mirror(tmp_path / "second", upstream, options={"hub_cache_dir": str(cache_dir)}, name="second") as second:
         result = copy(f"docker://{second.host}/team/ociapp:1.0", tmp_path / "b")
         assert result.returncode == 0, result.stderr
         assert sha256_file(tmp_path / "b" / "manifest.json") == upstream.images["team/ociapp"]["digest"]
@@ -159,9 +159,11 @@ def test_two_mirror_processes_share_one_cache(mirror, upstream, cache_dir, tmp_p
 
 
 def test_cached_image_pulls_while_upstream_is_down(tmp_path):
-    with Upstream(tmp_path / "upstream") as up:
+    """On a plain-HTTP upstream (an in-house registry; the module's other tests use the HTTPS one):
+    the cache fills, then serves while the upstream is gone."""
+    with Upstream(tmp_path / "upstream", tls=False) as up:
         images = standard_images(up, big_size=1024 * 1024)
-        with Mirror(tmp_path / "m", up.api_url, options={"hub_cache_dir": str(tmp_path / "cache"), "hub_cache_stale": "600"}) as m:
+        with Mirror(tmp_path / "m", up, options={"hub_cache_dir": str(tmp_path / "cache"), "hub_cache_stale": "600"}) as m:
             ok = copy(f"docker://{m.host}/library/alpine:3.19", tmp_path / "before", "--all")
             assert ok.returncode == 0, ok.stderr
             up.stop()

@@ -51,7 +51,7 @@ def mirror(request, upstream, tmp_path_factory):
     # mitmdump shortens logged URLs to the terminal width; the full query (ns=docker.io) must show
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COLUMNS", "4000")
-        m = Mirror(work, upstream.api_url, options=options).start()
+        m = Mirror(work, upstream, options=options).start()
     try:
         yield m
     finally:

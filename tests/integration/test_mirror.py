@@ -56,7 +56,7 @@ def anonymous_token(mirror: Mirror, repo: str, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def mirror(upstream, tmp_path_factory):
-    with Mirror(tmp_path_factory.mktemp("mirror"), upstream.api_url) as m:
+    with Mirror(tmp_path_factory.mktemp("mirror"), upstream) as m:
         yield m
 
 
@@ -252,13 +252,14 @@ def test_registries_conf_mirror_entry(mirror, upstream, tmp_path):
         f'location = "{mirror.host}"\n'
         "insecure = true\n"
     )
-    before = mirror.log_text().count("/v2/library/alpine/manifests/3.19")
+    # the mirror's own pull lines (flow lines are cut to the terminal's width, longer for https:// URLs)
+    before = mirror.log_text().count("GET manifest library/alpine:3.19 ")
     # skopeo 1.9 reads the file named by its (hidden) --registries-conf flag, as podman reads registries.conf
     result = skopeo("--registries-conf", str(conf), "copy", "--all", "docker://docker.io/library/alpine:3.19",
                     f"dir:{tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr + mirror.log_text()[-3000:]
     assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
-    assert mirror.log_text().count("/v2/library/alpine/manifests/3.19") > before
+    assert mirror.log_text().count("GET manifest library/alpine:3.19 ") > before
 
 
 def test_read_only_refuses_pushes(mirror, tmp_path):
@@ -319,7 +320,7 @@ def test_https_with_user_certificate(upstream, tmp_path):
     cert_dir = tmp_path / "client-certs"
     cert_dir.mkdir()
     (cert_dir / "ca.crt").write_bytes(certs["ca"].read_bytes())
-    with Mirror(tmp_path / "m", upstream.api_url, tls=(certs["pem"], "*")) as m:
+    with Mirror(tmp_path / "m", upstream, tls=(certs["pem"], "*")) as m:
         # verified TLS with the user's certificate, served as HTTP/1.1 even to an h2-capable client
         version = subprocess.run(
             ["curl", "-s", "--http2", "--cacert", str(certs["ca"]), "-o", "/dev/null", "-w", "%{http_version}", f"{m.url}/v2/"],
@@ -332,29 +333,54 @@ def test_https_with_user_certificate(upstream, tmp_path):
         assert result.returncode == 0, result.stderr
         assert sha256_file(tmp_path / "out" / "manifest.json") == upstream.images["library/alpine"]["digest"]
         # with an explicit public URL the realm follows it
-    with Mirror(tmp_path / "m2", upstream.api_url, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
+    with Mirror(tmp_path / "m2", upstream, tls=(certs["pem"], "*"), options={"hub_public_url": "https://localhost:%d" % 1}) as m2:
         r = httpx.get(f"{m2.url}/v2/", verify=ssl.create_default_context(cafile=str(certs["ca"])))
         assert r.headers["www-authenticate"].startswith('Bearer realm="https://localhost:1/token"')
 
 
 def test_upstream_tls_obeys_mitmproxy_options(upstream, tmp_path):
-    """The addon's own upstream requests verify TLS like mitmproxy does."""
-    certs = make_ca_and_server_cert(tmp_path / "certs")
-    # an HTTPS front for the upstream: a plain mitmdump terminating TLS with our test CA's certificate
-    with Mirror(tmp_path / "front", upstream.api_url, plain=True, tls=(certs["pem"], "*"), name="front") as front:
-        https_upstream = f"https://127.0.0.1:{front.port}"
-        with Mirror(tmp_path / "untrusted", https_upstream, name="untrusted") as m:
+    """The mirror verifies the upstream's TLS like mitmproxy does: the HTTPS upstream's CA must be
+    trusted (ssl_verify_upstream_trusted_ca, as an operator sets it), another CA is not enough,
+    ssl_insecure skips the check."""
+    other = make_ca_and_server_cert(tmp_path / "other-ca")
+    for name, options in (("untrusted", {}), ("other-ca", {"ssl_verify_upstream_trusted_ca": str(other["ca"])})):
+        with Mirror(tmp_path / name, upstream.api_url, name=name, options=options) as m:
             r = httpx.get(f"{m.url}/v2/", timeout=30)
-            assert r.status_code == 502
+            assert r.status_code == 502, name
             assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
             assert "TLS" in r.json()["errors"][0]["message"]
-        with Mirror(tmp_path / "trusted", https_upstream, name="trusted",
-                    options={"ssl_verify_upstream_trusted_ca": str(certs["ca"])}) as m:
-            result = copy(f"docker://{m.host}/team/ociapp:1.0", tmp_path / "out")
-            assert result.returncode == 0, result.stderr
-        with Mirror(tmp_path / "insecure", https_upstream, name="insecure", options={"ssl_insecure": "true"}) as m:
-            r = httpx.get(f"{m.url}/v2/", timeout=30)
-            assert r.status_code == 401
+    with Mirror(tmp_path / "trusted", upstream.api_url, name="trusted", upstream_ca=upstream.ca_cert) as m:
+        assert f"ssl_verify_upstream_trusted_ca={upstream.ca_cert}" in m.argv
+        result = copy(f"docker://{m.host}/team/ociapp:1.0", tmp_path / "out")  # blobs from the HTTPS CDN too
+        assert result.returncode == 0, result.stderr
+    with Mirror(tmp_path / "insecure", upstream.api_url, name="insecure", options={"ssl_insecure": "true"}) as m:
+        r = httpx.get(f"{m.url}/v2/", timeout=30)
+        assert r.status_code == 401
+
+
+@pytest.fixture(scope="module")
+def plain_upstream(tmp_path_factory):
+    """An in-house registry on plain HTTP (some registries and in-house mirrors are), with its
+    token service and blob storage plain HTTP too."""
+    from tests.support.images import push_image
+    from tests.support.upstream import Upstream
+
+    with Upstream(tmp_path_factory.mktemp("plain-upstream"), tls=False) as up:
+        up.images = {"team/plain": push_image(up, "team/plain", "1.0", [{"plain.txt": "in-house\n"}])}
+        yield up
+
+
+def test_plain_http_upstream_through_the_mirror(plain_upstream, tmp_path):
+    """A plain-HTTP registry (no CA anywhere) is pulled with skopeo through the mirror: challenge,
+    token, manifest and the blobs' redirect to its plain-HTTP storage."""
+    assert plain_upstream.api_url.startswith("http://") and plain_upstream.cdn_url.startswith("http://")
+    with Mirror(tmp_path / "m", plain_upstream, name="plain") as m:
+        assert not any("ssl_verify_upstream_trusted_ca" in a for a in m.argv)
+        result = copy(f"docker://{m.host}/team/plain:1.0", tmp_path / "out")
+        assert result.returncode == 0, result.stderr + m.log_text()[-3000:]
+    assert sha256_file(tmp_path / "out" / "manifest.json") == plain_upstream.images["team/plain"]["digest"]
+    cdn = plain_upstream.cdn_requests(min_count=2)
+    assert [r["status"] for r in cdn].count(200) >= 2 and not any(r["authorization_present"] for r in cdn)
 
 
 def test_no_secret_in_mirror_log(mirror, upstream):

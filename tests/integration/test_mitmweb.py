@@ -32,7 +32,7 @@ UI_WAIT_MS = 5000
 def pulled(upstream, tmp_path_factory):
     """mitmweb with the addon, after skopeo pulled alpine (every platform) and private/secret through it."""
     work = tmp_path_factory.mktemp("mitmweb")
-    with Mirror(work / "mirror", upstream.api_url, tool="mitmweb") as mirror:
+    with Mirror(work / "mirror", upstream, tool="mitmweb") as mirror:
         alpine = copy(f"docker://{mirror.host}/library/alpine:3.19", work / "alpine", "--all")
         assert alpine.returncode == 0, alpine.stderr
         password = upstream.users["alice"]

@@ -20,7 +20,7 @@ def mirror(upstream, tmp_path_factory):
     cache = tmp_path_factory.mktemp("obs-cache")
     metrics_port = free_port()
     options = {"hub_cache_dir": str(cache), "hub_metrics_listen": f"127.0.0.1:{metrics_port}"}
-    with Mirror(tmp_path_factory.mktemp("obs-mirror"), upstream.api_url, options=options) as m:
+    with Mirror(tmp_path_factory.mktemp("obs-mirror"), upstream, options=options) as m:
         m.cache_dir = cache
         m.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield m

@@ -219,6 +219,12 @@ def table_args(upstream, second_upstream) -> str:
             f"--set hub_upstreams=ghcr.io={second_upstream.api_url}")
 
 
+def trust_upstream(upstream) -> str:
+    """The option an operator adds for an upstream whose certificates come from their own CA, as the
+    test upstream's do (Docker Hub's are publicly trusted: the README's commands need nothing)."""
+    return f"--set ssl_verify_upstream_trusted_ca={upstream.ca_cert}"
+
+
 def mirror_url_env(upstream, port: int) -> dict[str, str]:
     """scripts/run's own knobs (README: "HUB_PORT and HUB_UPSTREAM change the port and the upstream registry")."""
     return {"HUB_PORT": str(port), "HUB_UPSTREAM": upstream.api_url}
@@ -343,7 +349,8 @@ def mirror(request, shell, upstream, second_upstream, images, tmp_path_factory) 
     """The README's mirror command for both test registries, with the README's host map example."""
     port = free_port()
     text = typed(request, MITMDUMP, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                 append=f"{table_args(upstream, second_upstream)} --set hub_host_map={HOST_MAPPED}=ghcr.io")
+                 append=f"{table_args(upstream, second_upstream)} --set hub_host_map={HOST_MAPPED}=ghcr.io "
+                        f"{trust_upstream(upstream)}")
     with start_mirror(shell, text, tmp_path_factory.mktemp("mirror") / "mirror.log", port) as proc:
         yield Running(proc, port)
 
@@ -558,7 +565,7 @@ def test_mirror_accounts(request, shell, upstream, second_upstream, dockerd, tmp
 
     port = free_port()
     text = typed(request, MITMDUMP, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                 append=f"--set hub_users_file={shlex.quote(str(users))}")
+                 append=f"--set hub_users_file={shlex.quote(str(users))} {trust_upstream(upstream)}")
     env = docker_env(dockerd)
     pull = f"docker pull 127.0.0.1:{port}/library/alpine:3.19"
     with start_mirror(shell, text, tmp_path / "accounts.log", port) as proc:
@@ -612,7 +619,7 @@ def forward_proxy(request, shell, second_upstream, images, tmp_path_factory) -> 
     """The README's forward-proxy command, ghcr.io served by the test upstream standing in for it."""
     port = free_port()
     text = typed(request, FORWARD_PROXY, {"@8080": f"@{port}"},
-                 append=f"--set hub_upstreams=ghcr.io={second_upstream.api_url}")
+                 append=f"--set hub_upstreams=ghcr.io={second_upstream.api_url} {trust_upstream(second_upstream)}")
     with start_mirror(shell, text, tmp_path_factory.mktemp("forward") / "forward.log", port) as proc:
         yield Running(proc, port)
 
@@ -679,7 +686,7 @@ def test_https(request, shell, checkout, upstream, second_upstream, images, cont
     port = free_port()
     mirror_host = f"127.0.0.1:{port}"
     text = typed(request, SCRIPTS_RUN_TLS, {"mirror.example.com:5000": mirror_host},
-                 append=table_args(upstream, second_upstream))
+                 append=f"{table_args(upstream, second_upstream)} {trust_upstream(upstream)}")
     trust = {"SSL_CERT_FILE": str(certs["ca"])}  # the test CA as the clients' system store
     with start_mirror(shell, text, tmp_path / "tls.log", port, env=mirror_url_env(upstream, port)) as proc:
         v2 = httpx.get(f"https://{mirror_host}/v2/", verify=trusting(certs["ca"]), timeout=30)
@@ -710,7 +717,7 @@ def test_https(request, shell, checkout, upstream, second_upstream, images, cont
 
 def test_scripts_run_with_a_public_url(request, shell, upstream, tmp_path):
     port = free_port()
-    text = typed(request, SCRIPTS_RUN_PUBLIC_URL)
+    text = typed(request, SCRIPTS_RUN_PUBLIC_URL, append=trust_upstream(upstream))
     with start_mirror(shell, text, tmp_path / "run.log", port, env=mirror_url_env(upstream, port)):
         v2 = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=30)
     assert v2.status_code == 401
@@ -720,7 +727,7 @@ def test_scripts_run_with_a_public_url(request, shell, upstream, tmp_path):
 def test_scripts_run_with_the_cache(request, shell, upstream, tmp_path):
     port = free_port()
     cache = tmp_path / "cache"
-    text = typed(request, SCRIPTS_RUN_CACHE, {"/var/cache/hub-rewrite": str(cache)})
+    text = typed(request, SCRIPTS_RUN_CACHE, {"/var/cache/hub-rewrite": str(cache)}, append=trust_upstream(upstream))
     layer = upstream.images["team/ociapp"]["layer_digests"][0]
     with start_mirror(shell, text, tmp_path / "run.log", port, env=mirror_url_env(upstream, port)):
         base = f"http://127.0.0.1:{port}"
@@ -735,7 +742,7 @@ def test_scripts_run_with_the_cache(request, shell, upstream, tmp_path):
 def test_scripts_run_with_the_blob_listener(request, shell, upstream, tmp_path):
     port, listener = free_port(), free_port()
     text = typed(request, SCRIPTS_RUN_LISTENER, {"/var/cache/hub-rewrite": str(tmp_path / "cache"),
-                                                 "0.0.0.0:5001": f"0.0.0.0:{listener}"})
+                                                 "0.0.0.0:5001": f"0.0.0.0:{listener}"}, append=trust_upstream(upstream))
     layer = upstream.images["team/ociapp"]["layer_digests"][0]
     with start_mirror(shell, text, tmp_path / "run.log", port, ports=[port, listener],
                       env=mirror_url_env(upstream, port)):
@@ -774,7 +781,7 @@ def fresh_blob(up, tmp_path: Path, repo: str, size: int) -> str:
 def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket, tmp_path):
     port = free_port()
     text = typed(request, SCRIPTS_RUN_BUCKET, {**S3_KEYS, "/var/cache/hub-rewrite": str(tmp_path / "cache"),
-                                               "https://s3.example.com": ceph.endpoint_url})
+                                               "https://s3.example.com": ceph.endpoint_url}, append=trust_upstream(upstream))
     digest = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
@@ -798,6 +805,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
     script = "\n".join([
         typed(request, EXPORT_KEYS, S3_KEYS),
         typed(request, THREE_PROCESSES, {**replace, "https://registry-1.docker.io": upstream.api_url,
+                                         "--set hub_store_url=": f"{trust_upstream(upstream)} --set hub_store_url=",
                                          "/var/cache/hub-rewrite": str(tmp_path / "cache"),
                                          "https://mirror.example.com": f"https://{public}",
                                          "https://s3.example.com": ceph.endpoint_url}),
@@ -839,7 +847,7 @@ def test_mitmweb_shows_a_skopeo_pull(request, shell, checkout, upstream, tmp_pat
     need(request, "skopeo")
     port, web_port = free_port(), free_port()
     text = typed(request, MITMWEB, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
-                 append=f"--set web_port={web_port}")
+                 append=f"--set web_port={web_port} {trust_upstream(upstream)}")
     copy = typed(request, SKOPEO_COPY, {"localhost:5000": f"localhost:{port}", "/tmp/alpine": str(tmp_path / "alpine")})
     with start_mirror(shell, text, tmp_path / "mitmweb.log", port, ports=[port, web_port],
                       ready_text="Web server listening at") as proc:
@@ -866,7 +874,8 @@ def test_record_and_replay(request, shell, checkout, upstream, tmp_path):
     flows and the decoded manifest view are there."""
     need(request, "skopeo")
     port, web_port = free_port(), free_port()
-    record = typed(request, RECORD, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"})
+    record = typed(request, RECORD, {"https://registry-1.docker.io": upstream.api_url, "@5000": f"@{port}"},
+                   append=trust_upstream(upstream))
     with start_mirror(shell, record, tmp_path / "record.log", port):
         result = shell.run(f"skopeo copy --src-tls-verify=false docker://127.0.0.1:{port}/team/ociapp:1.0 "
                            f"dir:{tmp_path / 'out'}", env=NO_NETWORK_ENV, timeout=CLIENT_TIMEOUT)
@@ -914,18 +923,23 @@ def test_zz_every_command_assigned_here_ran(request):
 # ---------------------------------------------------------------- the table
 
 TEST_UPSTREAMS = "the test upstreams in place of the real registries (mitm.conf names the real ones)"
+TRUST = ("--set ssl_verify_upstream_trusted_ca=<the test upstream's CA> (the test upstream is HTTPS with "
+         "certificates of a CA the test session makes; Docker Hub's are publicly trusted)")
 MIRROR_KNOBS = "HUB_PORT and HUB_UPSTREAM (scripts/run's documented knobs): a free port, the test upstream"
 
 TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     # ---- sh blocks
     SCRIPTS_RUN: Elsewhere("tests/integration/test_scripts.py::test_restart_starts_at_once_without_the_package_index",
-                           shows='["scripts/run"]', note="with HUB_PORT/HUB_UPSTREAM, pip offline"),
+                           shows='["scripts/run", "--set"',
+                           note="with HUB_PORT/HUB_UPSTREAM, pip offline, the test upstream's CA trusted "
+                                "(--set ssl_verify_upstream_trusted_ca)"),
     SCRIPTS_TEST: Elsewhere(".ci/run", shows="exec scripts/test",
                             note="CI runs it: every test, this module included (running it here would recurse)"),
     MITMDUMP: Here(("test_mitmdump_as_typed", "mirror", "test_mirror_accounts"),
                    replaced=("https://registry-1.docker.io", "@5000"),
                    appended=f"--set hub_upstreams=... ({TEST_UPSTREAMS}); the README's --set hub_host_map "
-                            "example; --set hub_users_file=<a file of users made by the README's commands>"),
+                            "example; --set hub_users_file=<a file of users made by the README's commands>; "
+                            + TRUST),
     DOCKER_PULL: Here(("test_docker_pull_by_name_and_login",), replaced=("localhost:5000",),
                       environment="DOCKER_HOST/DOCKER_CONFIG: the private dockerd"),
     DOCKER_PULL_OFFICIAL: Here(("test_docker_pull_by_name_and_login",), replaced=("localhost:5000",),
@@ -933,38 +947,40 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     DOCKER_LOGIN_HUB: Here(("test_docker_pull_by_name_and_login",), replaced=("localhost:5000",),
                            environment="a terminal, typing alice's upstream user name and password"),
     FORWARD_PROXY: Here(("forward_proxy",), replaced=("@8080",),
-                        appended=f"--set hub_upstreams=ghcr.io=... ({TEST_UPSTREAMS})"),
+                        appended=f"--set hub_upstreams=ghcr.io=... ({TEST_UPSTREAMS}); {TRUST}"),
     FORWARD_SKOPEO: Here(("test_forward_proxy_with_skopeo",), replaced=("mirror.example.com:8080", "/tmp/image"),
                          environment="SSL_CERT_FILE: mitmproxy's CA from ~/.mitmproxy as the system store"),
     CAT_PEM: Here(("test_https",)),
     SCRIPTS_RUN_TLS: Here(("test_https",), replaced=("mirror.example.com:5000",),
-                          appended=f"--set hub_upstreams=... ({TEST_UPSTREAMS})", environment=MIRROR_KNOBS),
+                          appended=f"--set hub_upstreams=... ({TEST_UPSTREAMS}); {TRUST}", environment=MIRROR_KNOBS),
     MITMWEB: Here(("test_mitmweb_as_typed", "test_mitmweb_shows_a_skopeo_pull"),
                   replaced=("https://registry-1.docker.io", "@5000"),
-                  appended="--set web_port=<free port> (8081 may be taken) when not run as typed"),
-    RECORD: Here(("test_record_and_replay",), replaced=("https://registry-1.docker.io", "@5000")),
+                  appended=f"--set web_port=<free port> (8081 may be taken) and {TRUST}, when not run as typed"),
+    RECORD: Here(("test_record_and_replay",), replaced=("https://registry-1.docker.io", "@5000"), appended=TRUST),
     REPLAY: Here(("test_record_and_replay",), appended="--set web_port=<free port> (8081 may be taken)"),
     SCRIPTS_RUN_CACHE: Here(("test_scripts_run_with_the_cache",), replaced=("/var/cache/hub-rewrite",),
-                            environment=MIRROR_KNOBS),
+                            appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_RUN_LISTENER: Here(("test_scripts_run_with_the_blob_listener",),
-                               replaced=("/var/cache/hub-rewrite", "0.0.0.0:5001"), environment=MIRROR_KNOBS),
+                               replaced=("/var/cache/hub-rewrite", "0.0.0.0:5001"), appended=TRUST,
+                               environment=MIRROR_KNOBS),
     SCRIPTS_RUN_BUCKET: Here(("test_scripts_run_with_a_shared_bucket",),
                              replaced=("AWS_ACCESS_KEY_ID=...", "AWS_SECRET_ACCESS_KEY=...", "/var/cache/hub-rewrite",
-                                       "https://s3.example.com"),
+                                       "https://s3.example.com"), appended=TRUST,
                              environment=f"{MIRROR_KNOBS}; the keys of Ceph RGW's test user"),
     EXPORT_KEYS: Here(("test_three_processes_behind_nginx",),
                       replaced=("AWS_ACCESS_KEY_ID=...", "AWS_SECRET_ACCESS_KEY=..."),
                       environment="the keys of Ceph RGW's test user"),
     THREE_PROCESSES: Here(("test_three_processes_behind_nginx",),
                           replaced=("5001", "5002", "5003", "https://registry-1.docker.io", "/var/cache/hub-rewrite",
-                                    "https://mirror.example.com", "https://s3.example.com")),
+                                    "https://mirror.example.com", "https://s3.example.com", "--set hub_store_url="),
+                          environment=f"{TRUST}, put before --set hub_store_url"),
     BENCH_PULL: BenchSmoke(),
     BENCH_CACHE: BenchSmoke(),
     BENCH_LOAD: BenchSmoke(),
     BENCH_BLOBPATH: BenchSmoke(),
     BENCH_SHARED: BenchSmoke(),
     # ---- inline commands
-    SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), environment=MIRROR_KNOBS),
+    SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),
                             environment="PYTEST_ADDOPTS=--collect-only (the unit tests run in CI's scripts/test)"),
     SKOPEO_COPY: Here(("test_mitmweb_shows_a_skopeo_pull",), replaced=("localhost:5000", "/tmp/alpine")),

@@ -96,7 +96,7 @@ def table_args(upstream, second_upstream, *settings: str) -> list[str]:
 
 def routing_mirror(workdir: Path, upstream, second_upstream, *settings: str, **kw) -> Mirror:
     """A reverse-mode mirror for docker.io (default) and ghcr.io, not yet started."""
-    return Mirror(workdir, upstream.api_url, extra_args=table_args(upstream, second_upstream, *settings),
+    return Mirror(workdir, upstream, extra_args=table_args(upstream, second_upstream, *settings),
                   env=WIDE_LOG, **kw)
 
 
@@ -376,7 +376,7 @@ def forward_proxy(upstream, tmp_path_factory):
     """The mirror as a forward proxy (``--mode regular``) whose table has one registry,
     ``hub.test``, served by the first upstream; ``.cert_dir`` holds its CA as ca.crt."""
     base = tmp_path_factory.mktemp("routing-forward")
-    m = Mirror(base, "", mode="regular", env=WIDE_LOG, extra_args=[
+    m = Mirror(base, "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
         "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
     ]).start()
     try:
@@ -391,7 +391,7 @@ def forward_proxy(upstream, tmp_path_factory):
 def test_forward_proxy_with_the_cache(upstream, tmp_path):
     """Forward-proxy mode gets the pull-through cache too: a second skopeo copy
     through the proxy makes no CDN request, and the blobs come marked as hits."""
-    m = Mirror(tmp_path / "m", "", mode="regular", env=WIDE_LOG, extra_args=[
+    m = Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
         "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}", "--set", f"hub_cache_dir={tmp_path / 'cache'}",
     ]).start()
     try:
@@ -457,7 +457,7 @@ def test_forward_proxy_client_never_sees_token_server_or_cdn(forward_proxy, upst
     ``https://hub.test/token...`` (the mirror, not the token server); a token from
     there opens the manifest, and each blob GET is answered 200 with the bytes by
     the mirror itself, never with a redirect to the CDN.  Asked for by its API host
-    (``http://127.0.0.1:<edge port>``, plain HTTP through the proxy), the registry
+    (``https://127.0.0.1:<edge port>``, through a CONNECT tunnel), the registry
     is served the same way: the realm names that host, not the token server."""
     ociapp = upstream.images["team/ociapp"]
     ctx = ssl.create_default_context(cafile=str(forward_proxy.ca_cert))
@@ -587,7 +587,7 @@ def test_forward_proxy_passthrough_off_refuses_other_hosts(upstream, tmp_path):
     registry is still served."""
     canary = EvilListener()
     try:
-        with Mirror(tmp_path / "m", "", mode="regular", env=WIDE_LOG, extra_args=[
+        with Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert, env=WIDE_LOG, extra_args=[
             "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", "hub_proxy_passthrough=false",
         ]) as m:

@@ -85,7 +85,9 @@ def test_restart_starts_at_once_without_the_package_index(checkout, upstream, tm
     env = {**os.environ, **OFFLINE_PIP, "HUB_PORT": str(port), "HUB_UPSTREAM": upstream.api_url}
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["scripts/run"], cwd=checkout, env=env,  # as the README says
+        # as the README says; the test upstream's CA trusted the operator's way (extra arguments go to mitmdump)
+        proc = subprocess.Popen(["scripts/run", "--set", f"ssl_verify_upstream_trusted_ca={upstream.ca_cert}"],
+                                cwd=checkout, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         started = wait_listening(port, proc, START_LIMIT)

@@ -63,9 +63,9 @@ def blob_secret(tmp_path_factory) -> str:
 def pair(upstream, ceph, bucket, blob_secret, tmp_path_factory):
     """Two mirror processes, separate local tiers, one bucket, one key."""
     work = tmp_path_factory.mktemp("shared")
-    a = Mirror(work / "a", upstream.api_url, env=store_env(ceph), name="a",
+    a = Mirror(work / "a", upstream, env=store_env(ceph), name="a",
                options=store_options(ceph, bucket, work / "cache-a", hub_blob_secret=blob_secret))
-    b = Mirror(work / "b", upstream.api_url, env=store_env(ceph), name="b",
+    b = Mirror(work / "b", upstream, env=store_env(ceph), name="b",
                options=store_options(ceph, bucket, work / "cache-b", hub_blob_secret=blob_secret))
     with a, b:
         yield a, b
@@ -121,7 +121,7 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
     for layer in image["layer_digests"]:
         assert ceph.wait_for_blob(bucket, PREFIX, layer)
     options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true", hub_blob_secret=blob_secret)
-    with Mirror(tmp_path / "c", upstream.api_url, options=options, env=store_env(ceph), name="c") as c:
+    with Mirror(tmp_path / "c", upstream, options=options, env=store_env(ceph), name="c") as c:
         before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
         # never read by c: presigned on the mark a made (the mark lands just after the object)
         assert eventually_presigned(ceph, c, "team/ociapp", image["layer_digests"][0], token(c, "team/ociapp"))
@@ -142,7 +142,7 @@ def test_a_token_issued_by_one_is_accepted_by_the_other(upstream, ceph, tmp_path
     users.write_text(f"ann:{hash_password('mirror-pw')}\n")
     name = "tokens-" + secrets.token_hex(4)
     ceph.make_bucket(name)
-    mirrors = [Mirror(tmp_path / n, upstream.api_url, name=n, env=store_env(ceph),
+    mirrors = [Mirror(tmp_path / n, upstream, name=n, env=store_env(ceph),
                       options=store_options(ceph, name, tmp_path / f"cache-{n}", hub_users_file=str(users)))
                for n in ("one", "two")]
     with mirrors[0] as one, mirrors[1] as two:
@@ -166,7 +166,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
     assert sha256_digest(get_blob(a, "private/secret", digest, alice).content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     options = store_options(ceph, bucket, tmp_path / "cache-p", hub_store_presign="true")
-    with Mirror(tmp_path / "p", upstream.api_url, options=options, env=store_env(ceph), name="p") as presigning:
+    with Mirror(tmp_path / "p", upstream, options=options, env=store_env(ceph), name="p") as presigning:
         for mirror in (a, b, presigning):
             anonymous = token(mirror, "private/secret")
             for bearer in (anonymous, None):
@@ -185,7 +185,7 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
     ceph.client().put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024))  # someone else's bytes
     for presign in ("false", "true"):
         options = store_options(ceph, bucket, tmp_path / f"cache-d-{presign}", hub_store_presign=presign)
-        with Mirror(tmp_path / f"d-{presign}", upstream.api_url, options=options, env=store_env(ceph), name="d") as d:
+        with Mirror(tmp_path / f"d-{presign}", upstream, options=options, env=store_env(ceph), name="d") as d:
             bearer = token(d, "team/s-corrupt")
             for attempt in range(3):  # a client retries a failed transfer, as docker and skopeo do
                 try:
@@ -287,9 +287,9 @@ def test_an_object_replaced_with_its_mark_copied_is_never_presigned(upstream, ce
         layers.append(tmp_path / f"{part}.tar")
         make_big_layer(layers[-1], 1024 * 1024, seed=os.urandom(8))
     control, whole, ranged = push_image(upstream, repo, "1", layers, media="oci")["layer_digests"]
-    writer = Mirror(tmp_path / "w", upstream.api_url, options=store_options(ceph, name, tmp_path / "cache-w", **extra),
+    writer = Mirror(tmp_path / "w", upstream, options=store_options(ceph, name, tmp_path / "cache-w", **extra),
                     env=store_env(ceph), name="w")
-    reader = Mirror(tmp_path / "r", upstream.api_url, options=store_options(ceph, name, tmp_path / "cache-r", **extra),
+    reader = Mirror(tmp_path / "r", upstream, options=store_options(ceph, name, tmp_path / "cache-r", **extra),
                     env=store_env(ceph), name="r")
     with writer, reader:
         tw, tr = token(writer, repo), token(reader, repo)

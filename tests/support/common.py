@@ -11,6 +11,9 @@ tests.support.<module>``).  They share:
   killed pytest never leaves servers running.
 * ``sign_cdn_path`` / ``verify_cdn_signature``: the shared-secret URL
   signature used between the edge (which signs) and the CDN (which checks).
+* ``serve`` / ``tls_args``: a threading HTTP server, over TLS when started with
+  ``--tls-cert``/``--tls-key`` (as the edge and the token service are, like
+  Docker Hub's hosts).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import select
 import socket
 import signal
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -176,13 +180,46 @@ def verify_cdn_signature(secret: bytes, path: str, expires: str | None, signatur
 
 from http.server import ThreadingHTTPServer  # noqa: E402
 
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+def server_tls_context(cert: str | os.PathLike, key: str | os.PathLike,
+                       alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+    """A server context for our test certificates; ALPN offers ``alpn`` (Docker Hub's
+    registry and token hosts: HTTP/1.1 only)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
 
 class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a deeper accept backlog and daemon threads."""
+    """ThreadingHTTPServer with a deeper accept backlog and daemon threads.
+
+    With ``tls`` set, every accepted connection is wrapped in TLS; the handshake
+    runs in the connection's own thread (not in the accept loop, where one silent
+    client would stall everyone), and a failed handshake just closes that connection.
+    """
 
     request_queue_size = 256
     daemon_threads = True
     allow_reuse_address = True
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def finish_request(self, request, client_address) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+                request.do_handshake()
+            except (OSError, ValueError):
+                return  # shutdown_request closes it
+        super().finish_request(request, client_address)
 
 
 # ---------------------------------------------------------------- fault injection (shared)
@@ -287,10 +324,25 @@ def hang_until_disconnect(sock: socket.socket, seconds: float | None = None) -> 
             return "client_disconnected"
 
 
-def serve(handler: type, host: str, port: int, ready_file: Path | None, url_path: str = "") -> None:
-    """Run a test server until terminated, announcing its port in ready_file."""
+def add_tls_args(ap) -> None:
+    """``--tls-cert``/``--tls-key`` on a server's command line (both, or neither: plain HTTP)."""
+    ap.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    ap.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+
+
+def tls_from_args(args) -> ssl.SSLContext | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return server_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+
+
+def serve(handler: type, host: str, port: int, ready_file: Path | None, url_path: str = "",
+          tls: ssl.SSLContext | None = None) -> None:
+    """Run a test server until terminated (over TLS with ``tls``), announcing its port in ready_file."""
     httpd = Server((host, port), handler)
+    httpd.tls = tls
     port = httpd.server_address[1]
     if ready_file:
-        write_ready_file(ready_file, port=port, url=f"http://{host}:{port}{url_path}")
+        scheme = "https" if tls else "http"
+        write_ready_file(ready_file, port=port, url=f"{scheme}://{host}:{port}{url_path}")
     httpd.serve_forever(poll_interval=0.5)

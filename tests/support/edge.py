@@ -1,7 +1,12 @@
 """The "registry-1.docker.io" edge: a transparent reverse proxy to distribution.
 
 Run:  python -m tests.support.edge --upstream http://127.0.0.1:REG --cdn-base http://127.0.0.1:CDN \
-          --secret-file F --ready-file R [--port 0] [--log L] [--sign-ttl 1200] [--ratelimit 100]
+          --secret-file F --ready-file R [--port 0] [--log L] [--sign-ttl 1200] [--ratelimit 100] \
+          [--tls-cert CRT --tls-key KEY]
+
+With ``--tls-cert``/``--tls-key`` it serves HTTPS only (HTTP/1.1 by ALPN), as
+registry-1.docker.io does; distribution behind it stays plain HTTP on loopback,
+like Docker Hub's internal network.
 
 Every request is forwarded intact (method, path+query, all end-to-end headers
 in order, repeated ones included, Host too, body streamed) over a keep-alive
@@ -11,6 +16,9 @@ headers (Connection, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade,
 Proxy-Connection, Expect) are not forwarded, as RFC 9110 requires.
 
 The only changes:
+
+* over TLS, ``X-Forwarded-Proto: https`` is set (as a TLS-terminating front
+  does), so distribution's absolute URLs (upload ``Location``) say https.
 
 * 3xx whose ``Location`` starts with ``--cdn-base``: the CDN signature query
   (``expires=&signature=``) is appended, like Docker Hub's signed blob URLs.
@@ -58,8 +66,9 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.common import (FaultSwitch, JsonLog, auth_summary, fault_control, hang_until_disconnect,
-                                  install_term_handler, is_loopback, load_secret, serve, sign_cdn_path, watch_parent)
+from tests.support.common import (FaultSwitch, JsonLog, add_tls_args, auth_summary, fault_control,
+                                  hang_until_disconnect, install_term_handler, is_loopback, load_secret, serve,
+                                  sign_cdn_path, tls_from_args, watch_parent)
 
 EDGE_FAULT_MODES = frozenset({"status500", "status429", "hang", "close"})
 TOOMANYREQUESTS_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by "
@@ -150,6 +159,7 @@ class Handler(BaseHTTPRequestHandler):
     rl: RateLimit
     jlog: JsonLog
     faults: FaultSwitch
+    tls: bool = False
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -222,6 +232,9 @@ class Handler(BaseHTTPRequestHandler):
                    if k.lower() not in HOP_BY_HOP and k.lower() not in conn_tokens]
         if self.headers.get("Host") is None:
             headers.insert(0, ("Host", f"{self.upstream_host}:{self.upstream_port}"))
+        if self.tls:  # as a TLS-terminating front tells distribution, so its absolute URLs say https
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-proto"]
+            headers.append(("X-Forwarded-Proto", "https"))
 
         # ---- request body
         te = (self.headers.get("Transfer-Encoding") or "").lower()
@@ -455,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enforce-ratelimit", action="store_true")
     ap.add_argument("--log", type=Path)
     ap.add_argument("--ready-file", type=Path)
+    add_tls_args(ap)
     args = ap.parse_args(argv)
 
     install_term_handler()
@@ -470,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         "jlog": JsonLog(args.log),
         "faults": FaultSwitch(EDGE_FAULT_MODES, {"path_contains": str, "method": str}),
     }
-    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file)
+    tls = tls_from_args(args)
+    attrs["tls"] = tls is not None
+    serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file, tls=tls)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Runs a real ``mitmdump`` (or ``mitmweb``) with the hub-rewrite addon in front of an upstream.
 
-    with Mirror(workdir, upstream_url) as mirror:
+    with Mirror(workdir, upstream) as mirror:      # an Upstream, or its API URL as a string
         mirror.url        # http://127.0.0.1:PORT
         mirror.log_text() # everything mitmdump printed
         mirror.peak_rss() # VmHWM of the mitmdump process, bytes
+
+Given an HTTPS ``Upstream`` (tests/support/upstream.py), the mirror trusts its
+test CA the way an operator would: ``--set ssl_verify_upstream_trusted_ca=<ca>``
+on the command line (``upstream_ca=`` gives a CA for a URL, or for the
+registries of a forward proxy's table). Nothing reaches it through the
+environment.
 
 ``plain=True`` starts mitmdump without the addon (a bare reverse proxy), the
 baseline the benchmark compares against.
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support.common import set_pdeathsig
 from tests.support.mitmweb_api import MitmwebApi
@@ -65,8 +72,9 @@ class Mirror:
     def __init__(
         self,
         workdir: Path,
-        upstream_url: str,
+        upstream_url: str | Any,
         *,
+        upstream_ca: Path | None = None,
         options: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
         plain: bool = False,
@@ -81,7 +89,13 @@ class Mirror:
         mode: "reverse" (to ``upstream_url``) or "regular" (a forward proxy; ``upstream_url`` unused).
         tool: "mitmdump" or "mitmweb" (adds the web UI and ``web_api``).
         listen_host: the address the proxy listens on (another than loopback: for clients in a
-        network namespace, tests/support/netns.py)."""
+        network namespace, tests/support/netns.py).
+        upstream_url: a URL, or an Upstream (its API URL; its CA is trusted unless upstream_ca says another).
+        upstream_ca: the CA certificate to trust for upstream TLS (ssl_verify_upstream_trusted_ca)."""
+        if hasattr(upstream_url, "api_url"):
+            upstream_ca = upstream_ca or upstream_url.ca_cert
+            upstream_url = upstream_url.api_url
+        self.upstream_ca = upstream_ca
         if mode not in ("reverse", "regular"):
             raise ValueError(f"mode must be 'reverse' or 'regular', not {mode!r}")
         if tool not in TOOLS:
@@ -122,6 +136,8 @@ class Mirror:
             argv += ["-s", str(REPO_ROOT / "addons" / "hub_rewrite.py")]
         if tls:
             argv += ["--certs", f"{tls[1]}={tls[0]}"]
+        if upstream_ca:
+            argv += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
         for key, value in (options or {}).items():
             argv += ["--set", f"{key}={value}"]
         argv += extra_args or []

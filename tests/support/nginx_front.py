@@ -35,7 +35,7 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/logs/error.log notice;
 {user}
 events {{
-    worker_connections 256;
+    worker_connections {worker_connections};
 }}
 http {{
     access_log {workdir}/logs/access.log;
@@ -54,13 +54,15 @@ class NginxError(RuntimeError):
 
 
 class NginxFront:
-    def __init__(self, workdir: Path, snippet: str, *, port: int, files: dict[str, bytes] | None = None) -> None:
+    def __init__(self, workdir: Path, snippet: str, *, port: int, files: dict[str, bytes] | None = None,
+                 worker_connections: int = 256) -> None:
         if not os.access(NGINX, os.X_OK):
             raise NginxError(f"{NGINX} not found (apt-get install nginx)")
         self.workdir = Path(workdir).resolve()
         self.snippet = snippet
         self.port = port
         self.files = files or {}
+        self.worker_connections = worker_connections
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> NginxFront:
@@ -79,7 +81,8 @@ class NginxFront:
         user = (f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
                 if os.geteuid() == 0 else "")
         conf = self.workdir / "nginx.conf"
-        conf.write_text(MAIN_CONFIG.format(workdir=self.workdir, user=user))
+        conf.write_text(MAIN_CONFIG.format(workdir=self.workdir, user=user,
+                                           worker_connections=self.worker_connections))
         with open(self.workdir / "logs" / "stderr.log", "ab") as out:
             self.proc = subprocess.Popen(
                 [NGINX, "-p", f"{self.workdir}/", "-e", str(self.workdir / "logs" / "error.log"), "-c", str(conf)],

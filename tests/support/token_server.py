@@ -1,7 +1,11 @@
 """Docker Hub-like token service (auth.docker.io imitation).
 
 Run:  python -m tests.support.token_server --key K --cert C --config users.json \
-          --ready-file F [--port 0] [--log L] [--service S] [--issuer I] [--expires-in 300]
+          --ready-file F [--port 0] [--log L] [--service S] [--issuer I] [--expires-in 300] \
+          [--tls-cert CRT --tls-key KEY]
+
+With ``--tls-cert``/``--tls-key`` it serves HTTPS only (HTTP/1.1 by ALPN), as
+auth.docker.io does.
 
 ``--key``/``--cert`` are created (RSA 2048 + self-signed X.509) if missing;
 distribution verifies tokens through the ``x5c`` header against that cert
@@ -58,8 +62,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.support.common import (FaultSwitch, JsonLog, auth_summary, fault_control, hang_until_disconnect,
-                                  install_term_handler, is_loopback, serve, watch_parent)
+from tests.support.common import (FaultSwitch, JsonLog, add_tls_args, auth_summary, fault_control,
+                                  hang_until_disconnect, install_term_handler, is_loopback, serve, tls_from_args,
+                                  watch_parent)
 
 TOKEN_FAULT_MODES = frozenset({"status500", "hang", "close"})
 DEFAULT_SERVICE = "registry.docker.io"
@@ -431,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expires-in", type=int, default=300)
     ap.add_argument("--log", type=Path)
     ap.add_argument("--ready-file", type=Path)
+    add_tls_args(ap)
     args = ap.parse_args(argv)
 
     install_term_handler()
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     svc = TokenService(JwtSigner(args.key, args.cert), users, Acl(acl), args.service, args.issuer,
                        args.expires_in, JsonLog(args.log))
     handler = type("BoundHandler", (Handler,), {"svc": svc, "faults": FaultSwitch(TOKEN_FAULT_MODES)})
-    serve(handler, args.host, args.port, args.ready_file, "/token")
+    serve(handler, args.host, args.port, args.ready_file, "/token", tls=tls_from_args(args))
 
 
 if __name__ == "__main__":

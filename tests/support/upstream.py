@@ -2,9 +2,27 @@
 
     from tests.support.upstream import Upstream
     with Upstream(Path("/tmp/hub")) as up:
-        up.api_url        # "registry-1.docker.io": point the mirror here
-        up.registry_url   # distribution directly (pushes)
+        up.api_url        # "registry-1.docker.io" (https://127.0.0.1:PORT): point the mirror here
+        up.registry_url   # distribution directly (plain HTTP on loopback: pushes)
+        up.ca_cert        # the CA to trust: the mirror's ssl_verify_upstream_trusted_ca, curl --cacert
+        up.verify         # the same as an ssl.SSLContext, for httpx (verify=up.verify)
+        up.cert_dir       # a directory holding only ca.crt (skopeo --src-cert-dir)
         ...
+
+Transport, as Docker Hub's: the edge, the token service and the CDN speak HTTPS
+only, with certificates for 127.0.0.1/localhost from a CA of the test session
+(``ca=``, a ``tests.support.certs.TestCA``; by default one of the Upstream's own);
+the edge and the token service offer HTTP/1.1 by ALPN, the CDN (nginx in front of
+the Python CDN, tests/support/cdn_front.py) HTTP/2 and HTTP/1.1. Distribution
+behind the edge stays plain HTTP on loopback, like Docker Hub's internal network.
+``tls=False`` gives the plain-HTTP shape (some registries and in-house mirrors).
+
+``rtt_ms=50`` puts a delaying relay (tests/support/latency_relay.py) in front of
+the edge, the token service and the CDN, and every URL a client learns (the API
+URL, the realm in the challenge, the CDN redirect base) points at a relay; the
+services' own URLs stay reachable without delay (``service_url``). ``rtt_ms=0``
+relays without delay (for counting connections). ``up.relay_records()`` reads
+what the relays logged.
 
 Misbehaving on purpose (see the servers' docstrings for details)::
 
@@ -39,12 +57,15 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from tests.support.cdn_front import CdnFront
+from tests.support.certs import TestCA
 from tests.support.common import read_json_lines, set_pdeathsig, sign_cdn_path
 from tests.support.token_server import DEFAULT_ACL, DEFAULT_ISSUER, DEFAULT_SERVICE, ensure_signing_cert
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_BIN = "/usr/bin/docker-registry"
 SERVICES = ("token", "cdn", "registry", "edge")
+RELAYED = ("token", "cdn", "edge")  # the hosts Docker Hub sends a client to
 
 
 class UpstreamError(RuntimeError):
@@ -55,6 +76,16 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _processes_of(service: str) -> tuple[str, ...]:
+    """The processes a service is made of: the CDN is nginx in front of the Python CDN."""
+    return ("cdn-front", "cdn") if service == "cdn" else (service,)
+
+
+def _base(url: str) -> str:
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.netloc}"
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -95,6 +126,24 @@ class _Proc:
         self._log.close()
 
 
+class _NginxProc:
+    """The CDN's nginx front, looked after like a _Proc."""
+
+    def __init__(self, name: str, front: CdnFront):
+        self.name, self.front = name, front
+        self.argv = ["nginx", "-c", str(front.workdir / "nginx.conf")]
+        self.log_path = front.workdir / "logs" / "error.log"
+        front.start()
+        self.popen = front.proc
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise UpstreamError(f"{self.name} exited with code {self.popen.returncode}\n{self.front.log_tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.front.stop()
+
+
 def _stop_all(procs: list[_Proc]) -> None:
     for p in reversed(procs):
         try:
@@ -124,8 +173,11 @@ class Upstream:
                  acl: list[dict[str, Any]] | None = None, service: str = DEFAULT_SERVICE,
                  issuer: str = DEFAULT_ISSUER, token_expires_in: int = 300, cdn_sign_ttl: float = 1200,
                  ratelimit: int = 100, enforce_ratelimit: bool = False, registry_log_level: str = "info",
-                 startup_timeout: float = 30.0, die_with_parent: bool = True):
+                 startup_timeout: float = 30.0, die_with_parent: bool = True, tls: bool = True,
+                 ca: TestCA | None = None, rtt_ms: float | None = None):
         self.workdir = Path(workdir).resolve()
+        self.tls, self.rtt_ms = tls, rtt_ms
+        self.ca: TestCA | None = (ca or TestCA(self.workdir / "ca")) if tls else None
         self.users: dict[str, str] = dict(users) if users is not None else {
             "alice": secrets.token_urlsafe(12), "admin": secrets.token_urlsafe(12)}
         self.users.setdefault("admin", secrets.token_urlsafe(12))
@@ -146,6 +198,9 @@ class Upstream:
         self.registry_log_path = self.logs_dir / "registry.log"
 
         self.api_url = self.registry_url = self.token_realm = self.cdn_url = ""
+        self._direct: dict[str, str] = {}  # service -> its own base URL (no relay)
+        self._cdn_backend_port = 0
+        self._verify: Any = None
         self._procs: list[_Proc] = []
         self._spawn_args: dict[str, tuple[str, list[str]]] = {}  # python service -> (module, args)
         self._stopped: set[str] = set()  # services taken down by stop_service()
@@ -218,18 +273,31 @@ class Upstream:
         users_file = self.run_dir / "users.json"
         users_file.write_text(json.dumps({"users": self.users, "acl": self.acl}))
         os.chmod(users_file, 0o600)
+        tls_args: list[str] = []
+        if self.ca is not None:
+            # "127.0.0.1" as a DNS name too: nginx (the benchmarks' reference peer) checks a server's
+            # name with X509_check_host, which never looks at IP address entries
+            self._tls_files = self.ca.issue(self.run_dir / "tls", "upstream", hosts=("localhost", "127.0.0.1"),
+                                            ips=("127.0.0.1",))
+            tls_args = ["--tls-cert", str(self._tls_files["cert"]), "--tls-key", str(self._tls_files["key"])]
 
         # 1. token server
         info = self._spawn_py("token", "token_server", [
             "--key", str(key), "--cert", str(cert), "--config", str(users_file),
             "--service", self.service, "--issuer", self.issuer,
-            "--expires-in", str(self.token_expires_in), "--log", str(self.token_log_path)])
-        self.token_realm = info["url"]
+            "--expires-in", str(self.token_expires_in), "--log", str(self.token_log_path), *tls_args])
+        self._direct["token"] = _base(info["url"])
+        self.token_realm = self._public("token") + "/token"
 
-        # 2. CDN
+        # 2. CDN: the Python CDN, behind nginx for TLS (h2 and http/1.1)
         info = self._spawn_py("cdn", "cdn_server", [
             "--root", str(self.storage_root), "--secret-file", str(secret_file), "--log", str(self.cdn_log_path)])
-        self.cdn_url = info["url"]
+        self._cdn_backend_port = info["port"]
+        if self.ca is not None:
+            self._start_cdn_front(_free_port())
+        else:
+            self._direct["cdn"] = _base(info["url"])
+        self.cdn_url = self._public("cdn")
 
         # 3. distribution (port chosen here; retried if somebody grabbed it)
         last_err: Exception | None = None
@@ -249,9 +317,35 @@ class Upstream:
         info = self._spawn_py("edge", "edge", [
             "--upstream", self.registry_url, "--cdn-base", self.cdn_url, "--secret-file", str(secret_file),
             "--sign-ttl", str(self.cdn_sign_ttl), "--ratelimit", str(self.ratelimit),
-            *(["--enforce-ratelimit"] if self.enforce_ratelimit else []), "--log", str(self.edge_log_path)])
-        self.api_url = info["url"]
+            *(["--enforce-ratelimit"] if self.enforce_ratelimit else []), "--log", str(self.edge_log_path),
+            *tls_args])
+        self._direct["edge"] = _base(info["url"])
+        self.api_url = self._public("edge")
         self._wait_http(self.api_url + "/v2/", 401, "edge")
+
+    def _start_cdn_front(self, port: int) -> None:
+        front = CdnFront(self.run_dir / "cdn-front", port, self._cdn_backend_port,
+                         self._tls_files["cert"], self._tls_files["key"])
+        self._procs.append(_NginxProc("cdn-front", front))
+        self._direct["cdn"] = f"https://127.0.0.1:{port}"
+
+    def _public(self, name: str) -> str:
+        """The base URL clients are told for a service: a relay's, with ``rtt_ms``."""
+        if self.rtt_ms is None:
+            return self._direct[name]
+        target = urlsplit(self._direct[name]).netloc
+        info = self._spawn_py(f"relay-{name}", "latency_relay", [
+            "--target", target, "--rtt-ms", str(self.rtt_ms), "--log", str(self.relay_log_path(name))])
+        return f"{urlsplit(self._direct[name]).scheme}://127.0.0.1:{info['port']}"
+
+    def relay_log_path(self, name: str) -> Path:
+        return self.logs_dir / f"relay-{name}.jsonl"
+
+    def relay_records(self) -> dict[str, list[dict[str, Any]]]:
+        """What each relay logged (one record per ended connection), by service; {} without relays."""
+        if self.rtt_ms is None:
+            return {}
+        return {name: read_json_lines(self.relay_log_path(name)) for name in RELAYED}
 
     def _start_registry(self, port: int, cert: Path, env: dict[str, str]) -> None:
         config = {
@@ -274,7 +368,7 @@ class Upstream:
         }
         cfg_path = self.run_dir / "registry.yml"
         cfg_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
-        self.registry_url = f"http://127.0.0.1:{port}"
+        self.registry_url = self._direct["registry"] = f"http://127.0.0.1:{port}"
         self._launch_registry(cfg_path, env)
 
     def _launch_registry(self, cfg_path: Path, env: dict[str, str]) -> None:
@@ -296,7 +390,7 @@ class Upstream:
             for p in ([proc] if proc else self._procs):
                 p.check_alive()
             try:
-                r = httpx.get(url, timeout=2)
+                r = httpx.get(url, timeout=2, verify=self.verify)
                 if r.status_code == status:
                     return
                 last = f"HTTP {r.status_code}"
@@ -320,23 +414,22 @@ class Upstream:
         return None
 
     def service_url(self, name: str) -> str:
-        """Base URL (``http://127.0.0.1:PORT``) of one service."""
-        url = {"edge": self.api_url, "cdn": self.cdn_url, "token": self.token_realm,
-               "registry": self.registry_url}[name]
-        u = urlsplit(url)
-        return f"{u.scheme}://{u.netloc}"
+        """Base URL (``https://127.0.0.1:PORT``) of one service itself, never a relay."""
+        return self._direct[name]
 
     def stop_service(self, name: str) -> None:
         """Take one of "edge", "cdn", "token", "registry" down (its port then
-        refuses connections).  Idempotent.  Its armed faults are lost."""
+        refuses connections; through a relay, connections are closed at once).
+        Idempotent.  Its armed faults are lost."""
         if name not in SERVICES:
             raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
         if not self._procs:
             raise UpstreamError("upstream not started")
-        proc = self._proc(name)
-        if proc is not None:
-            proc.stop()
-            self._procs.remove(proc)
+        for proc_name in _processes_of(name):
+            proc = self._proc(proc_name)
+            if proc is not None:
+                proc.stop()
+                self._procs.remove(proc)
         self._stopped.add(name)
 
     def start_service(self, name: str, timeout: float = 10.0) -> None:
@@ -350,27 +443,36 @@ class Upstream:
             return  # running already
         if name not in self._stopped:
             raise UpstreamError("upstream not started")
-        port = urlsplit(self.service_url(name)).port
+        port = self._cdn_backend_port if name == "cdn" else urlsplit(self.service_url(name)).port
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if name == "registry":
-                    self._launch_registry(self.run_dir / "registry.yml", self._env())
-                else:
-                    module, args = self._spawn_args[name]
-                    info = self._spawn_py(name, module, [*args, "--port", str(port)])
-                    if info["port"] != port:  # cannot happen: --port is explicit
-                        raise UpstreamError(f"{name} came back on port {info['port']}, not {port}")
+                self._restart(name, port)
                 break
             except UpstreamError as exc:
-                proc = self._proc(name)
-                if proc is not None:
-                    proc.stop()
-                    self._procs.remove(proc)
+                for proc_name in _processes_of(name):
+                    proc = self._proc(proc_name)
+                    if proc is not None:
+                        proc.stop()
+                        self._procs.remove(proc)
                 if "address already in use" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
         self._stopped.discard(name)
+
+    def _restart(self, name: str, port: int) -> None:
+        if name == "registry":
+            self._launch_registry(self.run_dir / "registry.yml", self._env())
+            return
+        module, args = self._spawn_args[name]
+        info = self._spawn_py(name, module, [*args, "--port", str(port)])
+        if info["port"] != port:  # cannot happen: --port is explicit
+            raise UpstreamError(f"{name} came back on port {info['port']}, not {port}")
+        if name == "cdn" and self.ca is not None:
+            try:
+                self._start_cdn_front(urlsplit(self.service_url("cdn")).port)
+            except Exception as exc:  # nginx's "Address already in use" is in its log
+                raise UpstreamError(str(exc)) from exc
 
     def restart_service(self, name: str) -> None:
         self.stop_service(name)
@@ -386,6 +488,35 @@ class Upstream:
             self.start_service(name)
 
     # ------------------------------------------------------------ convenience
+
+    @property
+    def ca_cert(self) -> Path | None:
+        """The CA certificate (PEM) the services' certificates come from; None for plain HTTP."""
+        return self.ca.cert_path if self.ca else None
+
+    @property
+    def cert_dir(self) -> Path | None:
+        """A directory with only ``ca.crt`` in it (skopeo ``--src-cert-dir``, docker ``certs.d``)."""
+        return self.ca.directory if self.ca else None
+
+    @property
+    def verify(self) -> Any:
+        """``verify=`` for httpx: an SSLContext trusting only the test CA (True for plain HTTP)."""
+        if self._verify is None:
+            self._verify = self.ca.client_context() if self.ca else True
+        return self._verify
+
+    def http(self, **kw: Any) -> httpx.Client:
+        """An httpx client that trusts the upstream's CA."""
+        return httpx.Client(verify=self.verify, **kw)
+
+    def skopeo_tls_args(self, direction: str = "src") -> list[str]:
+        """skopeo's options for talking to this upstream directly (``--src-cert-dir DIR``, or
+        ``--src-tls-verify=false`` for plain HTTP); ``direction`` is "src", "dest" or "" (inspect)."""
+        prefix = f"--{direction}-" if direction else "--"
+        if self.ca is None:
+            return [f"{prefix}tls-verify=false"]
+        return [f"{prefix}cert-dir", str(self.cert_dir)]
 
     @property
     def api_host(self) -> str:
@@ -412,7 +543,7 @@ class Upstream:
             scopes = [scopes]
         params = [("service", service or self.service)] + [("scope", s) for s in scopes]
         auth = (user, self.users[user]) if user else None
-        r = httpx.get(f"{self.token_realm}?{urlencode(params)}", auth=auth, timeout=10)
+        r = httpx.get(f"{self.token_realm}?{urlencode(params)}", auth=auth, timeout=10, verify=self.verify)
         r.raise_for_status()
         return r.json()["token"]
 
@@ -441,7 +572,8 @@ class Upstream:
         return self._read_log(self.edge_log_path, min_count, timeout)
 
     def clear_logs(self) -> None:
-        for p in (self.cdn_log_path, self.token_log_path, self.edge_log_path):
+        for p in (self.cdn_log_path, self.token_log_path, self.edge_log_path,
+                  *(self.relay_log_path(n) for n in RELAYED)):
             if p.exists():
                 with open(p, "r+b") as f:
                     f.truncate(0)
@@ -454,12 +586,12 @@ class Upstream:
             params["limit"] = limit
         if enforce is not None:
             params["enforce"] = int(enforce)
-        r = httpx.post(f"{self.api_url}/_edge/ratelimit", params=params, timeout=5)
+        r = httpx.post(f"{self.service_url('edge')}/_edge/ratelimit", params=params, timeout=5, verify=self.verify)
         r.raise_for_status()
         return r.json()
 
     def get_ratelimit(self) -> dict:
-        r = httpx.get(f"{self.api_url}/_edge/ratelimit", timeout=5)
+        r = httpx.get(f"{self.service_url('edge')}/_edge/ratelimit", timeout=5, verify=self.verify)
         r.raise_for_status()
         return r.json()
 
@@ -468,10 +600,14 @@ class Upstream:
     def _fault_post(self, service: str, path: str, mode: str, times: int, **params: Any) -> dict:
         q: dict[str, Any] = {"mode": mode, "times": times}
         q.update({k: v for k, v in params.items() if v is not None})
-        r = httpx.post(self.service_url(service) + path, params=q, timeout=5)
+        r = httpx.post(self._control_url(service) + path, params=q, timeout=5, verify=self.verify)
         if r.status_code != 200:
             raise UpstreamError(f"{service} fault control {q}: HTTP {r.status_code} {r.text}")
         return r.json()
+
+    def _control_url(self, service: str) -> str:
+        """Where a service's control endpoint is asked: the Python CDN itself, not its nginx front."""
+        return f"http://127.0.0.1:{self._cdn_backend_port}" if service == "cdn" else self.service_url(service)
 
     def set_cdn_fault(self, mode: str, times: int = 1, after: int | None = None,
                       seconds: float | None = None) -> dict:
@@ -501,7 +637,7 @@ class Upstream:
         out = {}
         for name, path in (("cdn", "/_cdn/fault"), ("edge", "/_edge/fault"), ("token", "/_token/fault")):
             if name not in self._stopped:
-                r = httpx.get(self.service_url(name) + path, timeout=5)
+                r = httpx.get(self._control_url(name) + path, timeout=5, verify=self.verify)
                 r.raise_for_status()
                 out[name] = r.json()
         return out
@@ -515,6 +651,7 @@ class Upstream:
     def describe(self) -> dict[str, Any]:
         return {"api_url": self.api_url, "registry_url": self.registry_url, "token_realm": self.token_realm,
                 "service": self.service, "cdn_url": self.cdn_url, "storage_root": str(self.storage_root),
+                "ca_cert": str(self.ca_cert) if self.ca_cert else None, "rtt_ms": self.rtt_ms,
                 "logs": str(self.logs_dir), "users": sorted(self.users)}
 
 
@@ -526,8 +663,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--push-standard", action="store_true", help="push the standard image set")
     ap.add_argument("--big-size", type=int, default=256 << 20)
     ap.add_argument("--print-passwords", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="plain HTTP instead of HTTPS")
+    ap.add_argument("--rtt-ms", type=float, help="put relays adding this round-trip time in front")
     args = ap.parse_args(argv)
-    with Upstream(args.workdir) as up:
+    with Upstream(args.workdir, tls=not args.plain, rtt_ms=args.rtt_ms) as up:
         if args.push_standard:
             from tests.support.images import standard_images
             standard_images(up, big_size=args.big_size)
