@@ -10,6 +10,9 @@ A request's way through the files (reverse mode, a blob GET):
    which answers with a response or a ``Retarget``; the addon applies it.
 3. ``responseheaders`` streams a retargeted answer, ``response``/``error``
    write its log line and metrics (``observe/steps.py``).
+
+Along the way the flow's record (what mitmweb and saved flows keep) loses its
+credentials as soon as each may go: ``debug/records.py``.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ from . import paths
 from .admission import admit, carries_body, place_of
 from .config_file import command_line_options
 from .connwork import ConnectionWork
-from .debug import contentviews
+from .debug import contentviews, records
 from .debug.logs import LogRedaction
+from .debug.redact import redact_metadata
 from .debug.sideflows import is_side_flow, serving
-from .debug.redact import redact_request
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
-from .loopback import CLIENT_URL, KEY_HEADER, restore_client_url
+from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
 from .observe import steps
 from .observe.metrics import CountingStream
@@ -118,6 +121,8 @@ class HubRewrite:
         serving.set(flow)  # the mirror's exchanges from here on are this flow's side flows
         pull, refusal = await admit(flow, self.mirror, *place)
         self.pulls.put(flow.id, pull)
+        if not self.mirror.settings.show_secrets:
+            records.open_record(flow)  # before mitmweb's view (the next addon) first shows the flow
         if refusal is not None:
             pull.settled = True
             self._refuse(flow, refusal)
@@ -141,6 +146,9 @@ class HubRewrite:
             # a body announced by no header (HTTP/2): refused like any other
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return
+        pull.client_body = flow.request.raw_content or b""
+        if not self.mirror.settings.show_secrets:
+            records.redact_request_record(flow, pull.client_authorization)  # its form's password too, from now on
         serving.set(flow)
         async with self.work.turn(flow.client_conn) as ours:
             if not ours:
@@ -157,7 +165,14 @@ class HubRewrite:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         pull: Pull | None = self.pulls.get(flow.id)
-        if pull is None or pull.transfer is None or flow.response is None:
+        if pull is None or flow.response is None:
+            return
+        self._close_request(pull)  # the request has gone by now
+        if pull.hidden is not None:
+            # sent from the loopback server as it arrives, so its record can be redacted in response()
+            flow.response.stream = CountingStream(steps.counting(pull, self.mirror.metrics, pull.step.source))
+            return
+        if pull.transfer is None:
             return
         response, transfer = flow.response, pull.transfer
         if 200 <= response.status_code < 300:
@@ -203,12 +218,20 @@ class HubRewrite:
             data.server.sni = data.server.address[0]
 
     def _close_record(self, flow: http.HTTPFlow, pull: Pull | None) -> None:
-        """The flow as mitmweb, saved flows and the log keep it: the client's request,
-        its credentials (used by now) as fingerprints."""
-        if pull is not None or CLIENT_URL in flow.metadata:
-            restore_client_url(flow)
-            if not self.mirror.settings.show_secrets:
-                redact_request(flow.request)
+        """The flow as mitmweb, saved flows and the log keep it: the client's request and
+        the answer it got, their credentials (used by now) as fingerprints."""
+        show_secrets = self.mirror.settings.show_secrets
+        if pull is not None:
+            self._close_request(pull)
+            if pull.hidden is not None and not show_secrets:
+                records.close_response(flow, pull.hidden)
+        elif CLIENT_URL in flow.metadata:  # a saved flow loaded again (mitmweb -r)
+            records.close_request(flow, None, show_secrets)
+        elif not show_secrets:
+            redact_metadata(flow)  # traffic passed through: the proxy's own password, if proxyauth kept it
+
+    def _close_request(self, pull: Pull) -> None:
+        records.close_request(pull.flow, pull.client_authorization, self.mirror.settings.show_secrets)
 
     # ---- answers -----------------------------------------------------------
 
@@ -216,23 +239,32 @@ class HubRewrite:
         flow = pull.flow
         pull.settled = True
         if isinstance(answer, Retarget):
-            request = flow.request
-            request.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
-            if not answer.keep_credentials:
-                # the client's credentials are for the registry only (storage services reject them)
-                for name in hdrs.CREDENTIAL_HEADERS:
-                    request.headers.pop(name, None)
-            elif pull.authorization is None:
-                request.headers.pop("authorization", None)  # the mirror's own token means nothing upstream
-            if answer.loopback:
-                self.mirror.loopback.point_here(request, answer.url)
-            else:
-                request.url = answer.url
-            pull.transfer = answer.transfer
+            self._retarget(pull, answer)
             return
-        restore_client_url(flow)  # answered here: it goes nowhere
         add_missing(answer, CORS_HEADERS)
-        flow.response = without_body_for_head(flow.request.method, answer)
+        answer = without_body_for_head(flow.request.method, answer)
+        if self.mirror.settings.records_flows:
+            pull.hidden = records.hideable(answer, flow.request.method)
+        if pull.hidden is not None:
+            self.mirror.loopback.park(flow, pull.hidden)  # its bytes leave before its record is redacted
+        else:
+            flow.response = answer
+            self._close_request(pull)  # answered here: the request goes nowhere
+
+    def _retarget(self, pull: Pull, answer: Retarget) -> None:
+        request = pull.flow.request
+        request.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
+        # the client's credentials (their fingerprints, in the record) go nowhere: storage services
+        # reject them; the registry itself gets what admission made of them (never a mirror-issued token)
+        for name in hdrs.CREDENTIAL_HEADERS:
+            request.headers.pop(name, None)
+        if answer.keep_credentials and pull.authorization:
+            request.headers["Authorization"] = pull.authorization
+        if answer.loopback:
+            self.mirror.loopback.point_here(request, answer.url)
+        else:
+            request.url = answer.url
+        pull.transfer = answer.transfer
 
     def _refuse(self, flow: http.HTTPFlow, refusal: http.Response) -> None:
         add_missing(refusal, CORS_HEADERS)

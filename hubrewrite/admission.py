@@ -80,6 +80,7 @@ def _new_pull(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Up
     pull = Pull(flow, Kind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
                 Step(upstream=home.base, kind="other"))
     pull.client_query = list(flow.request.query.items(multi=True))
+    pull.client_authorization = hdrs.value_of(hdrs.decode_fields(flow.request.headers.fields), "authorization")
     return pull
 
 
@@ -148,7 +149,7 @@ async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
     if route.name and not settings.rules.permits(pull.upstream.name, route.name):
         raise RegistryError(403, "DENIED", f"repository {pull.client_name(route.name)} is not served by this mirror")
     fields = hdrs.decode_fields(pull.flow.request.headers.fields)
-    pull.authorization = hdrs.value_of(fields, "authorization")
+    pull.authorization = pull.client_authorization
     bearer = bearer_token(pull.authorization)
     if is_sealed(bearer):
         # the mirror's own token: what goes upstream is the upstream's token inside, if any. One

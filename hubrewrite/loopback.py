@@ -10,11 +10,16 @@ upstream. Then the flow is either answered by the addon, retargeted upstream
 - ``/blobs/<digest>``: a cached blob, or one being downloaded (followed);
 - ``/manifests/<digest>``: a large cached manifest, streamed rather than
   copied into memory for every client;
-- ``/answers/<id>``: a prepared answer (a refusal) given after the request's
-  body has been read and thrown away.
+- ``/answers/<id>``: a prepared answer given after the request's body has been
+  read and thrown away: a refusal, or (while flows are recorded) an answer that
+  carries a credential, streamed so that its record can be redacted
+  (``debug/records.py``).
 
-Only requests carrying this process's key (a header mitmproxy adds to the
-retargeted request, never a URL, so no log shows it) are served.
+Blobs and manifests are served only to requests carrying this process's key (a
+header mitmproxy adds to the retargeted request, never a URL, so no log shows
+it). A prepared answer needs no key: its id is random, used once, and known
+only to the flow it was made for; so a parked flow carries no key while
+mitmweb first shows it (from ``requestheaders`` on).
 """
 
 from __future__ import annotations
@@ -66,15 +71,16 @@ class Loopback:
         flow.metadata.setdefault(CLIENT_URL, flow.request.url)
         answer_id = PARKED
         if answer is not None:
-            answer_id = secrets.token_hex(12)
+            answer_id = secrets.token_hex(16)
             self.answers.put(answer_id, (answer.status_code, decode_fields(answer.headers.fields), answer.raw_content or b""))
-        self.point_here(flow.request, f"/answers/{answer_id}")
+        flow.request.url = self.url(f"/answers/{answer_id}")
+        flow.request.headers.pop(KEY_HEADER, None)
 
     async def _handle(self, request: Request, reply: Reply) -> None:
-        if not hmac.compare_digest(request.headers.get(KEY_HEADER.lower(), ""), self.key):
+        kind, _, name = request.path.lstrip("/").partition("/")
+        if kind != "answers" and not hmac.compare_digest(request.headers.get(KEY_HEADER.lower(), ""), self.key):
             await reply.error(403, "DENIED", "not for you", request.method)
             return
-        kind, _, name = request.path.lstrip("/").partition("/")
         if kind == "answers":
             await reply.discard_body()
             status, headers, body = self.answers.pop(name, None) or _parked_answer()

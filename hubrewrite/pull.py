@@ -96,12 +96,17 @@ class Pull:
     route: Route | None = None  # /v2/ requests: with the upstream's repository name
     client_query: list[tuple[str, str]] = field(default_factory=list)  # as the client sent it
     query: str = ""  # to forward: "" or "?..." without the mirror's own parameters
+    # the client's Authorization and body (a token form) as it sent them: the flow's record
+    # shows them redacted from the moment they are in (debug/records.py)
+    client_authorization: str | None = None
+    client_body: bytes = b""
     authorization: str | None = None  # what goes upstream (never a mirror-issued token)
     identity: str = ""  # a stable, non-secret name for those credentials
     user: str | None = None  # the mirror account, with accounts on
     headers: list[tuple[str, str]] = field(default_factory=list)  # the client's, as the upstream should see them
     retried: bool = False  # the client was sent back once after a storage refused a signed URL
     transfer: Transfer | None = None
+    hidden: http.Response | None = None  # an answer sent from the loopback server, so that its record can differ
     settled: bool = False  # answered (or refused) already: the request hook has nothing left to do
 
     @property

@@ -224,6 +224,9 @@ class Settings:
     metrics_auth: bool
     show_secrets: bool
     side_flows: bool
+    # something keeps flows for people to read (mitmweb, mitmproxy's console, save_stream_file/-w):
+    # answers carrying credentials are then streamed, so that their record can be redacted
+    records_flows: bool
 
 
 def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
@@ -275,7 +278,14 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         show_secrets=o.hub_show_secrets,
         # mitmweb is where flows are looked at (its web addon declares web_port)
         side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and "web_port" in o),
+        records_flows=not o.hub_show_secrets and _records_flows(o),
     )
+
+
+def _records_flows(o: optmanager.OptManager) -> bool:
+    """mitmweb and the console keep every flow (their web and console addons declare these
+    options); any tool saves them with save_stream_file (mitmdump -w)."""
+    return "web_port" in o or "console_layout" in o or bool(getattr(o, "save_stream_file", None))
 
 
 def _check_modes(modes: Sequence[str]) -> None:

@@ -109,7 +109,7 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
         return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
     state = "stale" if access is Access.STALE else "hit"
     shared = mirror.cache.shared
-    if shared is not None and shared.presign_seconds and not is_forward_proxy(pull.flow.client_conn):
+    if shared is not None and shared.presign_seconds and _may_redirect(pull, mirror):
         stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
         if stat is not None and await shared.presignable(pull.route.reference, stat):
             return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state), stat)
@@ -124,6 +124,16 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
         mirror.metrics.tier_hits.labels("local").inc()
     pull.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
     return await send_from_cache(pull, mirror, state)
+
+
+def _may_redirect(pull: Pull, mirror: Mirror) -> bool:
+    """May a cached blob be answered with a 307 to a signed URL (the listener's, the bucket's)?
+    Not to a forward-proxy client (it reaches registries only), and not a HEAD while flows
+    are recorded: the URL is a credential for minutes, and an answer without a body is sent
+    after its record is written (debug/records.py); the mirror answers such a HEAD itself."""
+    if is_forward_proxy(pull.flow.client_conn):
+        return False
+    return not (pull.method == "HEAD" and mirror.settings.records_flows)
 
 
 def _cache_headers(pull: Pull, state: str) -> list[tuple[str, str]]:
@@ -143,7 +153,7 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
     digest = pull.route.reference
     headers = _cache_headers(pull, state)
     cache.store.touch(digest)
-    if cache.listener is not None and not is_forward_proxy(pull.flow.client_conn):
+    if cache.listener is not None and _may_redirect(pull, mirror):
         location = cache.listener.location(_listener_base(pull, mirror), digest)
         return make_response(307, [("Location", location), *headers])
     size = cache.store.blob_size(digest)

@@ -13,7 +13,6 @@ from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
 from ..pull import Pull
 from ..registry.errors import RegistryError
-from ..registry.headers import decode_fields, value_of
 from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
 from ..observe.status_page import StatusFacts, status_page
@@ -76,8 +75,7 @@ async def _signed_in(pull: Pull, mirror: Mirror) -> bool:
     """Basic credentials of a mirror account (the mirror part of the password)."""
     assert mirror.settings.accounts is not None
     try:
-        authorization = value_of(decode_fields(pull.flow.request.headers.fields), "authorization")
-        await sign_in(mirror.settings.accounts, mirror.issued, authorization, None)
+        await sign_in(mirror.settings.accounts, mirror.issued, pull.client_authorization, None)
     except RegistryError:
         return False
     return True

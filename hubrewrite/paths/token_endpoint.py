@@ -37,10 +37,9 @@ Fields = list[tuple[str, str]]
 
 
 async def serve(pull: Pull, mirror: Mirror) -> http.Response:
-    request = pull.flow.request
     try:
         query = pull.client_query
-        form = tokens.parse_form(request.raw_content or b"") if request.method == "POST" else None
+        form = tokens.parse_form(pull.client_body) if pull.method == "POST" else None
         named = pull.path[len("/token") + 1:] or None
         pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
         pull.step.upstream = pull.upstream.base
@@ -68,7 +67,7 @@ async def _credentials(
 ) -> tuple[str | None, Holder | None, Fields | None]:
     """(the Authorization for the token service, the holder of the tokens to seal, the form):
     with mirror accounts, their part is checked and dropped."""
-    authorization = hdrs.value_of(hdrs.decode_fields(pull.flow.request.headers.fields), "authorization")
+    authorization = pull.client_authorization
     if mirror.settings.accounts is None:
         if any(k == "refresh_token" and is_sealed(v) for k, v in form or []):
             # another mirror's (this one has no accounts): not the token service's either

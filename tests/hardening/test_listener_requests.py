@@ -16,7 +16,6 @@ any length is answered, never a dropped connection.
 
 from __future__ import annotations
 
-import socket
 import threading
 from urllib.parse import parse_qs, urlencode, urlsplit
 

@@ -8,15 +8,29 @@ It loads the repository's mitm.conf (``flow_detail`` there is mitmdump's own:
 skipped by mitmweb, not an error). The mirror's own upstream exchanges show up
 as side flows linked to the client flows they served, credentials as
 fingerprints, and the registry content views decode manifests and tokens.
+
+A second mitmweb has mirror accounts and the operator's own upstream account
+(``hub_upstream_credentials``): skopeo pulls with a mirror password alone and
+with upstream credentials too, and docker login's POST grant is refreshed.
+Token answers, of Docker Hub's shape (no ``scope``), show their JWT's claims
+in the clients' flows and the side flows alike, with the fingerprint the
+``Authorization`` that later carries the token shows (README, mitmweb section);
+tokens the mirror sealed and refresh tokens are fingerprints. Every secret in
+what mitmweb exposes is looked for in tests/hardening/test_recorded_secrets.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 from typing import Any
 
 import httpx
 import pytest
+
+from hubrewrite.access.accounts import hash_password
+from hubrewrite.registry import jwt
 
 from tests.support.browser import Chromium, screenshot_path
 from tests.support.mirror import Mirror
@@ -91,11 +105,14 @@ def test_rest_api_lists_the_client_flows(pulled, upstream):
     scopes = sorted(f["request"]["path"].split("scope=", 1)[1].split("&")[0] for f in tokens)
     assert scopes == ["repository%3Alibrary%2Falpine%3Apull", "repository%3Aprivate%2Fsecret%3Apull"], shown
     assert all(f["response"]["status_code"] == 200 for f in tokens), shown
-    # booleans only: the body holds a token, which an assertion's report would print
-    token_body = api.content(tokens[0]["id"], "response")
-    token_view, signature_shown = token_body["view_name"], tokens_signature_in(token_body["text"], api, tokens[0])
-    assert token_view == "Registry token" and not signature_shown
-    assert "repository:library/alpine:pull" in token_body["text"] or "repository:private/secret:pull" in token_body["text"]
+    for token_flow in tokens:
+        # Docker Hub's answer shape, no scope: the view has only the JWT's claims to show
+        shown_token = token_view(api, token_flow)
+        scope = "repository:" + token_flow["request"]["path"].split("scope=repository%3A", 1)[1].split("&")[0]
+        assert scope.replace("%2F", "/").replace("%3A", ":") in shown_token.text
+        # the token is followed into the manifest requests that carry it
+        carried = [header(f["request"], "Authorization") for f in flows if "/manifests/" in path_of(f)]
+        assert f"Bearer {shown_token.fingerprint}" in carried, (shown_token.fingerprint, carried)
 
     alpine, secret = upstream.images["library/alpine"], upstream.images["private/secret"]
     alpine_flows = flows_commented(flows, "hub: docker.io library/alpine")
@@ -122,13 +139,34 @@ def test_rest_api_lists_the_client_flows(pulled, upstream):
     assert secret_blobs == {f"/v2/private/secret/blobs/{d}" for d in blob_digests(secret)}, shown
 
 
-def tokens_signature_in(text: str, api, flow) -> bool:
-    """Is the JWT signature of a token answer in a view's text? (The raw body has it.)"""
-    raw = api.content(flow["id"], "response", "raw")["text"]
-    import json
+class ShownToken:
+    """A token answer as mitmweb shows it: the view's text and the token's fingerprint."""
 
-    token = json.loads(raw)["token"]
-    return token.rsplit(".", 1)[1] in text
+    def __init__(self, text: str, fingerprint: str) -> None:
+        self.text, self.fingerprint = text, fingerprint
+
+
+def token_view(api, flow: dict[str, Any]) -> ShownToken:
+    """The ``auto`` view of a token answer holding a JWT: the decoded claims, and the token's
+    fingerprint, which is also the signature of the JWT the recorded body holds (still a JWT
+    that decodes, not the one the token service signed)."""
+    view = api.content(flow["id"], "response")
+    assert view["view_name"] == "Registry token", view["view_name"]
+    text = view["text"]
+    assert "claims:" in text and "issuer (iss): auth.docker.io" in text and "access (1):" in text
+    assert "scope:" not in text  # the token server answers as Docker Hub does
+    recorded = json.loads(api.content(flow["id"], "response", "raw")["text"])
+    assert set(recorded) - {"refresh_token"} == {"token", "access_token", "expires_in", "issued_at"}
+    token = recorded["token"]
+    decoded = jwt.decode(token)
+    assert decoded is not None and decoded.claims["access"]
+    signature = token.rsplit(".", 1)[1]
+    # its fingerprint's digits, never the token service's signature (a name, so a failure prints no token)
+    signature_is_a_fingerprint = re.fullmatch(r"[0-9a-f]{12}", signature) is not None
+    assert signature_is_a_fingerprint
+    match = re.search(r"^token: JWT (<hmac:[0-9a-f]{12}>), signature not shown", text, re.M)
+    assert match and match.group(1) == f"<hmac:{signature}>", text.splitlines()[:4]
+    return ShownToken(text, match.group(1))
 
 
 def test_side_flows_are_shown(pulled, upstream):
@@ -147,8 +185,10 @@ def test_side_flows_are_shown(pulled, upstream):
         # credentials as fingerprints: alice's Basic header names her, never her password
         auth = header(side["request"], "Authorization")
         assert auth is None or "<hmac:" in auth
-        body = api.content(side["id"], "response")
-        assert body["view_name"] == "Registry token"
+        # the token service's answer, decoded: the same token the client got, the same fingerprint
+        client_id = side["comment"].split("for client flow ", 1)[1][:8]
+        client = next(f for f in flows if f["id"].startswith(client_id))
+        assert token_view(api, side).fingerprint == token_view(api, client).fingerprint
     probes = side_flows(flows, "blob probe")
     assert probes and all(p["response"]["status_code"] == 307 for p in probes), shown
     assert all("<hmac:" in header(p["response"], "Location") or "signature" not in header(p["response"], "Location")
@@ -162,6 +202,74 @@ def test_side_flows_are_shown(pulled, upstream):
     assert upstream.users["alice"] not in every_text
     # no usable signed URL anywhere: signatures are fingerprints (the test CDN signs with 64 hex digits)
     assert not re.search(r"signature=[0-9a-f]{16}", every_text)
+
+
+@pytest.fixture(scope="module")
+def signed_in(upstream, tmp_path_factory):
+    """mitmweb with mirror accounts (bob) and the operator's upstream account (alice's): skopeo
+    pulls private/secret with bob's password alone (the operator's account answers for him) and
+    alpine with bob's and alice's; then docker login's POST password grant and its refresh."""
+    work = tmp_path_factory.mktemp("mitmweb-accounts")
+    bob, alice = "bob-" + secrets.token_urlsafe(10), upstream.users["alice"]
+    users, creds = work / "users", work / "upstream-credentials"
+    users.write_text(f"bob:{hash_password(bob)}\n")
+    creds.write_text(f"docker.io alice {alice}\n")
+    creds.chmod(0o600)
+    options = {"hub_users_file": str(users), "hub_upstream_credentials": str(creds)}
+    with Mirror(work / "mirror", upstream.api_url, tool="mitmweb", options=options) as mirror:
+        secret = copy(f"docker://{mirror.host}/private/secret:1.0", work / "secret", "--src-creds", f"bob:{bob}")
+        assert secret.returncode == 0, secret.stderr
+        alpine = copy(f"docker://{mirror.host}/library/alpine:3.19", work / "alpine", "--src-creds",
+                      f"bob:{bob}:alice:{alice}")
+        assert alpine.returncode == 0, alpine.stderr
+        scope = {"service": upstream.service, "scope": "repository:private/secret:pull", "client_id": "docker"}
+        granted = httpx.post(f"{mirror.url}/token", timeout=15, data={
+            "grant_type": "password", "username": "bob", "password": f"{bob}:alice:{alice}",
+            "access_type": "offline", **scope})
+        assert granted.status_code == 200 and granted.json()["token"].startswith("hub1.")
+        refreshed = httpx.post(f"{mirror.url}/token", timeout=15, data={
+            "grant_type": "refresh_token", "refresh_token": granted.json()["refresh_token"], **scope})
+        assert refreshed.status_code == 200
+        yield mirror
+
+
+def test_sealed_tokens_are_followed_by_their_fingerprints(signed_in):
+    """The tokens bob got are the mirror's, sealed: the view shows their fingerprints, which
+    his manifest requests carry; his refresh token's is the one his refresh request sent."""
+    api = signed_in.web_api
+    flows = client_flows(api.flows())
+    tokens = [f for f in flows if path_of(f) == "/token"]
+    assert [f["request"]["method"] for f in tokens].count("POST") == 2, summary(flows)
+    carried = {header(f["request"], "Authorization") for f in flows if "/manifests/" in path_of(f)}
+    for flow in tokens:
+        assert flow["response"]["status_code"] == 200
+        text = api.content(flow["id"], "response")["text"]
+        sealed = re.search(r"^token: opaque (<hmac:[0-9a-f]{12}>)$", text, re.M)
+        assert sealed, text
+        if flow["request"]["method"] == "GET":  # skopeo's: it pulled with them
+            assert f"Bearer {sealed.group(1)}" in carried
+    granted, refreshing = [f for f in tokens if f["request"]["method"] == "POST"]
+    issued = re.search(r"^refresh_token: (<hmac:[0-9a-f]{12}>)$", api.content(granted["id"], "response")["text"], re.M)
+    sent = api.content(refreshing["id"], "request")
+    assert sent["view_name"] == "Registry token request" and f"refresh_token: {issued.group(1)}" in sent["text"]
+    assert "password: <hmac:" in api.content(granted["id"], "request")["text"]
+
+
+def test_side_flows_show_the_upstream_tokens_claims(signed_in, upstream):
+    """Inside the sealed tokens: the upstream's, decoded in the side flows to the token service,
+    the operator's account's (alice) for bob alone; each followed by its fingerprint into the
+    manifest requests the mirror relayed with it."""
+    api = signed_in.web_api
+    flows = api.flows()
+    token_service = side_flows(flows, "token request to the token service")
+    relayed = {header(f["request"], "Authorization") for f in side_flows(flows, "manifest request relayed")}
+    basic = {header(f["request"], "Authorization") for f in token_service}
+    assert any(b and b.startswith("Basic user=alice <hmac:") for b in basic), basic
+    for side in token_service:
+        shown = token_view(api, side)
+        assert "subject (sub): alice" in shown.text
+        if side["request"]["method"] == "GET":
+            assert f"Bearer {shown.fingerprint}" in relayed
 
 
 def test_no_secret_in_the_log(pulled, upstream):

@@ -20,8 +20,11 @@ Endpoints
 ``grant_type=refresh_token`` (``refresh_token``); ``client_id``,
 ``access_type=offline``, ``scope`` (space-joined), ``service``.
 
-Responses: ``{"token", "access_token", "expires_in", "issued_at"[, "refresh_token"]}``
-(POST also has ``scope``).  Bad credentials: 401 ``{"details": "incorrect
+Responses: ``{"token", "access_token", "expires_in", "issued_at"[, "refresh_token"]}``,
+Docker Hub's shape for GET and POST alike (it never answers ``scope``).  The log
+record of an answer lists the sha256 of each secret it issued (``issued_sha256``:
+the JWT's signature, the refresh token), so tests can tell whether one shows up
+anywhere without the log holding it.  Bad credentials: 401 ``{"details": "incorrect
 username or password"}``.  Scopes the caller may not have are silently left
 out of the grant (200), like Docker Hub.
 
@@ -45,6 +48,7 @@ import argparse
 import base64
 import datetime as dt
 import fnmatch
+import hashlib
 import hmac
 import json
 import os
@@ -128,6 +132,13 @@ class JwtSigner:
                          _b64url(json.dumps(claims, separators=(",", ":")).encode()))
         sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signing_input + "." + _b64url(sig)
+
+
+def issued_sha256(answer: dict[str, Any]) -> list[str]:
+    """sha256 (hex) of the secrets in a token answer: the JWT's signature (what makes it usable)
+    and the refresh token."""
+    secrets_issued = [answer["token"].rsplit(".", 1)[1], answer.get("refresh_token")]
+    return [hashlib.sha256(s.encode()).hexdigest() for s in secrets_issued if s]
 
 
 def decode_jwt_unverified(token: str) -> tuple[dict, dict]:
@@ -369,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
             resp["refresh_token"] = self.svc.new_refresh_token(account)
         self._record(status=200, query_keys=query_keys, account=account, service=service,
                      client_id=q.get("client_id", [None])[0], scopes_requested=scopes, access=access,
-                     refresh_token_issued="refresh_token" in resp)
+                     refresh_token_issued="refresh_token" in resp, issued_sha256=issued_sha256(resp))
         self._send_json(200, resp)
 
     # -- POST /token (OAuth2)
@@ -413,14 +424,14 @@ class Handler(BaseHTTPRequestHandler):
                                   "details": f"unsupported grant_type {grant!r}"})
             return
         token, access, issued_at = self.svc.issue(account, service, scopes)
-        resp = {"token": token, "access_token": token, "expires_in": self.svc.expires_in,
-                "issued_at": issued_at, "scope": " ".join(scopes)}
+        resp = {"token": token, "access_token": token, "expires_in": self.svc.expires_in, "issued_at": issued_at}
         if grant == "password" and f.get("access_type") == "offline":
             resp["refresh_token"] = self.svc.new_refresh_token(account)
         elif grant == "refresh_token":
             resp["refresh_token"] = f["refresh_token"]
         self._record(status=200, account=account, access=access,
-                     refresh_token_issued="refresh_token" in resp and grant == "password", **base)
+                     refresh_token_issued="refresh_token" in resp and grant == "password",
+                     issued_sha256=issued_sha256(resp), **base)
         self._send_json(200, resp)
 
 

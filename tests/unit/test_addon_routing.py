@@ -9,7 +9,7 @@ import base64
 import json
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.test import taddons
 
 from hubrewrite.access.accounts import hash_password
@@ -202,6 +202,26 @@ def test_accounts_v2_needs_a_token_the_mirror_issued(accounts, hub, ghcr):
     # with upstream credentials after the mirror password (argon2 user)
     ask(addon, hub, "GET", "/token/ghcr.io", headers=[("Authorization", basic("bob", "bob-pw:alice:up:pw"))])
     assert ghcr.received[-1].header("authorization") == basic("alice", "up:pw")
+
+
+def test_a_blob_the_registry_serves_itself_gets_the_upstream_token_never_the_sealed_one(accounts, hub, ghcr):
+    """mitmproxy fetches such a blob with the flow's own request: it carries the upstream's token
+    inside the client's sealed one, and the flow's record only the sealed one's fingerprint."""
+    from hubrewrite.debug.fingerprint import fingerprint
+
+    addon, _ = accounts
+    digest = "sha256:" + "c" * 64
+    ghcr.routes[("*", f"/v2/owner/tool/blobs/{digest}")] = Canned(200, [("Docker-Content-Digest", digest)], b"x" * 10)
+    flow = ask(addon, hub, "GET", "/token/ghcr.io?scope=repository:owner/tool:pull",
+               headers=[("Authorization", basic("ann", "mirror-pw"))])
+    sealed = body_json(flow.response)["token"]
+    flow = ask(addon, hub, "GET", f"/v2/ghcr.io/owner/tool/blobs/{digest}", headers=[("Authorization", f"Bearer {sealed}")])
+    assert flow.response is None and flow.request.url == f"{ghcr.url}/v2/owner/tool/blobs/{digest}"
+    sent_upstream_token = flow.request.headers.get_all("authorization") == ["Bearer ghcr-token"]
+    assert sent_upstream_token  # a name: a failure prints no token
+    flow.response = http.Response.make(200, b"x" * 10)  # the registry's answer arrives
+    addon.responseheaders(flow)  # so the request has gone: its record closes
+    assert flow.request.headers.get_all("authorization") == [fingerprint(f"Bearer {sealed}")]
 
 
 def test_accounts_post_password_grant(accounts, hub, ghcr):
