@@ -102,7 +102,7 @@ def mirror(upstream, credentials, tmp_path_factory):
     work = tmp_path_factory.mktemp("recorded-open")
     options = {"hub_cache_dir": str(work / "cache"), "hub_upstream_timeout": str(UPSTREAM_TIMEOUT),
                "hub_upstream_credentials": str(credentials.upstream_file), "save_stream_file": str(work / "open.flows")}
-    with Mirror(work / "m", upstream.api_url, tool="mitmweb", options=options) as m:
+    with Mirror(work / "m", upstream, tool="mitmweb", options=options) as m:
         m.flows_file = work / "open.flows"
         yield m
 
@@ -167,7 +167,7 @@ def sealed_mirror_leaks(upstream, credentials, ceph, tmp_path) -> dict[str, list
     combined = f"{bob}:alice:{alice}"
     scan = CredentialScan(upstream, passwords={"alice": alice, "bob (mirror)": bob, "the bucket": ceph.secret_key},
                           basic=[("bob", bob), ("bob", combined)])
-    with Mirror(tmp_path / "sealed", upstream.api_url, options=options, env=env, extra_args=["-w", str(flows)]) as m:
+    with Mirror(tmp_path / "sealed", upstream, options=options, env=env, extra_args=["-w", str(flows)]) as m:
         skopeo_copy(m, f"{PRIVATE}:1.0", tmp_path / "bob", f"bob:{bob}")  # the operator's account answers
         skopeo_copy(m, f"{PRIVATE}:1.0", tmp_path / "bob-alice", f"bob:{combined}")
         answers = grants(m, "bob", combined)
@@ -191,7 +191,8 @@ def test_saved_flows_of_a_forward_proxy_hold_not_its_password(upstream, tmp_path
     hub.test:443 with mitmproxy's CA): a token for alice and a manifest with it."""
     alice, proxy_password = upstream.users["alice"], "proxy-" + secrets.token_urlsafe(12)
     flows = tmp_path / "proxy.flows"
-    with Mirror(tmp_path / "m", "", mode="regular", options={"proxyauth": f"puller:{proxy_password}"},
+    with Mirror(tmp_path / "m", "", mode="regular", upstream_ca=upstream.ca_cert,
+                options={"proxyauth": f"puller:{proxy_password}"},
                 extra_args=["--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}", "-w", str(flows)]) as m:
         verify = ssl.create_default_context(cafile=str(m.ca_cert))
         with httpx.Client(proxy=f"http://puller:{proxy_password}@{m.host}", verify=verify, trust_env=False,

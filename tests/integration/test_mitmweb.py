@@ -216,7 +216,7 @@ def signed_in(upstream, tmp_path_factory):
     creds.write_text(f"docker.io alice {alice}\n")
     creds.chmod(0o600)
     options = {"hub_users_file": str(users), "hub_upstream_credentials": str(creds)}
-    with Mirror(work / "mirror", upstream.api_url, tool="mitmweb", options=options) as mirror:
+    with Mirror(work / "mirror", upstream, tool="mitmweb", options=options) as mirror:
         secret = copy(f"docker://{mirror.host}/private/secret:1.0", work / "secret", "--src-creds", f"bob:{bob}")
         assert secret.returncode == 0, secret.stderr
         alpine = copy(f"docker://{mirror.host}/library/alpine:3.19", work / "alpine", "--src-creds",
