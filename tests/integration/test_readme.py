@@ -44,6 +44,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hubrewrite.config_file import read_config
+from hubrewrite.registry.registries import parse_table
 from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
@@ -445,8 +447,8 @@ def test_mitmdump_as_typed(request, shell, checkout, tmp_path):
     assert_registry_answer(v2)
     assert f"options loaded from {checkout / 'mitm.conf'}" in log, log[-3000:]
     assert "reverse proxy to https://registry-1.docker.io listening at *:5000" in log
-    # the table of seven registries comes from mitm.conf
-    for registry in ("docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io", "nvcr.io", "mcr.microsoft.com"):
+    # the table of registries comes from mitm.conf
+    for registry in parse_table(read_config(checkout / "mitm.conf")["hub_upstreams"]):
         assert f"<b>{registry}</b>" in page
 
 

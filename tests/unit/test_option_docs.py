@@ -8,7 +8,8 @@ default, help). Three texts repeat part of it, and are checked here:
   declared default so that an operator sees and edits it, unless the comment
   above it says why it differs in a line beginning ``Not the default:``; every
   other key (mitmproxy's options the mirror sets) and every such ``hub_*`` key
-  has a row, with the same value, in the README's table of what mitm.conf sets.
+  has a row, with the same value, in the README's table of what mitm.conf sets;
+* the README's list of the registries served by default (``hub_upstreams``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import pytest
 
 from hubrewrite.config_file import read_config
-from hubrewrite.registry.registries import DEFAULT_UPSTREAMS
+from hubrewrite.registry.registries import DEFAULT_UPSTREAMS, parse_table
 from hubrewrite.settings import DEFAULT_CONFIG, OPTIONS, REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -144,6 +145,24 @@ def test_readme_lists_what_mitm_conf_sets():
     assert len(listed) == len(rows), "a row without a why"
     assert listed == {key: as_readme_shows(value) for key, value in sets.items()}
     assert all(comments[key] for key in sets), "every key mitm.conf sets has a comment saying why"
+
+
+def test_readme_names_the_default_registries():
+    text = section(README, "## One mirror for several registries")
+    sentence = text[text.index("by default"): text.index("Add one as")]
+    expected = []
+    for upstream in parse_table(list(DEFAULT_UPSTREAMS)).values():
+        expected.append(upstream.name)
+        if upstream.host != upstream.name:
+            expected.append(upstream.host)  # "API at `host`"
+    assert code_names(sentence) == expected
+
+
+def test_readme_opening_names_the_registries_besides_docker_hub():
+    opening = README[: README.index("\n\n", README.index("addon; it also serves"))]
+    listed = re.search(r"it also serves (.*?) from the same address", " ".join(opening.split()))[1]
+    others = [name for name in parse_table(list(DEFAULT_UPSTREAMS)) if name != "docker.io"]
+    assert re.split(r", | and ", listed) == others
 
 
 @pytest.mark.parametrize("cell,ok", [("loopback, RFC 1918, link-local, ULA", True), ("loopback, RFC 1918", False),
