@@ -10,7 +10,7 @@ byte goes upstream, so traversal tricks such as ``/v2/../../etc/passwd`` or
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from .errors import RegistryError
@@ -160,6 +160,3 @@ def official_name(name: str, prefix: str) -> str:
         return name
     return f"{prefix}/{name}"
 
-
-def with_official_prefix(route: Route, prefix: str) -> Route:
-    return replace(route, name=official_name(route.name, prefix)) if route.name else route

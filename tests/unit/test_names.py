@@ -1,7 +1,7 @@
 import pytest
 
 from hubrewrite.registry.errors import RegistryError as RouteError
-from hubrewrite.registry.names import Kind, official_name, parse_route, with_official_prefix
+from hubrewrite.registry.names import Kind, official_name, parse_route
 from hubrewrite.registry.registries import Registries
 from hubrewrite.registry.scopes import parse_scope
 from hubrewrite.registry.upstream import Upstream
@@ -72,11 +72,10 @@ def test_invalid_routes(path, status, code):
 
 
 def test_official_prefix_only_for_single_segment_names():
-    assert with_official_prefix(parse_route("/v2/nginx/manifests/1"), "library").name == "library/nginx"
-    assert with_official_prefix(parse_route("/v2/bitnami/nginx/manifests/1"), "library").name == "bitnami/nginx"
-    assert with_official_prefix(parse_route("/v2/nginx/manifests/1"), "").name == "nginx"
-    assert with_official_prefix(parse_route("/v2/"), "library").name == ""
     assert official_name("nginx", "library") == "library/nginx"
+    assert official_name("bitnami/nginx", "library") == "bitnami/nginx"
+    assert official_name("nginx", "") == "nginx"
+    assert official_name("", "library") == ""
 
 
 @pytest.mark.parametrize(
