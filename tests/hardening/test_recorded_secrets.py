@@ -34,7 +34,8 @@ import httpx
 import pytest
 
 from tests.support.credential_scan import CredentialScan, flow_label, flow_texts
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 
 from .helpers import SERVICE, UPSTREAM_TIMEOUT
 from .setups import PROXY_REGISTRY, users_file

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from tests.support.images import make_big_layer, push_image, sha256_digest
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 from tests.support.throttle import throttled_port
 
 SERVICE = "registry.docker.io"

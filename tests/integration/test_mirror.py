@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.mirror import MITMDUMP, REPO_ROOT, Mirror, free_port
+from tests.support.mirror import MITMDUMP, REPO_ROOT, Mirror
+from tests.support.ports import free_port
 
 INDEX_ACCEPT = [
     "application/vnd.oci.image.index.v1+json",

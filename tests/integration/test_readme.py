@@ -36,7 +36,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV, Containerd
 from tests.support.images import Pusher, make_big_layer, push_image, sha256_digest
-from tests.support.mirror import free_port
+from tests.support.ports import free_port, port_free
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
 from tests.support.private_mounts import NamespacedDockerd, can_use_private_mounts, hosts_file
@@ -66,6 +65,7 @@ CLIENT_TIMEOUT = 120
 HOST_MAPPED = "ghcr.mirror.example"  # the README's host name for ghcr.io (hub_host_map)
 BUCKET = "mirror-cache"  # the README's bucket
 TOKEN_IN_URL = re.compile(r"token=([\w-]+)")
+EVERY_ADDRESS = "0.0.0.0"  # where the README's commands listen
 
 # ---------------------------------------------------------------- the README's commands, exact text
 
@@ -204,15 +204,6 @@ def need(request: pytest.FixtureRequest, *binaries: str) -> None:
 
 def sha256_file(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def table_args(upstream, second_upstream) -> str:
@@ -437,7 +428,7 @@ def test_runners_named_in_the_table_exist():
 def test_mitmdump_as_typed(request, shell, checkout, tmp_path):
     """The README's mirror command, letter for letter: it starts, loads the repository's mitm.conf
     and answers GET /v2/ with registry JSON (502 UNAVAILABLE: Docker Hub is out of reach here)."""
-    if not port_free(5000):
+    if not port_free(5000, EVERY_ADDRESS):
         skip(request, "port 5000 is taken: the command as typed cannot listen")
     text = typed(request, MITMDUMP)
     with start_mirror(shell, text, tmp_path / "mitmdump.log", 5000) as proc:
@@ -463,7 +454,7 @@ def assert_registry_answer(response: httpx.Response) -> None:
 def test_mitmweb_as_typed(request, shell, checkout, tmp_path):
     """mitmweb as the README shows it: same mitm.conf (flow_detail skipped), the web UI on its
     default port 8081 with the login token it prints; its REST API lists the GET /v2/."""
-    if not port_free(5000) or not port_free(8081):
+    if not port_free(5000, EVERY_ADDRESS) or not port_free(8081, EVERY_ADDRESS):
         skip(request, "port 5000 or 8081 is taken: the command as typed cannot listen")
     text = typed(request, MITMWEB)
     with start_mirror(shell, text, tmp_path / "mitmweb.log", 5000, ports=[5000, 8081],

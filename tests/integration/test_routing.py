@@ -50,7 +50,8 @@ from tests.integration.test_clients import containerd, ctr_check, ctr_images, ne
 from tests.integration.test_mirror import sha256_file
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.daemons import NO_NETWORK_ENV, dockerd_on_containerd
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 
 CLIENT_TIMEOUT = 120
 # mitmdump shortens logged URLs to the terminal width; the full query (ns=...) must show

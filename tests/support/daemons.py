@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.mirror import free_port
+from tests.support.ports import free_port
 
 _DEAD_PROXY = f"http://127.0.0.1:{free_port()}"
 NO_NETWORK_ENV = {

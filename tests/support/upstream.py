@@ -45,7 +45,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ import httpx
 from tests.support.cdn_front import CdnFront
 from tests.support.certs import TestCA
 from tests.support.common import read_json_lines, set_pdeathsig, sign_cdn_path
+from tests.support.ports import free_port
 from tests.support.token_server import DEFAULT_ACL, DEFAULT_ISSUER, DEFAULT_SERVICE, ensure_signing_cert
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +70,6 @@ RELAYED = ("token", "cdn", "edge")  # the hosts Docker Hub sends a client to
 
 class UpstreamError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_of(service: str) -> tuple[str, ...]:
@@ -294,7 +288,7 @@ class Upstream:
             "--root", str(self.storage_root), "--secret-file", str(secret_file), "--log", str(self.cdn_log_path)])
         self._cdn_backend_port = info["port"]
         if self.ca is not None:
-            self._start_cdn_front(_free_port())
+            self._start_cdn_front(free_port())
         else:
             self._direct["cdn"] = _base(info["url"])
         self.cdn_url = self._public("cdn")
@@ -302,7 +296,7 @@ class Upstream:
         # 3. distribution (port chosen here; retried if somebody grabbed it)
         last_err: Exception | None = None
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             try:
                 self._start_registry(port, cert, env)
                 break

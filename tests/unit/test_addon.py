@@ -20,7 +20,9 @@ from hubrewrite.loopback import KEY_HEADER
 from hubrewrite.responses import CACHE_HEADER
 
 from .driving import drive
-from .recording_server import Canned, RecordingServer, closed_port
+from tests.support.ports import free_port
+
+from .recording_server import Canned, RecordingServer
 
 DIGEST = "sha256:" + "b" * 64
 CHALLENGE = 'Bearer realm="{realm}",service="test-registry",scope="repository:library/nginx:pull"'
@@ -373,7 +375,7 @@ def test_upstream_unreachable_is_registry_error():
     addon = HubRewrite()
     with taddons.context(*with_core_addons(addon)) as tctx:
         tctx.configure(addon, hub_config="")
-        flow = make_flow(f"http://127.0.0.1:{closed_port()}", "GET", "/v2/library/nginx/manifests/latest")
+        flow = make_flow(f"http://127.0.0.1:{free_port()}", "GET", "/v2/library/nginx/manifests/latest")
         run(drive(addon, flow))
         assert flow.response.status_code == 502
         assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
@@ -675,7 +677,7 @@ def test_the_second_chance_is_the_clients_own_request(addon_ctx, upstream):
 def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, upstream):
     addon, _ = addon_ctx
     upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(
-        307, [("Location", f"http://127.0.0.1:{closed_port()}/cdn/x")]
+        307, [("Location", f"http://127.0.0.1:{free_port()}/cdn/x")]
     )
     flow = make_flow(upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}")
     run(drive(addon, flow))
@@ -690,7 +692,7 @@ def with_unreachable_bucket(addon_ctx, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     tctx.configure(addon, hub_cache_dir=str(tmp_path / "cache"), hub_store_url="s3://bucket/hub",
-                   hub_store_endpoint=f"http://127.0.0.1:{closed_port()}", hub_store_addressing="path")
+                   hub_store_endpoint=f"http://127.0.0.1:{free_port()}", hub_store_addressing="path")
     return addon
 
 

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons
 
 from hubrewrite.access.accounts import hash_password
 from hubrewrite.addon import HubRewrite
+from tests.support.ports import free_port
 
 from .driving import drive
 from .recording_server import Canned, RecordingServer
@@ -296,10 +297,8 @@ def test_forward_proxy_serves_table_hosts_and_passes_others(routed, hub, ghcr):
 def test_metrics_on_a_separate_loopback_port(routed):
     import httpx
 
-    from .recording_server import closed_port
-
     addon, tctx = routed
-    port = closed_port()
+    port = free_port()
     tctx.configure(addon, hub_metrics_listen=f"127.0.0.1:{port}")
     try:
         answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
