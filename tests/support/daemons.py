@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.common import read_log, set_pdeathsig
 from tests.support.ports import free_port
 
 _DEAD_PROXY = f"http://127.0.0.1:{free_port()}"
@@ -47,7 +48,6 @@ NO_NETWORK_ENV = {
     "no_proxy": "127.0.0.1,localhost",
 }
 
-_PR_SET_PDEATHSIG = 1
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -56,7 +56,7 @@ def _die_with_parent() -> None:
     # Linux delivers this when the thread that forked us exits: fixtures start
     # daemons from pytest's main thread.  SIGTERM, not SIGKILL: dockerd then
     # still undoes its bind mount of --data-root on the way out.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    set_pdeathsig(signal.SIGTERM)
 
 
 def unmount_below(path: Path) -> list[str]:
@@ -141,10 +141,7 @@ class _Daemon:
             shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.common import set_pdeathsig
+from tests.support.common import read_log, set_pdeathsig
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.ports import free_port  # noqa: F401 (also imported from here by bench/)
 
@@ -210,10 +210,7 @@ class Mirror:
                 self.proc.wait(5)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def peak_rss(self) -> int:
         """Peak resident memory of the running mitmdump/mitmweb (VmHWM), in bytes."""
