@@ -48,6 +48,7 @@ from tests.hardening.helpers import EvilListener, assert_registry_error, raw_req
 # containerd and podman_in are fixtures
 from tests.integration.test_clients import containerd, ctr_check, ctr_images, need, podman_in  # noqa: F401
 from tests.integration.test_mirror import sha256_file
+from tests.support.auth import basic
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.daemons import NO_NETWORK_ENV, dockerd_on_containerd
 from tests.support.mirror import Mirror
@@ -145,10 +146,6 @@ def ghcr_registries_conf(mirror: Mirror) -> str:
         f'location = "{mirror.host}/ghcr.io"\n'
         "insecure = true\n"
     )
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def assert_pulled_dir(out: Path, image: dict) -> None:

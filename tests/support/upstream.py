@@ -40,7 +40,6 @@ Can also be run by hand:  python -m tests.support.upstream WORKDIR
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -56,6 +55,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from tests.support.auth import basic
 from tests.support.cdn_front import CdnFront
 from tests.support.certs import TestCA
 from tests.support.common import read_json_lines, set_pdeathsig, sign_cdn_path
@@ -542,7 +542,7 @@ class Upstream:
         return r.json()["token"]
 
     def basic_auth_header(self, user: str) -> str:
-        return "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+        return basic(user, self.users[user])
 
     # ------------------------------------------------------------ logs
 

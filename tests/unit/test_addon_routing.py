@@ -5,7 +5,6 @@ for two registries (the default one and "ghcr.io")."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 
 import pytest
@@ -14,6 +13,7 @@ from mitmproxy.test import taddons
 
 from hubrewrite.access.accounts import hash_password
 from hubrewrite.addon import HubRewrite
+from tests.support.auth import basic
 from tests.support.ports import free_port
 
 from .driving import drive
@@ -23,10 +23,6 @@ from .test_addon import body_json, make_flow, with_core_addons
 MANIFEST = b'{"schemaVersion":2}'
 GHCR_TOKEN = json.dumps({"token": "ghcr-token", "expires_in": 300}).encode()
 HUB_TOKEN = json.dumps({"token": "hub-token", "expires_in": 300}).encode()
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def registry(server: RecordingServer, service: str, token_body: bytes) -> None:
