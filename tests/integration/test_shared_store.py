@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest
 
 from tests.support.images import make_big_layer, push_image, sha256_digest
 from tests.support.mirror import Mirror
+from tests.support.skopeo import skopeo
 
 SERVICE = "registry.docker.io"
 PREFIX = "hub"
@@ -115,8 +115,7 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
     a, _ = pair
     image = upstream.images["team/ociapp"]
     ref = f"docker://{a.host}/team/ociapp:1.0"
-    warm = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / 'warm'}"],
-                          capture_output=True, text=True, timeout=120)
+    warm = skopeo("copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / 'warm'}")
     assert warm.returncode == 0, warm.stderr
     for layer in image["layer_digests"]:
         assert ceph.wait_for_blob(bucket, PREFIX, layer)
@@ -125,8 +124,8 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
         before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
         # never read by c: presigned on the mark a made (the mark lands just after the object)
         assert eventually_presigned(ceph, c, "team/ociapp", image["layer_digests"][0], token(c, "team/ociapp"))
-        result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
-                                 f"dir:{tmp_path / 'presigned'}"], capture_output=True, text=True, timeout=120)
+        result = skopeo("copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
+                        f"dir:{tmp_path / 'presigned'}")
         assert result.returncode == 0, result.stderr
         for layer in image["layer_digests"]:
             data = (tmp_path / "presigned" / layer[7:]).read_bytes()

@@ -16,7 +16,8 @@ lazily unmounts anything a daemon left mounted under its directories.
 clients (dockerd, ctr, podman) then never resolve or dial a non-loopback host
 (e.g. registry-1.docker.io when dockerd falls back from a failed mirror):
 loopback addresses always bypass the proxy, anything else fails on the proxy
-connect before any DNS lookup.
+connect before any DNS lookup. ``through_proxy(url)``: the environment of a
+client whose only proxy is ``url``; ``without_proxies()``: one with none.
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ NO_NETWORK_ENV = {
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 }
+
+PROXY_VARS = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy"}  # either case
+
+
+def without_proxies() -> dict[str, str]:
+    """This process's environment without any proxy variable."""
+    return {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
+
+
+def through_proxy(proxy_url: str) -> dict[str, str]:
+    """The environment of a client whose only proxy is ``proxy_url`` (HTTPS_PROXY; no NO_PROXY)."""
+    return {**without_proxies(), "HTTPS_PROXY": proxy_url}
+
 
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
