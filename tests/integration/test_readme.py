@@ -49,7 +49,7 @@ from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV, Containerd
-from tests.support.images import Pusher, make_big_layer, push_image, sha256_digest
+from tests.support.images import Pusher, fresh_blob, push_image, sha256_digest
 from tests.support.ports import free_port, port_free
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
@@ -238,10 +238,6 @@ def get_blob(base_url: str, repo: str, digest: str, **kw) -> httpx.Response:
 
 def trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
-
-
-def cdn_gets(upstream, digest: str) -> int:
-    return len([r for r in upstream.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
 
 
 def edge_paths(up) -> list[str]:
@@ -764,18 +760,11 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID=...": 'AWS_ACCESS_KEY_ID="$README_S3_KEY"',
            "AWS_SECRET_ACCESS_KEY=...": 'AWS_SECRET_ACCESS_KEY="$README_S3_SECRET"'}
 
 
-def fresh_blob(up, tmp_path: Path, repo: str, size: int) -> str:
-    layer = tmp_path / "layer.tar"
-    digest, _ = make_big_layer(layer, size, seed=os.urandom(8))
-    push_image(up, repo, "1", [layer], media="oci")
-    return digest
-
-
 def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket, tmp_path):
     port = free_port()
     text = typed(request, SCRIPTS_RUN_BUCKET, {**S3_KEYS, "/var/cache/hub-rewrite": str(tmp_path / "cache"),
                                                "https://s3.example.com": ceph.endpoint_url}, append=trust_upstream(upstream))
-    digest = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
         assert blob.status_code == 200 and sha256_digest(blob.content) == digest
@@ -806,7 +795,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
     site = typed(request, NGINX_FRONT, {**replace, "443": str(front)})
     certs = make_ca_and_server_cert(tmp_path / "certs", hosts=("mirror.example.com",), ips=("127.0.0.1",))
     files = {"fullchain.pem": certs["cert"].read_bytes(), "privkey.pem": certs["key"].read_bytes()}
-    digest = fresh_blob(upstream, tmp_path, "team/readme-three", 512 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/readme-three", 512 * 1024)
     with start_mirror(shell, script, tmp_path / "three.log", ports[0], ports=ports, ready_count=3,
                       env=s3_env(ceph)) as proc, \
             NginxFront(tmp_path / "nginx", site, port=front, files=files):
@@ -826,7 +815,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
             assert again.status_code == 200 and sha256_digest(again.content) == digest
         hits_after = sum(shared_hits(p) for p in ports)
         log = proc.log_text()
-    assert cdn_gets(upstream, digest) == 1
+    assert upstream.cdn_gets(digest) == 1
     assert hits_after > hits_before, "no process served the blob from the bucket"
     assert no_secret_in(log, ceph.access_key, ceph.secret_key)
 

@@ -559,6 +559,10 @@ class Upstream:
         sent, so pass ``min_count`` to wait (up to ``timeout``) for them."""
         return self._read_log(self.cdn_log_path, min_count, timeout)
 
+    def cdn_gets(self, digest: str) -> int:
+        """How many GETs of this blob the CDN has answered so far."""
+        return len([r for r in self.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
+
     def token_requests(self, min_count: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
         return self._read_log(self.token_log_path, min_count, timeout)
 
