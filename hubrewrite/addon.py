@@ -39,7 +39,7 @@ from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
 from .observe import steps
 from .observe.metrics import CountingStream
-from .pull import Kind, Pull, Retarget
+from .pull import RequestKind, Pull, Retarget
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .access.bounded import BoundedDict
@@ -126,7 +126,7 @@ class HubRewrite:
         if refusal is not None:
             pull.settled = True
             self._refuse(flow, refusal)
-        elif pull.kind is Kind.API and pull.method not in ("GET", "HEAD"):
+        elif pull.kind is RequestKind.API and pull.method not in ("GET", "HEAD"):
             self._apply(pull, await paths.serve(pull, self.mirror))  # a push, streamed from here on
             flow.request.stream = True
         else:
@@ -142,7 +142,7 @@ class HubRewrite:
         pull: Pull | None = self.pulls.get(flow.id)
         if pull is None or pull.settled or flow.response or flow.error or flow.request.stream:
             return  # not ours, answered, or streaming where requestheaders sent it
-        if flow.request.raw_content and pull.kind is not Kind.TOKEN:
+        if flow.request.raw_content and pull.kind is not RequestKind.TOKEN:
             # a body announced by no header (HTTP/2): refused like any other
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return

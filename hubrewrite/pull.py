@@ -24,7 +24,9 @@ from .registry.upstream import Upstream
 RETRY_PARAM = "_hub_retry"  # a blob request the mirror sent back to itself after a storage refused a signed URL
 
 
-class Kind(Enum):
+class RequestKind(Enum):
+    """Which part of the mirror answers a client request (an API request's route has a RouteKind)."""
+
     PREFLIGHT = "preflight"  # OPTIONS: CORS, answered at once
     PAGE = "page"  # the mirror's own pages: status, health, metrics
     TOKEN = "token"  # /token[/<registry>]
@@ -86,7 +88,7 @@ Answer = http.Response | Retarget
 @dataclass
 class Pull:
     flow: http.HTTPFlow
-    kind: Kind
+    kind: RequestKind
     path: str  # as the client sent it, without the query
     registries: Registries  # what this listener serves
     fixed: Upstream | None  # already chosen by the host name or the proxy target

@@ -18,7 +18,7 @@ from ..pull import Pull
 from ..registry import headers as hdrs
 from ..registry.challenge import point_at_mirror
 from ..registry.errors import RegistryError
-from ..registry.names import Kind as RouteKind
+from ..registry.names import RouteKind
 from ..responses import STALE_HEADERS, bearer_challenge, error_response, make_response
 
 log = logging.getLogger("hub_rewrite")
