@@ -9,7 +9,7 @@ A request's way through the files (reverse mode, a blob GET):
 2. ``request``: ``paths.serve`` hands the Pull to its path (``paths/blobs.py``),
    which answers with a response or a ``Retarget``; the addon applies it.
 3. ``responseheaders`` streams a retargeted answer, ``response``/``error``
-   write its log line and metrics (``observe/steps.py``).
+   write its log line and metrics (``observe/summaries.py``).
 
 Along the way the flow's record (what mitmweb and saved flows keep) loses its
 credentials as soon as each may go: ``debug/records.py``.
@@ -37,7 +37,7 @@ from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
-from .observe import steps
+from .observe import summaries
 from .observe.metrics import CountingStream
 from .pull import RequestKind, Pull, Retarget
 from .registry import headers as hdrs
@@ -170,7 +170,7 @@ class HubRewrite:
         self._close_request(pull)  # the request has gone by now
         if pull.hidden is not None:
             # sent from the loopback server as it arrives, so its record can be redacted in response()
-            flow.response.stream = CountingStream(steps.counting(pull, self.mirror.metrics, pull.step.source))
+            flow.response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, pull.summary.source))
             return
         if pull.transfer is None:
             return
@@ -178,9 +178,9 @@ class HubRewrite:
         if 200 <= response.status_code < 300:
             # The bytes go to the client as they arrive: blobs can be many GB.
             source = "cache" if transfer.source == "cache" else "upstream"
-            response.stream = CountingStream(steps.counting(pull, self.mirror.metrics, source))
+            response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, source))
             self.mirror.metrics.in_flight.inc()
-            pull.step.in_flight = True
+            pull.summary.in_flight = True
             add_missing(response, transfer.headers)
             add_missing(response, CORS_HEADERS)
         # error answers are small: left buffered for response() to replace
@@ -196,7 +196,7 @@ class HubRewrite:
             if replaced is not None:
                 add_missing(replaced, CORS_HEADERS)
                 flow.response = without_body_for_head(flow.request.method, replaced)
-        steps.finish(pull, self.mirror.metrics)
+        summaries.finish(pull, self.mirror.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.work.finished(flow)
@@ -205,7 +205,7 @@ class HubRewrite:
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
-            steps.finish(pull, self.mirror.metrics)
+            summaries.finish(pull, self.mirror.metrics)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.work.disconnected(client)

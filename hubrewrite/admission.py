@@ -20,7 +20,7 @@ from .access.confirmations import client_identity
 from .access.issued import is_sealed
 from .clientconn import is_forward_proxy, public_url_of, reverse_target
 from .mirror import Mirror
-from .pull import RETRY_PARAM, ClientView, RequestKind, Pull, Step
+from .pull import RETRY_PARAM, ClientView, Pull, RequestKind, RequestSummary
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .registry.names import Route, parse_route
@@ -78,14 +78,14 @@ def _new_pull(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Up
     mirror_url = _mirror_url(flow, mirror)
     view = ClientView(mirror_url, _token_url(mirror_url, served, home))
     pull = Pull(flow, RequestKind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
-                Step(upstream=home.base, kind="other"))
+                RequestSummary(upstream=home.base, kind="other"))
     pull.client_query = list(flow.request.query.items(multi=True))
     pull.client_authorization = hdrs.value_of(hdrs.decode_fields(flow.request.headers.fields), "authorization")
     return pull
 
 
 def _classify(pull: Pull) -> None:
-    request, path, step = pull.flow.request, pull.path, pull.step
+    request, path, summary = pull.flow.request, pull.path, pull.summary
     if request.headers.get("upgrade", "").strip().lower() == "h2c":
         ignore_h2c_upgrade(request)
     if "upgrade" in request.headers:
@@ -93,11 +93,11 @@ def _classify(pull: Pull) -> None:
     if request.method == "OPTIONS":
         pull.kind = RequestKind.PREFLIGHT
     elif path in PAGES:
-        pull.kind, step.kind = RequestKind.PAGE, "page"
+        pull.kind, summary.kind = RequestKind.PAGE, "page"
         if request.method not in READ_METHODS:
             raise RegistryError(405, "UNSUPPORTED", f"method {request.method} is not supported here")
     elif path == TOKEN_PATH or path.startswith(TOKEN_PATH + "/"):
-        pull.kind, step.kind = RequestKind.TOKEN, "token"
+        pull.kind, summary.kind = RequestKind.TOKEN, "token"
         if request.method not in ("GET", "POST"):
             raise RegistryError(405, "UNSUPPORTED", "token requests are GET or POST")
 
@@ -135,7 +135,7 @@ def _route(pull: Pull) -> None:
     kept = [(k, v) for k, v in pull.client_query if k not in ("ns", RETRY_PARAM)]
     pull.query = "?" + urlencode(kept) if kept else ""
     pull.retried = any(k == RETRY_PARAM for k, _ in pull.client_query)
-    pull.step.upstream, pull.step.kind, pull.step.repo, pull.step.ref = (
+    pull.summary.upstream, pull.summary.kind, pull.summary.repo, pull.summary.ref = (
         upstream.base, route.kind.value, route.name, route.reference)
     # mitmweb shows the listener's target as the request's host: say where it really went
     pull.flow.comment = f"hub: {upstream.name} {route.name or route.kind.value} at {upstream.base}"

@@ -44,8 +44,9 @@ class ClientView:
 
 
 @dataclass
-class Step:
-    """What a client request was and how it went: its log line and metrics."""
+class RequestSummary:
+    """What a client request was and how it went: what its log line and metrics say
+    (written by observe/summaries.py when it ends)."""
 
     upstream: str
     kind: str
@@ -94,7 +95,7 @@ class Pull:
     fixed: Upstream | None  # already chosen by the host name or the proxy target
     upstream: Upstream  # the registry this request is for
     view: ClientView
-    step: Step
+    summary: RequestSummary
     route: Route | None = None  # /v2/ requests: with the upstream's repository name
     client_query: list[tuple[str, str]] = field(default_factory=list)  # as the client sent it
     query: str = ""  # to forward: "" or "?..." without the mirror's own parameters
