@@ -42,7 +42,7 @@ from .observe.metrics import CountingStream
 from .pull import RequestKind, Pull, Retarget
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
-from .access.bounded import BoundedDict
+from .util.bounded_dict import BoundedDict
 from .responses import CORS_HEADERS, add_missing, error_response, without_body_for_head
 from .settings import apply_config_file, declare, read_settings
 from .paths.blobs import replace_storage_error

@@ -14,7 +14,7 @@ import hashlib
 import time
 
 from ..registry import jwt
-from .bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 
 ANONYMOUS = "anonymous"
 
