@@ -29,7 +29,7 @@ from .admission import admit, carries_body, place_of
 from .config_file import command_line_options
 from .connwork import ConnectionWork
 from .debug import contentviews, records
-from .debug.logs import LogRedaction
+from .debug.dumper_redaction import DumperRedaction
 from .debug.redact import redact_metadata
 from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
@@ -66,7 +66,7 @@ class HubRewrite:
             ForwardProxy(lambda: self.mirror),
             guard,
             PieceReading(),  # after the guard, which decides a connection's first layer
-            LogRedaction(lambda: self.mirror.settings.show_secrets),
+            DumperRedaction(lambda: self.mirror.settings.show_secrets),
         ]
 
     # ---- options and lifecycle ---------------------------------------------
