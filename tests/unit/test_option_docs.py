@@ -14,6 +14,7 @@ default, help). Three texts repeat part of it, and are checked here:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -23,7 +24,6 @@ from hubrewrite.config_file import read_config
 from hubrewrite.registry.registries import DEFAULT_UPSTREAMS, parse_table
 from hubrewrite.settings import DEFAULT_CONFIG, OPTIONS, REPO_ROOT
 
-README = (REPO_ROOT / "README.md").read_text()
 DECLARED = {option.name: option for option in OPTIONS}
 NOT_THE_DEFAULT = "Not the default:"
 NUMBER_WORDS = dict(enumerate("zero one two three four five six seven eight nine ten eleven twelve".split()))
@@ -35,6 +35,11 @@ NETWORK_WORDS = {
     "link-local": ("169.254.0.0/16", "fe80::/10"),
     "ULA": ("fc00::/7",),
 }
+
+
+@functools.cache
+def readme() -> str:
+    return (REPO_ROOT / "README.md").read_text()
 
 
 def section(markdown: str, heading: str) -> str:
@@ -61,7 +66,7 @@ def code_names(cell: str) -> list[str]:
 
 
 def readme_defaults() -> dict[str, str]:
-    rows = table_rows(section(README, "## Options"), "| option | default | meaning |")
+    rows = table_rows(section(readme(), "## Options"), "| option | default | meaning |")
     defaults = {}
     for names, default, meaning in rows:
         assert meaning, f"{names} has no meaning in the README's options table"
@@ -140,7 +145,7 @@ def test_readme_lists_what_mitm_conf_sets():
     comments = conf_comments()
     sets = {key: value for key, value in conf.items()
             if not key.startswith("hub_") or any(line.startswith(NOT_THE_DEFAULT) for line in comments[key])}
-    rows = table_rows(section(README, "## Options"), "| option | in mitm.conf | why |")
+    rows = table_rows(section(readme(), "## Options"), "| option | in mitm.conf | why |")
     listed = {code_names(name)[0]: value for name, value, why in rows if why}
     assert len(listed) == len(rows), "a row without a why"
     assert listed == {key: as_readme_shows(value) for key, value in sets.items()}
@@ -148,7 +153,7 @@ def test_readme_lists_what_mitm_conf_sets():
 
 
 def test_readme_names_the_default_registries():
-    text = section(README, "## One mirror for several registries")
+    text = section(readme(), "## One mirror for several registries")
     sentence = text[text.index("by default"): text.index("Add one as")]
     expected = []
     for upstream in parse_table(list(DEFAULT_UPSTREAMS)).values():
@@ -159,7 +164,8 @@ def test_readme_names_the_default_registries():
 
 
 def test_readme_opening_names_the_registries_besides_docker_hub():
-    opening = README[: README.index("\n\n", README.index("addon; it also serves"))]
+    text = readme()
+    opening = text[: text.index("\n\n", text.index("addon; it also serves"))]
     listed = re.search(r"it also serves (.*?) from the same address", " ".join(opening.split()))[1]
     others = [name for name in parse_table(list(DEFAULT_UPSTREAMS)) if name != "docker.io"]
     assert re.split(r", | and ", listed) == others
