@@ -9,7 +9,7 @@ A request's way through the files (reverse mode, a blob GET):
 2. ``request``: ``paths.serve`` hands the Pull to its path (``paths/blobs.py``),
    which answers with a response or a ``Retarget``; the addon applies it.
 3. ``responseheaders`` streams a retargeted answer, ``response``/``error``
-   write its log line and metrics (``observe/steps.py``).
+   write its log line and metrics (``observe/summaries.py``).
 
 Along the way the flow's record (what mitmweb and saved flows keep) loses its
 credentials as soon as each may go: ``debug/records.py``.
@@ -29,7 +29,7 @@ from .admission import admit, carries_body, place_of
 from .config_file import command_line_options
 from .connwork import ConnectionWork
 from .debug import contentviews, records
-from .debug.logs import LogRedaction
+from .debug.dumper_redaction import DumperRedaction
 from .debug.redact import redact_metadata
 from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
@@ -37,12 +37,12 @@ from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
-from .observe import steps
+from .observe import summaries
 from .observe.metrics import CountingStream
-from .pull import Kind, Pull, Retarget
+from .pull import RequestKind, Pull, Retarget
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
-from .access.bounded import BoundedDict
+from .util.bounded_dict import BoundedDict
 from .responses import CORS_HEADERS, add_missing, error_response, without_body_for_head
 from .settings import apply_config_file, declare, read_settings
 from .paths.blobs import replace_storage_error
@@ -66,7 +66,7 @@ class HubRewrite:
             ForwardProxy(lambda: self.mirror),
             guard,
             PieceReading(),  # after the guard, which decides a connection's first layer
-            LogRedaction(lambda: self.mirror.settings.show_secrets),
+            DumperRedaction(lambda: self.mirror.settings.show_secrets),
         ]
 
     # ---- options and lifecycle ---------------------------------------------
@@ -126,7 +126,7 @@ class HubRewrite:
         if refusal is not None:
             pull.settled = True
             self._refuse(flow, refusal)
-        elif pull.kind is Kind.API and pull.method not in ("GET", "HEAD"):
+        elif pull.kind is RequestKind.API and pull.method not in ("GET", "HEAD"):
             self._apply(pull, await paths.serve(pull, self.mirror))  # a push, streamed from here on
             flow.request.stream = True
         else:
@@ -142,7 +142,7 @@ class HubRewrite:
         pull: Pull | None = self.pulls.get(flow.id)
         if pull is None or pull.settled or flow.response or flow.error or flow.request.stream:
             return  # not ours, answered, or streaming where requestheaders sent it
-        if flow.request.raw_content and pull.kind is not Kind.TOKEN:
+        if flow.request.raw_content and pull.kind is not RequestKind.TOKEN:
             # a body announced by no header (HTTP/2): refused like any other
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return
@@ -170,7 +170,7 @@ class HubRewrite:
         self._close_request(pull)  # the request has gone by now
         if pull.hidden is not None:
             # sent from the loopback server as it arrives, so its record can be redacted in response()
-            flow.response.stream = CountingStream(steps.counting(pull, self.mirror.metrics, pull.step.source))
+            flow.response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, pull.summary.source))
             return
         if pull.transfer is None:
             return
@@ -178,9 +178,9 @@ class HubRewrite:
         if 200 <= response.status_code < 300:
             # The bytes go to the client as they arrive: blobs can be many GB.
             source = "cache" if transfer.source == "cache" else "upstream"
-            response.stream = CountingStream(steps.counting(pull, self.mirror.metrics, source))
+            response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, source))
             self.mirror.metrics.in_flight.inc()
-            pull.step.in_flight = True
+            pull.summary.in_flight = True
             add_missing(response, transfer.headers)
             add_missing(response, CORS_HEADERS)
         # error answers are small: left buffered for response() to replace
@@ -196,7 +196,7 @@ class HubRewrite:
             if replaced is not None:
                 add_missing(replaced, CORS_HEADERS)
                 flow.response = without_body_for_head(flow.request.method, replaced)
-        steps.finish(pull, self.mirror.metrics)
+        summaries.finish(pull, self.mirror.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.work.finished(flow)
@@ -205,7 +205,7 @@ class HubRewrite:
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
-            steps.finish(pull, self.mirror.metrics)
+            summaries.finish(pull, self.mirror.metrics)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.work.disconnected(client)

@@ -20,7 +20,7 @@ from .access.confirmations import client_identity
 from .access.issued import is_sealed
 from .clientconn import is_forward_proxy, public_url_of, reverse_target
 from .mirror import Mirror
-from .pull import RETRY_PARAM, ClientView, Kind, Pull, Step
+from .pull import RETRY_PARAM, ClientView, Pull, RequestKind, RequestSummary
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .registry.names import Route, parse_route
@@ -62,7 +62,7 @@ async def admit(
     pull = _new_pull(flow, mirror, served, fixed)
     try:
         _classify(pull)
-        if pull.kind is Kind.API:
+        if pull.kind is RequestKind.API:
             _route(pull)
             refusal = await _api_gates(pull, mirror)
             if refusal is not None:
@@ -77,27 +77,27 @@ def _new_pull(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Up
     home = fixed or served.default_upstream
     mirror_url = _mirror_url(flow, mirror)
     view = ClientView(mirror_url, _token_url(mirror_url, served, home))
-    pull = Pull(flow, Kind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
-                Step(upstream=home.base, kind="other"))
+    pull = Pull(flow, RequestKind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
+                RequestSummary(upstream=home.base, kind="other"))
     pull.client_query = list(flow.request.query.items(multi=True))
     pull.client_authorization = hdrs.value_of(hdrs.decode_fields(flow.request.headers.fields), "authorization")
     return pull
 
 
 def _classify(pull: Pull) -> None:
-    request, path, step = pull.flow.request, pull.path, pull.step
+    request, path, summary = pull.flow.request, pull.path, pull.summary
     if request.headers.get("upgrade", "").strip().lower() == "h2c":
         ignore_h2c_upgrade(request)
     if "upgrade" in request.headers:
         raise RegistryError(400, "UNSUPPORTED", "protocol upgrades are not served by this mirror")
     if request.method == "OPTIONS":
-        pull.kind = Kind.PREFLIGHT
+        pull.kind = RequestKind.PREFLIGHT
     elif path in PAGES:
-        pull.kind, step.kind = Kind.PAGE, "page"
+        pull.kind, summary.kind = RequestKind.PAGE, "page"
         if request.method not in READ_METHODS:
             raise RegistryError(405, "UNSUPPORTED", f"method {request.method} is not supported here")
     elif path == TOKEN_PATH or path.startswith(TOKEN_PATH + "/"):
-        pull.kind, step.kind = Kind.TOKEN, "token"
+        pull.kind, summary.kind = RequestKind.TOKEN, "token"
         if request.method not in ("GET", "POST"):
             raise RegistryError(405, "UNSUPPORTED", "token requests are GET or POST")
 
@@ -135,7 +135,7 @@ def _route(pull: Pull) -> None:
     kept = [(k, v) for k, v in pull.client_query if k not in ("ns", RETRY_PARAM)]
     pull.query = "?" + urlencode(kept) if kept else ""
     pull.retried = any(k == RETRY_PARAM for k, _ in pull.client_query)
-    pull.step.upstream, pull.step.kind, pull.step.repo, pull.step.ref = (
+    pull.summary.upstream, pull.summary.kind, pull.summary.repo, pull.summary.ref = (
         upstream.base, route.kind.value, route.name, route.reference)
     # mitmweb shows the listener's target as the request's host: say where it really went
     pull.flow.comment = f"hub: {upstream.name} {route.name or route.kind.value} at {upstream.base}"
@@ -194,13 +194,13 @@ def _body_gate(pull: Pull) -> None:
     """Registry reads have no body: a body where none belongs is refused. A token
     form must say how long it is, and be short."""
     request = pull.flow.request
-    if pull.kind is Kind.TOKEN and request.method == "POST":
+    if pull.kind is RequestKind.TOKEN and request.method == "POST":
         length = request.headers.get("content-length", "").strip()
         if "transfer-encoding" in request.headers or not length.isdigit():
             raise RegistryError(411, "UNSUPPORTED", "a token request's form needs a Content-Length")
         if int(length) > MAX_FORM_BYTES:
             raise RegistryError(413, "UNSUPPORTED", "token request form too large")
-    elif pull.kind is Kind.API and pull.method in WRITE_METHODS:
+    elif pull.kind is RequestKind.API and pull.method in WRITE_METHODS:
         return  # a push the operator allowed: its body is streamed upstream
     elif carries_body(request):
         raise RegistryError(400, "UNSUPPORTED", f"a {request.method} request here must not carry a body")

@@ -31,7 +31,7 @@ import secrets
 
 from mitmproxy import http
 
-from .access.bounded import BoundedDict
+from .util.bounded_dict import BoundedDict
 from .cache.serving import BlobSender
 from .cache.store import Store
 from .httpserver import HttpServer, Reply, Request

@@ -24,7 +24,9 @@ from .registry.upstream import Upstream
 RETRY_PARAM = "_hub_retry"  # a blob request the mirror sent back to itself after a storage refused a signed URL
 
 
-class Kind(Enum):
+class RequestKind(Enum):
+    """Which part of the mirror answers a client request (an API request's route has a RouteKind)."""
+
     PREFLIGHT = "preflight"  # OPTIONS: CORS, answered at once
     PAGE = "page"  # the mirror's own pages: status, health, metrics
     TOKEN = "token"  # /token[/<registry>]
@@ -42,8 +44,9 @@ class ClientView:
 
 
 @dataclass
-class Step:
-    """What a client request was and how it went: its log line and metrics."""
+class RequestSummary:
+    """What a client request was and how it went: what its log line and metrics say
+    (written by observe/summaries.py when it ends)."""
 
     upstream: str
     kind: str
@@ -86,13 +89,13 @@ Answer = http.Response | Retarget
 @dataclass
 class Pull:
     flow: http.HTTPFlow
-    kind: Kind
+    kind: RequestKind
     path: str  # as the client sent it, without the query
     registries: Registries  # what this listener serves
     fixed: Upstream | None  # already chosen by the host name or the proxy target
     upstream: Upstream  # the registry this request is for
     view: ClientView
-    step: Step
+    summary: RequestSummary
     route: Route | None = None  # /v2/ requests: with the upstream's repository name
     client_query: list[tuple[str, str]] = field(default_factory=list)  # as the client sent it
     query: str = ""  # to forward: "" or "?..." without the mirror's own parameters

@@ -213,7 +213,6 @@ class Settings:
     private_networks: PrivateNetworks  # clients the pass-through is for
     proxy_guarded: bool  # mitmproxy's proxyauth is set
     accounts: MirrorAccounts | None
-    users_file: str
     rules: RepositoryRules
     upstream_credentials: UpstreamCredentials
     allow_push: bool
@@ -265,7 +264,6 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         private_networks=_private_networks(o.hub_private_networks),
         proxy_guarded=bool(getattr(o, "proxyauth", None)),
         accounts=accounts,
-        users_file=o.hub_users_file,
         rules=_rules(o.hub_allow, o.hub_deny),
         upstream_credentials=_upstream_credentials(o.hub_upstream_credentials, table),
         allow_push=o.hub_allow_push,

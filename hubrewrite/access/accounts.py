@@ -33,7 +33,7 @@ import argon2
 import bcrypt
 
 from ..registry.errors import RegistryError
-from .bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 from .issued import REFRESH, Holder, IssuedTokens
 from .users_file import AccountsError, UsersFile
 

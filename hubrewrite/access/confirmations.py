@@ -10,12 +10,11 @@ and for clients without credentials only repositories seen pulled anonymously.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import time
 
-from .bounded import BoundedDict
+from ..registry import jwt
+from ..util.bounded_dict import BoundedDict
 
 ANONYMOUS = "anonymous"
 
@@ -31,13 +30,9 @@ def token_lifetime(authorization: str | None, default: float, now: float) -> flo
     """Seconds a bearer token stays valid, from its JWT ``exp`` when readable."""
     if not authorization or not authorization.lower().startswith("bearer "):
         return default
-    parts = authorization[7:].strip().split(".")
-    if len(parts) != 3:
-        return default
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        exp = float(payload["exp"])
-    except (ValueError, KeyError, TypeError):
+    token = jwt.decode(authorization[7:])
+    exp = token.expires_at if token is not None else None
+    if exp is None:
         return default
     return max(0.0, min(exp - now, 3600.0))
 

@@ -327,9 +327,6 @@ class Bucket:
         got = self._get_small(self._record_key(key), "record", key)
         return None if got is None else got[1]
 
-    def object_exists(self, key: str) -> bool:
-        return self._head(self._record_key(key), "record", key) is not None
-
     def delete_object(self, key: str) -> None:
         """Delete a record; deleting a missing one is not an error (S3 semantics)."""
         with s3_errors("delete", key):

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ..access.bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 from ..observe.metrics import Metrics
 from .bucket import BlobStat, BlobStream, Bucket
 from .bucket_errors import BucketError

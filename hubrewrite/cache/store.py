@@ -338,10 +338,6 @@ class Store:
                 self._write_file(path, record)
                 self.limits.files_added(1)
 
-    def get_tag(self, upstream: str, repository: str, tag: str, accept: str) -> TagEntry | None:
-        """The tag's digest for exactly this (normalized) Accept."""
-        return self.tag_entries(upstream, repository, tag).get(accept)
-
     def tag_entries(self, upstream: str, repository: str, tag: str) -> dict[str, TagEntry]:
         """Every Accept variant recorded for a tag: normalized Accept -> what it resolved to."""
         entries = {}

@@ -47,7 +47,7 @@ busy cores (measured with -w, 500 requests x 3: a token request 7.3 -> 9.1 and
 13.2 -> 16.2 ms, a 307 4.6 -> 5.4 and 6.1 -> 11.1 ms, in two runs), a few per
 pull. It is paid only while something records flows (``Settings.records_flows``):
 mitmdump without ``-w`` sends those answers as before and prints redacted copies
-(``debug/logs.py``).
+(``debug/dumper_redaction.py``).
 
 Still visible, briefly and only to someone polling the REST API: what a request
 carries between the ``request`` hook and its answer's head (the loopback key or

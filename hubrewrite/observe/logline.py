@@ -1,4 +1,4 @@
-"""One log line per pull step: who, what, outcome. Never a header, query or body."""
+"""One log line per client request: who, what, outcome. Never a header, query or body."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ def pull_log_line(
     client: str, upstream: str, method: str, kind: str, repository: str, reference: str,
     status: int | str, size: int, seconds: float, cache: str,
 ) -> str:
-    """One line per pull step: who, what, outcome. Never a header, query or body."""
+    """One line per client request: who, what, outcome. Never a header, query or body."""
     if not repository:
         what = kind  # /v2/, token, ...
     elif reference.startswith("sha256:"):

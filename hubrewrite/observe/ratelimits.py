@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..access.bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 from ..registry.headers import value_of
 from .metrics import Metrics
 

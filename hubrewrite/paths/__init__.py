@@ -4,18 +4,18 @@ a response, or a ``Retarget`` mitmproxy streams."""
 from __future__ import annotations
 
 from ..mirror import Mirror
-from ..pull import Answer, Kind, Pull, Retarget
-from ..registry.names import Kind as RouteKind
+from ..pull import Answer, Pull, RequestKind, Retarget
+from ..registry.names import RouteKind
 from ..responses import PREFLIGHT_HEADERS, make_response
 from . import blobs, manifests, pages, relay, token_endpoint
 
 
 async def serve(pull: Pull, mirror: Mirror) -> Answer:
-    if pull.kind is Kind.PREFLIGHT:
+    if pull.kind is RequestKind.PREFLIGHT:
         return make_response(204, PREFLIGHT_HEADERS)
-    if pull.kind is Kind.PAGE:
+    if pull.kind is RequestKind.PAGE:
         return await pages.serve(pull, mirror)
-    if pull.kind is Kind.TOKEN:
+    if pull.kind is RequestKind.TOKEN:
         return await token_endpoint.serve(pull, mirror)
     route = pull.route
     if pull.method not in ("GET", "HEAD"):

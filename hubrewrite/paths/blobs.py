@@ -164,7 +164,7 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
         if isinstance(small, http.Response):
             return small
         if small is not None:
-            pull.step.source = "cache" if download is None else "upstream"
+            pull.summary.source = "cache" if download is None else "upstream"
             return make_response(200, _blob_head(pull, state), small)
     transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)

@@ -103,7 +103,7 @@ def share_when_done(mirror: Mirror, download: Download) -> None:
             shared.unlock_later(digest)
 
     def ended(d: Download) -> None:
-        if d.state == "committed":
+        if d.state == COMMITTED:
             shared.later(publish())
         else:
             shared.unlock_later(digest)

@@ -18,7 +18,7 @@ from ..pull import Pull
 from ..registry import headers as hdrs
 from ..registry.challenge import point_at_mirror
 from ..registry.errors import RegistryError
-from ..registry.names import Kind as RouteKind
+from ..registry.names import RouteKind
 from ..responses import STALE_HEADERS, bearer_challenge, error_response, make_response
 
 log = logging.getLogger("hub_rewrite")
@@ -27,7 +27,7 @@ log = logging.getLogger("hub_rewrite")
 async def serve(pull: Pull, mirror: Mirror) -> http.Response:
     """One small exchange made by the mirror itself, redirects followed."""
     try:
-        fetched = await mirror.client.fetch(pull.method, pull.url, pull.headers, purpose=f"{pull.step.kind} request relayed")
+        fetched = await mirror.client.fetch(pull.method, pull.url, pull.headers, purpose=f"{pull.summary.kind} request relayed")
     except RegistryError as e:
         log.warning("%s %s: %s", pull.method, pull.route.path() if pull.route else pull.path, e.message)
         if e.status in (502, 503, 504) and pull.route is not None and pull.route.kind is RouteKind.BASE:

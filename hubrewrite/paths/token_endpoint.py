@@ -42,7 +42,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         form = tokens.parse_form(pull.client_body) if pull.method == "POST" else None
         named = pull.path[len("/token") + 1:] or None
         pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
-        pull.step.upstream = pull.upstream.base
+        pull.summary.upstream = pull.upstream.base
         authorization, holder, form = await _credentials(pull, mirror, form)
         learned = await mirror.realms.discover(pull.upstream, mirror.client)
     except RegistryError as e:

@@ -10,7 +10,7 @@ byte goes upstream, so traversal tricks such as ``/v2/../../etc/passwd`` or
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from .errors import RegistryError
@@ -29,7 +29,9 @@ _HEX_RE = re.compile(r"[0-9a-f]+")
 _UPLOAD_RE = re.compile(r"(.+)/blobs/uploads/([A-Za-z0-9_=-]*)")
 
 
-class Kind(Enum):
+class RouteKind(Enum):
+    """Which registry API route a /v2/ path is (distribution's routes)."""
+
     BASE = "base"  # /v2/
     MANIFEST = "manifest"  # /v2/<name>/manifests/<tag|digest>
     BLOB = "blob"  # /v2/<name>/blobs/<digest>
@@ -41,7 +43,7 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Route:
-    kind: Kind
+    kind: RouteKind
     name: str = ""
     reference: str = ""  # tag or digest; for uploads, the rest of the path
 
@@ -52,19 +54,19 @@ class Route:
     def path(self) -> str:
         """The /v2/ path this route stands for (query not included)."""
         match self.kind:
-            case Kind.BASE:
+            case RouteKind.BASE:
                 return "/v2/"
-            case Kind.CATALOG:
+            case RouteKind.CATALOG:
                 return "/v2/_catalog"
-            case Kind.MANIFEST:
+            case RouteKind.MANIFEST:
                 return f"/v2/{self.name}/manifests/{self.reference}"
-            case Kind.BLOB:
+            case RouteKind.BLOB:
                 return f"/v2/{self.name}/blobs/{self.reference}"
-            case Kind.UPLOAD:
+            case RouteKind.UPLOAD:
                 return f"/v2/{self.name}/blobs/uploads/{self.reference}"
-            case Kind.TAGS:
+            case RouteKind.TAGS:
                 return f"/v2/{self.name}/tags/list"
-            case Kind.REFERRERS:
+            case RouteKind.REFERRERS:
                 return f"/v2/{self.name}/referrers/{self.reference}"
         raise AssertionError(self.kind)
 
@@ -122,15 +124,15 @@ def parse_route(path: str) -> Route:
         # character is an attempt to smuggle '/', '.' or a control byte.
         raise RegistryError(400, "NAME_INVALID", "percent-encoded characters are not allowed in registry paths")
     if path in ("/v2", "/v2/"):
-        return Route(Kind.BASE)
+        return Route(RouteKind.BASE)
     rest = path[len("/v2/"):]
     if rest == "_catalog":
-        return Route(Kind.CATALOG)
+        return Route(RouteKind.CATALOG)
     upload = _UPLOAD_RE.fullmatch(rest)
     if upload:
         # the one route that may end in '/': starting an upload
         validate_name(upload.group(1))
-        return Route(Kind.UPLOAD, upload.group(1), upload.group(2))
+        return Route(RouteKind.UPLOAD, upload.group(1), upload.group(2))
     segments = rest.split("/")
     # a manifest route's last segment is its reference, which validate_reference judges
     in_name = segments[:-1] if len(segments) >= 3 and segments[-2] == "manifests" else segments
@@ -140,16 +142,16 @@ def parse_route(path: str) -> Route:
     if len(segments) >= 3 and segments[-2] == "tags" and segments[-1] == "list":
         name = "/".join(segments[:-2])
         validate_name(name)
-        return Route(Kind.TAGS, name)
+        return Route(RouteKind.TAGS, name)
     if len(segments) >= 3 and segments[-2] in ("manifests", "blobs", "referrers"):
         name = "/".join(segments[:-2])
         validate_name(name)
         reference = segments[-1]
         if segments[-2] == "manifests":
             validate_reference(reference)
-            return Route(Kind.MANIFEST, name, reference)
+            return Route(RouteKind.MANIFEST, name, reference)
         validate_digest(reference)
-        kind = Kind.BLOB if segments[-2] == "blobs" else Kind.REFERRERS
+        kind = RouteKind.BLOB if segments[-2] == "blobs" else RouteKind.REFERRERS
         return Route(kind, name, reference)
     raise RegistryError(404, "UNSUPPORTED", "unknown registry API path")
 
@@ -160,6 +162,3 @@ def official_name(name: str, prefix: str) -> str:
         return name
     return f"{prefix}/{name}"
 
-
-def with_official_prefix(route: Route, prefix: str) -> Route:
-    return replace(route, name=official_name(route.name, prefix)) if route.name else route

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from tests.support.images import sha256_digest
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 
 from .helpers import SERVICE, UPSTREAM_TIMEOUT, fresh_image
 

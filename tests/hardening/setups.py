@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import bcrypt
 import httpx
 
+from tests.support.common import read_log
 from tests.support.mirror import Mirror
 from tests.support.netns import PublicClient
 
@@ -96,16 +97,9 @@ def upstream_saw(upstream, since: tuple[int, int], marker: str) -> list[str]:
     """Edge records and distribution log lines naming ``marker`` since ``since`` (see ``log_marks``)."""
     edge = [f"edge: {r.get('method')} {r.get('path')}" for r in upstream.edge_requests()[since[0]:]
             if marker in r.get("path", "")]
-    registry = [f"registry: {line[:200]}" for line in _registry_log(upstream)[since[1]:].splitlines() if marker in line]
+    registry = [f"registry: {line[:200]}" for line in read_log(upstream.registry_log_path)[since[1]:].splitlines() if marker in line]
     return edge + registry
 
 
 def log_marks(upstream) -> tuple[int, int]:
-    return len(upstream.edge_requests()), len(_registry_log(upstream))
-
-
-def _registry_log(upstream) -> str:
-    try:
-        return upstream.registry_log_path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
+    return len(upstream.edge_requests()), len(read_log(upstream.registry_log_path))

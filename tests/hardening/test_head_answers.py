@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 
 from .helpers import INDEX_ACCEPT, SERVICE, EvilListener, anonymous_token
 from .setups import PROXY_REGISTRY, mirror_token, users_file

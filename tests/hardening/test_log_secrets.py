@@ -6,7 +6,6 @@ forward proxy, not the proxy's own credentials (Proxy-Authorization) either."""
 from __future__ import annotations
 
 import base64
-import os
 import re
 import secrets
 import ssl
@@ -15,21 +14,19 @@ import subprocess
 import httpx
 import pytest
 
+from tests.support.daemons import through_proxy
 from tests.support.mirror import Mirror
+from tests.support.skopeo import skopeo
 
 from .helpers import SERVICE, UPSTREAM_TIMEOUT
 from .setups import PROXY_REGISTRY
 
 WIDE = {"COLUMNS": "4000"}  # mitmdump cuts URLs to the terminal's width: make it wide
-PROXY_VARS = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
 
 
 def skopeo_copy(mirror, ref: str, dest, creds: str | None = None) -> subprocess.CompletedProcess:
-    args = ["skopeo", "copy", "--src-tls-verify=false"]
-    if creds:
-        args += ["--src-creds", creds]
-    return subprocess.run([*args, f"docker://{mirror.host}/{ref}", f"dir:{dest}"], capture_output=True, text=True,
-                          timeout=120)
+    auth = ["--src-creds", creds] if creds else []
+    return skopeo("copy", "--src-tls-verify=false", *auth, f"docker://{mirror.host}/{ref}", f"dir:{dest}")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +119,5 @@ def skopeo_through(proxy: Mirror, proxy_url: str, ref: str, dest, creds: str) ->
     certs = dest.with_name(dest.name + "-certs")
     certs.mkdir(exist_ok=True)
     (certs / "ca.crt").write_bytes(proxy.ca_cert.read_bytes())
-    env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS} | {"HTTPS_PROXY": proxy_url}
-    return subprocess.run(["skopeo", "copy", "--src-tls-verify=true", "--src-cert-dir", str(certs), "--src-creds", creds,
-                           f"docker://{PROXY_REGISTRY}/{ref}", f"dir:{dest}"], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return skopeo("copy", "--src-tls-verify=true", "--src-cert-dir", str(certs), "--src-creds", creds,
+                  f"docker://{PROXY_REGISTRY}/{ref}", f"dir:{dest}", env=through_proxy(proxy_url))

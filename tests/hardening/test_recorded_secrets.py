@@ -26,7 +26,6 @@ import os
 import re
 import secrets
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,7 +33,9 @@ import httpx
 import pytest
 
 from tests.support.credential_scan import CredentialScan, flow_label, flow_texts
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
+from tests.support.skopeo import skopeo
 
 from .helpers import SERVICE, UPSTREAM_TIMEOUT
 from .setups import PROXY_REGISTRY, users_file
@@ -45,8 +46,7 @@ PREFIX = "hub"
 
 def skopeo_copy(mirror: Mirror, ref: str, dest: Path, creds: str | None) -> None:
     auth = ["--src-creds", creds] if creds else ["--src-no-creds"]
-    result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", *auth, f"docker://{mirror.host}/{ref}",
-                             f"dir:{dest}"], capture_output=True, text=True, timeout=120)
+    result = skopeo("copy", "--src-tls-verify=false", *auth, f"docker://{mirror.host}/{ref}", f"dir:{dest}")
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -6,20 +6,14 @@ the test received is searched for the passwords and tokens."""
 from __future__ import annotations
 
 import base64
-import os
 import secrets
-import subprocess
 
 import httpx
 
+from tests.support.skopeo import skopeo
+
 from .helpers import INDEX_ACCEPT, SERVICE, fresh_image
 
-SKOPEO_TIMEOUT = 120
-
-
-def skopeo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=SKOPEO_TIMEOUT,
-                          env={**os.environ})
 
 
 def test_no_password_or_token_leaks(mirror, upstream, tmp_path):

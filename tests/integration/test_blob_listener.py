@@ -11,7 +11,6 @@ same cache directory follows the first one's download.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -20,8 +19,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
-from tests.support.images import make_big_layer, push_image, sha256_digest
-from tests.support.mirror import Mirror, free_port
+from tests.support.images import fresh_blob, sha256_digest
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 from tests.support.throttle import throttled_port
 
 SERVICE = "registry.docker.io"
@@ -31,18 +31,6 @@ def token_for(mirror: Mirror, repo: str) -> str:
     r = httpx.get(f"{mirror.url}/token", params={"service": SERVICE, "scope": f"repository:{repo}:pull"}, timeout=15)
     assert r.status_code == 200, r.text
     return r.json()["token"]
-
-
-def fresh_blob(upstream, tmp_path: Path, repo: str, size: int) -> tuple[str, int]:
-    layer = tmp_path / f"{repo.replace('/', '_')}-{time.monotonic_ns()}.tar"
-    digest, size = make_big_layer(layer, size, seed=os.urandom(8))
-    push_image(upstream, repo, "1", [layer], media="oci")
-    return digest, size
-
-
-def cdn_gets(upstream, digest: str) -> list[dict]:
-    hexd = digest.split(":", 1)[1]
-    return [r for r in upstream.cdn_requests() if hexd in r.get("path", "") and r.get("method") == "GET"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +74,7 @@ def test_blob_is_redirected_to_a_signed_url_and_served_there(mirror, upstream, t
     head = httpx.head(warm.headers["location"])
     assert head.status_code == 200 and head.headers["content-length"] == str(size) and head.content == b""
     assert redirect(mirror, "team/l-basic", digest, token, "HEAD").headers["location"]
-    assert len(cdn_gets(upstream, digest)) == 1
+    assert upstream.cdn_gets(digest) == 1
     # the signature appears in no log line
     assert parse_qs(urlsplit(location).query)["signature"][0] not in mirror.log_text()
 
@@ -202,7 +190,7 @@ def test_one_download_streamed_to_every_client_as_it_arrives(mirror, upstream, t
     assert all(r["first"] < 2.0 for r in fast), [r["first"] for r in fast]
     total = [0.3 * i + r["done"] for i, r in enumerate(fast)]
     assert max(total) <= 1.15 * total[0] + 0.5, total
-    assert len(cdn_gets(upstream, digest)) == 1
+    assert upstream.cdn_gets(digest) == 1
     slow = results["slow"]  # still reading, or done right, never wrong
     assert slow["bytes"] == _prefix_of(slow["bytes"], fast[0]["bytes"])
 
@@ -235,7 +223,7 @@ def test_a_second_process_follows_the_first_ones_download(mirror, upstream, cach
     assert results["first"]["status"] == results["second"]["status"] == 200
     assert sha256_digest(results["second"]["bytes"]) == digest == sha256_digest(results["first"]["bytes"])
     assert results["second"]["first"] < 2.0
-    assert len(cdn_gets(upstream, digest)) == 1
+    assert upstream.cdn_gets(digest) == 1
 
 
 def test_an_https_mirror_has_an_https_listener_with_its_certificate(upstream, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.images import make_big_layer, push_image
+from tests.support.images import fresh_blob, make_big_layer, push_image
 from tests.support.mirror import Mirror
 from tests.support.upstream import Upstream
 from tests.support.images import standard_images
@@ -185,20 +185,13 @@ def test_cached_image_pulls_while_upstream_is_down(tmp_path):
             assert "Traceback" not in m.log_text()
 
 
-def fresh_image(upstream, tmp_path: Path, repo: str, size: int, seed: bytes) -> str:
-    layer = tmp_path / f"{repo.replace('/', '_')}.tar"
-    digest, _ = make_big_layer(layer, size, seed=seed)
-    push_image(upstream, repo, "1", [layer], media="oci")
-    return digest
-
-
 def assert_nothing_cached(cache_dir: Path, digest: str) -> None:
     assert not (cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
     assert list((cache_dir / "tmp").glob("*.part")) == []
 
 
 def test_cdn_cutting_the_blob_leaves_nothing_in_the_cache(mirror, upstream, cache_dir, tmp_path):
-    digest = fresh_image(upstream, tmp_path, "team/cut", 8 * 1024 * 1024, b"cut")
+    digest, _ = fresh_blob(upstream, tmp_path, "team/cut", 8 * 1024 * 1024)
     upstream.set_cdn_fault("cut", times=1, after=3 * 1024 * 1024)
     try:
         failed = copy(f"docker://{mirror.host}/team/cut:1", tmp_path / "failed")
@@ -212,7 +205,7 @@ def test_cdn_cutting_the_blob_leaves_nothing_in_the_cache(mirror, upstream, cach
 
 
 def test_corrupted_upstream_bytes_end_as_a_failed_transfer(mirror, upstream, cache_dir, tmp_path):
-    digest = fresh_image(upstream, tmp_path, "team/corrupt", 4 * 1024 * 1024, b"corrupt")
+    digest, _ = fresh_blob(upstream, tmp_path, "team/corrupt", 4 * 1024 * 1024)
     token = httpx.get(f"{mirror.url}/token", params={"service": upstream.service, "scope": "repository:team/corrupt:pull"}).json()["token"]
     upstream.set_cdn_fault("corrupt", times=1)
     try:

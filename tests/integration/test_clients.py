@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemons import NO_NETWORK_ENV, Containerd, Dockerd, dockerd_on_containerd
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 
 CLIENT_TIMEOUT = 120
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import ssl
 import subprocess
 from pathlib import Path
@@ -15,7 +14,9 @@ import httpx
 import pytest
 
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.mirror import MITMDUMP, REPO_ROOT, Mirror, free_port
+from tests.support.mirror import MITMDUMP, REPO_ROOT, Mirror
+from tests.support.ports import free_port
+from tests.support.skopeo import skopeo
 
 INDEX_ACCEPT = [
     "application/vnd.oci.image.index.v1+json",
@@ -23,17 +24,6 @@ INDEX_ACCEPT = [
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ]
-SKOPEO_TIMEOUT = 300
-
-
-def skopeo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["skopeo", *args],
-        capture_output=True,
-        text=True,
-        timeout=SKOPEO_TIMEOUT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def copy(src: str, dest: Path, *extra: str) -> subprocess.CompletedProcess:

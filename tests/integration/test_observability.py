@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from tests.support.browser import Chromium, screenshot_path
-from tests.support.mirror import Mirror, free_port
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 from tests.support.png import assert_not_blank
 
 from .test_mirror import copy

@@ -36,7 +36,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -44,12 +43,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hubrewrite.config_file import read_config
+from hubrewrite.registry.registries import parse_table
 from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV, Containerd
-from tests.support.images import Pusher, make_big_layer, push_image, sha256_digest
-from tests.support.mirror import free_port
+from tests.support.images import Pusher, fresh_blob, push_image, sha256_digest
+from tests.support.ports import free_port, port_free
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
 from tests.support.private_mounts import NamespacedDockerd, can_use_private_mounts, hosts_file
@@ -64,6 +65,7 @@ CLIENT_TIMEOUT = 120
 HOST_MAPPED = "ghcr.mirror.example"  # the README's host name for ghcr.io (hub_host_map)
 BUCKET = "mirror-cache"  # the README's bucket
 TOKEN_IN_URL = re.compile(r"token=([\w-]+)")
+EVERY_ADDRESS = "0.0.0.0"  # where the README's commands listen
 
 # ---------------------------------------------------------------- the README's commands, exact text
 
@@ -204,15 +206,6 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def table_args(upstream, second_upstream) -> str:
     """The test registries in place of the real ones: docker.io and ghcr.io (mitm.conf names the real ones)."""
     return (f"--set hub_upstreams=docker.io={upstream.api_url} "
@@ -245,10 +238,6 @@ def get_blob(base_url: str, repo: str, digest: str, **kw) -> httpx.Response:
 
 def trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
-
-
-def cdn_gets(upstream, digest: str) -> int:
-    return len([r for r in upstream.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
 
 
 def edge_paths(up) -> list[str]:
@@ -435,7 +424,7 @@ def test_runners_named_in_the_table_exist():
 def test_mitmdump_as_typed(request, shell, checkout, tmp_path):
     """The README's mirror command, letter for letter: it starts, loads the repository's mitm.conf
     and answers GET /v2/ with registry JSON (502 UNAVAILABLE: Docker Hub is out of reach here)."""
-    if not port_free(5000):
+    if not port_free(5000, EVERY_ADDRESS):
         skip(request, "port 5000 is taken: the command as typed cannot listen")
     text = typed(request, MITMDUMP)
     with start_mirror(shell, text, tmp_path / "mitmdump.log", 5000) as proc:
@@ -445,8 +434,8 @@ def test_mitmdump_as_typed(request, shell, checkout, tmp_path):
     assert_registry_answer(v2)
     assert f"options loaded from {checkout / 'mitm.conf'}" in log, log[-3000:]
     assert "reverse proxy to https://registry-1.docker.io listening at *:5000" in log
-    # the table of seven registries comes from mitm.conf
-    for registry in ("docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io", "nvcr.io", "mcr.microsoft.com"):
+    # the table of registries comes from mitm.conf
+    for registry in parse_table(read_config(checkout / "mitm.conf")["hub_upstreams"]):
         assert f"<b>{registry}</b>" in page
 
 
@@ -461,7 +450,7 @@ def assert_registry_answer(response: httpx.Response) -> None:
 def test_mitmweb_as_typed(request, shell, checkout, tmp_path):
     """mitmweb as the README shows it: same mitm.conf (flow_detail skipped), the web UI on its
     default port 8081 with the login token it prints; its REST API lists the GET /v2/."""
-    if not port_free(5000) or not port_free(8081):
+    if not port_free(5000, EVERY_ADDRESS) or not port_free(8081, EVERY_ADDRESS):
         skip(request, "port 5000 or 8081 is taken: the command as typed cannot listen")
     text = typed(request, MITMWEB)
     with start_mirror(shell, text, tmp_path / "mitmweb.log", 5000, ports=[5000, 8081],
@@ -771,18 +760,11 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID=...": 'AWS_ACCESS_KEY_ID="$README_S3_KEY"',
            "AWS_SECRET_ACCESS_KEY=...": 'AWS_SECRET_ACCESS_KEY="$README_S3_SECRET"'}
 
 
-def fresh_blob(up, tmp_path: Path, repo: str, size: int) -> str:
-    layer = tmp_path / "layer.tar"
-    digest, _ = make_big_layer(layer, size, seed=os.urandom(8))
-    push_image(up, repo, "1", [layer], media="oci")
-    return digest
-
-
 def test_scripts_run_with_a_shared_bucket(request, shell, upstream, ceph, bucket, tmp_path):
     port = free_port()
     text = typed(request, SCRIPTS_RUN_BUCKET, {**S3_KEYS, "/var/cache/hub-rewrite": str(tmp_path / "cache"),
                                                "https://s3.example.com": ceph.endpoint_url}, append=trust_upstream(upstream))
-    digest = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/readme-bucket", 512 * 1024)
     with start_mirror(shell, text, tmp_path / "run.log", port, env={**mirror_url_env(upstream, port), **s3_env(ceph)}) as proc:
         blob = get_blob(f"http://127.0.0.1:{port}", "team/readme-bucket", digest)
         assert blob.status_code == 200 and sha256_digest(blob.content) == digest
@@ -813,7 +795,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
     site = typed(request, NGINX_FRONT, {**replace, "443": str(front)})
     certs = make_ca_and_server_cert(tmp_path / "certs", hosts=("mirror.example.com",), ips=("127.0.0.1",))
     files = {"fullchain.pem": certs["cert"].read_bytes(), "privkey.pem": certs["key"].read_bytes()}
-    digest = fresh_blob(upstream, tmp_path, "team/readme-three", 512 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/readme-three", 512 * 1024)
     with start_mirror(shell, script, tmp_path / "three.log", ports[0], ports=ports, ready_count=3,
                       env=s3_env(ceph)) as proc, \
             NginxFront(tmp_path / "nginx", site, port=front, files=files):
@@ -833,7 +815,7 @@ def test_three_processes_behind_nginx(request, shell, upstream, ceph, bucket, tm
             assert again.status_code == 200 and sha256_digest(again.content) == digest
         hits_after = sum(shared_hits(p) for p in ports)
         log = proc.log_text()
-    assert cdn_gets(upstream, digest) == 1
+    assert upstream.cdn_gets(digest) == 1
     assert hits_after > hits_before, "no process served the blob from the bucket"
     assert no_secret_in(log, ceph.access_key, ceph.secret_key)
 

@@ -48,16 +48,17 @@ from tests.hardening.helpers import EvilListener, assert_registry_error, raw_req
 # containerd and podman_in are fixtures
 from tests.integration.test_clients import containerd, ctr_check, ctr_images, need, podman_in  # noqa: F401
 from tests.integration.test_mirror import sha256_file
+from tests.support.auth import basic
 from tests.support.certs import make_ca_and_server_cert
-from tests.support.daemons import NO_NETWORK_ENV, dockerd_on_containerd
-from tests.support.mirror import Mirror, free_port
+from tests.support.daemons import dockerd_on_containerd, through_proxy, without_proxies
+from tests.support.mirror import Mirror
+from tests.support.ports import free_port
+from tests.support.skopeo import skopeo
 
-CLIENT_TIMEOUT = 120
 # mitmdump shortens logged URLs to the terminal width; the full query (ns=...) must show
 WIDE_LOG = {"COLUMNS": "4000"}
 HOST_MAPPED = "ghcr.mirror.test"
 PROXY_REGISTRY = "hub.test"  # not loopback-looking: Go clients send it to HTTPS_PROXY
-PROXY_VARS = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy"}
 INDEX_ACCEPT = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -76,13 +77,6 @@ def sha256_bytes(data: bytes) -> str:
 
 def dead_registry() -> str:
     return f"127.0.0.1:{free_port()}"
-
-
-def skopeo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """skopeo with proxy variables at a dead loopback port (unless ``env`` replaces them)."""
-    need("skopeo", "skopeo")
-    return subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
-                          env=env if env is not None else {**os.environ, **NO_NETWORK_ENV})
 
 
 def table_args(upstream, second_upstream, *settings: str) -> list[str]:
@@ -146,10 +140,6 @@ def ghcr_registries_conf(mirror: Mirror) -> str:
     )
 
 
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 def assert_pulled_dir(out: Path, image: dict) -> None:
     """A ``dir:`` copy of a single image: manifest and every blob with the right digests."""
     assert sha256_file(out / "manifest.json") == image["digest"]
@@ -164,10 +154,6 @@ def curl(*args: str, env: dict[str, str] | None = None) -> tuple[int, bytes]:
                             capture_output=True, timeout=60, env=env)
     body, _, code = result.stdout.rpartition(b"\n")
     return int(code or 0), body
-
-
-def no_proxy_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -403,7 +389,7 @@ def test_forward_proxy_with_the_cache(upstream, tmp_path):
         for run in ("cold", "warm"):
             (_, _, cdn0), = log_offsets(upstream)
             result = skopeo("copy", "--src-tls-verify=true", "--src-cert-dir", str(tmp_path / "certs"), ref,
-                            f"dir:{tmp_path / run}", env=proxy_env(m))
+                            f"dir:{tmp_path / run}", env=through_proxy(m.proxy_url))
             assert result.returncode == 0, result.stderr + m.log_text()[-3000:]
             assert sha256_file(tmp_path / run / "manifest.json") == image["digest"]
             counts.append(len([r for r in upstream.cdn_requests()[cdn0:] if r.get("method") == "GET"]))
@@ -411,11 +397,6 @@ def test_forward_proxy_with_the_cache(upstream, tmp_path):
         assert "cache=hit" in m.log_text()
     finally:
         m.stop()
-
-
-def proxy_env(proxy: Mirror) -> dict[str, str]:
-    """The environment of a client whose only proxy is the mirror (HTTPS_PROXY; no NO_PROXY)."""
-    return {**no_proxy_env(), "HTTPS_PROXY": proxy.proxy_url}
 
 
 def test_forward_proxy_skopeo(forward_proxy, upstream, tmp_path):
@@ -428,7 +409,7 @@ def test_forward_proxy_skopeo(forward_proxy, upstream, tmp_path):
     start = len(forward_proxy.log_text())
     result = skopeo("copy", "--all", "--src-tls-verify=true", "--src-cert-dir", str(forward_proxy.cert_dir),
                     f"docker://{PROXY_REGISTRY}/library/alpine:3.19", f"dir:{tmp_path / 'out'}",
-                    env=proxy_env(forward_proxy))
+                    env=through_proxy(forward_proxy.proxy_url))
     assert result.returncode == 0, result.stderr + forward_proxy.log_text()[start:][-3000:]
     assert sha256_file(tmp_path / "out" / "manifest.json") == alpine["digest"]
     blobs = set()
@@ -440,7 +421,7 @@ def test_forward_proxy_skopeo(forward_proxy, upstream, tmp_path):
         assert sha256_file(tmp_path / "out" / digest.split(":", 1)[1]) == digest
 
     inspect = skopeo("inspect", "--tls-verify=true", "--cert-dir", str(forward_proxy.cert_dir),
-                     f"docker://{PROXY_REGISTRY}/team/ociapp:1.0", env=proxy_env(forward_proxy))
+                     f"docker://{PROXY_REGISTRY}/team/ociapp:1.0", env=through_proxy(forward_proxy.proxy_url))
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["Digest"] == upstream.images["team/ociapp"]["digest"]
 
@@ -553,12 +534,12 @@ def check_passthrough(proxy: Mirror, host: str, certs: dict[str, Path]) -> None:
     servers on ``host`` go through ``proxy`` and reach them."""
     plain, tls = OutsideServer(host), OutsideServer(host, tls=certs)
     try:
-        status, body = curl("-x", proxy.proxy_url, f"{plain.url}/outside", env=no_proxy_env())
+        status, body = curl("-x", proxy.proxy_url, f"{plain.url}/outside", env=without_proxies())
         assert (status, body) == (200, b"hello from outside\n"), f"plain HTTP to {plain.url} did not pass through"
         assert plain.requests == [("GET", "/outside")]
 
         status, body = curl("-x", proxy.proxy_url, "--cacert", str(certs["ca"]), f"{tls.url}/outside-tls",
-                            env=no_proxy_env())
+                            env=without_proxies())
         assert (status, body) == (200, b"hello from outside\n"), f"TLS to {tls.url} was intercepted or refused"
         assert tls.requests == [("GET", "/outside-tls")]
     finally:
@@ -591,9 +572,9 @@ def test_forward_proxy_passthrough_off_refuses_other_hosts(upstream, tmp_path):
             "--set", f"hub_upstreams={PROXY_REGISTRY}={upstream.api_url}",
             "--set", "hub_proxy_passthrough=false",
         ]) as m:
-            status, body = curl("-x", m.proxy_url, f"http://{canary.host}/outside", env=no_proxy_env())
+            status, body = curl("-x", m.proxy_url, f"http://{canary.host}/outside", env=without_proxies())
             assert status != 200 and b"hello" not in body, (status, body)
-            status, _ = curl("-x", m.proxy_url, "-k", f"https://{canary.host}/outside", env=no_proxy_env())
+            status, _ = curl("-x", m.proxy_url, "-k", f"https://{canary.host}/outside", env=without_proxies())
             assert status != 200
             assert canary.connections() == [], "the proxy connected to a host outside its table"
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.support.checkout import STAMP, CheckoutError, scratch_checkout
-from tests.support.mirror import free_port
+from tests.support.ports import free_port
 
 START_LIMIT = 2.0  # seconds from `scripts/run` to a listening mirror, .venv set up
 OFFLINE_PIP = {

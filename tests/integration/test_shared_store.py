@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.images import make_big_layer, push_image, sha256_digest
+from tests.support.images import fresh_blob, make_big_layer, push_image, sha256_digest
 from tests.support.mirror import Mirror
+from tests.support.skopeo import skopeo
 
 SERVICE = "registry.docker.io"
 PREFIX = "hub"
@@ -83,27 +83,16 @@ def get_blob(mirror: Mirror, repo: str, digest: str, bearer: str | None, **kw) -
     return httpx.get(f"{mirror.url}/v2/{repo}/blobs/{digest}", headers=headers, timeout=60, follow_redirects=True, **kw)
 
 
-def fresh_blob(upstream, tmp_path: Path, repo: str, size: int) -> str:
-    layer = tmp_path / f"{repo.replace('/', '_')}.tar"
-    digest, _ = make_big_layer(layer, size, seed=os.urandom(8))
-    push_image(upstream, repo, "1", [layer], media="oci")
-    return digest
-
-
-def cdn_gets(upstream, digest: str) -> int:
-    return len([r for r in upstream.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
-
-
 def test_a_blob_pulled_through_one_is_served_by_the_other_without_the_cdn(pair, upstream, ceph, bucket, tmp_path):
     a, b = pair
-    digest = fresh_blob(upstream, tmp_path, "team/s-shared", 6 * 1024 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/s-shared", 6 * 1024 * 1024)
     first = get_blob(a, "team/s-shared", digest, token(a, "team/s-shared"))
     assert first.status_code == 200 and sha256_digest(first.content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest), "not uploaded to the bucket"
-    before = cdn_gets(upstream, digest)
+    before = upstream.cdn_gets(digest)
     second = get_blob(b, "team/s-shared", digest, token(b, "team/s-shared"))
     assert second.status_code == 200 and sha256_digest(second.content) == digest
-    assert cdn_gets(upstream, digest) == before == 1
+    assert upstream.cdn_gets(digest) == before == 1
     metrics = httpx.get(f"{b.url}/_hub/metrics").text
     assert 'hub_cache_tier_hits_total{tier="shared"}' in metrics
     # and b's own local tier has it now
@@ -115,23 +104,22 @@ def test_a_presigned_redirect_is_followed_by_skopeo(upstream, ceph, bucket, pair
     a, _ = pair
     image = upstream.images["team/ociapp"]
     ref = f"docker://{a.host}/team/ociapp:1.0"
-    warm = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / 'warm'}"],
-                          capture_output=True, text=True, timeout=120)
+    warm = skopeo("copy", "--src-tls-verify=false", ref, f"dir:{tmp_path / 'warm'}")
     assert warm.returncode == 0, warm.stderr
     for layer in image["layer_digests"]:
         assert ceph.wait_for_blob(bucket, PREFIX, layer)
     options = store_options(ceph, bucket, tmp_path / "cache-c", hub_store_presign="true", hub_blob_secret=blob_secret)
     with Mirror(tmp_path / "c", upstream, options=options, env=store_env(ceph), name="c") as c:
-        before = {d: cdn_gets(upstream, d) for d in image["layer_digests"]}
+        before = {d: upstream.cdn_gets(d) for d in image["layer_digests"]}
         # never read by c: presigned on the mark a made (the mark lands just after the object)
         assert eventually_presigned(ceph, c, "team/ociapp", image["layer_digests"][0], token(c, "team/ociapp"))
-        result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
-                                 f"dir:{tmp_path / 'presigned'}"], capture_output=True, text=True, timeout=120)
+        result = skopeo("copy", "--src-tls-verify=false", f"docker://{c.host}/team/ociapp:1.0",
+                        f"dir:{tmp_path / 'presigned'}")
         assert result.returncode == 0, result.stderr
         for layer in image["layer_digests"]:
             data = (tmp_path / "presigned" / layer[7:]).read_bytes()
             assert sha256_digest(data) == layer
-        assert {d: cdn_gets(upstream, d) for d in image["layer_digests"]} == before  # the bucket sent them
+        assert {d: upstream.cdn_gets(d) for d in image["layer_digests"]} == before  # the bucket sent them
         assert "X-Amz-Signature" not in c.log_text()
 
 
@@ -178,7 +166,7 @@ def test_a_refused_client_is_refused_by_both_though_the_blob_is_in_the_bucket(pa
 
 def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, bucket, pair, tmp_path):
     a, _ = pair
-    digest = fresh_blob(upstream, tmp_path, "team/s-corrupt", 3 * 1024 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/s-corrupt", 3 * 1024 * 1024)
     assert sha256_digest(get_blob(a, "team/s-corrupt", digest, token(a, "team/s-corrupt")).content) == digest
     assert ceph.wait_for_blob(bucket, PREFIX, digest)
     key = f"{PREFIX}/blobs/sha256/{digest[7:]}"
@@ -204,7 +192,7 @@ def test_a_corrupted_object_is_never_served_and_is_replaced(upstream, ceph, buck
 
 def test_the_bucket_down_the_mirror_serves_on_and_says_so(pair, upstream, ceph, tmp_path):
     a, _ = pair
-    digest = fresh_blob(upstream, tmp_path, "team/s-down", 1024 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/s-down", 1024 * 1024)
     ceph.stop_rgw()
     try:
         health = httpx.get(f"{a.url}/_hub/health", timeout=30).json()
@@ -222,7 +210,7 @@ def test_the_bucket_down_the_mirror_serves_on_and_says_so(pair, upstream, ceph, 
 
 def test_concurrent_pulls_of_one_uncached_blob_through_both_make_one_cdn_request(pair, upstream, tmp_path):
     a, b = pair
-    digest = fresh_blob(upstream, tmp_path, "team/s-race", 16 * 1024 * 1024)
+    digest, _ = fresh_blob(upstream, tmp_path, "team/s-race", 16 * 1024 * 1024)
     results = {}
 
     def pull(name: str, mirror: Mirror) -> None:
@@ -235,7 +223,7 @@ def test_concurrent_pulls_of_one_uncached_blob_through_both_make_one_cdn_request
     for t in threads:
         t.join(120)
     assert results == {"a": (200, digest), "b": (200, digest)}
-    assert cdn_gets(upstream, digest) == 1
+    assert upstream.cdn_gets(digest) == 1
 
 
 # ---------------------------------------------------------------- issue 17, item 12: the verified mark

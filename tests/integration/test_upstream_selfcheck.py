@@ -21,16 +21,11 @@ import httpx
 import pytest
 
 from tests.support.images import ALL_MANIFEST_TYPES, DOCKER_LIST, OCI_INDEX, OCI_MANIFEST
+from tests.support.skopeo import skopeo
 from tests.support.token_server import decode_jwt_unverified
 
 SKOPEO = shutil.which("skopeo")
 needs_skopeo = pytest.mark.skipif(SKOPEO is None, reason="skopeo not installed")
-
-
-def skopeo(*args, timeout=180):
-    r = subprocess.run([SKOPEO, *args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    return r
 
 
 def bearer(upstream, repo, user=None, actions="pull"):

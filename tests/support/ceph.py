@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -31,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from tests.support.common import set_pdeathsig
+from tests.support.ports import free_port, port_free
 
 REGION = "us-east-1"
 _MON_NAME = "a"
@@ -43,28 +43,13 @@ class CephError(RuntimeError):
     pass
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_port_range(count: int, tries: int = 200) -> int:
     """First port of ``count`` consecutive free ports (racy like any free-port pick; good enough)."""
     for _ in range(tries):
         base = 20000 + secrets.randbelow(30000)
-        if all(_port_free(p) for p in range(base, base + count)):
+        if all(port_free(p) for p in range(base, base + count)):
             return base
     raise CephError(f"no {count} consecutive free ports found")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -206,7 +191,7 @@ class CephRGW:
             (w / d).mkdir(parents=True, exist_ok=True)
         self.fsid = str(uuid.uuid4())
         self.mon_port = _free_port_range(_MSGR_PORTS)
-        self.rgw_port = self.rgw_port or _free_port()
+        self.rgw_port = self.rgw_port or free_port()
         if self.objectstore == "memstore":
             store = f"osd_objectstore = memstore\nmemstore_device_bytes = {self.memstore_bytes}\n"
         else:

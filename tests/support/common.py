@@ -6,7 +6,8 @@ tests.support.<module>``).  They share:
 * ``write_ready_file``: after binding (port 0 allowed) a server atomically
   writes ``{"port": ..., "pid": ...}`` to a file the orchestrator polls.
 * ``JsonLog``: thread-safe JSON-lines access log (append mode, so the
-  orchestrator may truncate it at any time).
+  orchestrator may truncate it at any time); ``read_json_lines`` reads one,
+  ``read_log`` any process's text log.
 * ``watch_parent``: the process exits when its parent goes away, so a
   killed pytest never leaves servers running.
 * ``sign_cdn_path`` / ``verify_cdn_signature``: the shared-secret URL
@@ -85,6 +86,14 @@ def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def read_log(path: str | os.PathLike) -> str:
+    """A process's text log as written so far ("" before the process made it)."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def auth_summary(header_value: str | None) -> dict[str, Any]:

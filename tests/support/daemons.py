@@ -16,7 +16,8 @@ lazily unmounts anything a daemon left mounted under its directories.
 clients (dockerd, ctr, podman) then never resolve or dial a non-loopback host
 (e.g. registry-1.docker.io when dockerd falls back from a failed mirror):
 loopback addresses always bypass the proxy, anything else fails on the proxy
-connect before any DNS lookup.
+connect before any DNS lookup. ``through_proxy(url)``: the environment of a
+client whose only proxy is ``url``; ``without_proxies()``: one with none.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.mirror import free_port
+from tests.support.common import read_log, set_pdeathsig
+from tests.support.ports import free_port
 
 _DEAD_PROXY = f"http://127.0.0.1:{free_port()}"
 NO_NETWORK_ENV = {
@@ -47,7 +49,19 @@ NO_NETWORK_ENV = {
     "no_proxy": "127.0.0.1,localhost",
 }
 
-_PR_SET_PDEATHSIG = 1
+PROXY_VARS = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy"}  # either case
+
+
+def without_proxies() -> dict[str, str]:
+    """This process's environment without any proxy variable."""
+    return {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
+
+
+def through_proxy(proxy_url: str) -> dict[str, str]:
+    """The environment of a client whose only proxy is ``proxy_url`` (HTTPS_PROXY; no NO_PROXY)."""
+    return {**without_proxies(), "HTTPS_PROXY": proxy_url}
+
+
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -56,7 +70,7 @@ def _die_with_parent() -> None:
     # Linux delivers this when the thread that forked us exits: fixtures start
     # daemons from pytest's main thread.  SIGTERM, not SIGKILL: dockerd then
     # still undoes its bind mount of --data-root on the way out.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    set_pdeathsig(signal.SIGTERM)
 
 
 def unmount_below(path: Path) -> list[str]:
@@ -141,10 +155,7 @@ class _Daemon:
             shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]

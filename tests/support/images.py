@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Union
 from urllib.parse import urljoin
@@ -120,6 +121,15 @@ def make_big_layer(path: str | os.PathLike, size_bytes: int, seed: bytes | str =
         tf.addfile(ti, io.BufferedReader(_PseudoRandom(size_bytes, seed), buffer_size=IO_CHUNK))
     os.replace(tmp, path)
     return file_digest(path)
+
+
+def fresh_blob(up: Upstream, directory: Path, repo: str, size: int) -> tuple[str, int]:
+    """Push ``repo:1``, an OCI image whose one layer (``size`` pseudo-random bytes, in a tar) was
+    never seen before; the layer's (digest, size)."""
+    layer = Path(directory) / f"{repo.replace('/', '_')}-{time.monotonic_ns()}.tar"
+    digest, size = make_big_layer(layer, size, seed=os.urandom(8))
+    push_image(up, repo, "1", [layer], media="oci")
+    return digest, size
 
 
 # ---------------------------------------------------------------- HTTP

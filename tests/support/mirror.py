@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.common import set_pdeathsig
+from tests.support.common import read_log, set_pdeathsig
 from tests.support.mitmweb_api import MitmwebApi
+from tests.support.ports import free_port  # noqa: F401 (also imported from here by bench/)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
@@ -56,12 +57,6 @@ TOOLS = {"mitmdump": MITMDUMP, "mitmweb": MITMWEB}
 # (no config file: mitmproxy's defaults, e.g. an eager upstream connection);
 # afterwards it starts exactly as the README shows, mitm.conf and all.
 MITMWEB_LOADS_MITM_CONF = True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class MirrorError(RuntimeError):
@@ -215,10 +210,7 @@ class Mirror:
                 self.proc.wait(5)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def peak_rss(self) -> int:
         """Peak resident memory of the running mitmdump/mitmweb (VmHWM), in bytes."""

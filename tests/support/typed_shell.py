@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.common import set_pdeathsig
+from tests.support.common import read_log, set_pdeathsig
 
 
 # mitmweb prints its UI's URL with the login token; failure reports show the log without it
@@ -116,10 +116,7 @@ class Background:
             self.proc.wait(5)
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the log for a failure report, without mitmweb's login token."""

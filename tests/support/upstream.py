@@ -40,12 +40,10 @@ Can also be run by hand:  python -m tests.support.upstream WORKDIR
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -57,9 +55,11 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from tests.support.auth import basic
 from tests.support.cdn_front import CdnFront
 from tests.support.certs import TestCA
 from tests.support.common import read_json_lines, set_pdeathsig, sign_cdn_path
+from tests.support.ports import free_port
 from tests.support.token_server import DEFAULT_ACL, DEFAULT_ISSUER, DEFAULT_SERVICE, ensure_signing_cert
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +70,6 @@ RELAYED = ("token", "cdn", "edge")  # the hosts Docker Hub sends a client to
 
 class UpstreamError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_of(service: str) -> tuple[str, ...]:
@@ -294,7 +288,7 @@ class Upstream:
             "--root", str(self.storage_root), "--secret-file", str(secret_file), "--log", str(self.cdn_log_path)])
         self._cdn_backend_port = info["port"]
         if self.ca is not None:
-            self._start_cdn_front(_free_port())
+            self._start_cdn_front(free_port())
         else:
             self._direct["cdn"] = _base(info["url"])
         self.cdn_url = self._public("cdn")
@@ -302,7 +296,7 @@ class Upstream:
         # 3. distribution (port chosen here; retried if somebody grabbed it)
         last_err: Exception | None = None
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             try:
                 self._start_registry(port, cert, env)
                 break
@@ -548,7 +542,7 @@ class Upstream:
         return r.json()["token"]
 
     def basic_auth_header(self, user: str) -> str:
-        return "Basic " + base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+        return basic(user, self.users[user])
 
     # ------------------------------------------------------------ logs
 
@@ -564,6 +558,10 @@ class Upstream:
         """Parsed CDN access log.  CDN records are written *after* the body was
         sent, so pass ``min_count`` to wait (up to ``timeout``) for them."""
         return self._read_log(self.cdn_log_path, min_count, timeout)
+
+    def cdn_gets(self, digest: str) -> int:
+        """How many GETs of this blob the CDN has answered so far."""
+        return len([r for r in self.cdn_requests() if digest[7:] in r.get("path", "") and r.get("method") == "GET"])
 
     def token_requests(self, min_count: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
         return self._read_log(self.token_log_path, min_count, timeout)

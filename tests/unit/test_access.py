@@ -27,6 +27,15 @@ def test_token_lifetime_from_jwt_exp():
     assert token_lifetime("Basic eDp5", 60, now) == 60
 
 
+def test_token_lifetime_reads_exp_as_the_jwt_decoder_does():
+    """registry/jwt.py's reading: a finite number is an ``exp``; anything else gets the default."""
+    now = time.time()
+    assert 299 < token_lifetime(f"Bearer {jwt(now + 300.5)}", 60, now) <= 301
+    assert token_lifetime(f"Bearer {jwt(now + 10**6)}", 60, now) == 3600  # never trusted beyond an hour
+    for exp in (float("inf"), float("nan"), True, str(int(now + 300)), None):
+        assert token_lifetime(f"Bearer {jwt(exp)}", 60, now) == 60, exp
+
+
 def test_confirmation_is_per_token_and_repository():
     memory = AccessMemory(60, 3600)
     alice = f"Bearer {jwt(time.time() + 300)}"

@@ -5,7 +5,6 @@ for two registries (the default one and "ghcr.io")."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 
 import pytest
@@ -14,6 +13,8 @@ from mitmproxy.test import taddons
 
 from hubrewrite.access.accounts import hash_password
 from hubrewrite.addon import HubRewrite
+from tests.support.auth import basic
+from tests.support.ports import free_port
 
 from .driving import drive
 from .recording_server import Canned, RecordingServer
@@ -22,10 +23,6 @@ from .test_addon import body_json, make_flow, with_core_addons
 MANIFEST = b'{"schemaVersion":2}'
 GHCR_TOKEN = json.dumps({"token": "ghcr-token", "expires_in": 300}).encode()
 HUB_TOKEN = json.dumps({"token": "hub-token", "expires_in": 300}).encode()
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def registry(server: RecordingServer, service: str, token_body: bytes) -> None:
@@ -296,10 +293,8 @@ def test_forward_proxy_serves_table_hosts_and_passes_others(routed, hub, ghcr):
 def test_metrics_on_a_separate_loopback_port(routed):
     import httpx
 
-    from .recording_server import closed_port
-
     addon, tctx = routed
-    port = closed_port()
+    port = free_port()
     tctx.configure(addon, hub_metrics_listen=f"127.0.0.1:{port}")
     try:
         answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)

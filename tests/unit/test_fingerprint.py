@@ -4,13 +4,10 @@ import re
 import pytest
 
 from hubrewrite.debug.fingerprint import fingerprint
+from tests.support.auth import basic
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
 DIGEST = r"<hmac:[0-9a-f]{12}>"
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def test_kinds():

@@ -27,7 +27,7 @@ from hubrewrite.responses import make_response
 
 from .driving import hook
 from .recording_server import Canned
-from .test_addon import after_challenge, make_flow, run, upstream, with_core_addons  # noqa: F401 (fixture)
+from .test_addon import after_challenge, make_flow, recording_upstream, run, with_core_addons  # noqa: F401 (fixture)
 
 
 def b64(doc: dict) -> str:
@@ -134,13 +134,13 @@ def recording(tmp_path):
         yield addon
 
 
-def test_while_recorded_a_token_answer_reaches_the_client_whole_and_its_record_redacted(recording, upstream):
+def test_while_recorded_a_token_answer_reaches_the_client_whole_and_its_record_redacted(recording, recording_upstream):
     addon = recording
     assert addon.mirror.settings.records_flows
-    upstream.routes[("GET", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], HUB_ANSWER)
-    flow = make_flow(upstream.url, "GET", "/token?service=test-registry&scope=repository:nginx:pull",
+    recording_upstream.routes[("GET", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], HUB_ANSWER)
+    flow = make_flow(recording_upstream.url, "GET", "/token?service=test-registry&scope=repository:nginx:pull",
                      headers=[("Authorization", "Basic YWxpY2U6cHc=")])
-    after_challenge(addon, upstream, upstream.url + "/auth/token", flow)
+    after_challenge(addon, recording_upstream, recording_upstream.url + "/auth/token", flow)
     # the flow was sent to the loopback server, and from there (drive fetched it as mitmproxy would)
     assert flow.metadata["hub_client_url"].endswith("/token?service=test-registry&scope=repository:nginx:pull")
     assert flow.response.content == HUB_ANSWER  # what the client gets
@@ -157,13 +157,13 @@ def test_while_recorded_a_token_answer_reaches_the_client_whole_and_its_record_r
     assert flow.request.path == "/token?service=test-registry&scope=repository:nginx:pull"
 
 
-def test_not_recorded_the_answer_is_made_as_before(upstream):
+def test_not_recorded_the_answer_is_made_as_before(recording_upstream):
     addon = HubRewrite()
     with taddons.context(*with_core_addons(addon)) as tctx:
         tctx.configure(addon, hub_config="")
         assert not addon.mirror.settings.records_flows
-        upstream.routes[("GET", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], HUB_ANSWER)
-        flow = make_flow(upstream.url, "GET", "/token?service=test-registry")
-        after_challenge(addon, upstream, upstream.url + "/auth/token", flow)
+        recording_upstream.routes[("GET", "/auth/token")] = Canned(200, [("Content-Type", "application/json")], HUB_ANSWER)
+        flow = make_flow(recording_upstream.url, "GET", "/token?service=test-registry")
+        after_challenge(addon, recording_upstream, recording_upstream.url + "/auth/token", flow)
         assert flow.response.content == HUB_ANSWER and not flow.response.stream
         assert "hub_client_url" not in flow.metadata or "/answers/" not in flow.request.path

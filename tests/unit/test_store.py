@@ -96,12 +96,12 @@ def test_tags_keyed_by_accept_and_membership(tmp_path):
     store = Store(tmp_path, 0)
     store.put_tag("https://r", "library/a", "1", "index", digest_of(b"1"), "index-type")
     store.put_tag("https://r", "library/a", "1", "single", digest_of(b"2"), "single-type")
-    assert store.get_tag("https://r", "library/a", "1", "index").digest == digest_of(b"1")
-    assert store.get_tag("https://r", "library/a", "1", "single").digest == digest_of(b"2")
-    assert store.get_tag("https://r", "library/b", "1", "index") is None
+    assert store.tag_entries("https://r", "library/a", "1").get("index").digest == digest_of(b"1")
+    assert store.tag_entries("https://r", "library/a", "1").get("single").digest == digest_of(b"2")
+    assert store.tag_entries("https://r", "library/b", "1").get("index") is None
     # another Accept may be answered with another manifest: no entry stands in for it
-    assert store.get_tag("https://r", "library/a", "1", "x, single-type;q=0.9") is None
-    assert store.get_tag("https://r", "library/a", "1", "unrelated") is None
+    assert store.tag_entries("https://r", "library/a", "1").get("x, single-type;q=0.9") is None
+    assert store.tag_entries("https://r", "library/a", "1").get("unrelated") is None
     store.add_member("https://r", "library/a", digest_of(b"1"))
     assert store.is_member("https://r", "library/a", digest_of(b"1"))
     assert not store.is_member("https://r", "private/x", digest_of(b"1"))
@@ -211,7 +211,7 @@ def test_concurrent_tag_writers_keep_every_entry(tmp_path):
     store = Store(tmp_path, 0)
     for w in range(4):
         for i in range(4):
-            assert store.get_tag("https://up", "library/nginx", "latest", f"accept-{w}-{i}") is not None, (w, i)
+            assert store.tag_entries("https://up", "library/nginx", "latest").get(f"accept-{w}-{i}") is not None, (w, i)
 
 
 def test_tag_records_stay_bounded(tmp_path):
@@ -223,8 +223,8 @@ def test_tag_records_stay_bounded(tmp_path):
     path = store._tag_path("https://up", "library/nginx", "latest")
     assert path.stat().st_size < 300 * MAX_TAG_ENTRIES
     newest = f"accept-{5 * MAX_TAG_ENTRIES - 1}"
-    assert store.get_tag("https://up", "library/nginx", "latest", newest) is not None
-    assert store.get_tag("https://up", "library/nginx", "latest", "accept-0") is None
+    assert store.tag_entries("https://up", "library/nginx", "latest").get(newest) is not None
+    assert store.tag_entries("https://up", "library/nginx", "latest").get("accept-0") is None
 
 
 def test_a_disk_that_refuses_writes_never_fails_a_caller(tmp_path):
@@ -350,8 +350,8 @@ def test_the_file_limit_removes_the_least_recently_used_entries_of_any_kind(tmp_
     store.limits.evict_files()
     assert store.has_blob(in_use) and store.has_blob(recent), "a blob in use or recently used went"
     assert not store.has_blob(old), "the least recently used blob stayed"
-    assert store.get_tag("https://r", "library/a", "tag-99", "accept:") is not None  # the newest stay
-    assert store.get_tag("https://r", "library/a", "tag-0", "accept:") is None
+    assert store.tag_entries("https://r", "library/a", "tag-99").get("accept:") is not None  # the newest stay
+    assert store.tag_entries("https://r", "library/a", "tag-0").get("accept:") is None
     assert len(list((tmp_path / "repos").iterdir())) == len(list((tmp_path / "repos").glob("*/*")))  # no empty folder
 
 

@@ -15,7 +15,9 @@ from mitmproxy import ctx
 from .redact import redacted
 
 
-class LogRedaction:
+class DumperRedaction:
+    """An addon that hands mitmdump's dumper a redacted copy of each flow."""
+
     def __init__(self, show_secrets) -> None:
         self.show_secrets = show_secrets  # -> bool, read at each flow: the option may change
 
