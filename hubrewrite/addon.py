@@ -73,7 +73,8 @@ class HubRewrite:
             self.certificates,
         ]
         self.check_report: list[str] | None = None  # hub_check: what would be served
-        self.check_failed: str | None = None  # hub_check: the problem already reported
+        self.configured = False  # a first configuration has been taken (later errors are refusals)
+        self.startup_error: str | None = None  # the problem that stops the start (or fails the check)
 
     # ---- options and lifecycle ---------------------------------------------
 
@@ -85,27 +86,24 @@ class HubRewrite:
         try:
             self._configure(updated)
         except exceptions.OptionsError as e:
-            if not ctx.options.hub_check:
-                raise
-            # the check's answer is this line (and exit status 1), not mitmproxy's traceback
-            if str(e) != self.check_failed:
-                self.check_failed = str(e)
-                log.error("hub_rewrite: check: %s", e)  # logged at startup: mitmdump exits 1
+            if self.configured and not ctx.options.hub_check:
+                raise  # a later change: mitmproxy refuses it and keeps the previous value
+            # At startup (and in a check) the answer is one line and exit status 1, not a
+            # traceback: an error logged at startup makes mitmdump exit. A mirror running with
+            # half its configuration would be worse than none.
+            if str(e) != self.startup_error:
+                self.startup_error = str(e)
+                log.error("hub_rewrite: check: %s" if ctx.options.hub_check else "hub_rewrite: %s; stopping", e)
+                _stop_later(getattr(ctx, "master", None))
+            return
+        self.configured = True
 
     def _configure(self, updated: set[str]) -> None:
         applied = None
         if "hub_config" in updated:
             # Here, not in load(): command-line --set values of addon options are
             # applied only after load(), and they must win over the file.
-            try:
-                applied = apply_config_file(ctx.options, command_line_options(ctx.master))
-            except exceptions.OptionsError as e:
-                # A mirror running with half its configuration is worse than none:
-                # an error logged at startup makes mitmdump exit with status 1.
-                if not ctx.options.hub_check:
-                    log.error("hub_rewrite: %s; stopping", e)
-                    _stop_later(getattr(ctx, "master", None))
-                raise
+            applied = apply_config_file(ctx.options, command_line_options(ctx.master))
         settings = read_settings(ctx.options)
         logformat.use(settings.log_format)  # before the mirror logs anything more
         if applied:
@@ -127,7 +125,7 @@ class HubRewrite:
                      ", ".join(settings.upstream_credentials.registries()))
 
     async def running(self) -> None:
-        if self.check_failed is not None:
+        if self.startup_error is not None:
             return  # mitmdump is exiting with status 1
         if self.check_report is not None:
             for line in self.check_report:

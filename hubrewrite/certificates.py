@@ -76,6 +76,7 @@ class CertificateRenewal:
     """Sub-addon: watches the ``--certs`` files and serves a renewed one."""
 
     def __init__(self) -> None:
+        self.option: tuple[list[str], str] | None = None  # the certs option (and passphrase) in use
         self.watched: list[Watched] = []
         self.passphrase: bytes | None = None
         self.listener: ssl.SSLContext | None = None  # what the blob listener starts with (stable)
@@ -85,7 +86,13 @@ class CertificateRenewal:
         self.task: asyncio.Task | None = None
 
     def use(self, specs, passphrase: str) -> None:
-        """Take the ``certs`` option (mitmproxy has loaded the files itself). Raises OptionsError."""
+        """Take the ``certs`` option (mitmproxy has loaded the files itself). Raises OptionsError.
+
+        The same option again changes nothing: the blob listener keeps its context (a new one
+        would make the mirror rebuild its cache and listener)."""
+        if (list(specs), passphrase) == self.option:
+            return
+        self.option = (list(specs), passphrase)
         self.watched = parse_specs(specs)
         self.passphrase = passphrase.encode() if passphrase else None
         self.listener = self.current = None

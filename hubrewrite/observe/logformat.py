@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import re
+import sys
 import time
 
 from mitmproxy.utils import human
@@ -53,7 +54,11 @@ class JsonLines(logging.Formatter):
 
 
 def use(log_format: str) -> None:
-    """Print the log as ``log_format`` ("text" or "json") from now on."""
+    """Print the log as ``log_format`` ("text" or "json") from now on, a line at a time."""
+    # A service's standard output is a pipe (journald, podman's log), which Python buffers in
+    # blocks: lines would reach the log minutes late, or be lost with a killed process.
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
     if log_format == "json":
         seams.set_termlog_formatter(JsonLines())
         seams.replace_dumper_echo(_echo_json)
