@@ -104,7 +104,7 @@ def open_layout(root: Path) -> Found:
     found = inspect(root)
     if found.stamped and found.layout == LAYOUT:
         return found
-    fd = os.open(root / f"{STAMP}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself is the lock: no file left behind
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process starting on this directory waits here
         found = inspect(root)  # it may have done the work meanwhile
