@@ -46,6 +46,10 @@ from tests.support.throttle import throttled_port
 
 README = REPO_ROOT / "README.md"
 SERVICE = "registry.docker.io"
+UPSTREAM_CA = "/etc/ssl/hub-rewrite-test-upstream-ca.pem"  # the test upstream's CA, in every container
+# the test upstream is HTTPS with certificates of a CA the test session makes; Docker Hub's are publicly
+# trusted, so the README's commands need nothing of the kind
+TRUST = f"--set ssl_verify_upstream_trusted_ca={UPSTREAM_CA}"
 
 # ---------------------------------------------------------------- the README's text, exactly
 
@@ -70,6 +74,7 @@ def json_example() -> str:
 
 
 VPS = ("test_vps_case",)
+TRUSTED = f"{TRUST}: the test upstream's CA (mounted by containers.conf)"
 WHEELS = "--from <a Debian trixie root file system made by mmdebstrap> and pip's wheels (-v, --build-arg PIP_ENV)"
 CERT_DIR = "a directory of the test in place of /etc/hub-rewrite (mounted at /etc/hub-rewrite as the README does)"
 TABLE: dict[str, Here] = {
@@ -78,14 +83,14 @@ TABLE: dict[str, Here] = {
                       environment=f"HUB_CERT (the hook's variable): {CERT_DIR}"),
     VOLUME: Here(VPS),
     VPS_RUN: Here(VPS, replaced=("HUB_PORT=443", "-v /etc/hub-rewrite:", "https://mirror.example.com"),
-                  environment=f"a free port for 443; {CERT_DIR}; HUB_UPSTREAM in containers.conf"),
+                  appended=TRUSTED, environment=f"a free port for 443; {CERT_DIR}; HUB_UPSTREAM in containers.conf"),
     CHECK: Here(VPS, replaced=("HUB_PORT=443", "-v /etc/hub-rewrite:", "https://mirror.example.com"),
-                appended="--set hub_blob_listen=nonsense, once: a configuration that would not start"),
+                appended=f"{TRUSTED}; and once --set hub_blob_listen=nonsense: a configuration that would not start"),
     STOP_RM: Here(VPS),
     TEAM_RUN: Here(("test_team_case",), replaced=("HUB_PORT=5001", "s3://mirror-cache/hub", "https://s3.example.com",
                                                    "https://mirror.example.com"),
-                   environment="the keys of Ceph RGW's test user in podman's environment; HUB_UPSTREAM in "
-                               "containers.conf"),
+                   appended=TRUSTED, environment="the keys of Ceph RGW's test user in podman's environment; "
+                                                 "HUB_UPSTREAM in containers.conf"),
 }
 JSON_EXAMPLE = json_example()
 TABLE[JSON_EXAMPLE] = Here(("test_team_case",), environment="compared with the JSON object of a real pull step")
@@ -172,7 +177,7 @@ def container_image(request, upstream) -> ImageBuild:
     build.steps["waited"] = time.monotonic() - waited
     report = ", ".join(f"{k} {v:.0f} s" for k, v in build.steps.items())
     print(f"\nimage build: {report}")  # the time it adds, in the test report (-s or a failure)
-    build.engine.configure({"HUB_UPSTREAM": upstream.api_url})
+    build.engine.configure({"HUB_UPSTREAM": upstream.api_url}, {upstream.ca_cert: UPSTREAM_CA})
     return build
 
 
@@ -273,7 +278,7 @@ def test_vps_case(request, engine, upstream, certificates, tmp_path):
     deploy(engine, typed(request, DEPLOY_HOOK, {"/etc/letsencrypt/live/mirror.example.com": str(certificates["live"])}),
            certificates)
     assert sh(engine, typed(request, VOLUME)).returncode == 0
-    run = typed(request, VPS_RUN, where)
+    run = typed(request, VPS_RUN, where, append=TRUST)
     started = sh(engine, run)
     assert started.returncode == 0, started.stderr
     wait_listening(engine, "hub-rewrite", port)
@@ -309,10 +314,10 @@ def renewed_without_a_restart(engine: Engine, port: int, certs: dict[str, Path],
 
 
 def checked(request, engine: Engine, where: dict[str, str]) -> None:
-    ok = sh(engine, typed(request, CHECK, where))
+    ok = sh(engine, typed(request, CHECK, where, append=TRUST))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "check: configuration OK" in ok.stdout and "cache: /var/cache/hub-rewrite (layout 1" in ok.stdout
-    bad = sh(engine, typed(request, CHECK, where, append="--set hub_blob_listen=nonsense"))
+    bad = sh(engine, typed(request, CHECK, where, append=f"{TRUST} --set hub_blob_listen=nonsense"))
     assert bad.returncode == 1 and "check: hub_blob_listen 'nonsense'" in bad.stdout, bad.stdout[-2000:]
     assert "Traceback" not in bad.stdout + bad.stderr
     assert engine.podman("inspect", "--format", "{{.State.Status}}", "hub-rewrite").stdout.strip() == "running"
@@ -363,7 +368,7 @@ def test_team_case(request, engine, upstream, ceph, tmp_path):
     keys = {"AWS_ACCESS_KEY_ID": ceph.access_key, "AWS_SECRET_ACCESS_KEY": ceph.secret_key}
     run = typed(request, TEAM_RUN, {"HUB_PORT=5001": f"HUB_PORT={port}", "s3://mirror-cache/hub": f"s3://{bucket}/hub",
                                     "https://s3.example.com": ceph.endpoint_url,
-                                    "https://mirror.example.com": f"http://127.0.0.1:{port}"})
+                                    "https://mirror.example.com": f"http://127.0.0.1:{port}"}, append=TRUST)
     assert sh(engine, run, env=keys).returncode == 0
     wait_listening(engine, "hub-rewrite-a", port)
     digest = fresh_blob(upstream, tmp_path, "team/c-sigterm", 24 * 1024 * 1024)

@@ -20,6 +20,7 @@ the certificate is renewed by the deploy hook under the running mirror; ``SIGTER
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -73,7 +74,8 @@ TABLE: dict[str, Here | Elsewhere] = {
     DEPLOY_HOOK: Here((RUNNER,), environment="the namespace's /etc/letsencrypt/live/mirror.example.com holds the "
                                               "test CA's certificate for mirror.example.com and 127.0.0.1"),
     CERTS_YAML: Here((RUNNER,), replaced=("https://mirror.example.com",),
-                     environment="its keys set in the installed mitm.conf (the empty hub_public_url line replaced)"),
+                     environment="its keys set in the installed mitm.conf (the empty hub_public_url line replaced), "
+                                 "and ssl_verify_upstream_trusted_ca: the test upstream's CA"),
     DROP_IN: Here((RUNNER,), replaced=("@443", "https://registry-1.docker.io"),
                   environment="the test upstream in place of Docker Hub, a free port in place of 443"),
     CHECK: Here((RUNNER,), replaced=("@443", "https://registry-1.docker.io")),
@@ -167,11 +169,13 @@ def served_serial(port: int, ca: Path) -> int:
 
 def as_systemd_runs_it(unit: ServiceUnit) -> str:
     """ExecStart= with the unit's environment, user, privileges and open-file limit: what systemd
-    applies that can be applied without it (ProtectSystem= and the other sandboxing need systemd)."""
+    applies that can be applied without it (ProtectSystem= and the other sandboxing need systemd; LimitNOFILE=
+    at most this machine's hard limit)."""
     argv = unit.exec_start({"STATE_DIRECTORY": STATE})
     env = {**unit.environment(), "STATE_DIRECTORY": STATE, "PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"}
     caps = unit.value("AmbientCapabilities").lower().replace("cap_", "+")
-    limit = unit.value("LimitNOFILE")
+    # systemd raises the limit to the unit's; here the test can only lower it (no CAP_SYS_RESOURCE on these machines)
+    limit = min(int(unit.value("LimitNOFILE")), resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     return shlex.join(["env", "-i", *[f"{k}={v}" for k, v in env.items()], "prlimit", f"--nofile={limit}:{limit}",
                        "setpriv", f"--reuid={unit.value('User')}", f"--regid={unit.value('Group')}", "--init-groups",
                        f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}", f"--bounding-set=-all,{caps}",
@@ -208,6 +212,9 @@ def readme_setup(request, checkout: Path, etc: Path, port: int, upstream) -> str
         f"mkdir -p {UNIT}.d && cat >{UNIT}.d/https.conf <<'INI'\n{drop_in.rstrip()}\nINI",
         f"systemd-analyze verify --man=no {UNIT} && echo verified"])
     set_options(etc / "hub-rewrite" / "mitm.conf", conf_tail)  # the README: "name ... in /etc/hub-rewrite/mitm.conf"
+    # the test upstream's certificates come from a CA of the test session (Docker Hub's are publicly trusted)
+    shutil.copyfile(upstream.ca_cert, etc / "hub-rewrite" / "upstream-ca.pem")
+    set_options(etc / "hub-rewrite" / "mitm.conf", "ssl_verify_upstream_trusted_ca: /etc/hub-rewrite/upstream-ca.pem")
     return output + in_namespace_now(checkout, etc, [typed(request, CHECK, listener)])
 
 

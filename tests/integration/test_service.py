@@ -100,7 +100,7 @@ def test_a_renewed_certificate_reaches_new_connections_on_both_ports(upstream, t
     served.write_bytes(made["pem"].read_bytes())
     listen = free_port()
     options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_blob_listen": f"127.0.0.1:{listen}"}
-    with Mirror(tmp_path / "m", upstream.api_url, tls=(served, "*"), options=options) as m:
+    with Mirror(tmp_path / "m", upstream, tls=(served, "*"), options=options) as m:
         old_main, old_listener = tls_connect(m.port, made["ca"]), tls_connect(listen, made["ca"])
         first = serial_of(made["cert"].read_bytes())
         assert serial_of(old_main.getpeercert(binary_form=True)) == first
@@ -164,7 +164,7 @@ def test_sigterm_during_a_download_with_followers(upstream, tmp_path):
     size = 24 * 1024 * 1024
     digest = fresh_blob(upstream, tmp_path, "team/v-sigterm", size)
     cache = tmp_path / "cache"
-    m = Mirror(tmp_path / "m", upstream.api_url, options={"hub_cache_dir": str(cache)}).start()
+    m = Mirror(tmp_path / "m", upstream, options={"hub_cache_dir": str(cache)}).start()
     try:
         stopped_at = time.monotonic()
         results = cold_pull_interrupted(m, cache, upstream, digest, "team/v-sigterm", signal.SIGTERM)
@@ -177,7 +177,7 @@ def test_sigterm_during_a_download_with_followers(upstream, tmp_path):
         assert len(got) < size and sha256_digest(got) != digest  # short: a clean failure, never a wrong blob
     assert not blob_path(cache, digest).exists() and list((cache / "tmp").glob("*.download")) == []
     assert "Traceback" not in m.log_text()
-    with Mirror(tmp_path / "next", upstream.api_url, options={"hub_cache_dir": str(cache)}) as after:
+    with Mirror(tmp_path / "next", upstream, options={"hub_cache_dir": str(cache)}) as after:
         retry = httpx.get(f"{after.url}/v2/team/v-sigterm/blobs/{digest}", timeout=120,
                           headers={"Authorization": f"Bearer {token_for(after.url, 'team/v-sigterm')}"})
         assert retry.status_code == 200 and sha256_digest(retry.content) == digest
@@ -188,7 +188,7 @@ def test_a_crash_during_a_download_leaves_nothing_that_is_served(upstream, tmp_p
     size = 16 * 1024 * 1024
     digest = fresh_blob(upstream, tmp_path, "team/v-sigkill", size)
     cache = tmp_path / "cache"
-    m = Mirror(tmp_path / "m", upstream.api_url, options={"hub_cache_dir": str(cache)}).start()
+    m = Mirror(tmp_path / "m", upstream, options={"hub_cache_dir": str(cache)}).start()
     try:
         cold_pull_interrupted(m, cache, upstream, digest, "team/v-sigkill", signal.SIGKILL, followers=1)
         m.proc.wait(10)
@@ -196,7 +196,7 @@ def test_a_crash_during_a_download_leaves_nothing_that_is_served(upstream, tmp_p
         m.stop()
     partial = cache / "tmp" / f"{digest[7:]}.download"
     assert partial.exists() and 0 < partial.stat().st_size < size and not blob_path(cache, digest).exists()
-    with Mirror(tmp_path / "next", upstream.api_url, options={"hub_cache_dir": str(cache)}) as after:
+    with Mirror(tmp_path / "next", upstream, options={"hub_cache_dir": str(cache)}) as after:
         url, bearer = f"{after.url}/v2/team/v-sigkill/blobs/{digest}", token_for(after.url, "team/v-sigkill")
         for _ in range(2):  # the download, then a hit
             r = httpx.get(url, headers={"Authorization": f"Bearer {bearer}"}, timeout=120)
@@ -211,7 +211,7 @@ def test_a_cache_of_a_newer_layout_stops_the_mirror_with_a_clear_line(upstream, 
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "hub-rewrite-cache.json").write_text(json.dumps({"layout": 2, "written_by": "0.9.0"}))
-    m = Mirror(tmp_path / "m", upstream.api_url, options={"hub_cache_dir": str(cache)})
+    m = Mirror(tmp_path / "m", upstream, options={"hub_cache_dir": str(cache)})
     done = subprocess.run(m.argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"hub_rewrite: hub_cache_dir: cache {cache} has layout 2 (written by hub-rewrite 0.9.0)" in done.stdout
@@ -222,13 +222,13 @@ def test_a_cache_of_a_newer_layout_stops_the_mirror_with_a_clear_line(upstream, 
 def test_a_cache_from_before_the_stamp_is_adopted_and_served_from(upstream, tmp_path):
     cache = tmp_path / "cache"
     repo, digest = "library/alpine", upstream.images["library/alpine"]["manifests"]["amd64"]["layer_digests"][0]
-    with Mirror(tmp_path / "old", upstream.api_url, options={"hub_cache_dir": str(cache)}) as old:
+    with Mirror(tmp_path / "old", upstream, options={"hub_cache_dir": str(cache)}) as old:
         r = httpx.get(f"{old.url}/v2/{repo}/blobs/{digest}", timeout=60,
                       headers={"Authorization": f"Bearer {token_for(old.url, repo)}"})
         assert r.status_code == 200
     (cache / "hub-rewrite-cache.json").unlink()  # as a version before the stamp left it
     before = len(upstream.cdn_requests())
-    with Mirror(tmp_path / "new", upstream.api_url, options={"hub_cache_dir": str(cache)}) as new:
+    with Mirror(tmp_path / "new", upstream, options={"hub_cache_dir": str(cache)}) as new:
         r = httpx.get(f"{new.url}/v2/{repo}/blobs/{digest}", timeout=60,
                       headers={"Authorization": f"Bearer {token_for(new.url, repo)}"})
         log = new.log_text()
@@ -250,7 +250,7 @@ def test_the_check_runs_beside_the_running_mirror(upstream, tmp_path):
     """Same port, same cache, same blob listener port: the check binds nothing, writes nothing."""
     cache, listen = tmp_path / "cache", free_port()
     options = {"hub_cache_dir": str(cache), "hub_blob_listen": f"127.0.0.1:{listen}"}
-    with Mirror(tmp_path / "m", upstream.api_url, options=options) as m:
+    with Mirror(tmp_path / "m", upstream, options=options) as m:
         before = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
         args = ["--mode", f"reverse:{upstream.api_url}@127.0.0.1:{m.port}", *[f"--set={k}={v}" for k, v in options.items()]]
         ok = check(*args)
@@ -270,7 +270,7 @@ def test_the_check_runs_beside_the_running_mirror(upstream, tmp_path):
 def test_a_whole_pull_logs_json_lines_without_a_secret(upstream, tmp_path):
     password = upstream.users["alice"]
     options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_log_format": "json", "flow_detail": "2"}
-    with Mirror(tmp_path / "m", upstream.api_url, options=options, env={"COLUMNS": "4000"}) as m:
+    with Mirror(tmp_path / "m", upstream, options=options, env={"COLUMNS": "4000"}) as m:
         for run in ("cold", "warm"):
             result = skopeo_copy(m, "private/secret:1.0", tmp_path / run, f"alice:{password}")
             assert result.returncode == 0, result.stderr
@@ -282,7 +282,7 @@ def test_a_whole_pull_logs_json_lines_without_a_secret(upstream, tmp_path):
     entries = [json.loads(line) for line in lines[1:]]  # every other line is one JSON object
     pulls = [e for e in entries if e.get("event") == "pull"]
     assert {e["cache"] for e in pulls if e["kind"] == "blob"} == {"miss", "hit"}
-    assert {e["logger"] for e in entries} >= {"hub_rewrite", "mitmproxy.dumper", "mitmproxy.proxy.server"}
+    assert {e["logger"] for e in entries} >= {"hub_rewrite", "mitmproxy.dumper", "mitmproxy.proxy.mode_servers"}
     assert all(e["time"].endswith("Z") and e["level"] in ("debug", "info", "warning", "error") for e in entries)
     assert_nothing_grants_access(log, password, grants)
     assert "?" not in "".join(e["message"] for e in pulls)  # no query in a pull line

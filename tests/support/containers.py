@@ -14,9 +14,9 @@ kind of machine needs: the ``runc`` runtime (``crun`` refuses the hybrid
 cgroup layout here), ``cgroupfs``, file events, CNI (no netavark, no
 iptables: containers use ``--network host``, as the README does), and
 default ulimits within the machine's hard limits (podman's defaults are above
-them and ``runc`` then fails to start the container). ``extra_env`` is handed to
-every container (``[containers] env``): the test upstream's URL, in place of
-Docker Hub's.
+them and ``runc`` then fails to start the container). ``configure`` hands every
+container more (``[containers] env`` and ``volumes``): the test upstream's URL in
+place of Docker Hub's, and its CA's certificate.
 
 The image: ``FROM docker.io/library/debian:trixie-slim`` needs Docker Hub.
 Instead the base is a Debian trixie root file system made by ``mmdebstrap``
@@ -60,23 +60,26 @@ class ImageBuildError(RuntimeError):
 class Engine:
     """podman with storage, run and configuration files of its own (see the module docstring)."""
 
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         # podman refuses a runroot longer than 50 characters: pytest's tmp paths are too long
         self.short = Path(tempfile.mkdtemp(prefix="hub-ctr-", dir="/tmp"))
-        self.configure(extra_env or {})
+        self.configure({})
 
-    def configure(self, extra_env: dict[str, str]) -> None:
+    def configure(self, extra_env: dict[str, str], volumes: dict[Path, str] | None = None) -> None:
+        """Write podman's files; ``extra_env`` and ``volumes`` (host file -> container path, read-only)
+        are given to every container."""
         w = self.workdir
         for d in ("storage", "networks", "tmp"):
             (w / d).mkdir(exist_ok=True)
         (w / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\nrunroot = "{self.short / "run"}"\ngraphroot = "{w / "storage"}"\n')
         env_list = ", ".join(f'"{k}={v}"' for k, v in extra_env.items())
+        volume_list = ", ".join(f'"{host}:{inside}:ro"' for host, inside in (volumes or {}).items())
         (w / "containers.conf").write_text(
             "[containers]\n"
-            f"env = [{env_list}]\n"
+            f"env = [{env_list}]\nvolumes = [{volume_list}]\n"
             'default_ulimits = ["nofile=4096:4096", "nproc=16384:16384"]\n'
             "[engine]\n"
             'runtime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
