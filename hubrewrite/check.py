@@ -20,8 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cryptography import x509
 from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
 
 from .cache import layout
 from .certificates import Watched
@@ -63,8 +65,6 @@ def listener_line(spec: str, listen_host: str, listen_port: int | None, tls: boo
 
 def _certificate(watched: Watched) -> str:
     # mitmproxy has loaded and checked the file by now (its tlsconfig addon): only describe it
-    from cryptography import x509
-
     cert = x509.load_pem_x509_certificates(watched.path.read_bytes())[0]
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -85,7 +85,7 @@ def _cache(cache: CacheSettings | None) -> list[str]:
     problem = _not_writable(cache.directory)
     if problem:
         raise exceptions.OptionsError(f"hub_cache_dir {cache.directory}: {problem}")
-    limit = f"{cache.max_bytes} bytes" if cache.max_bytes else "no limit"
+    limit = f"limit {human.pretty_size(cache.max_bytes)}" if cache.max_bytes else "no size limit"
     lines = [f"cache: {cache.directory} ({found.plan()}; {limit})"]
     if cache.blob_listen:
         lines.append(f"blob listener: would listen at {cache.blob_listen[0]}:{cache.blob_listen[1]}")
