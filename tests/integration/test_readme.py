@@ -129,7 +129,6 @@ NOT_COMMANDS = {
     "podman run": "names the command; the README's podman run commands run",
     "podman logs": "names where a container's log is; test_readme_container.py reads it",
     "systemctl stop": "names systemd's stop (SIGTERM): no systemd runs on the test machines",
-    "skopeo --retry-times": "names skopeo's retry option",
 }
 PROGRAM = re.compile(r"sudo|docker|dockerd|podman|skopeo|buildah|ctr|nerdctl|crictl|kubectl|mitmdump|mitmweb|mitmproxy|"
                      r"python[\d.]*|pip\d*|curl|wget|htpasswd|openssl|cat|cp|mv|export|systemctl|apt-get|apt|nginx|"
