@@ -362,7 +362,8 @@ def token(port: int, repo: str) -> str:
 
 def test_team_case(request, engine, upstream, ceph, tmp_path):
     """JSON logs without a secret; SIGTERM during a cold pull: the transfer ends short, nothing partial in
-    the cache volume or the bucket; started again, the client's retry gets the blob whole."""
+    the cache volume or the bucket; started again, the client's retry gets the blob whole; SIGTERM right
+    after it: the blob's upload to the bucket completes before the process exits."""
     port, bucket = free_port(), "team-" + secrets.token_hex(4)
     ceph.make_bucket(bucket)
     keys = {"AWS_ACCESS_KEY_ID": ceph.access_key, "AWS_SECRET_ACCESS_KEY": ceph.secret_key}
@@ -383,7 +384,13 @@ def test_team_case(request, engine, upstream, ceph, tmp_path):
     retry = httpx.get(f"http://127.0.0.1:{port}/v2/team/c-sigterm/blobs/{digest}", timeout=120,
                       headers={"Authorization": f"Bearer {token(port, 'team/c-sigterm')}"})
     assert retry.status_code == 200 and sha256_digest(retry.content) == digest
-    assert ceph.wait_for_blob(bucket, "hub", digest)
+    # stopped as soon as the client has it, while its upload to the bucket has just begun: the upload
+    # is finished before the process exits, and what the bucket holds is the blob, whole
+    assert engine.podman("stop", "--time", "30", "hub-rewrite-a").returncode == 0
+    assert container_state(engine, "hub-rewrite-a") == ("exited", 0)
+    assert ceph.wait_for_blob(bucket, "hub", digest, timeout=0.5), "the upload did not complete before the exit"
+    stored = ceph.client().get_object(Bucket=bucket, Key=f"hub/blobs/sha256/{digest[7:]}")["Body"].read()
+    assert sha256_digest(stored) == digest
     example = json.loads(typed(request, JSON_EXAMPLE))
     logs_are_json_without_secrets(engine.podman("logs", "hub-rewrite-a").stdout, keys, digest, example)
 
