@@ -267,6 +267,10 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         raise exceptions.OptionsError("hub_upstream_timeout must be at least 1 second")
     if o.hub_max_buffered_body < 65536:
         raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes")
+    if o.hub_check and o.server:
+        # mitmproxy opened its listeners before the addon loaded: this check would bind the ports
+        raise exceptions.OptionsError("hub_check: run python -m hubrewrite.check with the same arguments "
+                                      "(it adds --set server=false, so that nothing listens)")
     table = _registries(o)
     return Settings(
         public_url=_public_url(o.hub_public_url),

@@ -73,7 +73,7 @@ def test_listener_lines():
 def test_check_mode_builds_nothing_and_reports(tmp_path):
     hub = HubRewrite()
     with taddons.context(*with_core_addons(hub)) as tctx:
-        tctx.configure(hub, hub_config="", hub_check=True, hub_cache_dir=str(tmp_path / "cache"))
+        tctx.configure(hub, hub_config="", server=False, hub_check=True, hub_cache_dir=str(tmp_path / "cache"))
     assert hub.mirror.cache is None and not (tmp_path / "cache").exists()
     assert any(line.startswith(f"cache: {tmp_path / 'cache'} (new cache") for line in hub.check_report)
 
@@ -82,9 +82,19 @@ def test_check_mode_reports_a_refused_cache_as_one_error(tmp_path, caplog):
     (tmp_path / "hub-rewrite-cache.json").write_text('{"layout": 99}')
     hub = HubRewrite()
     with taddons.context(*with_core_addons(hub)) as tctx:
-        tctx.configure(hub, hub_config="", hub_check=True, hub_cache_dir=str(tmp_path))
+        tctx.configure(hub, hub_config="", server=False, hub_check=True, hub_cache_dir=str(tmp_path))
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "layout 99" in errors[0] and errors[0].startswith("hub_rewrite: check: ")
+
+
+def test_hub_check_without_the_check_command_says_how(caplog):
+    """Typed on mitmdump's own command line, mitmproxy has opened its listeners before the addon loads."""
+    hub = HubRewrite()
+    with taddons.context(*with_core_addons(hub)) as tctx:
+        tctx.configure(hub, hub_config="", hub_check=True)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["hub_rewrite: check: hub_check: run python -m hubrewrite.check with the same arguments "
+                      "(it adds --set server=false, so that nothing listens)"]
 
 
 # ---------------------------------------------------------------- certificate renewal
