@@ -147,7 +147,7 @@ def start_image_build() -> None:
     if Building.skipped:
         return
     workdir = Path(KEEP) if KEEP else Path(tempfile.mkdtemp(prefix="hub-rewrite-image-", dir="/var/tmp"))
-    engine = Engine(workdir / "engine")
+    engine = Engine(workdir / "engine", keep=bool(KEEP))
     command = f"{BUILD} {build_arguments(workdir / 'build')}"
     Building.build = ImageBuild(engine, workdir / "build", command, reuse=bool(KEEP)).start()
 

@@ -30,6 +30,7 @@ Containerfile's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -60,11 +61,16 @@ class ImageBuildError(RuntimeError):
 class Engine:
     """podman with storage, run and configuration files of its own (see the module docstring)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, keep: bool = False) -> None:
+        """``keep``: storage kept between test runs (its run directory then has a fixed name too)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         # podman refuses a runroot longer than 50 characters: pytest's tmp paths are too long
-        self.short = Path(tempfile.mkdtemp(prefix="hub-ctr-", dir="/tmp"))
+        if keep:
+            self.short = Path("/tmp") / f"hub-ctr-keep-{hashlib.sha256(str(workdir).encode()).hexdigest()[:8]}"
+            self.short.mkdir(mode=0o700, exist_ok=True)
+        else:
+            self.short = Path(tempfile.mkdtemp(prefix="hub-ctr-", dir="/tmp"))
         self.configure({})
 
     def configure(self, extra_env: dict[str, str], volumes: dict[Path, str] | None = None) -> None:
