@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import paths
 from .admission import admit, carries_body, place_of
+from .certificates import CertificateRenewal
+from .check import listener_line, report
 from .config_file import command_line_options
 from .connwork import ConnectionWork
 from .debug import contentviews, records
@@ -37,7 +38,7 @@ from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
-from .observe import summaries
+from .observe import logformat, summaries
 from .observe.metrics import CountingStream
 from .pull import RequestKind, Pull, Retarget
 from .registry import headers as hdrs
@@ -59,6 +60,7 @@ class HubRewrite:
         # client flow id -> the Pull it became; not in flow.metadata, which mitmproxy copies
         # and saves (-w) with every flow: live objects (downloads, tasks) do not belong there
         self.pulls = BoundedDict(MAX_PULLS)
+        self.certificates = CertificateRenewal()
         # one concern each, mitmproxy style: sub-addons get every hook after this one
         guard = ConnectionGuard(lambda: self.mirror.budget)
         self.work = ConnectionWork(close_client, guard.count)  # HTTP/2 streams reset while served
@@ -67,7 +69,11 @@ class HubRewrite:
             guard,
             PieceReading(),  # after the guard, which decides a connection's first layer
             DumperRedaction(lambda: self.mirror.settings.show_secrets),
+            self.certificates,
         ]
+        self.check_report: list[str] | None = None  # hub_check: what would be served
+        self.configured = False  # a first configuration has been taken (later errors are refusals)
+        self.startup_error: str | None = None  # the problem that stops the start (or fails the check)
 
     # ---- options and lifecycle ---------------------------------------------
 
@@ -76,28 +82,56 @@ class HubRewrite:
         contentviews.register()  # registry payloads decoded in mitmweb (and the dumper's detail levels)
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            self._configure(updated)
+        except exceptions.OptionsError as e:
+            if self.configured and not ctx.options.hub_check:
+                raise  # a later change: mitmproxy refuses it and keeps the previous value
+            # At startup (and in a check) the answer is one line and exit status 1, not a
+            # traceback: an error logged at startup makes mitmdump exit. A mirror running with
+            # half its configuration would be worse than none.
+            if str(e) != self.startup_error:
+                self.startup_error = str(e)
+                log.error("hub_rewrite: check: %s" if ctx.options.hub_check else "hub_rewrite: %s; stopping", e)
+                _stop_later(getattr(ctx, "master", None))
+            return
+        self.configured = True
+
+    def _configure(self, updated: set[str]) -> None:
+        applied = None
         if "hub_config" in updated:
             # Here, not in load(): command-line --set values of addon options are
             # applied only after load(), and they must win over the file.
-            try:
-                applied = apply_config_file(ctx.options, command_line_options(ctx.master))
-            except exceptions.OptionsError as e:
-                # A mirror running with half its configuration is worse than none:
-                # an error logged at startup makes mitmdump exit with status 1.
-                log.error("hub_rewrite: %s; stopping", e)
-                _stop_later(getattr(ctx, "master", None))
-                raise
-            if applied:
-                log.info("hub_rewrite: options loaded from %s", applied)
+            applied = apply_config_file(ctx.options, command_line_options(ctx.master))
         settings = read_settings(ctx.options)
+        logformat.use(settings.log_format)  # before the mirror logs anything more
+        if applied:
+            log.info("hub_rewrite: options loaded from %s", applied)
+        if "certs" in updated or "cert_passphrase" in updated:
+            self.certificates.use(ctx.options.certs, ctx.options.cert_passphrase)
         if self.mirror is None:
             self.mirror = Mirror(settings)
-        self.mirror.apply(settings, _mirror_tls(ctx.options))
+        if settings.check:
+            # nothing opened, bound or written: the running mirror may be using all of it
+            self.mirror.settings = settings
+            listeners = [listener_line(spec, ctx.options.listen_host, ctx.options.listen_port,
+                                       bool(ctx.options.certs)) for spec in ctx.options.mode]
+            self.check_report = report(settings, listeners, self.certificates.watched)
+            return
+        self.mirror.apply(settings, self.certificates.listener)
         if settings.upstream_credentials.registries():
             log.info("hub_rewrite: server-side upstream credentials for %s",
                      ", ".join(settings.upstream_credentials.registries()))
 
     async def running(self) -> None:
+        if self.startup_error is not None:
+            return  # mitmdump is exiting with status 1
+        if self.check_report is not None:
+            for line in self.check_report:
+                log.info("hub_rewrite: check: %s", line)
+            log.info("hub_rewrite: check: configuration OK; nothing was started")
+            ctx.master.shutdown()
+            return
         await self.mirror.client.warm_up()  # once, here: start() below also runs on every request
         await self.mirror.start()
 
@@ -273,19 +307,6 @@ class HubRewrite:
             self.mirror.loopback.park(flow, refusal)  # answered once its body is drained
         else:
             flow.response = refusal
-
-
-def _mirror_tls(options) -> ssl.SSLContext | None:
-    """The mirror's own certificate (``--certs``), for the blob listener to serve HTTPS too."""
-    for spec in options.certs:
-        _, _, path = spec.rpartition("=")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(path)
-        except (OSError, ssl.SSLError) as e:
-            raise exceptions.OptionsError(f"certs {spec!r}: {e}") from e
-        return context
-    return None
 
 
 def _stop_later(master, delay: float = 2.0) -> None:

@@ -25,6 +25,7 @@ from .cache.bucket_config import BucketConfigError
 from .cache.bucket_errors import BucketError
 from .cache.shared import SharedStore
 from .cache.downloads import Downloads
+from .cache.layout import LayoutError
 from .cache.serving import BlobSender
 from .cache.signing import URL_LIFETIME as PRESIGNED_URL_LIFETIME
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
@@ -134,8 +135,12 @@ class Mirror:
             return
         try:
             store = Store(c.directory, c.max_bytes, self.metrics.cache_evictions.inc, c.max_files)
+        except LayoutError as e:
+            raise exceptions.OptionsError(f"hub_cache_dir: {e}") from e
         except OSError as e:
             raise exceptions.OptionsError(f"hub_cache_dir {c.directory}: {e.strerror}") from e
+        if not store.found.stamped:
+            log.info("hub_rewrite: cache %s: %s", c.directory, store.found.plan())
         downloads = Downloads(store)
         blobs = BlobSender(store, downloads)
         cache = Cache(c, store, AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace), downloads, blobs)

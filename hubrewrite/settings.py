@@ -163,6 +163,14 @@ OPTIONS = (
     Option("hub_metrics_auth", bool, False, """
         /_hub/metrics on the mirror needs a mirror account (Basic auth, hub_users_file). The
         loopback metrics listener is not affected."""),
+    Option("hub_log_format", str, "text", """
+        text: one line per pull step, as mitmdump prints. json: every line mitmdump prints as one
+        JSON object (time, level, logger, message; a pull step's facts as fields), for journald
+        or a log shipper; the same redaction.""", ["text", "json"]),
+    Option("hub_check", bool, False, """
+        Check the configuration and exit: validate every option (and mitm.conf), the certificate
+        and the cache directory, print what the mirror would serve, exit 0 or 1. Set by python -m
+        hubrewrite.check, which also keeps mitmproxy from listening (--set server=false)."""),
 )
 
 
@@ -226,6 +234,8 @@ class Settings:
     # something keeps flows for people to read (mitmweb, mitmproxy's console, save_stream_file/-w):
     # answers carrying credentials are then streamed, so that their record can be redacted
     records_flows: bool
+    log_format: str  # "text" or "json"
+    check: bool  # validate, print, exit: nothing served, nothing written
 
 
 def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
@@ -256,6 +266,10 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         raise exceptions.OptionsError("hub_upstream_timeout must be at least 1 second")
     if o.hub_max_buffered_body < 65536:
         raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes")
+    if o.hub_check and o.server:
+        # mitmproxy opened its listeners before the addon loaded: this check would bind the ports
+        raise exceptions.OptionsError("hub_check: run python -m hubrewrite.check with the same arguments "
+                                      "(it adds --set server=false, so that nothing listens)")
     table = _registries(o)
     return Settings(
         public_url=_public_url(o.hub_public_url),
@@ -277,6 +291,8 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         # mitmweb is where flows are looked at (its web addon declares web_port)
         side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and "web_port" in o),
         records_flows=not o.hub_show_secrets and _records_flows(o),
+        log_format=o.hub_log_format,
+        check=o.hub_check,
     )
 
 

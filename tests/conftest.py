@@ -17,8 +17,25 @@ in for ghcr.io in the multi-registry tests, with a few KB of images
 
 import os
 import shutil
+import sys
 
 import pytest
+
+
+def pytest_collection_finish(session):
+    """The container image takes minutes to build (mostly downloads from Debian's archive and the
+    package index): when a collected test uses it, the build starts now, in the background at the
+    lowest priority, and that test waits for it (tests/integration/test_readme_container.py)."""
+    if any("container_image" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.integration import test_readme_container
+
+        test_readme_container.start_image_build()
+
+
+def pytest_sessionfinish(session):
+    module = sys.modules.get("tests.integration.test_readme_container")
+    if module is not None:
+        module.stop_image_build()
 
 
 def running_upstream(workdir, fill, **kwargs):

@@ -3,6 +3,7 @@ which repository holds which digest.
 
 Layout under the cache directory (several mirror processes may share it):
 
+    hub-rewrite-cache.json       the layout's version (cache/layout.py), read first
     blobs/sha256/ab/<hex>        verified blob bytes (never written in place)
     blobs/sha256/ab/<hex>.ok     stamp: size, mtime and inode the bytes had when
                                  verified; its own mtime is the last use (LRU)
@@ -41,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lockfiles
+from . import layout, lockfiles
 from .blobwriter import BlobWriter
 from .digests import hex_of, sha256_of_bytes, sha256_of_file
 from .eviction import Limits
@@ -80,6 +81,8 @@ class Store:
         self.root = root
         self.max_bytes = max_bytes
         self.tmp = root / "tmp"
+        # before anything is read or made: a layout this version cannot read stops it here (LayoutError)
+        self.found = layout.open_layout(root)
         for sub in ("blobs/sha256", "manifests/sha256", "tags", "repos", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._clean_stale_tmp()

@@ -7,7 +7,8 @@ import time
 
 from ..pull import Pull
 from ..responses import CACHE_HEADER
-from .logline import pull_log_line
+from .logline import pull_fields, pull_log_line
+from .logformat import HUB_FIELDS
 from .metrics import Metrics
 
 log = logging.getLogger("hub_rewrite")
@@ -34,11 +35,10 @@ def finish(pull: Pull, metrics: Metrics) -> None:
         metrics.cache_requests.labels(summary.kind, cache_state).inc()
     if summary.kind == "page":
         return
-    log.info(pull_log_line(
-        flow.client_conn.peername[0] if flow.client_conn.peername else "-",
-        summary.upstream, flow.request.method, summary.kind, summary.repo, summary.ref,
-        status, size, time.time() - summary.start, cache_state,
-    ))
+    facts = (flow.client_conn.peername[0] if flow.client_conn.peername else "-", summary.upstream,
+             flow.request.method, summary.kind, summary.repo, summary.ref, status, size,
+             time.time() - summary.start, cache_state)
+    log.info(pull_log_line(*facts), extra={HUB_FIELDS: pull_fields(*facts)})
 
 
 def counting(pull: Pull, metrics: Metrics, source: str):

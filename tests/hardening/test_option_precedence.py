@@ -47,6 +47,7 @@ OTHER_VALUES = {
     "hub_upstreams": ["docker.io=https://registry-1.docker.io", "quay.io", "file.example"],
     "hub_registry_name": "quay.io",
     "hub_host_map": ["file.mirror.example=quay.io"],
+    "hub_log_format": "json",
 }
 
 

@@ -121,6 +121,16 @@ NOT_COMMANDS = {
     "mitmdump --mode reverse": "names the plain relay of the benchmark table, not a command to type",
     "skopeo copy --all": "names the pull the benchmark tables measure (bench_blobpath.py and bench_cache.py run it)",
     ".ci/run": "CI's entry point, named in prose: it execs scripts/test (see the table)",
+    "docker build": "names docker's command for the Containerfile; podman's build command above runs "
+                    "(test_readme_container.py)",
+    "contrib/certbot-deploy-hook": "names the hook; the README's command that runs it runs",
+    "python -m hubrewrite.check": "names the check; the README's check commands run (test_readme_container.py, "
+                                  "test_readme_systemd.py)",
+    "scripts/run --version": "the systemd block's `cd /opt/hub-rewrite && scripts/run --version` runs it",
+    "podman stop": "names the command that sends SIGTERM; the README's `podman stop --time 30 ...` runs",
+    "podman run": "names the command; the README's podman run commands run",
+    "podman logs": "names where a container's log is; test_readme_container.py reads it",
+    "systemctl stop": "names systemd's stop (SIGTERM): no systemd runs on the test machines",
 }
 PROGRAM = re.compile(r"sudo|docker|dockerd|podman|skopeo|buildah|ctr|nerdctl|crictl|kubectl|mitmdump|mitmweb|mitmproxy|"
                      r"python[\d.]*|pip\d*|curl|wget|htpasswd|openssl|cat|cp|mv|export|systemctl|apt-get|apt|nginx|"
@@ -995,5 +1005,15 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     NGINX_FRONT: Here(("test_three_processes_behind_nginx",), replaced=("443", "5001", "5002", "5003"),
                       environment="included in a main nginx.conf that keeps pid, logs and temp files in a work dir"),
 }
+
+# the README's "Running it as a service" commands run in modules of their own, each with its own
+# table and a last test that checks every command it was given ran
+from tests.integration import test_readme_container as _container  # noqa: E402 (not test_* names here:
+from tests.integration import test_readme_systemd as _systemd  # noqa: E402  test_zz counts those)
+
+for _module in (_systemd, _container):
+    for _key in _module.TABLE:
+        TABLE.setdefault(_key, Elsewhere(f"tests/integration/{_module.__name__.rsplit('.', 1)[1]}.py",
+                                         shows="HANDOUT.not_run() == []", note="its own table says how"))
 
 HANDOUT = Handout(TABLE, readme_shows())

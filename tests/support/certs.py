@@ -2,7 +2,9 @@
 
     ca = TestCA(directory)              # ca.crt (and its key) written there
     ca.issue(directory, "edge")         # edge.crt, edge.key, edge.pem (certificate + key)
+    ca.issue(directory, intermediate="R11")  # signed by an intermediate CA, which follows it in .crt/.pem
     ca.client_context()                 # an ssl.SSLContext that trusts only this CA
+    issue_server_cert(dir, ca_dir)      # another server certificate (new key, new serial) from that CA
 
 The test upstream (tests/support/upstream.py) serves its edge, token service and
 CDN with certificates of one such CA per test session; whoever talks to it
@@ -59,7 +61,9 @@ class TestCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            # no path length: a certificate may come through an intermediate (a renewed chain, as
+            # Let's Encrypt's intermediates change)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
@@ -69,30 +73,21 @@ class TestCA:
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, directory: Path | str, name: str = "server", hosts=("localhost",),
-              ips=("127.0.0.1",)) -> dict[str, Path]:
-        """Write ``<name>.crt``, ``<name>.key`` and ``<name>.pem`` (both, for mitmproxy ``--certs``)."""
+              ips=("127.0.0.1",), intermediate: str = "") -> dict[str, Path]:
+        """Write ``<name>.crt``, ``<name>.key`` and ``<name>.pem`` (both, for mitmproxy ``--certs``);
+        with ``intermediate``, signed by an intermediate CA of that name, which follows the
+        certificate in ``.crt`` and ``.pem`` (as in a certbot fullchain.pem)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        issuer, issuer_key, chain = self._cert, self._key, []
+        if intermediate:
+            issuer_key = ec.generate_private_key(ec.SECP256R1())
+            issuer = self._intermediate(intermediate, issuer_key)
+            chain = [issuer]
         key = ec.generate_private_key(ec.SECP256R1())
-        san = [x509.DNSName(h) for h in hosts] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(hosts[0] if hosts else ips[0]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + VALIDITY)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            # Python 3.13 verifies strictly (VERIFY_X509_STRICT): key identifiers are required
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                           critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
-        cert_pem, key_pem = cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+        cert = _server_cert(key, issuer, issuer_key, hosts, ips)
+        cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [cert, *chain])
+        key_pem = _pem_key(key)
         paths = {"cert": directory / f"{name}.crt", "key": directory / f"{name}.key", "pem": directory / f"{name}.pem"}
         paths["cert"].write_bytes(cert_pem)
         paths["key"].write_bytes(key_pem)
@@ -100,12 +95,64 @@ class TestCA:
         paths["pem"].write_bytes(cert_pem + key_pem)
         return paths
 
+    def _intermediate(self, name: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"hub-rewrite test intermediate {name}"))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+
     def client_context(self) -> ssl.SSLContext:
         """A client context that trusts this CA only (and checks host names)."""
         return ssl.create_default_context(cafile=str(self.cert_path))
+
+
+def _server_cert(key, issuer: x509.Certificate, issuer_key, hosts, ips) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = [x509.DNSName(h) for h in hosts] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0] if hosts else ips[0]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): key identifiers are required
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
 
 
 def make_ca_and_server_cert(directory: Path, hosts=("localhost",), ips=("127.0.0.1",)) -> dict[str, Path]:
     """Write ca.crt, server.pem (certificate + key, for mitmproxy --certs) and server.crt/server.key."""
     ca = TestCA(directory)
     return {"ca": ca.cert_path, **ca.issue(directory, "server", hosts, ips)}
+
+
+def issue_server_cert(directory: Path, ca_directory: Path, hosts=("localhost",), ips=("127.0.0.1",),
+                      intermediate: str = "") -> dict[str, Path]:
+    """Another server certificate (new key, new serial) from the CA in ``ca_directory``
+    (``make_ca_and_server_cert``'s), as server.crt/.key/.pem in ``directory``."""
+    ca = TestCA(ca_directory)
+    return {"ca": ca.cert_path, **ca.issue(directory, "server", hosts, ips, intermediate)}
+
+
+def serial_of(pem_or_der: bytes) -> int:
+    """The serial number of the first certificate in PEM text or of a DER certificate."""
+    if pem_or_der.lstrip().startswith(b"-----"):
+        return x509.load_pem_x509_certificates(pem_or_der)[0].serial_number
+    return x509.load_der_x509_certificate(pem_or_der).serial_number
