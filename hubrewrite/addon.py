@@ -35,9 +35,10 @@ from .debug.redact import redact_metadata
 from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
-from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
+from .h2streams import PieceReading, body_disagrees_with_length, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
+from .mitmseams.connections import close_client
 from .observe import logformat, summaries
 from .observe.metrics import CountingStream
 from .pull import RequestKind, Pull, Retarget
