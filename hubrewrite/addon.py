@@ -27,7 +27,6 @@ from . import paths
 from .admission import admit, carries_body, place_of
 from .certificates import CertificateRenewal
 from .check import listener_line, report
-from .config_file import command_line_options
 from .connwork import ConnectionWork
 from .debug import contentviews, records
 from .debug.dumper_redaction import DumperRedaction
@@ -35,9 +34,11 @@ from .debug.redact import redact_metadata
 from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
-from .h2streams import PieceReading, body_disagrees_with_length, close_client, reset_as_malformed
+from .h2streams import PieceReading, body_disagrees_with_length, reset_as_malformed
 from .loopback import CLIENT_URL, KEY_HEADER
 from .mirror import Mirror
+from .mitmseams.connections import close_client
+from .mitmseams.tools import command_line_options
 from .observe import logformat, summaries
 from .observe.metrics import CountingStream
 from .pull import RequestKind, Pull, Retarget

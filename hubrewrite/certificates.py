@@ -4,7 +4,7 @@ certbot renews a certificate every 60 days and replaces its files; people
 replace them by hand too. The mirror looks at each ``--certs`` file once a
 minute and, on new client connections, at most once a second (a ``stat``), and
 when one changed it serves the new certificate to new connections, on the
-mirror's port (mitmproxy's certificate store, ``seams.replace_certificate``)
+mirror's port (mitmproxy's certificate store: ``mitmseams/certificates.py``)
 and on the blob listener (an ``ssl`` context swapped in by its SNI callback).
 Connections already open keep the certificate they started with.
 
@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import exceptions
 
-from . import seams
+from .mitmseams.certificates import certificate_entry, mitmproxy_certstore, replace_certificate
 
 log = logging.getLogger("hub_rewrite")
 
@@ -149,15 +149,15 @@ class CertificateRenewal:
     def _renew(self, watched: Watched) -> None:
         try:
             pem = watched.path.read_bytes()
-            entry = seams.certificate_entry(pem, self.passphrase, self._chain_file(pem))
+            entry = certificate_entry(pem, self.passphrase, self._chain_file(pem))
             context = server_context(watched.path, self.passphrase) if watched is self.watched[0] else None
         except (OSError, ValueError, ssl.SSLError) as e:
             log.warning("hub_rewrite: certificate %s changed but cannot be used (%s); still serving the previous one",
                         watched.path, getattr(e, "strerror", None) or e)
             return
-        store = seams.mitmproxy_certstore()
+        store = mitmproxy_certstore()
         if store is not None:
-            seams.replace_certificate(store, watched.spec, entry)
+            replace_certificate(store, watched.spec, entry)
         if context is not None:
             self.current = context
         log.info("hub_rewrite: certificate %s renewed: serial %x, valid until %s", watched.path,

@@ -28,6 +28,7 @@ from mitmproxy.utils import human
 from .cache import layout
 from .certificates import Watched
 from .connlimits import FileBudget
+from .mitmseams.tools import run_mitmdump
 from .settings import CacheSettings, Settings
 
 ADDON = Path(__file__).resolve().parent.parent / "addons" / "hub_rewrite.py"
@@ -123,10 +124,8 @@ def arguments(argv: list[str], confdir: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mitmproxy.tools.main import mitmdump
-
     with tempfile.TemporaryDirectory(prefix="hub-rewrite-check-") as confdir:
-        mitmdump(arguments(list(sys.argv[1:] if argv is None else argv), confdir))
+        run_mitmdump(arguments(list(sys.argv[1:] if argv is None else argv), confdir))
     return 0  # mitmdump exits 1 itself when an option (or the addon) failed
 
 

@@ -4,8 +4,8 @@ Precedence is defaults < mitm.conf < command line: a key from the file is
 applied unless the command line named that option (``--set key=...``, or a flag
 such as ``-k``, ``--certs``, ``-v``), whatever value it gave, mitmproxy's default
 included. Which options the command line named is read again from the running
-tool's own parser (``command_line_options``): once mitmproxy has applied them,
-an option set to its default looks exactly like one never set.
+tool's own parser (``mitmseams.tools.command_line_options``): once mitmproxy has
+applied them, an option set to its default looks exactly like one never set.
 
 One file serves both mitmdump and mitmweb: a key that only the other tool has
 (``flow_detail`` is mitmdump's) is skipped, not an error. A key no mitmproxy
@@ -14,13 +14,12 @@ tool knows is an error: a typo must not silently leave a default in place.
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from mitmproxy import exceptions, optmanager
+
+from .mitmseams.tools import other_tools_options
 
 log = logging.getLogger("hub_rewrite")
 
@@ -63,74 +62,3 @@ def options_to_apply(options: optmanager.OptManager, data: dict[str, object], so
     if named is None:
         return {k: v for k, v in data.items() if k in options and not options.has_changed(k)}
     return {k: v for k, v in data.items() if k in options and k not in named}
-
-
-# The running master's class -> the mitmproxy.tools.cmdline parser its command line was read with.
-TOOL_PARSERS = {
-    "mitmproxy.tools.dump.DumpMaster": "mitmdump",
-    "mitmproxy.tools.web.master.WebMaster": "mitmweb",
-    "mitmproxy.tools.console.master.ConsoleMaster": "mitmproxy",
-}
-# Parser destinations that are not options, and the options mitmproxy.tools.main sets from them.
-IMPLIED_OPTIONS = {
-    "version": (), "options": (), "commands": (), "setoptions": (),  # --set: its specs name options
-    "quiet": ("termlog_verbosity", "flow_detail"),
-    "verbose": ("termlog_verbosity", "flow_detail"),
-    "filter_args": ("save_stream_filter", "readfile_filter", "dumper_filter"),  # mitmdump's filter
-}
-
-
-def command_line_options(master, argv: Sequence[str] | None = None) -> frozenset[str] | None:
-    """The options the command line of the running mitmproxy tool named; None if unknown.
-
-    mitmproxy.tools.main parses ``sys.argv`` with the tool's parser from
-    mitmproxy.tools.cmdline, applies ``--set`` specs and every flag that maps to an
-    option (``-k``, ``--certs``, ``--mode``, ``-s``, ``-v``, ...), and keeps no record
-    of which; the same parser, built on the running options, reads it again.
-    """
-    argv = list(sys.argv if argv is None else argv)
-    tool = next((TOOL_PARSERS[n] for n in _class_names(master) if n in TOOL_PARSERS), None)
-    if tool is None or not argv or not Path(argv[0]).name.startswith(tool):
-        return None  # not started from that tool's command line
-    from mitmproxy.tools import cmdline
-
-    parser = getattr(cmdline, tool)(master.options)
-    try:
-        args = vars(parser.parse_args(argv[1:]))
-    except SystemExit:
-        return None
-    strangers = sorted(k for k in args if k not in master.options and k not in IMPLIED_OPTIONS)
-    if strangers:
-        log.warning("hub_rewrite: mitmproxy's command line has %s, unknown to hub_rewrite: an option "
-                    "given on the command line with its default value may lose to mitm.conf", ", ".join(strangers))
-        return None
-    named = {spec.partition("=")[0] for spec in args["setoptions"]}
-    named.update(k for k, v in args.items() if k in master.options and v is not None)
-    named.update(o for k, implied in IMPLIED_OPTIONS.items() if args.get(k) for o in implied)
-    return frozenset(named)
-
-
-def _class_names(master) -> list[str]:
-    return [f"{c.__module__}.{c.__qualname__}" for c in type(master).__mro__]
-
-
-class _Loader:
-    """Just enough of mitmproxy's addon loader for an addon to declare its options."""
-
-    def __init__(self, options: optmanager.OptManager) -> None:
-        self.options = options
-
-    def add_option(self, name, typespec, default, help, choices=None) -> None:
-        self.options.add_option(name, typespec, default, help, choices)
-
-
-@functools.cache
-def other_tools_options() -> frozenset[str]:
-    """Options of mitmdump's and mitmweb's own addons (whichever tool is running)."""
-    from mitmproxy.addons import dumper
-    from mitmproxy.tools.web import webaddons
-
-    scratch = optmanager.OptManager()
-    for addon in (dumper.Dumper(), webaddons.WebAddon()):
-        addon.load(_Loader(scratch))
-    return frozenset(scratch.keys())

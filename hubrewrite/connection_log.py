@@ -7,26 +7,15 @@ slowloris connections printed some 4,500 lines. The mirror's connection guard
 already says what it closed, one line per cause and minute; these lines are
 turned into DEBUG records, so mitmdump and mitmweb show them at
 ``termlog_verbosity=debug`` (``-v``), where an engineer debugging connections
-wants them, and the operator's log keeps one line per cause.
+wants them, and the operator's log keeps one line per cause. Which logger and
+which lines: ``mitmseams/logs.py``.
 """
 
 from __future__ import annotations
 
 import logging
 
-# where mitmproxy.proxy.server's ConnectionHandler logs them (its own lines and its layers')
-LOGGER = "mitmproxy.proxy.server"
-# the start of each per-connection message, as mitmproxy 12 words it
-PER_CONNECTION = (
-    "client connect",
-    "client disconnect",
-    "client kill connection",  # a client_connected hook refused it (the guard's connection limit)
-    "server connect ",
-    "server disconnect ",
-    "Closing connection due to inactivity",
-    "Client closed connection before completing request headers",
-    "Client TLS handshake failed. The client disconnected during the handshake",
-)
+from .mitmseams.logs import PER_CONNECTION, SERVER_LOGGER
 
 
 class PerConnectionLines(logging.Filter):
@@ -42,8 +31,8 @@ _FILTER = PerConnectionLines()
 
 
 def install() -> None:
-    logging.getLogger(LOGGER).addFilter(_FILTER)  # once: adding the same filter again is a no-op
+    logging.getLogger(SERVER_LOGGER).addFilter(_FILTER)  # once: adding the same filter again is a no-op
 
 
 def uninstall() -> None:
-    logging.getLogger(LOGGER).removeFilter(_FILTER)
+    logging.getLogger(SERVER_LOGGER).removeFilter(_FILTER)

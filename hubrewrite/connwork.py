@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
+from .mitmseams.http2 import MAX_CONCURRENT_STREAMS
+
 ACTIVE = 8  # requests of one connection worked on at once (a registry client pulls a few layers at a time)
-MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS of mitmproxy's HTTP/2 server (h2's default)
+MAX_STREAMS = MAX_CONCURRENT_STREAMS  # what mitmproxy's HTTP/2 server lets a client open
 # requests of one connection in the mirror at once beyond which it reset streams: twice the streams
 # it may have open, as a streamed answer's flow ends a moment after its stream
 MAX_HELD = 2 * MAX_STREAMS

@@ -10,11 +10,11 @@ connection is closed, with a 431 or 408 where a head was started (in plain
 HTTP: over TLS this layer cannot encrypt, so the close is all), and the
 operator reads one log line per cause and minute, not one per connection.
 
-The head limits are a layer put on top of each client connection's layer
-stack (mitmproxy's ``next_layer`` hook): it counts what the client sends while
-no request of the connection is in flight, and wakes itself up to check the
-time. Bodies, responses and the bytes of a tunnel passed through untouched
-are not its business.
+The head limits are a ``HeadWatch`` on each client connection: a layer put on
+top of the connection's layers (``mitmseams.layers.HeadLayer``, from mitmproxy's
+``next_layer`` hook) shows it what the client sends while no request of the
+connection is in flight, and wakes it up to check the time. Bodies, responses
+and the bytes of a tunnel passed through untouched are not its business.
 """
 
 from __future__ import annotations
@@ -24,27 +24,23 @@ import errno
 import time
 from collections.abc import Callable
 
-from mitmproxy import connection, ctx, http, tcp, tls
-from mitmproxy.proxy import commands, events, layer
-from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook
+from mitmproxy import connection, http, tcp, tls
+from mitmproxy.proxy.layer import NextLayer
 
 from . import connection_log
 from .connlimits import ClosedLog, FileBudget
+from .mitmseams import connections
+from .mitmseams.layers import CloseClient, watch_heads
 from .registry.errors import error_body
 from .settings import Limits
 
-# the hooks mitmproxy's HTTP layer starts once it has parsed a request head
-HEAD_PARSED = (HttpRequestHeadersHook, HttpConnectHook)
 
+class HeadWatch:
+    """One client connection's request heads as the guard limits them: their bytes, and the
+    time the client takes, while none of its requests is in flight. The layer that shows it
+    the client's bytes and closes the connection when it says so is ``mitmseams.layers.HeadLayer``."""
 
-class HeadGuard(layer.Layer):
-    """Sits above a client connection's first layer; passes everything through but
-    the bytes of a request head beyond the limits."""
-
-    def __init__(self, context, child: layer.Layer, guard: ConnectionGuard) -> None:
-        super().__init__(context)
-        context.layers.remove(self)  # invisible to the layer decisions below it
-        self.child = child
+    def __init__(self, guard: ConnectionGuard) -> None:
         self.guard = guard
         self.in_flight = 0
         self.head_bytes = 0
@@ -52,7 +48,6 @@ class HeadGuard(layer.Layer):
         self.passthrough = False  # a tunnel to another host, not mitmproxy's HTTP
         self.head_complete = False  # mitmproxy parsed the head: what follows is its body
         self.closed = False
-        self.timer: commands.RequestWakeup | None = None
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -65,75 +60,48 @@ class HeadGuard(layer.Layer):
             self.head_bytes = 0
             self.head_complete = False
 
-    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if self.closed or self._counting() or (isinstance(event, events.Wakeup) and event.command is self.timer):
-            return super().handle_event(event)
-        # a request in flight: its bytes go straight to the layers below, without this
-        # layer's cost per event (it never pauses, so mitmproxy's pause bookkeeping has nothing to do)
-        return self.child.handle_event(event)
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Wakeup) and event.command is self.timer:
-            self.timer = None
-            yield from self._on_timer()
-            return
-        if self.closed:
-            return
-        if isinstance(event, events.Start):
-            yield from self._arm()
-        elif self._counting() and isinstance(event, events.DataReceived) and event.connection is self.context.client:
-            self.head_bytes += len(event.data)
-            if self.head_bytes > self.guard.limits().max_head_bytes:
-                yield from self._close(431, "request head too large")
-                return
-        for command in self.child.handle_event(event):
-            if isinstance(command, HEAD_PARSED):
-                # the head is whole; its body may arrive before the addons' requestheaders
-                # hook (which marks the request in flight) has run, and is not a head
-                self.head_complete = True
-            yield command
-
-    def _counting(self) -> bool:
+    def watching(self) -> bool:
         return not self.passthrough and self.in_flight == 0 and not self.head_complete
 
-    def _arm(self) -> layer.CommandGenerator[None]:
-        if self.timer is None:
-            self.timer = commands.RequestWakeup(self.guard.limits().head_timeout / 2)
-            yield self.timer
+    def check_every(self) -> float:
+        return self.guard.limits().head_timeout / 2
 
-    def _on_timer(self) -> layer.CommandGenerator[None]:
-        if self.closed:
-            return
-        if self._counting() and time.monotonic() - self.idle_since > self.guard.limits().head_timeout:
-            if self.head_bytes:
-                yield from self._close(408, "request head not sent in time")
-            else:
-                self.guard.count("idle connection closed")  # a kept-alive connection nobody uses
-                self.closed = True
-                yield commands.CloseConnection(self.context.client)
-            return
-        yield from self._arm()
+    def received(self, size: int) -> CloseClient | None:
+        self.head_bytes += size
+        if self.head_bytes > self.guard.limits().max_head_bytes:
+            return self._refuse(431, "request head too large")
+        return None
 
-    def _close(self, status: int, reason: str) -> layer.CommandGenerator[None]:
+    def head_parsed(self) -> None:
+        # the head is whole; its body may arrive before the addons' requestheaders
+        # hook (which marks the request in flight) has run, and is not a head
+        self.head_complete = True
+
+    def timer_fired(self) -> CloseClient | None:
+        if not self.watching() or time.monotonic() - self.idle_since <= self.guard.limits().head_timeout:
+            return None
+        if self.head_bytes:
+            return self._refuse(408, "request head not sent in time")
+        self.guard.count("idle connection closed")  # a kept-alive connection nobody uses
+        self.closed = True
+        return CloseClient()
+
+    def _refuse(self, status: int, reason: str) -> CloseClient:
+        """Closed with a registry error (sent in plain HTTP only: over TLS the close is all)."""
         self.closed = True
         self.guard.count(reason)
-        if not self.context.client.tls:
-            body = error_body("UNSUPPORTED", reason)
-            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-            yield commands.SendData(self.context.client, head + body)
-        # else the answer would go out unencrypted: this layer sits above the client's TLS (an
-        # HTTPS listener, a CONNECT tunnel the proxy intercepts), and plain text there is garbage
-        # the client reports as a TLS error; the close is the answer
-        yield commands.CloseConnection(self.context.client)
+        body = error_body("UNSUPPORTED", reason)
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        return CloseClient(head + body)
 
 
 class ConnectionGuard:
-    """The addon: the connection limit, and a HeadGuard on every client connection."""
+    """The addon: the connection limit, and a HeadWatch on every client connection."""
 
     def __init__(self, budget_of: Callable[[], FileBudget]) -> None:
         self.budget_of = budget_of  # -> the mirror's FileBudget (its limits change with the options)
-        self.open: dict[str, HeadGuard | None] = {}  # client id -> its guard (None until its first layer)
+        self.open: dict[str, HeadWatch | None] = {}  # client id -> its watch (None until its first layer)
         self.closed_log = ClosedLog()
 
     def limits(self) -> Limits:  # a method: mitmproxy reads every attribute of an addon when it loads
@@ -177,68 +145,63 @@ class ConnectionGuard:
             self.count(f"too many connections (limit {self.max_connections()})")
             return
         self.open[client.id] = None
-        # mitmproxy asks for the first layer (and so gets a HeadGuard) only once bytes arrive
+        # mitmproxy asks for the first layer (and so gets a HeadWatch) only once bytes arrive
         asyncio.get_running_loop().call_later(self.limits().head_timeout, self._close_if_silent, client)
 
     def _close_if_silent(self, client: connection.Client) -> None:
         """A connection that has sent nothing at all within the head timeout is closed."""
         if client.id not in self.open or self.open[client.id] is not None:
             return
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = next((h for h in proxyserver.connections.values() if h.client is client), None)
-        if handler is not None:
+        if connections.close_client(client):
             self.count("nothing sent in time")
-            handler.close_connection(client)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.open.pop(client.id, None)
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """The first layer below a client connection's proxy mode: decided by mitmproxy, then guarded."""
+    def next_layer(self, nextlayer: NextLayer) -> None:
+        """The first layer below a client connection's proxy mode: decided by mitmproxy, then watched."""
         client = nextlayer.context.client
         if nextlayer.layer is not None or client.transport_protocol != "tcp":
             return
         if client.id not in self.open or self.open[client.id] is not None:
             return
-        ctx.master.addons.get("nextlayer").next_layer(nextlayer)
-        if nextlayer.layer is not None:
-            guard = HeadGuard(nextlayer.context, nextlayer.layer, self)
-            self.open[client.id] = guard
-            nextlayer.layer = guard
+        watch = HeadWatch(self)
+        if watch_heads(nextlayer, watch):
+            self.open[client.id] = watch
 
-    def _guard(self, client: connection.Client) -> HeadGuard | None:
+    def _watch(self, client: connection.Client) -> HeadWatch | None:
         return self.open.get(client.id)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.request_started()
+        if watch := self._watch(flow.client_conn):
+            watch.request_started()
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.request_started()
+        if watch := self._watch(flow.client_conn):
+            watch.request_started()
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.request_done()  # the tunnel's own requests are counted as they come
+        if watch := self._watch(flow.client_conn):
+            watch.request_done()  # the tunnel's own requests are counted as they come
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self.http_connected(flow)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if data.ignore_connection and (guard := self._guard(data.context.client)):
-            guard.passthrough = True  # bytes of another host's TLS, passed through untouched
+        if data.ignore_connection and (watch := self._watch(data.context.client)):
+            watch.passthrough = True  # bytes of another host's TLS, passed through untouched
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.passthrough = True  # a raw tunnel: its bytes are another protocol's, not heads
+        if watch := self._watch(flow.client_conn):
+            watch.passthrough = True  # a raw tunnel: its bytes are another protocol's, not heads
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.passthrough = True  # messages after the upgrade are not request heads
+        if watch := self._watch(flow.client_conn):
+            watch.passthrough = True  # messages after the upgrade are not request heads
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if guard := self._guard(flow.client_conn):
-            guard.request_done()
+        if watch := self._watch(flow.client_conn):
+            watch.request_done()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.response(flow)

@@ -21,6 +21,7 @@ from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
 from .config_file import options_to_apply, read_config
+from .mitmseams import tools
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
 from .registry.registries import DEFAULT_UPSTREAMS, Registries
@@ -240,7 +241,7 @@ class Settings:
 
 def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
     """Apply hub_config's file below the command line (``named``: the options it named, None if
-    unknown; see config_file.command_line_options); the path applied, if any."""
+    unknown; see mitmseams.tools.command_line_options); the path applied, if any."""
     if not options.hub_config:
         return None
     path = Path(options.hub_config).expanduser()
@@ -288,8 +289,8 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         metrics_listen=_loopback_option("hub_metrics_listen", o.hub_metrics_listen),
         metrics_auth=o.hub_metrics_auth,
         show_secrets=o.hub_show_secrets,
-        # mitmweb is where flows are looked at (its web addon declares web_port)
-        side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and "web_port" in o),
+        # mitmweb is where flows are looked at
+        side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and tools.is_mitmweb(o)),
         records_flows=not o.hub_show_secrets and _records_flows(o),
         log_format=o.hub_log_format,
         check=o.hub_check,
@@ -297,9 +298,8 @@ def read_settings(o: optmanager.OptManager) -> Settings:
 
 
 def _records_flows(o: optmanager.OptManager) -> bool:
-    """mitmweb and the console keep every flow (their web and console addons declare these
-    options); any tool saves them with save_stream_file (mitmdump -w)."""
-    return "web_port" in o or "console_layout" in o or bool(getattr(o, "save_stream_file", None))
+    """mitmweb and the console keep every flow; any tool saves them with save_stream_file (mitmdump -w)."""
+    return tools.keeps_every_flow(o) or bool(getattr(o, "save_stream_file", None))
 
 
 def _check_modes(modes: Sequence[str]) -> None:

@@ -25,6 +25,7 @@ from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
 from hubrewrite.debug import challenges, manifests, token_requests, tokens
+from hubrewrite.mitmseams.contentviews import remove_view
 
 SUMMARY_PRIORITY = 2.0
 NOT_MINE = -1.0
@@ -119,15 +120,9 @@ def register() -> None:
 
 
 def unregister() -> None:
-    """Remove our views. mitmproxy 12 has no public call for that (``contentviews.remove``
-    is a deprecated no-op), so this reaches into the registry's name table; only our own
-    instances are removed, never a view that replaced them."""
-    registry = contentviews.registry
+    """Remove our views (not a view that replaced one of them)."""
     for view in VIEWS:
-        key = view.name.lower()
-        if registry.get(key) is view:
-            del registry._by_name[key]
-            registry.on_change.send(view)
+        remove_view(view)
 
 
 def _on_manifest_path(metadata: Metadata) -> bool:

@@ -10,8 +10,7 @@ them (its side flows; a client flow's request once it was used).
 
 from __future__ import annotations
 
-from mitmproxy import ctx
-
+from ..mitmseams import dumper
 from .redact import redacted
 
 
@@ -22,13 +21,4 @@ class DumperRedaction:
         self.show_secrets = show_secrets  # -> bool, read at each flow: the option may change
 
     def running(self) -> None:
-        dumper = ctx.master.addons.get("dumper")
-        if dumper is None or getattr(dumper.echo_flow, "hub_redacting", False):
-            return
-        original = dumper.echo_flow
-
-        def echo_flow(flow) -> None:
-            original(flow if self.show_secrets() else redacted(flow))
-
-        echo_flow.hub_redacting = True
-        dumper.echo_flow = echo_flow
+        dumper.print_flows_as(lambda flow: flow if self.show_secrets() else redacted(flow))

@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from mitmproxy import http
 
 from ..loopback import KEY_HEADER
+from ..mitmseams import proxyauth
 from ..registry.headers import CREDENTIAL_HEADERS as SENT_CREDENTIALS
 from ..registry import jwt
 from .fingerprint import fingerprint, unsigned_jwt
@@ -33,7 +34,6 @@ _SIGNING_PARAM = re.compile(r"(?i)^(x-amz-|x-goog-)|^(signature|sig|verify|token
 _FORM_SECRETS = ("password", "refresh_token", "access_token", "token")
 _GRANT_SECRETS = ("token", "access_token", "refresh_token", "id_token")
 MAX_READ_BODY = 64 * 1024  # token answers and forms are small; a larger body is none of them
-PROXYAUTH = "proxyauth"  # flow.metadata: (user, password) that mitmproxy's proxyauth accepted
 
 
 def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
@@ -85,9 +85,9 @@ def redact_response(response: http.Response) -> None:
 def redact_metadata(flow: http.HTTPFlow) -> None:
     """mitmproxy's proxyauth keeps the proxy password it accepted in ``flow.metadata``,
     which saved flows (``-w``, mitmweb's /flows/dump) keep too."""
-    accepted = flow.metadata.get(PROXYAUTH)
-    if isinstance(accepted, (tuple, list)) and len(accepted) == 2 and isinstance(accepted[1], str):
-        flow.metadata[PROXYAUTH] = (accepted[0], fingerprint(accepted[1]))
+    accepted = proxyauth.accepted_login(flow)
+    if accepted is not None:
+        proxyauth.replace_accepted_password(flow, fingerprint(accepted[1]))
 
 
 def carries_credential(response: http.Response) -> bool:

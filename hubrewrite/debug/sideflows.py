@@ -17,10 +17,11 @@ import contextvars
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import connection, ctx, eventsequence, http
+from mitmproxy import connection, http
 from mitmproxy.flow import Error
 
 from ..loopback import CLIENT_URL
+from ..mitmseams.hooks import run_hooks
 from ..registry.headers import encode_fields
 from ..upstream_client import Exchange
 from .redact import redact_flow
@@ -71,11 +72,9 @@ class SideFlows:
         return side if self.show_secrets() else redact_flow(side)
 
     async def _publish(self, flow: http.HTTPFlow) -> None:
-        """Through every addon's hooks, as mitmproxy does for a loaded flow (the view
-        shows it, save_stream_file writes it, the dumper prints it)."""
+        """Through every addon's hooks (the view shows it, save_stream_file writes it, the dumper prints it)."""
         try:
-            for event in eventsequence.iterate(flow):
-                await ctx.master.addons.handle_lifecycle(event)
+            await run_hooks(flow)
         except Exception:
             log.exception("hub_rewrite: could not show a side flow")
 

@@ -19,7 +19,7 @@ import time
 
 from mitmproxy.utils import human
 
-from .. import seams
+from ..mitmseams import dumper, logs
 
 HUB_FIELDS = "hub_fields"  # a log record's attribute (logging's ``extra``) with fields for the JSON form
 TERMINAL_STYLE = re.compile(r"\x1b\[[0-9;]*m")  # the colours mitmproxy adds on a terminal
@@ -44,7 +44,7 @@ class JsonLines(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = {}
-        if address := getattr(record, "client", None):
+        if address := logs.client_of(record):
             fields["client"] = human.format_address(address)  # the connection mitmproxy logs about
         fields.update(getattr(record, HUB_FIELDS, None) or {})
         if record.exc_info:
@@ -60,11 +60,11 @@ def use(log_format: str) -> None:
     if hasattr(sys.stdout, "reconfigure") and not sys.stdout.line_buffering:
         sys.stdout.reconfigure(line_buffering=True)
     if log_format == "json":
-        seams.set_termlog_formatter(JsonLines())
-        seams.replace_dumper_echo(_echo_json)
+        logs.set_termlog_formatter(JsonLines())
+        dumper.print_lines_as(_echo_json)
     else:
-        seams.set_termlog_formatter(None)
-        seams.replace_dumper_echo(None)
+        logs.set_termlog_formatter(None)
+        dumper.print_lines_as(None)
 
 
 def _echo_json(text: str) -> str:

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from hubrewrite import connection_log
+from hubrewrite.mitmseams.logs import SERVER_LOGGER
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def records():
         def emit(self, record):
             seen.append(record)
 
-    logger = logging.getLogger(connection_log.LOGGER)
+    logger = logging.getLogger(SERVER_LOGGER)
     handler, level = Keep(logging.DEBUG), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

@@ -17,6 +17,7 @@ from mitmproxy.contentviews import Metadata
 from mitmproxy.test import taddons, tflow
 
 from hubrewrite.debug import contentviews as registry_views
+from hubrewrite.mitmseams.contentviews import remove_view
 from hubrewrite.debug.fingerprint import fingerprint
 
 PAYLOADS = Path(__file__).parent / "payloads"
@@ -413,4 +414,4 @@ def test_unregister_leaves_a_view_that_replaced_ours():
     contentviews.add(replacement)
     registry_views.unregister()
     assert contentviews.registry["registry manifest"] is replacement
-    del contentviews.registry._by_name["registry manifest"]
+    remove_view(replacement)

@@ -1,5 +1,5 @@
 """The parts that make the mirror a service: JSON log lines, the check's arguments and report,
-certificate renewal (its decisions; the handshakes are in tests/unit/test_seams.py and
+certificate renewal (its decisions; the handshakes are in tests/unit/test_mitmseams_certificates.py and
 tests/integration/test_service.py)."""
 
 from __future__ import annotations

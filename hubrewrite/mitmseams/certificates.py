@@ -1,52 +1,20 @@
-"""Where the mirror reaches into mitmproxy beyond its addon API, in one place.
+"""The certificates mitmproxy serves for ``--certs``, replaced when their files are renewed.
 
-Each function here depends on how mitmproxy 12 is built inside, not on a
-documented interface; ``tests/unit/test_seams.py`` checks each against the
-installed mitmproxy and fails loudly when an upgrade moves something.
-
-* the terminal log's formatter (``hub_log_format: json``);
-* mitmdump's flow printer (``hub_log_format: json``);
-* the certificate ``--certs`` loaded, replaced when the file is renewed.
+Relies on: the tlsconfig addon's ``certstore`` (the ``CertStore`` it picks
+client-facing certificates from), the store's ``certs`` table (host pattern or
+name -> ``CertStoreEntry``) and the fields it was made with, and
+``CertStoreEntry(cert, privatekey, chain_file, chain_certs)``.
+Why: mitmproxy reads ``--certs`` files once, when the option is set; setting the
+option again to the same value changes nothing, and there is no call to load a
+renewed file (certificates.py watches the files).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from cryptography import x509
 from mitmproxy import certs, ctx
-from mitmproxy import log as mitmlog
-from mitmproxy.addons import dumper as dumper_addon
-from mitmproxy.addons import termlog
-
-
-def set_termlog_formatter(formatter: logging.Formatter | None) -> None:
-    """Put ``formatter`` on mitmproxy's terminal log (mitmdump, mitmweb); None: mitmproxy's own."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, termlog.TermLogHandler):
-            handler.setFormatter(formatter or mitmlog.MitmFormatter(handler.has_vt_codes))
-
-
-def replace_dumper_echo(render) -> None:
-    """Print each of mitmdump's flow lines as ``render(text)`` instead; None: as mitmdump does.
-
-    The dumper prints everything through its ``echo`` method; an instance
-    attribute of that name takes its place (and removing it restores it)."""
-    master = getattr(ctx, "master", None)
-    dumper = master.addons.get("dumper") if master is not None else None
-    if dumper is None:
-        return  # mitmweb: no flow lines
-    if render is None:
-        dumper.__dict__.pop("echo", None)
-        return
-
-    def echo(text: str, ident=None, **style) -> None:
-        if ident:
-            text = dumper_addon.indent(ident, text)
-        print(render(text), file=dumper.outfp)
-
-    dumper.echo = echo
 
 
 def mitmproxy_certstore() -> certs.CertStore | None:
