@@ -84,6 +84,9 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
             return await from_storage(pull, mirror, probe)  # no space or inode for its lock: not cached
         if download is None:
             continue
+        if mirror.cache.store.has_blob(digest):
+            download.give_up()  # committed by a download that ended while this request asked the registry
+            continue
         try:
             if shared is not None and not await bucket_blobs.claim(mirror, digest):
                 continue  # another process downloaded it: from the bucket now
@@ -195,28 +198,28 @@ async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe
     for attempt in (1, 2):
         headers = pull.headers if probe.direct else hdrs.without_credentials(pull.headers)
         try:
-            response = await mirror.client.send("GET", probe.target, headers, purpose="blob download into the cache")
+            body = await mirror.client.open_body(probe.target, headers, purpose="blob download into the cache")
         except RegistryError as e:
             return error_response(e)
-        status, size = response.status_code, response.headers.get("content-length", "")
+        status, size = body.status, body.length
         if status == 403 and attempt == 1:
             # a signed URL that expired (or was refused): the registry gives a new one, once
-            await response.aclose()
+            body.close()
             log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
                         urlsplit(probe.target).hostname)
             probe = await _probe(pull, mirror)
             if probe.answer is not None:
                 return probe.answer
             continue
-        if status != 200 or not size.isdigit() or not mirror.cache.store.has_room_for(int(size)):
-            await response.aclose()
+        if status != 200 or size is None or not mirror.cache.store.has_room_for(size):
+            body.close()
             if status != 200:
-                return storage_error(download.digest, status, response.reason_phrase)
+                return storage_error(download.digest, status, body.reason)
             return await from_storage(pull, mirror)  # no room (or no length): served without caching
         try:
-            download.start(response, mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc)
+            download.start(body, mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc)
         except OSError as e:
-            await response.aclose()
+            body.close()
             mirror.cache.store.note_problem(e)
             return await from_storage(pull, mirror)
         confirm(pull, mirror, download.digest)
@@ -243,7 +246,7 @@ async def _probe(pull: Pull, mirror: Mirror) -> Probe:
             fields = hdrs.decode_fields(response.headers.raw)
             return Probe(answer=relay.relayed(pull, mirror, response.status_code, fields, body))
         finally:
-            await response.aclose()
+            await mirror.client.release(response)  # a redirect's body read: its connection is reused
     except RegistryError as e:
         log.warning("%s blob %s: %s", pull.method, pull.route.reference, e.message)
         return Probe(answer=error_response(e))
