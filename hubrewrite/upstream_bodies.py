@@ -34,6 +34,10 @@ import h11
 MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is refused
 IDLE_SECONDS = 60.0  # an idle pooled connection older than this is closed, not reused
 IDLE_PER_HOST = 8  # idle connections kept per host
+# a body's socket waits at most this long per receive, so that bytes in hand go on to the
+# disk (and followers) soon, and a silent upstream is noticed (the client timeout) without a
+# timeout changed (a syscall) per receive
+POLL_SECONDS = 0.01
 USER_AGENT = "hub-rewrite"
 _NOT_SENT = frozenset({"host", "accept-encoding", "range", "content-length", "connection"})
 
@@ -97,30 +101,40 @@ class Body:
         name = name.lower()
         return next((v for k, v in self.headers if k.lower() == name), None)
 
-    def readinto(self, view: memoryview, wait: float | None = None) -> int | None:
-        """Up to len(view) more body bytes, blocking; 0 once the body is complete; None if
-        nothing came within ``wait`` seconds (only with ``wait``). Raises OSError (TimeoutError
-        when the upstream is silent for the client timeout, BodyError when it closed early)."""
-        left = (self.length if self.length is not None else 1 << 62) - self.consumed
-        if left <= 0:
-            return 0
-        limit = min(len(view), left)
-        if self.leftover:
-            n = min(limit, len(self.leftover))
-            view[:n] = self.leftover[:n]
-            del self.leftover[:n]
-        else:
-            self.sock.settimeout(self.timeout if wait is None else max(wait, 0.001))
+    def readinto(self, view: memoryview, flush_after: float) -> int:
+        """Body bytes into ``view``, blocking: until it is full, the body is complete, or
+        ``flush_after`` seconds after its first byte came (a slow upstream's bytes still go on);
+        0 once the body is complete. Raises OSError: TimeoutError when the upstream sends nothing
+        for the client timeout, BodyError when it closed early or was interrupted.
+
+        The loop runs once per TLS record (16 KiB): it is kept to a receive and a clock read."""
+        limit = min(len(view), (self.length if self.length is not None else 1 << 62) - self.consumed)
+        filled = min(limit, len(self.leftover))
+        if filled:
+            view[:filled] = self.leftover[:filled]
+            del self.leftover[:filled]
+        receive, clock = self.sock.recv_into, time.monotonic
+        first = clock() if filled else None
+        last = clock()
+        while filled < limit:
             try:
-                n = self.sock.recv_into(view, limit)
-            except TimeoutError:
-                if wait is None or self.interrupter.interrupted:
+                n = receive(view[filled:limit])
+            except TimeoutError:  # POLL_SECONDS without a byte
+                if first is not None:
+                    break  # the bytes in hand go on now
+                if self.interrupter.interrupted or clock() - last >= self.timeout:
                     raise
-                return None
-            if n == 0:
+                continue
+            if not n:
                 raise BodyError("the upstream closed the connection before the end of the body")
-        self.consumed += n
-        return n
+            filled += n
+            last = clock()
+            if first is None:
+                first = last
+            elif last - first >= flush_after:
+                break
+        self.consumed += filled
+        return filled
 
     def interrupt(self) -> None:
         """From any thread: a blocked ``readinto`` fails at once."""
@@ -299,6 +313,7 @@ class BodyFetcher:
         except h11.ProtocolError as e:
             raise BodyError(f"HTTP/1.1 exchange with the upstream failed: {e}") from e
         fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers.raw_items()]
+        sock.settimeout(POLL_SECONDS)
         return Body(head.status_code, head.reason.decode("latin-1"), fields, _content_length(head), sock, self.pool,
                     key, self.timeout, interrupter, head.http_version == b"1.1" and _keeps_alive(head), leftover)
 

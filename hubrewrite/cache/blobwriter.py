@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -75,8 +74,9 @@ class Source(Protocol):
 
     length: int
 
-    def readinto(self, view: memoryview, wait: float | None = None) -> int | None:
-        """Up to len(view) bytes, blocking; 0 at the end; None if nothing came within ``wait`` s."""
+    def readinto(self, view: memoryview, flush_after: float) -> int:
+        """Bytes into ``view``, blocking: until it is full, the source ends, or ``flush_after``
+        seconds after the first byte came; 0 at the end."""
 
     def interrupt(self) -> None:
         """From any thread: a blocked readinto fails at once."""
@@ -141,19 +141,10 @@ class Copy:
             self.source.close()
 
     def _fill(self, view: memoryview, left: int) -> int:
-        limit, filled, flush_at = min(len(view), left), 0, None
-        while filled < limit:
-            wait = None if flush_at is None else flush_at - time.monotonic()
-            if wait is not None and wait <= 0:
-                break
-            n = self.source.readinto(view[filled:limit], wait)
-            if n is None:
-                break
-            if n == 0:
-                raise EOFError(f"the source ended after {self.writer.size + filled} of {self.size} bytes")
-            filled += n
-            flush_at = flush_at or time.monotonic() + self.WAKE_SECONDS
-        return filled
+        n = self.source.readinto(view[:min(len(view), left)], self.WAKE_SECONDS)
+        if n == 0:
+            raise EOFError(f"the source ended {left} bytes short of {self.size}")
+        return n
 
     def _write(self) -> None:
         try:

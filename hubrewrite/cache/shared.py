@@ -46,7 +46,7 @@ class BucketSource:
         self._chunks = iter(stream)
         self._pending = memoryview(b"")
 
-    def readinto(self, view: memoryview, wait: float | None = None) -> int:
+    def readinto(self, view: memoryview, flush_after: float) -> int:
         if not self._pending:
             self._pending = memoryview(next(self._chunks, b""))
         n = min(len(view), len(self._pending))

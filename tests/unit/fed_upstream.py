@@ -25,12 +25,10 @@ class FedUpstream:
         self.pending = b""
         self.ended = False
 
-    def readinto(self, view: memoryview, wait: float | None = None) -> int | None:
+    def readinto(self, view: memoryview, flush_after: float) -> int:
+        """One fed chunk (or what fits of it) at a time."""
         if not self.pending and not self.ended:
-            try:
-                chunk = self.queue.chunks.get(timeout=wait)
-            except queue.Empty:
-                return None
+            chunk = self.queue.chunks.get()
             if isinstance(chunk, BaseException):
                 raise chunk
             self.pending, self.ended = chunk or b"", chunk is None
