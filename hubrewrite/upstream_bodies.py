@@ -32,7 +32,9 @@ from urllib.parse import urlsplit
 import h11
 
 MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is refused
-IDLE_SECONDS = 60.0  # an idle pooled connection older than this is closed, not reused
+# an idle pooled connection older than this is closed, not reused: below the 60 s after which
+# common load balancers close idle connections (a request racing such a close fails)
+IDLE_SECONDS = 30.0
 IDLE_PER_HOST = 8  # idle connections kept per host
 # a body's socket waits at most this long per receive, so that bytes in hand go on to the
 # disk (and followers) soon, and a silent upstream is noticed (the client timeout) without a

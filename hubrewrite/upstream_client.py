@@ -23,7 +23,7 @@ import httpx
 
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
-from .upstream_bodies import Body, BodyError, BodyFetcher, Interrupter, in_thread
+from .upstream_bodies import IDLE_SECONDS, Body, BodyError, BodyFetcher, Interrupter, in_thread
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -154,7 +154,7 @@ class UpstreamClient:
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             limits=httpx.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS - BODY_CONNECTIONS,
-                                max_keepalive_connections=40),
+                                max_keepalive_connections=40, keepalive_expiry=IDLE_SECONDS),
             trust_env=False,  # never route through a proxy from the environment
         )
         # httpx adds Accept and Accept-Encoding of its own; the registry must see
@@ -174,14 +174,14 @@ class UpstreamClient:
         await self._client.aclose()
         self.bodies.close()
 
-    async def open_body(self, url: str, headers: list[tuple[str, str]], purpose: str = "") -> Body:
+    async def open_body(self, url: str, headers: list[tuple[str, str]], purpose: str = "", start: int = 0) -> Body:
         """A GET whose body a download's threads read (``upstream_bodies``): its head is in; the
-        caller reads or closes it."""
+        caller reads or closes it. ``start``: from that byte on (``Range``), to resume a download."""
         exchange = Exchange(purpose, "GET", url, headers, None)
         interrupter = Interrupter()
         started = time.monotonic()
         try:
-            body = await in_thread(lambda: self.bodies.open(url, headers, interrupter), interrupter)
+            body = await in_thread(lambda: self.bodies.open(url, headers, interrupter, start), interrupter)
         except Exception as exc:
             error = describe_error(exc)
             exchange.error, exchange.ended = error.message, time.time()
