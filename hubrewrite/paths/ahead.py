@@ -114,7 +114,8 @@ async def _blob(asker: Asker, mirror: Mirror, digest: str, fetch: Fetch) -> None
 
     async def probe():
         mirror.metrics.ahead_requests.labels("blob probe").inc()
-        return await probe_registry(mirror, "GET", asker.url("blobs", digest), asker.headers, _refused)
+        return await probe_registry(mirror, "GET", asker.url("blobs", digest), asker.headers, _refused,
+                                    purpose="blob probe, ahead of the client")
 
     found = await probe()
     download = cache.downloads.claim(digest) if found.answer is None else None
@@ -127,7 +128,8 @@ async def _blob(asker: Asker, mirror: Mirror, digest: str, fetch: Fetch) -> None
         if cache.shared is not None and (locked := await cache.shared.lock(digest)) is False:
             return  # another process downloads it: the client's request waits for the bucket
         mirror.metrics.ahead_requests.labels("blob download").inc()
-        if not (await start_download(mirror, download, found, asker.headers, asker.upstream.base, probe)).started:
+        if not (await start_download(mirror, download, found, asker.headers, asker.upstream.base, probe,
+                                     ahead=True)).started:
             if locked:
                 cache.shared.unlock_later(digest)
             return

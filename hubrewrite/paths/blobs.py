@@ -218,14 +218,15 @@ async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe
 
 
 async def start_download(mirror: Mirror, download: Download, probe: Probe, headers: list[tuple[str, str]],
-                         upstream: str, reprobe: Callable[[], Awaitable[Probe]]) -> Outcome:
+                         upstream: str, reprobe: Callable[[], Awaitable[Probe]], ahead: bool = False) -> Outcome:
     """Open the probe's target (without credentials unless it is the registry itself) and hand
     it to the download; a 403 (an expired signed URL) gets a new one from ``reprobe``, once."""
     store = mirror.cache.store
     for attempt in (1, 2):
         sent = headers if probe.direct else hdrs.without_credentials(headers)
         try:
-            body = await mirror.client.open_body(probe.target, sent, purpose="blob download into the cache")
+            body = await mirror.client.open_body(probe.target, sent, purpose="blob download into the cache"
+                                                 + (", ahead of the client" if ahead else ""))
         except RegistryError as e:
             return Outcome(answer=error_response(e))
         if body.status == 403 and attempt == 1:
@@ -256,11 +257,12 @@ async def _probe(pull: Pull, mirror: Mirror) -> Probe:
 
 
 async def probe_registry(mirror: Mirror, method: str, url: str, headers: list[tuple[str, str]],
-                         answer: Callable[[int, list[tuple[str, str]], bytes], http.Response]) -> Probe:
+                         answer: Callable[[int, list[tuple[str, str]], bytes], http.Response],
+                         purpose: str = "blob probe") -> Probe:
     """Ask the registry for the blob, following no redirect; ``answer`` makes what a client
     gets of any other answer (a refusal)."""
     try:
-        response = await mirror.client.send(method, url, headers, purpose="blob probe")
+        response = await mirror.client.send(method, url, headers, purpose=purpose)
         try:
             location = response.headers.get("location")
             if response.status_code in REDIRECT_STATUSES and location:
