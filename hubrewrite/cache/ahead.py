@@ -20,6 +20,8 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from ..access.bounded import BoundedDict
+
 log = logging.getLogger("hub_rewrite")
 
 PARALLEL = 4  # fetches at once, each until its download has ended
@@ -45,6 +47,16 @@ class AheadFetches:
         self._per_client: Counter = Counter()
         self._bytes = 0
         self._tasks: set[asyncio.Task] = set()
+        self._unasked = BoundedDict(10_000)  # digests downloaded ahead that no client asked for yet
+
+    def downloaded(self, digest: str) -> None:
+        """A fetch started this blob's download: the first client asking for it is its miss."""
+        self._unasked.put(digest, True)
+
+    def first_ask(self, digest: str) -> bool:
+        """Is this the first client request for a blob downloaded ahead of it? (Its cache
+        state is "miss": the bytes came from upstream for it, a moment earlier.)"""
+        return self._unasked.pop(digest, None) is not None
 
     def submit(self, key: Key, client: tuple[str, str], size: int, work: Callable[[Fetch], Awaitable[None]]) -> bool:
         """Queue ``work(fetch)`` unless it is queued already or a bound says no."""

@@ -133,6 +133,7 @@ async def _blob(asker: Asker, mirror: Mirror, digest: str, fetch: Fetch) -> None
             if locked:
                 cache.shared.unlock_later(digest)
             return
+        cache.ahead.downloaded(digest)
         confirm_for(mirror, asker.identity, asker.authorization, asker.upstream.base, asker.repository, digest)
         if cache.shared is not None:
             bucket_blobs.share_when_done(mirror, download)

@@ -113,6 +113,8 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
     if access is Access.REFUSED:
         return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
     state = "stale" if access is Access.STALE else "hit"
+    if state == "hit" and pull.method == "GET" and mirror.cache.ahead.first_ask(pull.route.reference):
+        state = "miss"  # downloaded ahead of this very request: its bytes came from upstream for it
     shared = mirror.cache.shared
     if shared is not None and shared.presign_seconds and not is_forward_proxy(pull.flow.client_conn):
         stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
@@ -157,12 +159,15 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
         if isinstance(small, http.Response):
             return small
         if small is not None:
-            pull.step.source = "cache" if download is None else "upstream"
+            pull.step.source = "cache" if download is None and state != "miss" else "upstream"
             return make_response(200, _blob_head(pull, state), small)
     if cache.listener is not None and not is_forward_proxy(pull.flow.client_conn):
         location = cache.listener.location(_listener_base(pull, mirror), digest)
         return make_response(307, [("Location", location), *headers])
-    transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
+    # "miss": the bytes came from upstream for this request (it started the download, or was the
+    # first to ask for one made ahead of it)
+    cached = download is None and size is not None and state != "miss"
+    transfer = Transfer(digest, headers, "cache" if cached else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
 
 
