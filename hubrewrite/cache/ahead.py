@@ -4,8 +4,8 @@ Once a client got a manifest, the mirror fetches what it will ask for next
 into the cache. Those fetches are nobody's request, so they are bounded: at
 most PARALLEL at once (each holds its place until its download has ended), at
 most MAX_BYTES of blobs queued or downloading, at most PER_CLIENT queued or
-running for one client (its credentials and address). Beyond a bound a fetch
-is simply not made: the client asks for it itself.
+running for one client (its credentials and address) and MAX_FETCHES for all.
+Beyond a bound a fetch is simply not made: the client asks for it itself.
 
 Each fetch is known by what it fetches, so that a client asking for that very
 thing while the fetch asks the upstream waits for it (``settled``) instead of
@@ -27,6 +27,7 @@ log = logging.getLogger("hub_rewrite")
 PARALLEL = 4  # fetches at once, each until its download has ended
 MAX_BYTES = 2 << 30  # sizes of the blobs queued or downloading, all clients together
 PER_CLIENT = 32  # fetches queued or running for one client
+MAX_FETCHES = 256  # fetches queued or running, all clients together
 
 Key = tuple[str, str]  # ("blob" or "manifest", digest)
 
@@ -60,7 +61,8 @@ class AheadFetches:
 
     def submit(self, key: Key, client: tuple[str, str], size: int, work: Callable[[Fetch], Awaitable[None]]) -> bool:
         """Queue ``work(fetch)`` unless it is queued already or a bound says no."""
-        if key in self._fetches or self._per_client[client] >= PER_CLIENT or self._bytes + size > MAX_BYTES:
+        if key in self._fetches or len(self._fetches) >= MAX_FETCHES or self._per_client[client] >= PER_CLIENT \
+                or self._bytes + size > MAX_BYTES:
             return False
         fetch = self._fetches[key] = Fetch()
         self._per_client[client] += 1

@@ -10,6 +10,10 @@ back until the whole blob matches its digest, so a download that fails or does
 not match ends every follower's transfer short: a failed transfer, never a
 complete-looking wrong blob. A slow follower slows nobody, and a follower that
 leaves does not stop the download.
+
+The bytes never pass through the event loop: a download reads its source and
+hashes and writes it in two threads of its own (``blobwriter.Copy``), and the
+loop hears of each MiB on disk (``_on_disk``), which wakes the followers.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ def test_fetches_are_bounded_in_parallel_bytes_and_per_client(monkeypatch):
         await asyncio.sleep(0.05)
         assert sorted(running) == ["1", "2", "3", "6"] and fetches.in_flight() == 0
         assert fetches.submit(("blob", "4"), a, 100, work("4"))  # bounds free again
+        monkeypatch.setattr(ahead, "MAX_FETCHES", 1)
+        assert not fetches.submit(("blob", "7"), b, 1, work("7"))  # all clients together
         await fetches.close()
 
     asyncio.run(scenario())
