@@ -36,9 +36,8 @@ MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is refused
 # common load balancers close idle connections (a request racing such a close fails)
 IDLE_SECONDS = 30.0
 IDLE_PER_HOST = 8  # idle connections kept per host
-# a body's socket waits at most this long per receive, so that bytes in hand go on to the
-# disk (and followers) soon, and a silent upstream is noticed (the client timeout) without a
-# timeout changed (a syscall) per receive
+# with bytes in hand, a body's socket waits at most this long for more before they go on to
+# the disk (and followers); the timeout is changed (a syscall) twice per buffer, not per receive
 POLL_SECONDS = 0.01
 USER_AGENT = "hub-rewrite"
 _NOT_SENT = frozenset({"host", "accept-encoding", "range", "content-length", "connection"})
@@ -115,25 +114,24 @@ class Body:
         if filled:
             view[:filled] = self.leftover[:filled]
             del self.leftover[:filled]
-        receive, clock = self.sock.recv_into, time.monotonic
+        receive, clock, sock = self.sock.recv_into, time.monotonic, self.sock
         first = clock() if filled else None
-        last = clock()
+        # nothing in hand: wait as long as the upstream may stay silent; bytes in hand: go on soon
+        sock.settimeout(POLL_SECONDS if filled else self.timeout)
         while filled < limit:
             try:
                 n = receive(view[filled:limit])
-            except TimeoutError:  # POLL_SECONDS without a byte
-                if first is not None:
-                    break  # the bytes in hand go on now
-                if self.interrupter.interrupted or clock() - last >= self.timeout:
-                    raise
-                continue
+            except TimeoutError:
+                if first is None:
+                    raise  # silent for the client timeout
+                break  # POLL_SECONDS without more: the bytes in hand go on now
             if not n:
                 raise BodyError("the upstream closed the connection before the end of the body")
             filled += n
-            last = clock()
             if first is None:
-                first = last
-            elif last - first >= flush_after:
+                first = clock()
+                sock.settimeout(POLL_SECONDS)
+            elif clock() - first >= flush_after:
                 break
         self.consumed += filled
         return filled
@@ -315,7 +313,6 @@ class BodyFetcher:
         except h11.ProtocolError as e:
             raise BodyError(f"HTTP/1.1 exchange with the upstream failed: {e}") from e
         fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers.raw_items()]
-        sock.settimeout(POLL_SECONDS)
         return Body(head.status_code, head.reason.decode("latin-1"), fields, _content_length(head), sock, self.pool,
                     key, self.timeout, interrupter, head.http_version == b"1.1" and _keeps_alive(head), leftover)
 
