@@ -12,13 +12,14 @@ import logging
 import secrets
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import exceptions
 from prometheus_client import start_http_server as start_metrics_server
 
 from .access.confirmations import AccessMemory
 from .access.issued import IssuedTokens
+from .cache.ahead import AheadFetches
 from .cache.bloblistener import BlobListener
 from .cache.bucket import Bucket
 from .cache.bucket_config import BucketConfigError
@@ -54,6 +55,7 @@ class Cache:
     access: AccessMemory
     downloads: Downloads
     blobs: BlobSender
+    ahead: AheadFetches = field(default_factory=AheadFetches)  # fetches ahead of clients (paths/ahead.py)
     listener: BlobListener | None = None
     listener_socket: socket.socket | None = None
     shared: SharedStore | None = None  # the bucket behind the local tier (hub_store_url)
@@ -210,6 +212,7 @@ class Mirror:
             await cache.listener.stop()
             if cache.listener_socket is not None:
                 cache.listener_socket.close()
+        await cache.ahead.close()
         await cache.downloads.close()
         if cache.shared is not None:
             await cache.shared.close()

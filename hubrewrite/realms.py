@@ -6,14 +6,33 @@ a client names.
 
 from __future__ import annotations
 
+import time
+
 from .registry.challenge import bearer_realm
 from .registry.upstream import Upstream
 from .upstream_client import UpstreamClient
 
 
+BASE_ANSWER_SECONDS = 600.0  # how long an upstream's answer to an anonymous /v2/ is given again
+
+
 class Realms:
     def __init__(self) -> None:
         self._learned: dict[str, tuple[str, str | None]] = {}  # upstream base URL -> (realm, service)
+        # upstream base URL -> (when, status, fields, body) of its last 401 to an anonymous /v2/
+        self._base: dict[str, tuple[float, int, list[tuple[str, str]], bytes]] = {}
+
+    def remember_base(self, upstream: Upstream, status: int, fields: list[tuple[str, str]], body: bytes) -> None:
+        """An upstream's answer to /v2/ without credentials: the same for every client (its
+        challenge), so the next one is answered without a round trip to it."""
+        if status == 401 and any(k.lower() == "www-authenticate" and bearer_realm(v) for k, v in fields):
+            self._base[upstream.base] = (time.monotonic(), status, fields, body)
+
+    def base_answer(self, upstream: Upstream) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        known = self._base.get(upstream.base)
+        if known is None or time.monotonic() - known[0] > BASE_ANSWER_SECONDS:
+            return None
+        return known[1:]
 
     def learn(self, upstream: Upstream, fields: list[tuple[str, str]]) -> None:
         for name, value in fields:

@@ -124,6 +124,11 @@ OPTIONS = (
     Option("hub_cache_auth_ttl", int, 60, """
         Seconds a client's upstream-confirmed access to a repository is remembered when its
         token's lifetime cannot be read."""),
+    Option("hub_fetch_ahead", bool, True, """
+        With the cache: once a client got an image manifest, fetch its config and layers into the
+        cache ahead of it, in parallel, with its own credentials (from registries that announce
+        no pull rate limit, also an index's platform manifests); bounded in parallel downloads,
+        bytes and per client. Off: only what clients ask for is fetched."""),
     Option("hub_blob_listen", str, "", """
         host:port of the blob listener: cached blobs are answered with a 307 to a signed URL
         there, served with sendfile. Needs hub_cache_dir. Empty: blobs stream through mitmproxy."""),
@@ -193,6 +198,7 @@ class CacheSettings:
     blob_secret: Path | None
     store: BucketConfig | None  # the shared bucket behind the local tier
     presign: bool
+    fetch_ahead: bool = True  # what a served manifest names, fetched ahead of its client
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,7 @@ def _cache(o: optmanager.OptManager) -> CacheSettings | None:
         blob_secret=Path(o.hub_blob_secret).expanduser() if o.hub_blob_secret else None,
         store=_store(o),
         presign=o.hub_store_presign,
+        fetch_ahead=o.hub_fetch_ahead,
     )
 
 

@@ -23,10 +23,14 @@ import httpx
 
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
+from .upstream_bodies import IDLE_SECONDS, Body, BodyError, BodyFetcher, Interrupter, in_thread
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+DRAINED_BODY = 64 * 1024  # an unwanted answer body up to this size is read so its connection is reused
 MAX_UPSTREAM_CONNECTIONS = 200  # at once, to every upstream together (connlimits.py counts their files)
+# of which the downloads' own connections (upstream_bodies.py), idle ones included; the rest are httpx's
+BODY_CONNECTIONS = 80
 
 # httpcore reads 64 KiB per receive: a blob download costs 16,384 trips through its
 # stack per GiB. Reading up to 1 MiB (only what has arrived: small answers are not
@@ -100,6 +104,10 @@ def describe_error(exc: Exception) -> RegistryError:
         return RegistryError(502, "UNAVAILABLE", f"upstream unreachable: {text}")
     if isinstance(exc, httpx.HTTPError):
         return RegistryError(502, "UNAVAILABLE", f"upstream connection failed: {type(exc).__name__}")
+    if isinstance(exc, TimeoutError):
+        return RegistryError(504, "UNAVAILABLE", "upstream did not answer in time")
+    if isinstance(exc, BodyError):
+        return RegistryError(502, "UNAVAILABLE", f"upstream connection failed: {exc}")
     if isinstance(exc, ssl.SSLError):
         return RegistryError(502, "UNAVAILABLE", f"TLS handshake with upstream failed: {exc}")
     if isinstance(exc, OSError):
@@ -145,7 +153,8 @@ class UpstreamClient:
             verify=verify,
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS, max_keepalive_connections=40),
+            limits=httpx.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS - BODY_CONNECTIONS,
+                                max_keepalive_connections=40, keepalive_expiry=IDLE_SECONDS),
             trust_env=False,  # never route through a proxy from the environment
         )
         # httpx adds Accept and Accept-Encoding of its own; the registry must see
@@ -154,6 +163,7 @@ class UpstreamClient:
         for name in ("accept", "accept-encoding"):
             del self._client.headers[name]
         self._client.headers["user-agent"] = "hub-rewrite"
+        self.bodies = BodyFetcher(verify, timeout, BODY_CONNECTIONS)
 
     async def warm_up(self) -> None:
         """httpx's transport loads anyio's event-loop backend on its first request (about
@@ -162,6 +172,26 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        self.bodies.close()
+
+    async def open_body(self, url: str, headers: list[tuple[str, str]], purpose: str = "", start: int = 0) -> Body:
+        """A GET whose body a download's threads read (``upstream_bodies``): its head is in; the
+        caller reads or closes it. ``start``: from that byte on (``Range``), to resume a download."""
+        exchange = Exchange(purpose, "GET", url, headers, None)
+        interrupter = Interrupter()
+        started = time.monotonic()
+        try:
+            body = await in_thread(lambda: self.bodies.open(url, headers, interrupter, start), interrupter)
+        except Exception as exc:
+            error = describe_error(exc)
+            exchange.error, exchange.ended = error.message, time.time()
+            self.observer(exchange)
+            raise error from exc
+        self.on_answer(urlsplit(url).hostname or "", time.monotonic() - started)
+        exchange.status, exchange.reason, exchange.response_headers = body.status, body.reason, body.headers
+        exchange.answered = time.time()
+        self.observer(exchange)
+        return body
 
     async def send(
         self, method: str, url: str, headers: list[tuple[str, str]], content: bytes | None = None, purpose: str = ""
@@ -189,6 +219,20 @@ class UpstreamClient:
         exchange.status, exchange.reason = response.status_code, response.reason_phrase
         exchange.response_headers, exchange.answered = hdrs.decode_fields(response.headers.raw), time.time()
         return response, exchange
+
+    async def release(self, response: httpx.Response) -> None:
+        """Close an answer whose body is not wanted. A small body is read first: httpcore pools
+        a connection only once its answer was read whole, and closing it unread would cost the
+        next request to that host a new TCP and TLS handshake (2 round trips)."""
+        declared = response.headers.get("content-length", "")
+        unread = not (response.is_stream_consumed or response.is_closed or response.request.method == "HEAD")
+        if unread and declared.isdigit() and int(declared) <= DRAINED_BODY:
+            try:
+                async for _ in response.aiter_raw():
+                    pass
+            except httpx.HTTPError:
+                pass  # closed below all the same
+        await response.aclose()
 
     async def read_body(self, response: httpx.Response) -> bytes:
         """The raw (still content-encoded) body, refusing anything too big to buffer."""
@@ -242,5 +286,5 @@ class UpstreamClient:
             finally:
                 exchange.ended = time.time()
                 self.observer(exchange)
-                await response.aclose()
+                await self.release(response)
         raise RegistryError(502, "UNAVAILABLE", "upstream redirected too many times")

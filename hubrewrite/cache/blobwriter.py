@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .digests import hex_of
 
@@ -28,16 +29,16 @@ class BlobWriter:
         self.size = 0
         self.done = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         """Raises OSError when the disk refuses (full): the download then fails."""
         view = memoryview(chunk)
+        self.hasher.update(view)
         try:
             while view:
                 view = view[self.file.write(view):]
         except OSError as e:
             self.store.note_problem(e)
             raise
-        self.hasher.update(chunk)
         self.size += len(chunk)
 
     def finish(self) -> bool:
@@ -67,57 +68,105 @@ class BlobWriter:
         self.path.unlink(missing_ok=True)
 
 
-class WriteBehind:
-    """A download's disk writes and hashing in a thread of their own, up to DEPTH
-    chunks behind the network reads.
+class Source(Protocol):
+    """A blob's bytes as a download's threads read them: an upstream answer
+    (``upstream_bodies.Body``) or an object of the shared bucket (``shared.BucketSource``)."""
 
-    Writing a new file is the costliest step of a cold blob: every page of it is
-    fresh page cache, and on a virtual machine a fresh page can cost more than
-    the network read of it. In the event loop that cost stopped the reads (and
-    every other flow); here the loop keeps reading while the thread writes.
-    One thread per download keeps the chunks in order; ``written(n)`` runs in the
-    loop once n more bytes are on disk, so followers never see bytes not written.
+    length: int
+
+    def readinto(self, view: memoryview, flush_after: float) -> int:
+        """Bytes into ``view``, blocking: until it is full, the source ends, or ``flush_after``
+        seconds after the first byte came; 0 at the end."""
+
+    def interrupt(self) -> None:
+        """From any thread: a blocked readinto fails at once."""
+
+    def close(self) -> None:
+        """After the last read (in the reading thread)."""
+
+
+_END, _CANCEL = object(), object()
+
+
+class Copy:
+    """A download's bytes from its source into its ``BlobWriter``, in two threads of its own:
+    one reads (over TLS: receives and decrypts) into 1 MiB buffers, the other hashes and writes
+    them, so both cores work and the event loop runs no Python per network read. The loop is
+    told of each buffer once it is on disk (``written(n)``, through ``call_soon_threadsafe``:
+    followers never see bytes not written) and once at the end (``ended(committed, error)``).
+
+    A buffer goes to the writer when full, or WAKE_SECONDS after its first byte came (a slow
+    source still reaches followers within that time). At most DEPTH buffers per download.
     """
 
-    DEPTH = 4  # chunks in flight: at most DEPTH x the read size in memory
+    BUFFER = 1 << 20
+    DEPTH = 3
+    WAKE_SECONDS = 0.02
 
-    def __init__(self, writer: BlobWriter, written: Callable[[int], None]) -> None:
-        self.writer = writer
-        self.written = written
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="blob-write")
-        self.slots = asyncio.Semaphore(self.DEPTH)
-        self.error: BaseException | None = None
+    def __init__(self, source: Source, writer: BlobWriter, loop: asyncio.AbstractEventLoop,
+                 written: Callable[[int], None], ended: Callable[[bool, BaseException | None], None]) -> None:
+        self.source, self.writer, self.loop = source, writer, loop
+        self.written, self.ended = written, ended
+        self.size = source.length
+        self._full: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, n), _END, _CANCEL or an error, in order
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # empty buffers; None: the writer stopped
+        for _ in range(self.DEPTH):
+            self._free.put(bytearray(min(self.BUFFER, max(self.size, 1))))
+        self._stopped = False
 
-    async def write(self, chunk: bytes) -> None:
-        """Queue a chunk; raises the error of an earlier write (OSError: the disk refused)."""
-        await self.slots.acquire()
-        if self.error is not None:
-            self.slots.release()
-            raise self.error
-        future = asyncio.get_running_loop().run_in_executor(self.thread, self.writer.write, chunk)
-        future.add_done_callback(lambda f: self._done(f, len(chunk)))
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="blob-read", daemon=True).start()
+        threading.Thread(target=self._write, name="blob-write", daemon=True).start()
 
-    def _done(self, future: asyncio.Future, n: int) -> None:
-        self.slots.release()
-        if future.cancelled() or self.error is not None:
-            return
-        if (error := future.exception()) is not None:
-            self.error = error
-        else:
-            self.written(n)
+    def cancel(self) -> None:
+        """From the loop: the source is interrupted and the file thrown away (``ended`` follows)."""
+        self._stopped = True
+        self._full.put(_CANCEL)
+        self.source.interrupt()
 
-    async def finish(self) -> bool:
-        """After the queued writes: verify and commit (BlobWriter.finish); raises a write's error."""
-        loop = asyncio.get_running_loop()
-        committed = await loop.run_in_executor(self.thread, self.writer.finish)
-        if self.error is not None:
-            raise self.error
-        return committed
-
-    async def abort(self) -> None:
-        """After the queued writes: throw the file away (no-op once finished or aborted)."""
+    def _read(self) -> None:
+        received = 0
         try:
-            if not self.writer.done:  # set only in the thread, after every write queued before
-                await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.thread, self.writer.abort))
+            while received < self.size and not self._stopped:
+                buffer = self._free.get()
+                if buffer is None:
+                    return  # the writer stopped
+                n = self._fill(memoryview(buffer), self.size - received)
+                received += n
+                self._full.put((buffer, n))
+            self._full.put(_END)
+        except BaseException as e:  # handed to the writer, which ends the download with it
+            self._full.put(e)
         finally:
-            self.thread.shutdown(wait=False)  # queued work still runs, then the thread ends
+            self.source.close()
+
+    def _fill(self, view: memoryview, left: int) -> int:
+        n = self.source.readinto(view[:min(len(view), left)], self.WAKE_SECONDS)
+        if n == 0:
+            raise EOFError(f"the source ended {left} bytes short of {self.size}")
+        return n
+
+    def _write(self) -> None:
+        try:
+            while (item := self._full.get()) is not _END:
+                if item is _CANCEL or self._stopped:
+                    raise asyncio.CancelledError()
+                if isinstance(item, BaseException):
+                    raise item
+                buffer, n = item
+                self.writer.write(memoryview(buffer)[:n])
+                self._free.put(buffer)
+                self._tell(self.written, n)
+            self._tell(self.ended, self.writer.finish(), None)
+        except BaseException as e:
+            self._stopped = True
+            self.source.interrupt()
+            self._free.put(None)
+            self.writer.abort()
+            self._tell(self.ended, False, e)
+
+    def _tell(self, callback: Callable, *args: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed (shutdown): the file is thrown away all the same

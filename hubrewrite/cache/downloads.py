@@ -10,6 +10,10 @@ back until the whole blob matches its digest, so a download that fails or does
 not match ends every follower's transfer short: a failed transfer, never a
 complete-looking wrong blob. A slow follower slows nobody, and a follower that
 leaves does not stop the download.
+
+The bytes never pass through the event loop: a download reads its source and
+hashes and writes it in two threads of its own (``blobwriter.Copy``), and the
+loop hears of each MiB on disk (``_on_disk``), which wakes the followers.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
+from ..access.bounded import BoundedDict
 from ..registry.errors import RegistryError
 from .bucket_errors import BucketError
-from .blobwriter import BlobWriter, WriteBehind
+from .blobwriter import Copy, Source
 from .store import Store
 
 log = logging.getLogger("hub_rewrite")
 
+FAILED_LATELY_SECONDS = 30.0
 POLL_SECONDS = 0.05  # how often a follower of another process's download looks at the file
 WAKE_BYTES, WAKE_SECONDS = 1 << 20, 0.02  # how much a download writes, or how long it waits, before it wakes its followers
 STARTING, RUNNING, COMMITTED, FAILED = "starting", "running", "committed", "failed"
@@ -89,14 +93,20 @@ class Download:
         """``callback(download)`` once it is committed or failed (the shared store uploads, or forgets)."""
         self._ended.append(callback)
 
-    def start(self, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
-        """Take over an open upstream answer (200, with Content-Length) and fetch it
-        into the store. Raises OSError if the file cannot be created (the claim then fails)."""
-        self.size = int(response.headers["content-length"])
+    def start(self, source: Source, on_bytes: Callable[[int], None]) -> None:
+        """Take over a source (an upstream answer with its length, or a bucket object) and fetch
+        it into the store, in threads of its own (``blobwriter.Copy``). Raises OSError if the file
+        cannot be created (the claim then fails)."""
+        self.size = source.length
         writer = self.downloads.store.new_writer(self.digest)
         os.pwrite(self.lock_fd, str(self.size).encode(), 0)  # followers in other processes read it there
         self.state = RUNNING
-        self.task = asyncio.get_running_loop().create_task(self._fetch(writer, response, on_bytes))
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[tuple[bool, BaseException | None]] = loop.create_future()
+        copy = Copy(source, writer, loop, lambda n: self._on_disk(n, on_bytes),
+                    lambda committed, error: ended.done() or ended.set_result((committed, error)))
+        copy.start()
+        self.task = loop.create_task(self._fetch(copy, ended))
         self._notify()
 
     def give_up(self) -> None:
@@ -104,36 +114,27 @@ class Download:
         if self.state == STARTING:
             self._end(FAILED)
 
-    async def _fetch(self, writer: BlobWriter, response: httpx.Response, on_bytes: Callable[[int], None]) -> None:
+    async def _fetch(self, copy: Copy, ended: asyncio.Future) -> None:
         started = time.monotonic()
-        disk = WriteBehind(writer, self._on_disk)
         try:
-            committed = await self._receive(disk, response, on_bytes)
-            await disk.abort()  # what was not committed is thrown away (no-op once committed)
-            self._finished(committed, time.monotonic() - started)  # followers learn it before the answer is closed
+            committed, error = await asyncio.shield(ended)
+            if error is not None:
+                self._log_failure(error)
+            self._finished(committed, time.monotonic() - started)
+        except asyncio.CancelledError:
+            copy.cancel()  # shutdown: the threads stop and throw the file away, before the lock goes
+            await ended
+            raise
         finally:
-            await disk.abort()  # cancelled (shutdown): the file goes too, before the lock does
             self._end(FAILED)  # no-op once ended; cancelled, the followers (and the locks) are let go
-            await response.aclose()
 
-    async def _receive(self, disk: WriteBehind, response: httpx.Response, on_bytes: Callable[[int], None]) -> bool:
-        """Whether the blob came whole, matched its digest and was committed."""
-        received = 0
-        try:
-            async for chunk in response.aiter_raw():
-                await disk.write(chunk)
-                received += len(chunk)
-                on_bytes(len(chunk))
-            if received != self.size:
-                raise RegistryError(502, "UNAVAILABLE", f"blob storage sent {received} of {self.size} bytes")
-            return await disk.finish()
-        except (httpx.HTTPError, OSError, RegistryError, BucketError) as e:
-            log.warning("blob %s: download failed after %d bytes: %s", self.digest, received,
-                        getattr(e, "message", None) or str(e) or type(e).__name__)
-        except Exception:
+    def _log_failure(self, error: BaseException) -> None:
+        if isinstance(error, (OSError, EOFError, RegistryError, BucketError)):
+            log.warning("blob %s: download failed after %d bytes: %s", self.digest, self.written,
+                        getattr(error, "message", None) or str(error) or type(error).__name__)
+        elif not isinstance(error, asyncio.CancelledError):
             # a bug must not leave the download (and every follower) waiting forever
-            log.exception("blob %s: download failed", self.digest)
-        return False
+            log.error("blob %s: download failed", self.digest, exc_info=error)
 
     def _finished(self, committed: bool, seconds: float) -> None:
         if committed:
@@ -143,13 +144,16 @@ class Download:
             log.error("blob %s from its source does not match its digest: discarded, transfers aborted", self.digest)
         self._end(COMMITTED if committed else FAILED)
 
-    def _on_disk(self, n: int) -> None:
+    def _on_disk(self, n: int, on_bytes: Callable[[int], None]) -> None:
         self.written += n
+        on_bytes(n)
         self._wake_followers()
 
     def _end(self, state: str) -> None:
         if self.state in (COMMITTED, FAILED):
             return
+        if state == FAILED and self.state == RUNNING:
+            self.downloads.failed.put(self.digest, time.monotonic())
         self.state = state
         self.downloads.store.release_download_lock(self.digest, self.lock_fd)
         self.downloads.running.pop(self.digest, None)
@@ -162,6 +166,13 @@ class Downloads:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.running: dict[str, Download] = {}  # digest -> this process's download
+        self.failed = BoundedDict(1000)  # digest -> when a download of it failed here
+
+    def failed_lately(self, digest: str) -> bool:
+        """A download of this blob failed here moments ago: a follower sent to it just too late
+        is told so (502), not that the blob is unknown."""
+        when = self.failed.get(digest)
+        return when is not None and time.monotonic() - when < FAILED_LATELY_SECONDS
 
     def claim(self, digest: str) -> Download | None:
         """Become the downloader of a blob, or None if someone (here or in another process) is.

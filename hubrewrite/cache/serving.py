@@ -96,7 +96,10 @@ class BlobSender:
 
     async def _send_cached(self, request: Request, reply: Reply, digest: str, counted: Counter) -> None:
         if not await asyncio.to_thread(self.store.check_blob, digest):
-            await reply.error(404, "BLOB_UNKNOWN", "blob unknown to the cache", request.method)
+            if self.downloads.failed_lately(digest):
+                await reply.error(502, "UNAVAILABLE", "the blob's download from upstream failed", request.method)
+            else:
+                await reply.error(404, "BLOB_UNKNOWN", "blob unknown to the cache", request.method)
             return
         self.store.touch(digest)
         with open(self.store.blob_path(digest), "rb") as f:

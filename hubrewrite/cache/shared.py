@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ..util.bounded_dict import BoundedDict
@@ -37,20 +36,32 @@ CLOSE_WAIT = 30.0  # seconds shutdown waits for uploads and other writes to the 
 
 
 class BucketSource:
-    """An object being read from the bucket, shaped like an upstream answer for a Download."""
+    """An object being read from the bucket, as a Download's threads read a source
+    (``blobwriter.Source``): boto3 is synchronous, so it runs in the download's reading thread."""
 
     def __init__(self, stream: BlobStream) -> None:
         self.stream = stream
-        self.headers = {"content-length": str(stream.length)}
+        self.length = stream.length
         self.etag = stream.etag  # of the object read: verified once the download commits
         self._chunks = iter(stream)
+        self._pending = memoryview(b"")
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        while (chunk := await asyncio.to_thread(next, self._chunks, None)) is not None:
-            yield chunk
+    def readinto(self, view: memoryview, flush_after: float) -> int:
+        if not self._pending:
+            self._pending = memoryview(next(self._chunks, b""))
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.stream.close)
+    def interrupt(self) -> None:
+        try:
+            self.stream.close()  # the reading thread's next read fails
+        except Exception:  # noqa: BLE001 - whatever boto3 raises closing a stream in use
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class SharedStore:

@@ -13,6 +13,8 @@ class Metrics:
         self.bytes_served = Counter("hub_served_bytes", "Body bytes sent to clients", ["source"], registry=r)
         self.bytes_fetched = Counter("hub_upstream_fetched_bytes", "Body bytes received from upstreams and their CDNs", ["upstream"], registry=r)
         self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
+        self.ahead_requests = Counter(
+            "hub_ahead_requests", "Upstream requests made ahead of a client (hub_fetch_ahead)", ["kind"], registry=r)
         self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
         self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)

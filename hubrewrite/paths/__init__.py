@@ -7,7 +7,7 @@ from ..mirror import Mirror
 from ..pull import Answer, Pull, RequestKind, Retarget
 from ..registry.names import RouteKind
 from ..responses import PREFLIGHT_HEADERS, make_response
-from . import blobs, manifests, pages, relay, token_endpoint
+from . import ahead, blobs, manifests, pages, relay, token_endpoint
 
 
 async def serve(pull: Pull, mirror: Mirror) -> Answer:
@@ -24,5 +24,7 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
     if route.kind is RouteKind.BLOB:
         return await blobs.serve(pull, mirror)
     if route.kind is RouteKind.MANIFEST and mirror.cache is not None:
-        return await manifests.serve(pull, mirror)
+        answer = await manifests.serve(pull, mirror)
+        ahead.after_manifest(pull, mirror, answer)
+        return answer
     return await relay.serve(pull, mirror)

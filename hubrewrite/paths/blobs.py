@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -66,6 +67,7 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         return await from_storage(pull, mirror)
     digest, shared = pull.route.reference, mirror.cache.shared
     whole_get = pull.method == "GET" and "range" not in pull.flow.request.headers
+    await mirror.cache.ahead.settled(("blob", digest), mirror.settings.client.timeout)  # its download, if so
     for _ in range(3):
         local = await _verified(mirror, digest)
         if local or mirror.cache.downloads.progress(digest) is not None:
@@ -83,6 +85,9 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         except OSError:
             return await from_storage(pull, mirror, probe)  # no space or inode for its lock: not cached
         if download is None:
+            continue
+        if mirror.cache.store.has_blob(digest):
+            download.give_up()  # committed by a download that ended while this request asked the registry
             continue
         try:
             if shared is not None and not await bucket_blobs.claim(mirror, digest):
@@ -108,6 +113,8 @@ async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat |
     if access is Access.REFUSED:
         return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
     state = "stale" if access is Access.STALE else "hit"
+    if state == "hit" and pull.method == "GET" and mirror.cache.ahead.first_ask(pull.route.reference):
+        state = "miss"  # downloaded ahead of this very request: its bytes came from upstream for it
     shared = mirror.cache.shared
     if shared is not None and shared.presign_seconds and _may_redirect(pull, mirror):
         stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
@@ -153,10 +160,8 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
     digest = pull.route.reference
     headers = _cache_headers(pull, state)
     cache.store.touch(digest)
-    if cache.listener is not None and _may_redirect(pull, mirror):
-        location = cache.listener.location(_listener_base(pull, mirror), digest)
-        return make_response(307, [("Location", location), *headers])
     size = cache.store.blob_size(digest)
+    # answered here, even with the listener on: a redirect would cost the client a request more
     if pull.method == "HEAD" and size is not None and download is None:
         return make_response(200, _blob_head(pull, state), b"", size)
     if pull.method == "GET" and "range" not in pull.flow.request.headers:
@@ -164,9 +169,15 @@ async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Down
         if isinstance(small, http.Response):
             return small
         if small is not None:
-            pull.summary.source = "cache" if download is None else "upstream"
+            pull.summary.source = "cache" if download is None and state != "miss" else "upstream"
             return make_response(200, _blob_head(pull, state), small)
-    transfer = Transfer(digest, headers, "cache" if download is None and size is not None else "download", download)
+    if cache.listener is not None and _may_redirect(pull, mirror):
+        location = cache.listener.location(_listener_base(pull, mirror), digest)
+        return make_response(307, [("Location", location), *headers])
+    # "miss": the bytes came from upstream for this request (it started the download, or was the
+    # first to ask for one made ahead of it)
+    cached = download is None and size is not None and state != "miss"
+    transfer = Transfer(digest, headers, "cache" if cached else "download", download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
 
 
@@ -199,63 +210,88 @@ def _listener_base(pull: Pull, mirror: Mirror) -> str:
     return base_url(scheme, host, cache.listener.server.port)
 
 
+@dataclass
+class Outcome:
+    """What came of fetching a probed blob into the cache."""
+
+    started: bool = False
+    answer: http.Response | None = None  # not started: what a client is answered (the storage's error)
+
+
 async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe) -> Answer:
     """This client's request starts the blob's download: the registry's answer to its probe
     (with the client's token) is followed without credentials and fetched into the cache."""
+    outcome = await start_download(mirror, download, probe, pull.headers, pull.upstream.base,
+                                   lambda: _probe(pull, mirror))
+    if not outcome.started:
+        return outcome.answer or await from_storage(pull, mirror)  # not cached: no room, no length, no disk
+    confirm(pull, mirror, download.digest)
+    if mirror.cache.shared is not None:
+        bucket_blobs.share_when_done(mirror, download)
+    pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
+    return await send_from_cache(pull, mirror, "miss", download)
+
+
+async def start_download(mirror: Mirror, download: Download, probe: Probe, headers: list[tuple[str, str]],
+                         upstream: str, reprobe: Callable[[], Awaitable[Probe]], ahead: bool = False) -> Outcome:
+    """Open the probe's target (without credentials unless it is the registry itself) and hand
+    it to the download; a 403 (an expired signed URL) gets a new one from ``reprobe``, once."""
+    store = mirror.cache.store
     for attempt in (1, 2):
-        headers = pull.headers if probe.direct else hdrs.without_credentials(pull.headers)
+        sent = headers if probe.direct else hdrs.without_credentials(headers)
         try:
-            response = await mirror.client.send("GET", probe.target, headers, purpose="blob download into the cache")
+            body = await mirror.client.open_body(probe.target, sent, purpose="blob download into the cache"
+                                                 + (", ahead of the client" if ahead else ""))
         except RegistryError as e:
-            return error_response(e)
-        status, size = response.status_code, response.headers.get("content-length", "")
-        if status == 403 and attempt == 1:
-            # a signed URL that expired (or was refused): the registry gives a new one, once
-            await response.aclose()
+            return Outcome(answer=error_response(e))
+        if body.status == 403 and attempt == 1:
+            body.close()
             log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
                         urlsplit(probe.target).hostname)
-            probe = await _probe(pull, mirror)
+            probe = await reprobe()
             if probe.answer is not None:
-                return probe.answer
+                return Outcome(answer=probe.answer)
             continue
-        if status != 200 or not size.isdigit() or not mirror.cache.store.has_room_for(int(size)):
-            await response.aclose()
-            if status != 200:
-                return storage_error(download.digest, status, response.reason_phrase)
-            return await from_storage(pull, mirror)  # no room (or no length): served without caching
+        if body.status != 200 or body.length is None or not store.has_room_for(body.length):
+            body.close()
+            return Outcome(answer=storage_error(download.digest, body.status, body.reason) if body.status != 200
+                           else None)
         try:
-            download.start(response, mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc)
+            download.start(body, mirror.metrics.bytes_fetched.labels(upstream).inc)
         except OSError as e:
-            await response.aclose()
-            mirror.cache.store.note_problem(e)
-            return await from_storage(pull, mirror)
-        confirm(pull, mirror, download.digest)
-        if mirror.cache.shared is not None:
-            bucket_blobs.share_when_done(mirror, download)
-        pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
-        return await send_from_cache(pull, mirror, "miss", download)
-    return storage_error(download.digest, 403, "Forbidden")
+            body.close()
+            store.note_problem(e)
+            return Outcome()
+        return Outcome(started=True)
+    return Outcome(answer=storage_error(download.digest, 403, "Forbidden"))
 
 
 async def _probe(pull: Pull, mirror: Mirror) -> Probe:
-    """Ask the registry for the blob, following no redirect."""
+    return await probe_registry(mirror, pull.method, pull.url, pull.headers,
+                                lambda status, fields, body: relay.relayed(pull, mirror, status, fields, body))
+
+
+async def probe_registry(mirror: Mirror, method: str, url: str, headers: list[tuple[str, str]],
+                         answer: Callable[[int, list[tuple[str, str]], bytes], http.Response],
+                         purpose: str = "blob probe") -> Probe:
+    """Ask the registry for the blob, following no redirect; ``answer`` makes what a client
+    gets of any other answer (a refusal)."""
     try:
-        response = await mirror.client.send(pull.method, pull.url, pull.headers, purpose="blob probe")
+        response = await mirror.client.send(method, url, headers, purpose=purpose)
         try:
             location = response.headers.get("location")
             if response.status_code in REDIRECT_STATUSES and location:
                 kept = [(k, v) for k, v in hdrs.decode_fields(response.headers.raw) if k.lower() in BLOB_HEADERS_KEPT]
-                return Probe(redirect_target(pull.url, location), kept)
-            if 200 <= response.status_code < 300 and pull.method == "GET":
+                return Probe(redirect_target(url, location), kept)
+            if 200 <= response.status_code < 300 and method == "GET":
                 # the registry serves the blob itself: fetched again, streamed (a probe's body cannot be handed over)
-                return Probe(pull.url)
-            body = b"" if pull.method == "HEAD" else await mirror.client.read_body(response)
-            fields = hdrs.decode_fields(response.headers.raw)
-            return Probe(answer=relay.relayed(pull, mirror, response.status_code, fields, body))
+                return Probe(url)
+            body = b"" if method == "HEAD" else await mirror.client.read_body(response)
+            return Probe(answer=answer(response.status_code, hdrs.decode_fields(response.headers.raw), body))
         finally:
-            await response.aclose()
+            await mirror.client.release(response)  # a redirect's body read: its connection is reused
     except RegistryError as e:
-        log.warning("%s blob %s: %s", pull.method, pull.route.reference, e.message)
+        log.warning("%s blob %s: %s", method, urlsplit(url).path.rpartition("/")[2], e.message)
         return Probe(answer=error_response(e))
 
 

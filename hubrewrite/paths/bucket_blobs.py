@@ -12,6 +12,7 @@ for it rather than download it too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ..cache.bucket import BlobStat
@@ -51,7 +52,7 @@ async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | N
     try:
         download.start(source, lambda n: None)
     except OSError as e:
-        await source.aclose()
+        await asyncio.to_thread(source.close)
         download.give_up()
         cache.store.note_problem(e)
         return None

@@ -27,11 +27,18 @@ def confirm(pull: Pull, mirror: Mirror, digest: str, member: bool = True) -> Non
     """The upstream just let this client read this digest of this repository; ``member``:
     remember that the repository holds it (for content the cache holds: a record per
     request for content it does not hold would only fill the disk)."""
+    assert pull.route is not None
+    confirm_for(mirror, pull.identity, pull.authorization, pull.upstream.base, pull.route.name, digest, member)
+
+
+def confirm_for(mirror: Mirror, identity: str, authorization: str | None, upstream: str, repository: str,
+                digest: str, member: bool = True) -> None:
+    """``confirm`` for whoever asked with those credentials (a client, or a fetch ahead of it)."""
     cache = mirror.cache
-    assert cache is not None and pull.route is not None
-    cache.access.confirm(pull.identity, pull.authorization, pull.upstream.base, pull.route.name)
-    if member and cache.store.add_member(pull.upstream.base, pull.route.name, digest) and cache.shared is not None:
-        cache.shared.put_record_later(Store.member_record(pull.upstream.base, pull.route.name, digest), b"")
+    assert cache is not None
+    cache.access.confirm(identity, authorization, upstream, repository)
+    if member and cache.store.add_member(upstream, repository, digest) and cache.shared is not None:
+        cache.shared.put_record_later(Store.member_record(upstream, repository, digest), b"")
 
 
 def known(pull: Pull, mirror: Mirror, digest: str) -> bool:

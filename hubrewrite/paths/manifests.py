@@ -31,6 +31,8 @@ INLINE_LIMIT = 64 * 1024
 
 async def serve(pull: Pull, mirror: Mirror) -> Answer:
     route = pull.route
+    if route.is_digest:  # being fetched ahead of this client (paths/ahead.py): that fetch's answer
+        await mirror.cache.ahead.settled(("manifest", route.reference), mirror.settings.client.timeout)
     if route.is_digest and known(pull, mirror, route.reference):
         cached = await _from_cache(pull, mirror, route.reference, "hit")
         if cached is not None:

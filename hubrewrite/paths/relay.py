@@ -26,6 +26,11 @@ log = logging.getLogger("hub_rewrite")
 
 async def serve(pull: Pull, mirror: Mirror) -> http.Response:
     """One small exchange made by the mirror itself, redirects followed."""
+    anonymous_base = pull.route is not None and pull.route.kind is RouteKind.BASE and pull.authorization is None
+    if anonymous_base and (known := mirror.realms.base_answer(pull.upstream)) is not None:
+        status, fields, body = known
+        pull.flow.comment += "; the upstream's challenge, as it answered moments ago"
+        return relayed(pull, mirror, status, fields, b"" if pull.method == "HEAD" else body)
     try:
         fetched = await mirror.client.fetch(pull.method, pull.url, pull.headers, purpose=f"{pull.summary.kind} request relayed")
     except RegistryError as e:
@@ -37,6 +42,8 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         return error_response(e)
     if fetched.redirected_to:
         pull.flow.comment += f"; followed upstream redirect to {fetched.redirected_to}"
+    if anonymous_base and pull.method == "GET":
+        mirror.realms.remember_base(pull.upstream, fetched.status, fetched.headers, fetched.body)
     return relayed(pull, mirror, fetched.status, fetched.headers, fetched.body)
 
 

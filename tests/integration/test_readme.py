@@ -49,7 +49,7 @@ from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV, Containerd
-from tests.support.images import Pusher, fresh_blob, push_image, sha256_digest
+from tests.support.images import Pusher, fresh_blob, make_big_layer, push_image, sha256_digest
 from tests.support.ports import free_port, port_free
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
@@ -101,6 +101,7 @@ BENCH_BLOBPATH = ("PYTHONPATH=. .venv/bin/python bench/bench_blobpath.py --size-
                   "--json bench/results/blobpath.json")
 BENCH_SHARED = ("PYTHONPATH=. .venv/bin/python bench/bench_shared.py --size-mib 1024 --reps 3 "
                 "--json bench/results/shared.json")
+BENCH_RTT = "PYTHONPATH=. .venv/bin/python bench/bench_rtt.py --rtt-ms 50 --reps 3 --json bench/results/rtt.json"
 
 # inline code spans that are commands
 SCRIPTS_RUN_PUBLIC_URL = "scripts/run --set hub_public_url=https://mirror.example.com"
@@ -742,10 +743,12 @@ def test_scripts_run_with_the_blob_listener(request, shell, upstream, tmp_path):
     port, listener = free_port(), free_port()
     text = typed(request, SCRIPTS_RUN_LISTENER, {"/var/cache/hub-rewrite": str(tmp_path / "cache"),
                                                  "0.0.0.0:5001": f"0.0.0.0:{listener}"}, append=trust_upstream(upstream))
-    layer = upstream.images["team/ociapp"]["layer_digests"][0]
+    # larger than the blobs the mirror answers itself (64 KiB): sent to the listener
+    layer, _ = make_big_layer(tmp_path / "layer.tar", 1 << 20, seed=b"readme-listener")
+    push_image(upstream, "team/readme-listener", "1", [tmp_path / "layer.tar"], media="oci")
     with start_mirror(shell, text, tmp_path / "run.log", port, ports=[port, listener],
                       env=mirror_url_env(upstream, port)):
-        redirect = get_blob(f"http://127.0.0.1:{port}", "team/ociapp", layer)
+        redirect = get_blob(f"http://127.0.0.1:{port}", "team/readme-listener", layer)
         assert redirect.status_code == 307, redirect.text
         location = redirect.headers["location"]
         assert location.startswith(f"http://127.0.0.1:{listener}/")
@@ -971,6 +974,7 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     BENCH_LOAD: BenchSmoke(),
     BENCH_BLOBPATH: BenchSmoke(),
     BENCH_SHARED: BenchSmoke(),
+    BENCH_RTT: BenchSmoke(),
     # ---- inline commands
     SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),

@@ -4,10 +4,12 @@ and no blob or manifest for a request without the key."""
 
 import asyncio
 import hashlib
+import threading
 
 import httpx
 import pytest
 
+from hubrewrite.cache.blobwriter import BlobWriter
 from hubrewrite.cache.downloads import Downloads
 from hubrewrite.cache.serving import BlobSender, parse_range
 from hubrewrite.cache.store import Store
@@ -124,6 +126,14 @@ def test_a_download_is_followed_as_it_grows_and_its_last_byte_waits_for_verifica
     data = bytes(range(256)) * 4096  # 1 MiB
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     store = Store(tmp_path, 0)
+    verify = threading.Event()
+
+    class HeldVerification(BlobWriter):
+        def finish(self) -> bool:
+            verify.wait(10)
+            return super().finish()
+
+    store.new_writer = lambda digest: HeldVerification(store, digest)
 
     async def scenario():
         loopback = loopback_with(store)
@@ -146,7 +156,7 @@ def test_a_download_is_followed_as_it_grows_and_its_last_byte_waits_for_verifica
                         received += await anext(stream)
                     await asyncio.sleep(0.2)
                     assert len(received) == len(data) - 1  # held back: not verified yet
-                    await upstream.queue.put(None)
+                    verify.set()
                     async for chunk in stream:
                         received += chunk
                     assert bytes(received) == data

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from hubrewrite.cache import lockfiles
-from hubrewrite.cache.blobwriter import BlobWriter, WriteBehind
+from hubrewrite.cache.blobwriter import BlobWriter, Copy
 from hubrewrite.cache.store import Store
+
+from .fed_upstream import FedUpstream
 
 
 def digest_of(data: bytes) -> str:
@@ -249,68 +251,123 @@ def test_a_disk_that_refuses_writes_never_fails_a_caller(tmp_path):
     assert store.problem is None
 
 
-def test_write_behind_writes_in_order_and_counts_only_bytes_on_disk(tmp_path):
-    """The loop may run DEPTH chunks ahead of the disk and no further; followers are told of bytes once written."""
+def copied(source, writer, on_written=lambda n: None, until_started=None):
+    """Run a Copy to its end on a fresh loop: (committed, error, the sizes told)."""
+    told: list[int] = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def written(n: int) -> None:
+            told.append(n)
+            on_written(n)
+
+        copy = Copy(source, writer, loop, written, lambda ok, error: ended.set_result((ok, error)))
+        copy.start()
+        if until_started is not None:
+            await until_started(copy)
+        return await asyncio.wait_for(ended, 20)
+
+    committed, error = asyncio.run(run())
+    return committed, error, told
+
+
+def test_copy_writes_in_order_and_tells_only_bytes_on_disk(tmp_path):
+    """Bytes read ahead of a slow disk wait in at most DEPTH buffers; the loop is told of a
+    buffer once it is written, so followers never see bytes not on disk."""
     store = Store(tmp_path, 0)
-    chunks = [os.urandom(65536) for _ in range(WriteBehind.DEPTH + 3)]
-    data = b"".join(chunks)
+    data = os.urandom(3 * Copy.BUFFER + 12345)
     digest = digest_of(data)
     disk_open = threading.Event()
 
     class SlowDisk(BlobWriter):
-        def write(self, chunk: bytes) -> None:
+        def write(self, chunk) -> None:
             disk_open.wait(10)
             super().write(chunk)
 
     writer = SlowDisk(store, digest)
-    told: list[int] = []
+    source = FedUpstream(len(data))
+    for i in range(0, len(data), 100_000):
+        source.queue.chunks.put(data[i:i + 100_000])
 
-    def written(n: int) -> None:
-        told.append(n)
-        assert writer.path.stat().st_size >= sum(told)
+    def on_written(n: int) -> None:
+        assert writer.path.stat().st_size >= n
 
-    async def download() -> bool:
-        disk = WriteBehind(writer, written)
-        for chunk in chunks[: WriteBehind.DEPTH]:
-            await asyncio.wait_for(disk.write(chunk), 1)
-        one_more = asyncio.ensure_future(disk.write(chunks[WriteBehind.DEPTH]))
-        await asyncio.sleep(0.1)
-        assert not one_more.done() and told == []  # DEPTH chunks in flight: the reader waits
+    async def slow_disk_then_open(copy) -> None:
+        await asyncio.sleep(0.3)
+        assert copy._free.empty()  # DEPTH buffers filled, none written: the reader waits
         disk_open.set()
-        await one_more
-        for chunk in chunks[WriteBehind.DEPTH + 1 :]:
-            await disk.write(chunk)
-        committed = await disk.finish()
-        await disk.abort()  # no-op once finished
-        return committed
 
-    assert asyncio.run(download())
-    assert sum(told) == len(data)
+    committed, error, told = copied(source, writer, on_written, slow_disk_then_open)
+    assert committed and error is None
+    assert sum(told) == len(data) and max(told) <= Copy.BUFFER
     assert store.blob_path(digest).read_bytes() == data
 
 
-def test_write_behind_raises_a_disk_error_and_keeps_nothing(tmp_path):
-    """A write the kernel refuses fails the download at the next write or at finish; nothing is kept."""
+def test_copy_tells_the_loop_of_a_slow_sources_bytes_within_its_wake_time(tmp_path):
+    """A buffer goes to the disk when full or WAKE_SECONDS after its first byte: a source
+    trickling bytes still reaches followers."""
     store = Store(tmp_path, 0)
-    writer = store.new_writer(digest_of(b"abcdef"))
-    told: list[int] = []
+    data = b"x" * 5000
+    writer = store.new_writer(digest_of(data))
+    source = FedUpstream(len(data))
+    times: list[float] = []
 
-    async def download() -> None:
-        disk = WriteBehind(writer, told.append)
-        await disk.write(b"abc")
-        await asyncio.sleep(0.1)  # on disk by now
+    async def trickle(copy) -> None:
+        for i in range(5):
+            await source.queue.put(data[i * 1000:(i + 1) * 1000])
+            await asyncio.sleep(0.2)
+
+    committed, error, told = copied(source, writer, lambda n: times.append(time.monotonic()), trickle)
+    assert committed and sum(told) == len(data)
+    assert len(told) >= 4  # each piece told on its own (waiting for a full MiB would tell one)
+
+
+def test_copy_of_a_refused_write_fails_and_keeps_nothing(tmp_path):
+    """A write the kernel refuses fails the download; nothing is kept, and the source is let go."""
+    store = Store(tmp_path, 0)
+    data = b"abcdef" * 1000
+    writer = store.new_writer(digest_of(data))
+    source = FedUpstream(len(data))
+
+    async def refuse_writes(copy) -> None:
         read_only = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(read_only, writer.file.fileno())  # the kernel refuses every later write (EBADF)
+        os.dup2(read_only, writer.file.fileno())  # the kernel refuses every write (EBADF)
         os.close(read_only)
-        with pytest.raises(OSError):
-            for _ in range(WriteBehind.DEPTH + 2):
-                await disk.write(b"def")
-            await disk.finish()
-        await disk.abort()
+        await source.queue.put(data)
 
-    asyncio.run(download())
-    assert told == [3]
-    assert not store.has_blob(digest_of(b"abcdef"))
+    committed, error, told = copied(source, writer, until_started=refuse_writes)
+    assert not committed and isinstance(error, OSError) and told == []
+    assert not store.has_blob(digest_of(data))
+    assert list(store.tmp.glob("*.download")) == []
+
+
+def test_a_cancelled_copy_unblocks_its_source_and_throws_the_file_away(tmp_path):
+    store = Store(tmp_path, 0)
+    data = b"z" * 100_000
+    writer = store.new_writer(digest_of(data))
+    source = FedUpstream(len(data))
+
+    async def cancel_midway(copy) -> None:
+        await source.queue.put(data[:1000])
+        await asyncio.sleep(0.2)
+        copy.cancel()  # the source never sends the rest: its read is interrupted
+
+    committed, error, told = copied(source, writer, until_started=cancel_midway)
+    assert not committed and error is not None
+    assert list(store.tmp.glob("*.download")) == []
+
+
+def test_a_source_ending_early_fails_the_copy(tmp_path):
+    store = Store(tmp_path, 0)
+    data = b"q" * 10_000
+    writer = store.new_writer(digest_of(data))
+    source = FedUpstream(len(data))
+    source.queue.chunks.put(data[:4000])
+    source.queue.chunks.put(None)
+    committed, error, told = copied(source, writer)
+    assert not committed and isinstance(error, EOFError)
     assert list(store.tmp.glob("*.download")) == []
 
 
