@@ -85,7 +85,8 @@ from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
 from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
 from pulls import CURL_TIMEOUT, curl_argv, curl_pull, curl_result, curl_sha256, registry_token, skopeo_pull  # noqa: E402
 from tests.support.certs import make_ca_and_server_cert  # noqa: E402
-from tests.support.mirror import Mirror, MirrorError, free_port  # noqa: E402
+from tests.support.mirror import Mirror, MirrorError  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.throttle import ThrottleError, throttled_port  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
 from upstream_logs import LogCursor  # noqa: E402

@@ -18,7 +18,6 @@ from urllib.parse import urljoin, urlsplit
 
 import anyio
 import certifi
-import httpcore
 import httpx
 
 from .registry import headers as hdrs
@@ -31,11 +30,6 @@ DRAINED_BODY = 64 * 1024  # an unwanted answer body up to this size is read so i
 MAX_UPSTREAM_CONNECTIONS = 200  # at once, to every upstream together (connlimits.py counts their files)
 # of which the downloads' own connections (upstream_bodies.py), idle ones included; the rest are httpx's
 BODY_CONNECTIONS = 80
-
-# httpcore reads 64 KiB per receive: a blob download costs 16,384 trips through its
-# stack per GiB. Reading up to 1 MiB (only what has arrived: small answers are not
-# delayed) cuts that to a sixteenth; this process's only httpcore user is this client.
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 
 @dataclass

@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from ..access.bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 
 log = logging.getLogger("hub_rewrite")
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..access.bounded import BoundedDict
+from ..util.bounded_dict import BoundedDict
 from ..registry.errors import RegistryError
 from .bucket_errors import BucketError
 from .blobwriter import Copy, Source

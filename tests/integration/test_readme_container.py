@@ -39,7 +39,8 @@ from tests.support.certs import issue_server_cert, make_ca_and_server_cert, seri
 from tests.support.containers import BASE_IMAGE, Engine, ImageBuild
 from tests.support.daemons import NO_NETWORK_ENV
 from tests.support.images import make_big_layer, push_image, sha256_digest
-from tests.support.mirror import REPO_ROOT, free_port
+from tests.support.mirror import REPO_ROOT
+from tests.support.ports import free_port
 from tests.support.readme_commands import fenced_blocks, shell_commands
 from tests.support.readme_table import Handout, Here
 from tests.support.throttle import throttled_port

@@ -37,7 +37,8 @@ from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import issue_server_cert, make_ca_and_server_cert, serial_of
 from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV
-from tests.support.mirror import REPO_ROOT, free_port
+from tests.support.mirror import REPO_ROOT
+from tests.support.ports import free_port
 from tests.support.readme_commands import fenced_blocks, shell_commands
 from tests.support.readme_table import Elsewhere, Handout, Here
 from tests.support.systemd_unit import ServiceUnit

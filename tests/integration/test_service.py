@@ -36,7 +36,8 @@ import pytest
 from tests.hardening.test_log_secrets import SERVICE, assert_nothing_grants_access, skopeo_copy
 from tests.support.certs import issue_server_cert, make_ca_and_server_cert, serial_of
 from tests.support.images import make_big_layer, push_image, sha256_digest
-from tests.support.mirror import REPO_ROOT, Mirror, free_port
+from tests.support.mirror import REPO_ROOT, Mirror
+from tests.support.ports import free_port
 from tests.support.throttle import throttled_port
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from tests.support.common import read_log, set_pdeathsig
 from tests.support.mitmweb_api import MitmwebApi
-from tests.support.ports import free_port  # noqa: F401 (also imported from here by bench/)
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
