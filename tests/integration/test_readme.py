@@ -102,6 +102,8 @@ BENCH_BLOBPATH = ("PYTHONPATH=. .venv/bin/python bench/bench_blobpath.py --size-
 BENCH_SHARED = ("PYTHONPATH=. .venv/bin/python bench/bench_shared.py --size-mib 1024 --reps 3 "
                 "--json bench/results/shared.json")
 BENCH_RTT = "PYTHONPATH=. .venv/bin/python bench/bench_rtt.py --rtt-ms 50 --reps 3 --json bench/results/rtt.json"
+BENCH_BUCKET = ("PYTHONPATH=. .venv/bin/python bench/bench_bucket_client.py --size-mib 512 --reps 3 "
+                "--json bench/results/bucket.json")
 
 # inline code spans that are commands
 SCRIPTS_RUN_PUBLIC_URL = "scripts/run --set hub_public_url=https://mirror.example.com"
@@ -1030,6 +1032,7 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     BENCH_BLOBPATH: BenchSmoke(),
     BENCH_SHARED: BenchSmoke(),
     BENCH_RTT: BenchSmoke(),
+    BENCH_BUCKET: BenchSmoke(),
     # ---- inline commands
     SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),
