@@ -46,6 +46,7 @@ import pytest
 
 from hubrewrite.config_file import read_config
 from hubrewrite.registry.registries import parse_table
+from hubrewrite.settings import OPTIONS
 from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
@@ -115,10 +116,11 @@ HTPASSWD = "htpasswd -nB user"
 ACCOUNTS = ".venv/bin/python -m hubrewrite.access.accounts USER [--argon2]"
 DOCKER_LOGIN_MIRROR = "docker login mirror.example.com"
 UPDATE_CA = "update-ca-certificates"
+OPTIONS_HELP = ".venv/bin/mitmdump -s addons/hub_rewrite.py --options"
 CONFORMANCE_UPSTREAM = ".venv/bin/python -m tests.support.upstream WORKDIR --plain --push-standard --print-passwords"
 CONFORMANCE_MIRROR = ".venv/bin/mitmdump -s addons/hub_rewrite.py --mode reverse:EDGE_URL@PORT --set listen_host=127.0.0.1"
 INLINE_COMMANDS = (SCRIPTS_RUN_PUBLIC_URL, SCRIPTS_TEST_UNIT, SKOPEO_COPY, DOCKER_PULL_HOST_MAP, DOCKER_PULL_PREFIX,
-                   HTPASSWD, ACCOUNTS, DOCKER_LOGIN_MIRROR, UPDATE_CA, CONFORMANCE_UPSTREAM,
+                   HTPASSWD, ACCOUNTS, DOCKER_LOGIN_MIRROR, UPDATE_CA, OPTIONS_HELP, CONFORMANCE_UPSTREAM,
                    CONFORMANCE_MIRROR)
 
 # Inline spans that look like commands (looks_like_a_command) but are not commands to run, and why.
@@ -904,7 +906,29 @@ def test_record_and_replay(request, shell, checkout, upstream, tmp_path):
     assert view == "Registry manifest"
 
 
-# ---------------------------------------------------------------- docs/conformance.md's set-up
+# ---------------------------------------------------------------- the options' help, docs/conformance.md's set-up
+
+
+def help_comments(dump: str) -> dict[str, str]:
+    """``mitmdump --options``'s YAML: each key -> the comment lines above it, without white space
+    (the lines are wrapped, at hyphens too)."""
+    helps, comment = {}, []
+    for line in dump.splitlines():
+        if line.startswith("#"):
+            comment.append(line.lstrip("#"))
+        elif match := re.match(r"(\w+):", line):
+            helps[match[1]], comment = "".join("".join(comment).split()), []
+    return helps
+
+
+def test_options_help(request, shell):
+    """The README's way to every option's full help: mitmdump with the addon prints each hub_* option
+    with the help settings.py declares."""
+    result = shell.run(typed(request, OPTIONS_HELP), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    helps = help_comments(result.stdout)
+    missing = [o.name for o in OPTIONS if not helps.get(o.name, "").startswith("".join(o.help.split()))]
+    assert missing == [], result.stdout[-3000:]
 
 
 def printed_json(log: str) -> dict:
@@ -1047,6 +1071,7 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
                    environment="a terminal, typing the password"),
     DOCKER_LOGIN_MIRROR: Here(("test_mirror_accounts",), replaced=("mirror.example.com",),
                               environment="a terminal, typing a mirror user's name and password"),
+    OPTIONS_HELP: Here(("test_options_help",)),
     CONFORMANCE_UPSTREAM: Here(("test_conformance_setup",), replaced=("WORKDIR",),
                                appended="--big-size 1048576: the standard set's big layer small (no test here "
                                         "pulls it)"),
