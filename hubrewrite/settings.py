@@ -20,15 +20,12 @@ from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
-from .config_file import options_to_apply, read_config
+from .config_file import DEFAULT_CONFIG, REPO_ROOT, apply_config_file  # noqa: F401 (the addon's, the tests')
 from .mitmseams import tools
-from .prefetch.listfile import PrefetchFileError, PrefetchSettings, prefetch_settings
+from .prefetch.listfile import PrefetchSettings, prefetch_settings
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
 from .registry.registries import DEFAULT_UPSTREAMS, Registries
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
 
 
 @dataclass(frozen=True)
@@ -252,24 +249,6 @@ class Settings:
     prefetch: PrefetchSettings | None = None  # images kept warm (prefetch/)
 
 
-def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
-    """Apply hub_config's file below the command line (``named``: the options it named, None if
-    unknown; see mitmseams.tools.command_line_options); the path applied, if any."""
-    if not options.hub_config:
-        return None
-    path = Path(options.hub_config).expanduser()
-    if not path.exists():
-        if path == DEFAULT_CONFIG:
-            return None  # no file next to the addon: defaults and command line only
-        raise exceptions.OptionsError(f"hub_config: {path} does not exist")
-    data = read_config(path)
-    try:
-        options.update(**options_to_apply(options, data, str(path), named))
-    except (TypeError, ValueError) as e:
-        raise exceptions.OptionsError(f"{path}: {e}") from e
-    return str(path)
-
-
 def read_settings(o: optmanager.OptManager) -> Settings:
     """Every hub_* option (and the mitmproxy options the mirror depends on), checked."""
     _check_modes(o.mode)
@@ -285,10 +264,6 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         raise exceptions.OptionsError("hub_check: run python -m hubrewrite.check with the same arguments "
                                       "(it adds --set server=false, so that nothing listens)")
     table, rules = _registries(o), _rules(o.hub_allow, o.hub_deny)
-    try:
-        prefetch = prefetch_settings(o.hub_prefetch, o.hub_prefetch_interval, o.hub_cache_dir, o.mode, table, rules)
-    except PrefetchFileError as e:
-        raise exceptions.OptionsError(f"hub_prefetch: {e}") from e
     return Settings(
         public_url=_public_url(o.hub_public_url),
         registries=table,
@@ -311,7 +286,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         records_flows=not o.hub_show_secrets and _records_flows(o),
         log_format=o.hub_log_format,
         check=o.hub_check,
-        prefetch=prefetch,
+        prefetch=prefetch_settings(o.hub_prefetch, o.hub_prefetch_interval, o.hub_cache_dir, o.mode, table, rules),
     )
 
 

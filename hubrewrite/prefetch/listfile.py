@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 
 from ..access.rules import RepositoryRules
@@ -88,18 +89,21 @@ class PrefetchSettings:
 def prefetch_settings(path: str, interval: int, cache_dir: str, modes: Sequence[str], registries: Registries,
                       rules: RepositoryRules) -> PrefetchSettings | None:
     """hub_prefetch and hub_prefetch_interval, checked; a reverse listener's target is the
-    default registry's API, as for its clients. Raises PrefetchFileError."""
+    default registry's API, as for its clients. Raises OptionsError."""
     if not path:
         return None
     if not cache_dir:
-        raise PrefetchFileError("images are kept warm in the cache: set hub_cache_dir")
+        raise exceptions.OptionsError("hub_prefetch keeps images in the cache: it needs hub_cache_dir")
     if interval < 1:
-        raise PrefetchFileError("hub_prefetch_interval must be at least 1 second")
+        raise exceptions.OptionsError("hub_prefetch_interval must be at least 1 second")
     reverse = [m for m in map(mode_specs.ProxyMode.parse, modes) if isinstance(m, mode_specs.ReverseMode)]
     if reverse:
         registries = registries.with_default(Upstream(reverse[0].scheme, *reverse[0].address))
     file = Path(path).expanduser()
-    return PrefetchSettings(file, interval, read_list(file, registries, rules))
+    try:
+        return PrefetchSettings(file, interval, read_list(file, registries, rules))
+    except PrefetchFileError as e:
+        raise exceptions.OptionsError(f"hub_prefetch: {e}") from None
 
 
 def read_list(path: Path, registries: Registries, rules: RepositoryRules) -> tuple[Image, ...]:
