@@ -117,6 +117,8 @@ class Mirror:
         if self.prefetch is not None:
             _close_later(self.prefetch.close())
         self.prefetch = Prefetcher(self.settings.prefetch, self) if self.settings.prefetch else None
+        if self.prefetch is not None and self.loopback.server.running:
+            self.prefetch.start()  # options changed while serving: not only at the next request
 
     def _replace_metrics_listener(self) -> None:
         self._stop_metrics_listener()

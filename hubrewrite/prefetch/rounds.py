@@ -25,7 +25,8 @@ from .warm import Problem, Progress, Work, warm
 log = logging.getLogger("hub_rewrite")
 
 KEEP_LOCK_EVERY = 30.0  # seconds between two refreshes of the round's lock while it runs
-STATES = ("waiting", "checking", "warm", "failed", "refused")
+# elsewhere: another process sharing the bucket keeps it warm
+STATES = ("waiting", "checking", "warm", "failed", "refused", "elsewhere")
 
 
 class Prefetcher:
@@ -66,11 +67,16 @@ class Prefetcher:
         if not await self._take_lock():
             self.round_note = f"done by another process sharing the bucket (checked {_clock()})"
             self.mirror.metrics.prefetch_rounds.labels("elsewhere").inc()
+            for progress in self.progress.values():
+                if progress.state != "refused":
+                    progress.state = "elsewhere"
+            self._show()
             return
         keeper = asyncio.get_running_loop().create_task(self._keep_lock())
         try:
-            self._tokens = ServerTokens(self.mirror.client, self.mirror.realms, self.mirror.settings.upstream_credentials,
-                                        self.mirror.cache.access, self.mirror.metrics.prefetch_requests.labels("token").inc)
+            mirror = self.mirror
+            self._tokens = ServerTokens(mirror.client, mirror.realms, mirror.settings.upstream_credentials,
+                                        mirror.cache.access, mirror.metrics.prefetch_requests.labels("token").inc)
             for image in self.settings.images:
                 if not image.refused:
                     await self._check(image)
@@ -90,19 +96,25 @@ class Prefetcher:
                 raise Problem("refused by hub_allow/hub_deny")
             await warm(Work(image, self.mirror, self._tokens, progress, lambda kind: count.labels(kind).inc()))
         except Problem as e:
-            progress.state, progress.problem = "failed", str(e)
-            if self._logged.get(image.name) != progress.problem:
-                log.warning("hub_rewrite: prefetch: %s: %s", image.name, progress.problem)
-                self._logged[image.name] = progress.problem
+            self._failed(image, progress, str(e))
+        except Exception as e:  # a bug: said once (with its traceback), the other images still checked
+            self._failed(image, progress, f"internal error: {type(e).__name__}: {e}", bug=True)
         else:
             progress.state, progress.problem = "warm", ""
             if progress.digest != known:
-                log.info("hub_rewrite: prefetch: %s is %s, %d blobs cached", image.name, progress.digest, progress.cached)
+                log.info("hub_rewrite: prefetch: %s is %s, %d blobs cached", image.name, progress.digest,
+                         progress.cached)
             if self._logged.pop(image.name, None) is not None:
                 log.info("hub_rewrite: prefetch: %s is warm again", image.name)
         finally:
             progress.checked_at = time.time()
             self._show()
+
+    def _failed(self, image: Image, progress: Progress, problem: str, bug: bool = False) -> None:
+        progress.state, progress.problem = "failed", problem
+        if self._logged.get(image.name) != problem:
+            (log.exception if bug else log.warning)("hub_rewrite: prefetch: %s: %s", image.name, problem)
+            self._logged[image.name] = problem
 
     def _show(self) -> None:
         states = [p.state for p in self.progress.values()]
@@ -151,7 +163,8 @@ class Prefetcher:
             p = self.progress[image.name]
             name = image.name + (f" ({', '.join(map(str, image.platforms))})" if image.platforms else "")
             rows.append((name, p.state, p.digest, p.cached, p.blobs, p.checked_at, p.problem))
-        note = f"{len(rows)} images from {self.settings.path}, checked every {self.settings.interval} s; {self.round_note}"
+        note = (f"{len(rows)} images from {self.settings.path}, checked every {self.settings.interval} s; "
+                f"{self.round_note}")
         return {"prefetch_note": note, "prefetch": tuple(rows)}
 
 

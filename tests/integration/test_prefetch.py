@@ -212,6 +212,7 @@ def test_two_processes_on_one_bucket_do_the_work_once(hub, ceph, tmp_path):
         doer, other = (a, b) if rounds(a, "done") else (b, a)
         assert rounds(other, "done") == 0 and rounds(other, "elsewhere") >= 1
         assert metric(doer, "hub_prefetch_images", state="warm") == 2
+        assert metric(other, "hub_prefetch_images", state="elsewhere") == 2
         amd64 = hub.images["team/warm"]["manifests"]["amd64"]
         digests = [amd64["config_digest"], *amd64["layer_digests"]]
         assert len(cdn_gets(hub, digests)) == len(digests)  # once, for both processes
