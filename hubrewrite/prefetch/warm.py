@@ -28,6 +28,7 @@ from ..paths.cache_access import confirm_for
 from ..registry.contents import contents
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, asks_for
+from ..upstream_client import Fetched
 from .listfile import Image
 from .tokens import ServerTokens
 
@@ -77,7 +78,8 @@ class Work:
         except RegistryError as e:
             raise Problem(f"token: {e.message}") from None
 
-    async def ask(self, kind: str, method: str, url: str, accept: str) -> tuple[object, str | None]:
+    async def ask(self, kind: str, method: str, url: str, accept: str) -> tuple[Fetched, str | None]:
+        """One request with the mirror's own token: (its answer, the Authorization it went with)."""
         authorization = await self.authorization()
         headers = [("Accept", accept)] + ([("Authorization", authorization)] if authorization else [])
         self.count(kind)
@@ -192,7 +194,10 @@ async def _fetched(work: Work, digest: str) -> bool:
     deadline = time.monotonic() + WAIT_FOR_OTHERS
     while cache.downloads.progress(digest) is not None and time.monotonic() < deadline:
         await asyncio.sleep(0.5)  # a client's download of it, or another process's on a shared directory
-    present = cache.store.has_blob(digest) or (cache.shared is not None and await cache.shared.blob(digest))
+    shared = cache.shared
+    # another process's download of it, under its lock in the bucket: until it is there
+    present = cache.store.has_blob(digest) or (shared is not None and (
+        await shared.blob(digest) or await shared.wait_for(digest, WAIT_FOR_OTHERS)))
     if present:
         work.confirm(authorization, digest)  # the manifest this token read names it: the repository holds it
     return bool(present)
