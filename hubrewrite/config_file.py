@@ -23,6 +23,9 @@ from .mitmseams.tools import other_tools_options
 
 log = logging.getLogger("hub_rewrite")
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
+
 # mitmproxy opens its listeners before it loads scripts, so these cannot take
 # effect from a file the addon reads; refuse them instead of silently ignoring.
 LISTENER_OPTIONS = frozenset({"mode", "listen_host", "listen_port", "server"})
@@ -62,3 +65,21 @@ def options_to_apply(options: optmanager.OptManager, data: dict[str, object], so
     if named is None:
         return {k: v for k, v in data.items() if k in options and not options.has_changed(k)}
     return {k: v for k, v in data.items() if k in options and k not in named}
+
+
+def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
+    """Apply hub_config's file below the command line (``named``: the options it named, None if
+    unknown; see mitmseams.tools.command_line_options); the path applied, if any."""
+    if not options.hub_config:
+        return None
+    path = Path(options.hub_config).expanduser()
+    if not path.exists():
+        if path == DEFAULT_CONFIG:
+            return None  # no file next to the addon: defaults and command line only
+        raise exceptions.OptionsError(f"hub_config: {path} does not exist")
+    data = read_config(path)
+    try:
+        options.update(**options_to_apply(options, data, str(path), named))
+    except (TypeError, ValueError) as e:
+        raise exceptions.OptionsError(f"{path}: {e}") from e
+    return str(path)

@@ -76,6 +76,7 @@ class Mirror:
         self.cache: Cache | None = None
         self.metrics_server = None  # (server, thread) of the loopback metrics listener
         self.tls: ssl.SSLContext | None = None  # the mirror's own certificate (--certs), for the blob listener
+        self.prefetch = None  # the images kept warm (prefetch/rounds.py), with hub_prefetch
 
     def apply(self, settings: Settings, tls: ssl.SSLContext | None) -> None:
         """Take new settings: replace only the parts they changed. Raises OptionsError."""
@@ -89,6 +90,9 @@ class Mirror:
             self.tls = tls
             self._replace_cache()
             self.issued = IssuedTokens(self.secret)
+            self._replace_prefetch()
+        elif settings.prefetch != old.prefetch or (settings.prefetch and self.prefetch is None):
+            self._replace_prefetch()
         self._warn_of_file_limit(old if old is not settings else None)
 
     def _warn_of_file_limit(self, old: Settings | None) -> None:
@@ -106,6 +110,15 @@ class Mirror:
 
     def _observe_latency(self, host: str, seconds: float) -> None:
         self.metrics.upstream_latency.labels(host).observe(seconds)
+
+    def _replace_prefetch(self) -> None:
+        from .prefetch.rounds import Prefetcher  # here: it works through the paths, which import this module
+
+        if self.prefetch is not None:
+            _close_later(self.prefetch.close())
+        self.prefetch = Prefetcher(self.settings.prefetch, self) if self.settings.prefetch else None
+        if self.prefetch is not None and self.loopback.server.running:
+            self.prefetch.start()  # options changed while serving: not only at the next request
 
     def _replace_metrics_listener(self) -> None:
         self._stop_metrics_listener()
@@ -200,6 +213,8 @@ class Mirror:
     async def start(self) -> None:
         """What needs the event loop: the loopback server and the blob listener."""
         await self.loopback.start()
+        if self.prefetch is not None:
+            self.prefetch.start()
         cache = self.cache
         if cache is not None and cache.listener is not None and not cache.listener.server.running:
             await cache.listener.start_on(cache.listener_socket, self.tls)
@@ -219,6 +234,8 @@ class Mirror:
 
     async def close(self) -> None:
         self._stop_metrics_listener()
+        if self.prefetch is not None:
+            await self.prefetch.close()
         if self.cache is not None:
             await self._close_cache(self.cache)
         await self.loopback.stop()

@@ -20,14 +20,12 @@ from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
-from .config_file import options_to_apply, read_config
+from .config_file import DEFAULT_CONFIG, REPO_ROOT, apply_config_file  # noqa: F401 (the addon's, the tests')
 from .mitmseams import tools
+from .prefetch.listfile import PrefetchSettings, prefetch_settings
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
 from .registry.registries import DEFAULT_UPSTREAMS, Registries
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "mitm.conf"
 
 
 @dataclass(frozen=True)
@@ -129,6 +127,11 @@ OPTIONS = (
         cache ahead of it, in parallel, with its own credentials (from registries that announce
         no pull rate limit, also an index's platform manifests); bounded in parallel downloads,
         bytes and per client. Off: only what clients ask for is fetched."""),
+    Option("hub_prefetch", str, "", """
+        File of images kept warm in the cache, "[registry/]name[:tag|@digest] [os/arch[/variant],...]"
+        per line: pulled at start, checked every hub_prefetch_interval. Needs hub_cache_dir. Empty: none."""),
+    Option("hub_prefetch_interval", int, 3600,
+           "Seconds between two checks of the hub_prefetch images (tags with HEAD; new digests fetched)."),
     Option("hub_blob_listen", str, "", """
         host:port of the blob listener: cached blobs are answered with a 307 to a signed URL
         there, served with sendfile. Needs hub_cache_dir. Empty: blobs stream through mitmproxy."""),
@@ -243,24 +246,7 @@ class Settings:
     records_flows: bool
     log_format: str  # "text" or "json"
     check: bool  # validate, print, exit: nothing served, nothing written
-
-
-def apply_config_file(options: optmanager.OptManager, named: frozenset[str] | None) -> str | None:
-    """Apply hub_config's file below the command line (``named``: the options it named, None if
-    unknown; see mitmseams.tools.command_line_options); the path applied, if any."""
-    if not options.hub_config:
-        return None
-    path = Path(options.hub_config).expanduser()
-    if not path.exists():
-        if path == DEFAULT_CONFIG:
-            return None  # no file next to the addon: defaults and command line only
-        raise exceptions.OptionsError(f"hub_config: {path} does not exist")
-    data = read_config(path)
-    try:
-        options.update(**options_to_apply(options, data, str(path), named))
-    except (TypeError, ValueError) as e:
-        raise exceptions.OptionsError(f"{path}: {e}") from e
-    return str(path)
+    prefetch: PrefetchSettings | None = None  # images kept warm (prefetch/)
 
 
 def read_settings(o: optmanager.OptManager) -> Settings:
@@ -277,7 +263,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         # mitmproxy opened its listeners before the addon loaded: this check would bind the ports
         raise exceptions.OptionsError("hub_check: run python -m hubrewrite.check with the same arguments "
                                       "(it adds --set server=false, so that nothing listens)")
-    table = _registries(o)
+    table, rules = _registries(o), _rules(o.hub_allow, o.hub_deny)
     return Settings(
         public_url=_public_url(o.hub_public_url),
         registries=table,
@@ -285,7 +271,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         private_networks=_private_networks(o.hub_private_networks),
         proxy_guarded=bool(getattr(o, "proxyauth", None)),
         accounts=accounts,
-        rules=_rules(o.hub_allow, o.hub_deny),
+        rules=rules,
         upstream_credentials=_upstream_credentials(o.hub_upstream_credentials, table),
         allow_push=o.hub_allow_push,
         client=ClientSettings(o.hub_upstream_timeout, o.hub_max_buffered_body, o.ssl_insecure,
@@ -300,6 +286,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         records_flows=not o.hub_show_secrets and _records_flows(o),
         log_format=o.hub_log_format,
         check=o.hub_check,
+        prefetch=prefetch_settings(o.hub_prefetch, o.hub_prefetch_interval, o.hub_cache_dir, o.mode, table, rules),
     )
 
 

@@ -15,6 +15,14 @@ class Metrics:
         self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
         self.ahead_requests = Counter(
             "hub_ahead_requests", "Upstream requests made ahead of a client (hub_fetch_ahead)", ["kind"], registry=r)
+        self.prefetch_images = Gauge("hub_prefetch_images", "Images of hub_prefetch by state", ["state"], registry=r)
+        self.prefetch_pending_blobs = Gauge(
+            "hub_prefetch_pending_blobs", "Blobs of the image being prefetched not cached yet", registry=r)
+        self.prefetch_requests = Counter(
+            "hub_prefetch_requests", "Upstream requests made to keep hub_prefetch images warm", ["kind"], registry=r)
+        self.prefetch_rounds = Counter(
+            "hub_prefetch_rounds", "Prefetch rounds: done here, or left to another process of the bucket", ["outcome"],
+            registry=r)
         self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
         self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from dataclasses import dataclass
 from string import Template
 
@@ -46,6 +47,7 @@ table { border-collapse: collapse; } td, th { border: 1px solid #d0d7de; padding
 <span class="muted">$requests requests answered since start.</span></p>
 <h2>Cache</h2>
 $cache
+$prefetch
 <h2>Docker Hub rate limit</h2>
 $rate
 $usage
@@ -68,6 +70,9 @@ class StatusFacts:
     requests_served: float
     store: str = ""  # the shared store (bucket) and its state, if any
     proxy_url: str = ""  # a forward proxy: the address clients set as their proxy
+    # hub_prefetch: what its last round did, and per image (name, state, digest, blobs cached, blobs, checked, problem)
+    prefetch_note: str = ""
+    prefetch: tuple[tuple[str, str, str, int, int, float | None, str], ...] = ()
 
 
 def status_page(facts: StatusFacts) -> bytes:
@@ -78,6 +83,7 @@ def status_page(facts: StatusFacts) -> bytes:
         intro=_intro(facts, others),
         requests=f"{facts.requests_served:.0f}",
         cache=_cache(facts),
+        prefetch=_prefetch(facts) if facts.prefetch_note else "",
         rate=_rate(facts.ratelimits),
         usage=_proxy_usage(facts.proxy_url) if facts.proxy_url else _mirror_usage(facts, others),
     )
@@ -133,6 +139,20 @@ def _cache(facts: StatusFacts) -> str:
     if facts.store:
         line += f"<p>Shared store: {html.escape(facts.store)}.</p>"
     return line
+
+
+def _prefetch(facts: StatusFacts) -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{e(state)}</td><td><code>{e(digest[:19])}</code></td>"
+        f"<td>{cached}/{blobs}</td><td>{e(_time(checked))}</td><td>{e(problem)}</td></tr>"
+        for name, state, digest, cached, blobs, checked, problem in facts.prefetch)
+    return (f"<h2>Images kept warm</h2><p>{e(facts.prefetch_note)}.</p><table><tr><th>image</th><th>state</th>"
+            f"<th>digest</th><th>blobs cached</th><th>checked</th><th>problem</th></tr>{rows}</table>")
+
+
+def _time(when: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)) if when is not None else "not yet"
 
 
 def _hosts_toml(registry_name: str, mirror_url: str) -> str:

@@ -175,3 +175,10 @@ async def _confirm(asker: Asker, mirror: Mirror, kind: str, digest: str,
         return
     if 200 <= head.status < 400:
         confirm_for(mirror, asker.identity, asker.authorization, asker.upstream.base, asker.repository, digest)
+
+
+async def fetch_for(asker: Asker, mirror: Mirror, digest: str) -> None:
+    """One blob into the cache as a fetch ahead does it, for nobody's request (``prefetch/``):
+    back once its download has ended; the first client asking for it later gets a hit."""
+    await _blob(asker, mirror, digest, Fetch())
+    mirror.cache.ahead.first_ask(digest)

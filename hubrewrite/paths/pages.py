@@ -61,6 +61,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
                             if s.name.endswith("_total")),
         store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
         proxy_url=_proxy_url(pull.flow.client_conn) if is_forward_proxy(pull.flow.client_conn) else "",
+        **(mirror.prefetch.facts() if mirror.prefetch is not None else {}),
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 

@@ -125,6 +125,9 @@ INLINE_COMMANDS = (SCRIPTS_RUN_PUBLIC_URL, SCRIPTS_TEST_UNIT, SKOPEO_COPY, DOCKE
 
 # Inline spans that look like commands (looks_like_a_command) but are not commands to run, and why.
 NOT_COMMANDS = {
+    "docker.io/library/nginx:1.27 linux/amd64,linux/arm64": "a line of a hub_prefetch list, not a command "
+                                                            "(test_prefetch.py writes such lines)",
+    "[registry/]name[:tag or @digest] [platforms]": "the grammar of a hub_prefetch line, in the options table",
     "docker login": "the command's name in prose; `docker login localhost:5000` and `docker login mirror.example.com` run",
     "mitmdump --mode reverse": "names the plain relay of the benchmark table, not a command to type",
     "skopeo copy --all": "names the pull the benchmark tables measure (bench_blobpath.py and bench_cache.py run it)",
