@@ -22,6 +22,26 @@ import sys
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``) the controller starts the one image build its workers share, before
+    it starts them; each worker's collection hook below then follows that build instead of making one."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput") \
+            and image_tests_selected(config):
+        from tests.integration import test_readme_container
+
+        test_readme_container.start_image_build(for_workers=True)
+
+
+def image_tests_selected(config) -> bool:
+    """Whether the run's paths include the container image's tests (the controller collects nothing)."""
+    target = config.rootpath / "tests" / "integration" / "test_readme_container.py"
+    for arg in config.args:
+        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if path == target or path in target.parents:
+            return True
+    return False
+
+
 def pytest_collection_finish(session):
     """The container image takes minutes to build (mostly downloads from Debian's archive and the
     package index): when a collected test uses it, the build starts now, in the background at the

@@ -36,7 +36,7 @@ import httpx
 import pytest
 
 from tests.support.certs import issue_server_cert, make_ca_and_server_cert, serial_of
-from tests.support.containers import BASE_IMAGE, Engine, ImageBuild
+from tests.support.containers import BASE_IMAGE, Engine, FollowedBuild, ImageBuild
 from tests.support.daemons import NO_NETWORK_ENV
 from tests.support.images import make_big_layer, push_image, sha256_digest
 from tests.support.mirror import REPO_ROOT
@@ -134,21 +134,40 @@ def build_arguments(workdir: Path) -> str:
 KEEP = os.environ.get("HUB_TEST_KEEP_IMAGE", "")
 
 
-def start_image_build() -> None:
+# Under pytest-xdist the controller builds the image once and its workers follow that build: the
+# controller names the build's directory here before it starts them (they inherit its environment)
+SHARED_BUILD = "HUB_TEST_IMAGE_BUILD"
+
+
+def start_image_build(for_workers: bool = False) -> None:
     if Building.build is not None or Building.skipped:
         return
     Building.skipped = missing_tools()
     if Building.skipped:
         return
+    followed = os.environ.get(SHARED_BUILD)
+    if followed and not for_workers:
+        root = Path(followed)
+        Building.build = FollowedBuild(root, f"{BUILD} {build_arguments(root / 'build')}", root / "done.json")
+        return
     workdir = Path(KEEP) if KEEP else Path(tempfile.mkdtemp(prefix="hub-rewrite-image-", dir="/var/tmp"))
     engine = Engine(workdir / "engine", keep=bool(KEEP))
     command = f"{BUILD} {build_arguments(workdir / 'build')}"
-    Building.build = ImageBuild(engine, workdir / "build", command, reuse=bool(KEEP)).start()
+    build = ImageBuild(engine, workdir / "build", command, reuse=bool(KEEP))
+    if for_workers:
+        build.done_file = workdir / "done.json"
+        build.done_file.unlink(missing_ok=True)  # a kept directory's outcome of an earlier run
+        os.environ[SHARED_BUILD] = str(workdir)
+    Building.build = build.start()
 
 
 def stop_image_build() -> None:
     build = Building.build
-    if build is not None:
+    Building.build = None
+    if isinstance(build, FollowedBuild):  # the controller's to remove; this worker's containers are its own
+        if build.engine is not None:
+            build.engine.podman("rm", "--all", "--force", "--time", "0", check=False)
+    elif build is not None:
         if build.thread is not None:
             build.thread.join(900)
         if KEEP:
@@ -156,7 +175,6 @@ def stop_image_build() -> None:
         else:
             build.engine.close()
             shutil.rmtree(build.workdir.parent, ignore_errors=True)
-        Building.build = None
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ Containerfile's.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -61,12 +62,15 @@ class ImageBuildError(RuntimeError):
 class Engine:
     """podman with storage, run and configuration files of its own (see the module docstring)."""
 
-    def __init__(self, workdir: Path, keep: bool = False) -> None:
-        """``keep``: storage kept between test runs (its run directory then has a fixed name too)."""
+    def __init__(self, workdir: Path, keep: bool = False, short: Path | None = None) -> None:
+        """``keep``: storage kept between test runs (its run directory then has a fixed name too);
+        ``short``: the run directory of an engine another process made on this storage."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         # podman refuses a runroot longer than 50 characters: pytest's tmp paths are too long
-        if keep:
+        if short is not None:
+            self.short = short
+        elif keep:
             self.short = Path("/tmp") / f"hub-ctr-keep-{hashlib.sha256(str(workdir).encode()).hexdigest()[:8]}"
             self.short.mkdir(mode=0o700, exist_ok=True)
         else:
@@ -134,6 +138,7 @@ class ImageBuild:
     error: str | None = None
     thread: threading.Thread | None = None
     reuse: bool = False  # keep the base image and the wheels of an earlier build in this directory
+    done_file: Path | None = None  # where the outcome is written for test processes that follow the build
 
     def start(self) -> ImageBuild:
         self.thread = threading.Thread(target=self._build, name="image build", daemon=True)
@@ -161,6 +166,11 @@ class ImageBuild:
         except Exception as e:  # reported by result(), in the test that needs the image
             self.error = self.error or f"{type(e).__name__}: {e}"
         self.steps["total"] = time.monotonic() - started
+        if self.done_file is not None:
+            outcome = {"error": self.error, "steps": self.steps, "log": self.log[-20:], "short": str(self.engine.short)}
+            partial = self.done_file.with_suffix(".partial")
+            partial.write_text(json.dumps(outcome))
+            partial.rename(self.done_file)  # whole or absent for the processes polling it
 
     def _step(self, name: str, work) -> None:
         started = time.monotonic()
@@ -201,3 +211,34 @@ class ImageBuild:
     @property
     def wheels(self) -> Path:
         return self.workdir / "wheels"
+
+
+@dataclass
+class FollowedBuild:
+    """An ImageBuild made by another process (pytest-xdist's controller, for its workers): the same
+    ``command``, ``workdir``, ``steps`` and ``engine`` once ``result()`` has read the outcome it wrote."""
+
+    root: Path  # the build's directory: ``engine`` and ``build`` below it, as the controller made them
+    command: str
+    done_file: Path
+    steps: dict[str, float] = field(default_factory=dict)
+    engine: Engine | None = None
+    thread: None = None
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "build"
+
+    def result(self, timeout: float = 900) -> FollowedBuild:
+        deadline = time.monotonic() + timeout
+        while not self.done_file.exists():
+            if time.monotonic() > deadline:
+                raise ImageBuildError(f"the image build took more than {timeout} s")
+            time.sleep(0.5)
+        outcome = json.loads(self.done_file.read_text())
+        if outcome["error"]:
+            raise ImageBuildError(outcome["error"] + "\n" + "\n".join(outcome["log"])[-6000:])
+        self.steps.update(outcome["steps"])
+        if self.engine is None:
+            self.engine = Engine(self.root / "engine", short=Path(outcome["short"]))
+        return self
