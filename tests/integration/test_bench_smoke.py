@@ -2,7 +2,8 @@
 
 The commands are read from the README itself, so what it tells people to run
 is what is tested; only the interpreter (this one, not ``.venv/bin/python``)
-and the ``--json`` file (a temp file, not bench/results/) differ.
+and the ``--json`` file (a temp file, not bench/results/) differ. The figures'
+page, docs/benchmarks.md, shows the same commands, each next to what it measured.
 """
 
 from __future__ import annotations
@@ -19,17 +20,23 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "bench" / "README.md"
+FIGURES = REPO_ROOT / "docs" / "benchmarks.md"
 COMMAND_RE = re.compile(r"^PYTHONPATH=\. \.venv/bin/python (bench/\S+\.py\b.*)$", re.M)
 
 
-def readme_commands() -> dict[str, list[str]]:
+def readme_commands(readme: Path = README) -> dict[str, list[str]]:
     """script name -> its argv (after the interpreter), from the README's command lines."""
-    return {Path(m.group(1).split()[0]).name: shlex.split(m.group(1)) for m in COMMAND_RE.finditer(README.read_text())}
+    return {Path(m.group(1).split()[0]).name: shlex.split(m.group(1)) for m in COMMAND_RE.finditer(readme.read_text())}
 
 
 def test_readme_documents_every_benchmark():
     scripts = {p.name for p in (REPO_ROOT / "bench").glob("bench_*.py")}
     assert scripts and set(readme_commands()) == scripts
+
+
+def test_the_figures_page_shows_the_same_commands():
+    """docs/benchmarks.md reproduces each figure with the command run here, and none other."""
+    assert readme_commands(FIGURES) == readme_commands()
 
 
 @pytest.mark.parametrize("script", sorted(readme_commands()))

@@ -1,13 +1,14 @@
-"""Every command README.md shows, run as a user types it (mitmweb included).
+"""Every command README.md and the pages of docs/ show, run as a user types it (mitmweb included).
 
-The commands come from README.md itself: every line of its ``sh`` blocks, the
-inline ``code`` spans that are commands (an explicit, reviewed list below), and
-its configuration blocks (``daemon.json``, ``hosts.toml``, ``registries.conf``,
-nginx).  ``TABLE`` at the end maps each of them, by its exact text, to the test
-here that runs it (and which placeholders it may replace by real values), or to
-the test elsewhere that already runs it; a README command missing from the table
-fails ``test_every_readme_command_is_in_the_table``, so a new command cannot
-arrive without a test.
+The commands come from the documents themselves (README.md and docs/*.md,
+``documents()``): every line of their ``sh`` blocks, the inline ``code`` spans
+that are commands (an explicit, reviewed list below), and their configuration
+blocks (``daemon.json``, ``hosts.toml``, ``registries.conf``, nginx).  ``TABLE``
+at the end maps each of them, by its exact text, to the test here that runs it
+(and which placeholders it may replace by real values), or to the test elsewhere
+that already runs it; a command missing from the table fails
+``test_every_readme_command_is_in_the_table``, so a new command cannot arrive in
+a document without a test.
 
 The commands run with ``bash -c`` in a scratch copy of the repository
 (tests/support/checkout.py) whose ``.venv`` is a copy of the virtualenv running
@@ -45,6 +46,7 @@ import pytest
 
 from hubrewrite.config_file import read_config
 from hubrewrite.registry.registries import parse_table
+from hubrewrite.settings import OPTIONS
 from tests.integration.test_scripts import OFFLINE_PIP, lib_sh
 from tests.support.certs import make_ca_and_server_cert
 from tests.support.checkout import CheckoutError, scratch_checkout
@@ -54,20 +56,19 @@ from tests.support.ports import free_port, port_free
 from tests.support.mitmweb_api import MitmwebApi
 from tests.support.nginx_front import NginxFront
 from tests.support.private_mounts import NamespacedDockerd, can_use_private_mounts, hosts_file
-from tests.support.readme_commands import fenced_blocks, inline_spans, shell_commands
-from tests.support.readme_table import BenchSmoke, Elsewhere, Handout, Here
+from tests.support.readme_commands import inline_spans
+from tests.support.readme_table import BenchSmoke, Elsewhere, Handout, Here, documented, documents
 from tests.support.terminal import in_terminal
 from tests.support.typed_shell import Background, Shell
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-README = REPO_ROOT / "README.md"
 CLIENT_TIMEOUT = 120
 HOST_MAPPED = "ghcr.mirror.example"  # the README's host name for ghcr.io (hub_host_map)
 BUCKET = "mirror-cache"  # the README's bucket
 TOKEN_IN_URL = re.compile(r"token=([\w-]+)")
 EVERY_ADDRESS = "0.0.0.0"  # where the README's commands listen
 
-# ---------------------------------------------------------------- the README's commands, exact text
+# ---------------------------------------------------------------- the documents' commands, exact text
 
 SCRIPTS_RUN = "scripts/run"
 SCRIPTS_TEST = "scripts/test"
@@ -102,6 +103,8 @@ BENCH_BLOBPATH = ("PYTHONPATH=. .venv/bin/python bench/bench_blobpath.py --size-
 BENCH_SHARED = ("PYTHONPATH=. .venv/bin/python bench/bench_shared.py --size-mib 1024 --reps 3 "
                 "--json bench/results/shared.json")
 BENCH_RTT = "PYTHONPATH=. .venv/bin/python bench/bench_rtt.py --rtt-ms 50 --reps 3 --json bench/results/rtt.json"
+BENCH_BUCKET = ("PYTHONPATH=. .venv/bin/python bench/bench_bucket_client.py --size-mib 512 --reps 3 "
+                "--json bench/results/bucket.json")
 
 # inline code spans that are commands
 SCRIPTS_RUN_PUBLIC_URL = "scripts/run --set hub_public_url=https://mirror.example.com"
@@ -113,8 +116,12 @@ HTPASSWD = "htpasswd -nB user"
 ACCOUNTS = ".venv/bin/python -m hubrewrite.access.accounts USER [--argon2]"
 DOCKER_LOGIN_MIRROR = "docker login mirror.example.com"
 UPDATE_CA = "update-ca-certificates"
+OPTIONS_HELP = ".venv/bin/mitmdump -s addons/hub_rewrite.py --options"
+CONFORMANCE_UPSTREAM = ".venv/bin/python -m tests.support.upstream WORKDIR --plain --push-standard --print-passwords"
+CONFORMANCE_MIRROR = ".venv/bin/mitmdump -s addons/hub_rewrite.py --mode reverse:EDGE_URL@PORT --set listen_host=127.0.0.1"
 INLINE_COMMANDS = (SCRIPTS_RUN_PUBLIC_URL, SCRIPTS_TEST_UNIT, SKOPEO_COPY, DOCKER_PULL_HOST_MAP, DOCKER_PULL_PREFIX,
-                   HTPASSWD, ACCOUNTS, DOCKER_LOGIN_MIRROR, UPDATE_CA)
+                   HTPASSWD, ACCOUNTS, DOCKER_LOGIN_MIRROR, UPDATE_CA, OPTIONS_HELP, CONFORMANCE_UPSTREAM,
+                   CONFORMANCE_MIRROR)
 
 # Inline spans that look like commands (looks_like_a_command) but are not commands to run, and why.
 NOT_COMMANDS = {
@@ -175,18 +182,24 @@ NGINX_FRONT = (
     "}\n")
 
 
-# ---------------------------------------------------------------- what the README shows
+# ---------------------------------------------------------------- what the documents show
 
 
-def readme_shows() -> set[str]:
-    """Every command and configuration block of README.md: the commands of its sh blocks, its other
-    blocks whole, and the inline commands of INLINE_COMMANDS it still holds."""
-    text = README.read_text()
-    shown: set[str] = set()
-    for block in fenced_blocks(text):
-        shown.update(shell_commands(block.text) if block.lang == "sh" else [block.text])
-    spans = set(inline_spans(text))
-    return shown | {command for command in INLINE_COMMANDS if command in spans}
+def documented_spans() -> dict[str, list[str]]:
+    """Every inline code span of README.md and docs/*.md -> the documents that show it."""
+    spans: dict[str, list[str]] = {}
+    for document in documents():
+        for span in inline_spans(document.read_text()):
+            spans.setdefault(span, []).append(document.relative_to(REPO_ROOT).as_posix())
+    return spans
+
+
+def readme_shows() -> dict[str, list[str]]:
+    """Every command and configuration block of README.md and docs/*.md -> the documents showing it:
+    the commands of their sh blocks, their other blocks whole, and the inline commands of
+    INLINE_COMMANDS they still hold."""
+    spans = documented_spans()
+    return {**documented(), **{command: spans[command] for command in INLINE_COMMANDS if command in spans}}
 
 
 HANDOUT: Handout  # made at the end of the module, from TABLE
@@ -404,18 +417,20 @@ def pulled_digest(result) -> str:
 
 
 def test_every_readme_command_is_in_the_table():
+    """Every command and block README.md or a page of docs/ shows has a test, and every entry is shown."""
     shown = readme_shows()
-    missing = sorted(k for k in shown if k not in TABLE)
-    assert missing == [], f"README commands or blocks without a test: {missing}"
+    missing = {k: shown[k] for k in sorted(shown) if k not in TABLE}
+    assert missing == {}, f"commands or blocks without a test (and where they are shown): {missing}"
     stale = sorted(k for k in TABLE if k not in shown)
-    assert stale == [], f"table entries the README no longer shows: {stale}"
+    assert stale == [], f"table entries neither README.md nor docs/ shows any longer: {stale}"
 
 
 def test_every_inline_span_that_looks_like_a_command_is_reviewed():
-    """An inline span that looks like a command is in the table or listed as not a command, with a reason."""
-    spans = inline_spans(README.read_text())
-    unreviewed = [s for s in spans if looks_like_a_command(s) and s not in TABLE and s not in NOT_COMMANDS]
-    assert unreviewed == [], f"inline spans that look like commands: add them to INLINE_COMMANDS or NOT_COMMANDS: {unreviewed}"
+    """An inline span of README.md or docs/ that looks like a command is in the table or listed as
+    not a command, with a reason."""
+    spans = documented_spans()
+    unreviewed = {s: spans[s] for s in spans if looks_like_a_command(s) and s not in TABLE and s not in NOT_COMMANDS}
+    assert unreviewed == {}, f"inline spans that look like commands: add them to INLINE_COMMANDS or NOT_COMMANDS: {unreviewed}"
     assert [c for c in INLINE_COMMANDS if c not in spans] == []
     assert [c for c in NOT_COMMANDS if c not in spans] == []
 
@@ -894,6 +909,72 @@ def test_record_and_replay(request, shell, checkout, upstream, tmp_path):
     assert view == "Registry manifest"
 
 
+# ---------------------------------------------------------------- the options' help, docs/conformance.md's set-up
+
+
+def help_comments(dump: str) -> dict[str, str]:
+    """``mitmdump --options``'s YAML: each key -> the comment lines above it, without white space
+    (the lines are wrapped, at hyphens too)."""
+    helps, comment = {}, []
+    for line in dump.splitlines():
+        if line.startswith("#"):
+            comment.append(line.lstrip("#"))
+        elif match := re.match(r"(\w+):", line):
+            helps[match[1]], comment = "".join("".join(comment).split()), []
+    return helps
+
+
+def test_options_help(request, shell):
+    """The README's way to every option's full help: mitmdump with the addon prints each hub_* option
+    with the help settings.py declares."""
+    result = shell.run(typed(request, OPTIONS_HELP), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    helps = help_comments(result.stdout)
+    missing = [o.name for o in OPTIONS if not helps.get(o.name, "").startswith("".join(o.help.split()))]
+    assert missing == [], result.stdout[-3000:]
+
+
+def printed_json(log: str) -> dict:
+    """The description the upstream prints once it is ready (a JSON object, indented)."""
+    return json.JSONDecoder().raw_decode(log[log.index('{\n  "api_url"'):])[0]
+
+
+def conformance_pull(base: str, upstream: dict) -> httpx.Response:
+    """What the suite does first with OCI_USERNAME/OCI_PASSWORD: /v2/, a token from the realm its
+    challenge names, the manifest of team/ociapp:1.0."""
+    v2 = httpx.get(f"{base}/v2/", timeout=30)
+    assert v2.status_code == 401, v2.text
+    realm = re.search(r'realm="([^"]+)"', v2.headers["www-authenticate"])[1]
+    scope = {"service": upstream["service"], "scope": "repository:team/ociapp:pull"}
+    got = httpx.get(realm, params=scope, auth=("alice", upstream["users"]["alice"]), timeout=30)
+    assert got.status_code == 200, got.text
+    return httpx.get(f"{base}/v2/team/ociapp/manifests/1.0", timeout=30,
+                     headers={"Authorization": f"Bearer {got.json()['token']}",
+                              "Accept": "application/vnd.oci.image.manifest.v1+json"})
+
+
+def test_conformance_setup(request, shell, tmp_path):
+    """docs/conformance.md's set-up as typed: the test upstream started by hand (plain HTTP, the
+    standard images), then the two mirrors in front of its edge, the second with the cache; each
+    gives the suite's user the manifest it tests, by the digest it names."""
+    started = typed(request, CONFORMANCE_UPSTREAM, {"WORKDIR": str(tmp_path / "upstream")},
+                    append="--big-size 1048576")
+    with shell.start(started, tmp_path / "upstream.log", ports=[], ready_text='"users"', timeout=300) as proc:
+        upstream = printed_json(proc.log_text())
+        assert upstream["api_url"].startswith("http://")
+        for name, cache in (("plain", ""), ("cache", f"--set hub_cache_dir={tmp_path / 'cache'}")):
+            port = free_port()
+            text = typed(request, CONFORMANCE_MIRROR, {"EDGE_URL": upstream["api_url"], "PORT": str(port)},
+                         append=cache)
+            with start_mirror(shell, text, tmp_path / f"{name}.log", port):
+                for _ in range(2 if cache else 1):  # with the cache: cold, then warm
+                    manifest = conformance_pull(f"http://127.0.0.1:{port}", upstream)
+                    assert manifest.status_code == 200, manifest.text
+                    assert sha256_digest(manifest.content) == manifest.headers["docker-content-digest"]
+            if cache:
+                assert manifest.headers["x-hub-cache"] == "hit"
+
+
 # ---------------------------------------------------------------- scripts/test
 
 
@@ -978,6 +1059,7 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     BENCH_BLOBPATH: BenchSmoke(),
     BENCH_SHARED: BenchSmoke(),
     BENCH_RTT: BenchSmoke(),
+    BENCH_BUCKET: BenchSmoke(),
     # ---- inline commands
     SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),
@@ -992,6 +1074,13 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
                    environment="a terminal, typing the password"),
     DOCKER_LOGIN_MIRROR: Here(("test_mirror_accounts",), replaced=("mirror.example.com",),
                               environment="a terminal, typing a mirror user's name and password"),
+    OPTIONS_HELP: Here(("test_options_help",)),
+    CONFORMANCE_UPSTREAM: Here(("test_conformance_setup",), replaced=("WORKDIR",),
+                               appended="--big-size 1048576: the standard set's big layer small (no test here "
+                                        "pulls it)"),
+    CONFORMANCE_MIRROR: Here(("test_conformance_setup",), replaced=("EDGE_URL", "PORT"),
+                             appended="--set hub_cache_dir=<a temporary directory>, for the second mirror (as "
+                                      "docs/conformance.md says)"),
     UPDATE_CA: Here(("test_forward_proxy_with_docker",),
                     environment="in dockerd's private mount namespace, over copies of /etc/ssl/certs and "
                                 "/usr/local/share/ca-certificates (holding mitmproxy.crt), hooks left out"),

@@ -1,4 +1,4 @@
-"""README.md's container image, built and run as the README shows, with podman and skopeo.
+"""The container image of README.md and docs/service.md, built and run as they show, with podman and skopeo.
 
 The image is built once per test session, in the background from the moment the
 tests are collected (tests/conftest.py starts it; the build waits for no test): the
@@ -41,18 +41,17 @@ from tests.support.daemons import NO_NETWORK_ENV
 from tests.support.images import make_big_layer, push_image, sha256_digest
 from tests.support.mirror import REPO_ROOT
 from tests.support.ports import free_port
-from tests.support.readme_commands import fenced_blocks, shell_commands
-from tests.support.readme_table import Handout, Here
+from tests.support.readme_commands import fenced_blocks
+from tests.support.readme_table import Handout, Here, documented, documents
 from tests.support.throttle import throttled_port
 
-README = REPO_ROOT / "README.md"
 SERVICE = "registry.docker.io"
 UPSTREAM_CA = "/etc/ssl/hub-rewrite-test-upstream-ca.pem"  # the test upstream's CA, in every container
 # the test upstream is HTTPS with certificates of a CA the test session makes; Docker Hub's are publicly
 # trusted, so the README's commands need nothing of the kind
 TRUST = f"--set ssl_verify_upstream_trusted_ca={UPSTREAM_CA}"
 
-# ---------------------------------------------------------------- the README's text, exactly
+# ---------------------------------------------------------------- the documents' text, exactly
 
 BUILD = "podman build --format docker -t hub-rewrite -f Containerfile ."
 DEPLOY_HOOK = "RENEWED_LINEAGE=/etc/letsencrypt/live/mirror.example.com contrib/certbot-deploy-hook"
@@ -71,7 +70,8 @@ STOP_RM = "podman stop --time 30 hub-rewrite && podman rm hub-rewrite"
 
 
 def json_example() -> str:
-    return next(b.text for b in fenced_blocks(README.read_text()) if b.lang == "json" and '"event": "pull"' in b.text)
+    return next(b.text for document in documents() for b in fenced_blocks(document.read_text())
+                if b.lang == "json" and '"event": "pull"' in b.text)
 
 
 VPS = ("test_vps_case",)
@@ -97,14 +97,7 @@ JSON_EXAMPLE = json_example()
 TABLE[JSON_EXAMPLE] = Here(("test_team_case",), environment="compared with the JSON object of a real pull step")
 
 
-def readme_blocks() -> set[str]:
-    shown: set[str] = set()
-    for block in fenced_blocks(README.read_text()):
-        shown.update(shell_commands(block.text) if block.lang == "sh" else [block.text])
-    return shown
-
-
-HANDOUT = Handout(TABLE, readme_blocks())
+HANDOUT = Handout(TABLE, documented())
 
 
 def typed(request, key: str, replace: dict[str, str] | None = None, append: str = "") -> str:

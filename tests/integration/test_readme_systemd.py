@@ -1,4 +1,4 @@
-"""README.md's systemd unit, run as the README sets it up: its commands as typed, the unit
+"""The systemd unit of README.md and docs/service.md, run as they set it up: its commands as typed, the unit
 checked by ``systemd-analyze verify``, and its ``ExecStart`` run as systemd would run it.
 
 No systemd runs on the test machines, so the README's ``systemctl`` commands are the
@@ -39,16 +39,14 @@ from tests.support.checkout import CheckoutError, scratch_checkout
 from tests.support.daemons import NO_NETWORK_ENV
 from tests.support.mirror import REPO_ROOT
 from tests.support.ports import free_port
-from tests.support.readme_commands import fenced_blocks, shell_commands
-from tests.support.readme_table import Elsewhere, Handout, Here
+from tests.support.readme_table import Elsewhere, Handout, Here, documented
 from tests.support.systemd_unit import ServiceUnit
 from tests.support.typed_shell import Background
 
-README = REPO_ROOT / "README.md"
 UNIT = "/etc/systemd/system/hub-rewrite.service"
 STATE = "/var/lib/hub-rewrite"
 
-# ---------------------------------------------------------------- the README's text, exactly
+# ---------------------------------------------------------------- the documents' text, exactly
 
 SETUP = "cd /opt/hub-rewrite && scripts/run --version"
 INSTALL_CONF = "install -D -m 0644 mitm.conf /etc/hub-rewrite/mitm.conf"
@@ -88,14 +86,7 @@ TABLE: dict[str, Here | Elsewhere] = {
 }
 
 
-def readme_blocks() -> set[str]:
-    shown: set[str] = set()
-    for block in fenced_blocks(README.read_text()):
-        shown.update(shell_commands(block.text) if block.lang == "sh" else [block.text])
-    return shown
-
-
-HANDOUT = Handout(TABLE, readme_blocks())
+HANDOUT = Handout(TABLE, documented())
 
 
 def typed(request, key: str, replace: dict[str, str] | None = None, append: str = "") -> str:

@@ -1,4 +1,9 @@
-"""The table that says how each README command (or configuration block) is run by the tests.
+"""The table that says how each command (or configuration block) that README.md or a page of
+docs/ shows is run by the tests.
+
+``documented()`` collects them: every command of the documents' ``sh`` blocks and
+every other fenced block whole (``shell_commands``, ``fenced_blocks``), each with
+the documents that show it.
 
 Each entry is one of:
 
@@ -8,9 +13,9 @@ Each entry is one of:
 * ``Elsewhere``: another file runs it; ``shows`` is the text that file's
   source (or the named test function's) contains where it runs the command;
 * ``BenchSmoke``: a benchmark command, run by tests/integration/test_bench_smoke.py,
-  which runs every command of bench/README.md: the README's command must be one of them.
+  which runs every command of bench/README.md: the document's command must be one of them.
 
-``Handout`` hands the README's text to the tests the table names, applying
+``Handout`` hands the documents' text to the tests the table names, applying
 only the allowed replacements, and remembers what was handed out, so that a
 last test can check every ``Here`` command was run.
 """
@@ -19,11 +24,14 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from tests.support.readme_commands import fenced_blocks, shell_commands
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_COMMAND_RE = re.compile(r"^PYTHONPATH=\. \.venv/bin/python bench/\S+\.py\b.*$", re.M)
@@ -73,6 +81,23 @@ class BenchSmoke:
 Entry = Here | Elsewhere | BenchSmoke
 
 
+def documents() -> list[Path]:
+    """README.md and every page of docs/: what the tests run the commands of."""
+    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+
+def documented() -> dict[str, list[str]]:
+    """Every command of the documents' sh blocks and every other fenced block, whole ->
+    the documents (paths relative to the repository) that show it."""
+    shown: dict[str, list[str]] = {}
+    for document in documents():
+        name = document.relative_to(REPO_ROOT).as_posix()
+        for block in fenced_blocks(document.read_text()):
+            for text in shell_commands(block.text) if block.lang == "sh" else [block.text]:
+                shown.setdefault(text, []).append(name)
+    return shown
+
+
 def function_source(module_source: str, name: str) -> str | None:
     for node in ast.walk(ast.parse(module_source)):
         if isinstance(node, ast.FunctionDef) and node.name == name:
@@ -85,18 +110,18 @@ class TableError(AssertionError):
 
 
 class Handout:
-    """The README's commands and blocks, handed to the runners the table names."""
+    """The documents' commands and blocks, handed to the runners the table names."""
 
-    def __init__(self, table: dict[str, Entry], shown: set[str]) -> None:
+    def __init__(self, table: dict[str, Entry], shown: Iterable[str]) -> None:
         self.table = table
-        self.shown = shown  # every command and block text the README shows
+        self.shown = set(shown)  # every command and block text README.md and docs/ show
         self.handed: dict[str, set[str]] = {}  # text -> runners that got it
         self.skipped: set[str] = set()  # runners that skipped (a client not installed, a port taken)
 
     def text(self, runner: str, key: str, replace: dict[str, str] | None = None, append: str = "") -> str:
-        """``key`` as the README shows it, with ``replace`` applied and ``append`` added."""
+        """``key`` as the documents show it, with ``replace`` applied and ``append`` added."""
         if key not in self.shown:
-            raise TableError(f"README.md no longer shows {key!r}")
+            raise TableError(f"neither README.md nor docs/ shows {key!r} any longer")
         entry = self.table.get(key)
         if not isinstance(entry, Here) or runner not in entry.runners:
             raise TableError(f"the table does not say that {runner} runs {key!r}")

@@ -8,7 +8,8 @@ default, help). Three texts repeat part of it, and are checked here:
   declared default so that an operator sees and edits it, unless the comment
   above it says why it differs in a line beginning ``Not the default:``; every
   other key (mitmproxy's options the mirror sets) and every such ``hub_*`` key
-  has a row, with the same value, in the README's table of what mitm.conf sets;
+  has a row, with the same value, in docs/service.md's table of what mitm.conf
+  sets (the README links it);
 * the README's list of the registries served by default (``hub_upstreams``).
 """
 
@@ -40,6 +41,11 @@ NETWORK_WORDS = {
 @functools.cache
 def readme() -> str:
     return (REPO_ROOT / "README.md").read_text()
+
+
+@functools.cache
+def service_doc() -> str:
+    return (REPO_ROOT / "docs" / "service.md").read_text()
 
 
 def section(markdown: str, heading: str) -> str:
@@ -140,12 +146,12 @@ def test_mitm_conf_hub_keys_are_declared_and_at_their_default_unless_it_says_why
     assert unexplained == {}, f"say why in a comment line beginning {NOT_THE_DEFAULT!r}, or use the default"
 
 
-def test_readme_lists_what_mitm_conf_sets():
+def test_service_doc_lists_what_mitm_conf_sets():
     conf = read_config(DEFAULT_CONFIG)
     comments = conf_comments()
     sets = {key: value for key, value in conf.items()
             if not key.startswith("hub_") or any(line.startswith(NOT_THE_DEFAULT) for line in comments[key])}
-    rows = table_rows(section(readme(), "## Options"), "| option | in mitm.conf | why |")
+    rows = table_rows(section(service_doc(), "## Options and `mitm.conf`"), "| option | in mitm.conf | why |")
     listed = {code_names(name)[0]: value for name, value, why in rows if why}
     assert len(listed) == len(rows), "a row without a why"
     assert listed == {key: as_readme_shows(value) for key, value in sets.items()}
