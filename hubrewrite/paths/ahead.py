@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from ..cache.ahead import Fetch
-from ..cache.downloads import RUNNING
+from ..cache.downloads import DownloadState
 from ..mirror import Mirror
 from ..pull import Answer, Pull, Retarget
 from ..registry.contents import Descriptor, contents
@@ -140,7 +140,7 @@ async def _blob(asker: Asker, mirror: Mirror, digest: str, fetch: Fetch) -> None
     finally:
         download.give_up()  # a no-op once started
         fetch.settled.set()  # a client asking for it now follows the download
-    while await download.ended(HOLD_CHECK) == RUNNING:
+    while await download.ended(HOLD_CHECK) is DownloadState.RUNNING:
         pass  # its place is held until it is done: the bound is on downloads, not on probes
 
 

@@ -27,7 +27,7 @@ from mitmproxy import http
 
 from ..cache.bucket import BlobStat
 from ..cache.digests import sha256_of_bytes
-from ..cache.downloads import COMMITTED, FAILED, Download
+from ..cache.downloads import Download, DownloadState
 from ..cache.serving import blob_headers
 from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
@@ -189,8 +189,8 @@ async def _small_blob(mirror: Mirror, digest: str, download: Download | None) ->
     size = download.size if download is not None else store.blob_size(digest)
     if size is None or size > INLINE_LIMIT:
         return None
-    if download is not None and await download.ended(mirror.settings.client.timeout) != COMMITTED:
-        if download.state == FAILED:
+    if download is not None and await download.ended(mirror.settings.client.timeout) is not DownloadState.COMMITTED:
+        if download.state is DownloadState.FAILED:
             return error_response(RegistryError(502, "UNAVAILABLE", "the blob's download from upstream failed"))
         return None  # still running: followed
     try:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 
 from ..cache.bucket import BlobStat
-from ..cache.downloads import COMMITTED, RUNNING, Download
+from ..cache.downloads import Download, DownloadState
 from ..cache.shared import SharedStore
 from ..mirror import Mirror
 from ..pull import Pull
@@ -66,7 +66,7 @@ def _read_ended(shared: SharedStore, download: Download, etag: str) -> None:
     """A wrong object is removed; a right one, read whole and verified, may be handed out (presigned)."""
     if download.mismatch:
         shared.forget(download.digest)
-    elif download.state == COMMITTED:
+    elif download.state is DownloadState.COMMITTED:
         shared.verified_read(download.digest, etag)
 
 
@@ -90,7 +90,7 @@ def share_when_done(mirror: Mirror, download: Download) -> None:
 
     async def keep_lock() -> None:
         # wakes when the download ends, not KEEP_LOCK_EVERY later: shutdown waits for this task
-        while await download.ended(KEEP_LOCK_EVERY) == RUNNING:
+        while await download.ended(KEEP_LOCK_EVERY) is DownloadState.RUNNING:
             await shared.keep_lock(digest)
 
     async def publish() -> None:
@@ -104,7 +104,7 @@ def share_when_done(mirror: Mirror, download: Download) -> None:
             shared.unlock_later(digest)
 
     def ended(d: Download) -> None:
-        if d.state == COMMITTED:
+        if d.state is DownloadState.COMMITTED:
             shared.later(publish())
         else:
             shared.unlock_later(digest)

@@ -723,7 +723,7 @@ def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, t
 def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refresh(addon_ctx, tmp_path, monkeypatch):
     """A download still running at shutdown is cancelled and lets its file and locks go; its bucket
     lock's refresher ends with it (it slept KEEP_LOCK_EVERY before: shutdown waited 30 s)."""
-    from hubrewrite.cache.downloads import FAILED
+    from hubrewrite.cache.downloads import DownloadState
     from hubrewrite.paths.bucket_blobs import share_when_done
 
     from .fed_upstream import FedUpstream
@@ -742,7 +742,7 @@ def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refr
         started = asyncio.get_running_loop().time()
         await addon.done()
         assert asyncio.get_running_loop().time() - started < 10
-        assert download.state == FAILED and digest not in cache.downloads.running
+        assert download.state is DownloadState.FAILED and digest not in cache.downloads.running
         assert list(cache.store.tmp.glob("*.download")) == []
 
     run(scenario())
