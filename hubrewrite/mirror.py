@@ -1,6 +1,6 @@
 """The mirror's running parts, made from ``Settings`` and replaced when they change.
 
-The paths get this object with every ``Pull``: the settings, the HTTP client
+The paths get this object with every ``ClientRequest``: the settings, the HTTP client
 to upstreams, what was learned about their token services, the tokens issued
 to mirror accounts, the cache, and the metrics.
 """

@@ -30,7 +30,7 @@ from mitmproxy import http
 from ..cache.ahead import Fetch
 from ..cache.downloads import DownloadState
 from ..mirror import Mirror
-from ..pull import Answer, Pull, Retarget
+from ..client_request import Answer, ClientRequest, Retarget, TransferSource
 from ..registry.contents import Descriptor, contents
 from ..registry.errors import RegistryError
 from ..registry.upstream import Upstream
@@ -58,22 +58,22 @@ class Asker:
         return self.upstream.url(f"/v2/{self.repository}/{kind}/{digest}")
 
 
-def after_manifest(pull: Pull, mirror: Mirror, answer: Answer) -> None:
+def after_manifest(request: ClientRequest, mirror: Mirror, answer: Answer) -> None:
     """A client's manifest GET was answered: fetch what that manifest names, ahead of it."""
     cache = mirror.cache
-    if cache is None or not cache.settings.fetch_ahead or pull.method != "GET" or pull.route is None:
+    if cache is None or not cache.settings.fetch_ahead or request.method != "GET" or request.route is None:
         return
     manifest = _manifest_of(mirror, answer)
     named = contents(*manifest) if manifest is not None else None
-    if named is None or not mirror.settings.rules.permits(pull.upstream.name, pull.route.name):
+    if named is None or not mirror.settings.rules.permits(request.upstream.name, request.route.name):
         return
-    asker = Asker(pull.upstream, pull.route.name, [(k, v) for k, v in pull.headers if k.lower() in KEPT_HEADERS],
-                  pull.identity, pull.authorization, (pull.identity, (pull.flow.client_conn.peername or ('',))[0]))
+    asker = Asker(request.upstream, request.route.name, [(k, v) for k, v in request.headers if k.lower() in KEPT_HEADERS],
+                  request.identity, request.authorization, (request.identity, (request.flow.client_conn.peername or ('',))[0]))
     for blob in named.blobs:
         if not (cache.store.has_blob(blob.digest) and _known(asker, mirror, blob.digest)):
             cache.ahead.submit(("blob", blob.digest), asker.client, blob.size,
                                lambda fetch, digest=blob.digest: _blob(asker, mirror, digest, fetch))
-    if pull.upstream.base in mirror.ratelimits.by_upstream():
+    if request.upstream.base in mirror.ratelimits.by_upstream():
         return  # it counts manifest GETs: only the client's own
     for entry in named.manifests:
         if not (cache.store.has_manifest(entry.digest) and _known(asker, mirror, entry.digest)):
@@ -87,7 +87,7 @@ def _manifest_of(mirror: Mirror, answer: Answer) -> tuple[bytes, str] | None:
         if answer.status_code != 200 or answer.headers.get("content-encoding"):
             return None
         return answer.raw_content or b"", answer.headers.get("content-type", "")
-    if isinstance(answer, Retarget) and answer.transfer is not None and answer.transfer.source == "cache":
+    if isinstance(answer, Retarget) and answer.transfer is not None and answer.transfer.source is TransferSource.CACHE:
         cached = mirror.cache.store.get_manifest(answer.transfer.digest)  # a large one, streamed from the cache
         return (cached[1], cached[0]) if cached is not None else None
     return None

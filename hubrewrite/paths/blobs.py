@@ -31,7 +31,7 @@ from ..cache.downloads import Download, DownloadState
 from ..cache.serving import blob_headers
 from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
-from ..pull import RETRY_PARAM, Answer, Pull, Retarget, Transfer
+from ..client_request import RETRY_PARAM, Answer, ClientRequest, Retarget, Transfer, TransferSource
 from ..registry import headers as hdrs
 from ..registry.errors import RegistryError
 from ..registry.upstream import base_url
@@ -62,28 +62,28 @@ class Probe:
         return self.kept is None
 
 
-async def serve(pull: Pull, mirror: Mirror) -> Answer:
+async def serve(request: ClientRequest, mirror: Mirror) -> Answer:
     if mirror.cache is None:
-        return await from_storage(pull, mirror)
-    digest, shared = pull.route.reference, mirror.cache.shared
-    whole_get = pull.method == "GET" and "range" not in pull.flow.request.headers
+        return await from_storage(request, mirror)
+    digest, shared = request.route.reference, mirror.cache.shared
+    whole_get = request.method == "GET" and "range" not in request.flow.request.headers
     await mirror.cache.ahead.settled(("blob", digest), mirror.settings.client.timeout)  # its download, if so
     for _ in range(3):
         local = await _verified(mirror, digest)
         if local or mirror.cache.downloads.progress(digest) is not None:
-            return await _cached(pull, mirror, local)
+            return await _cached(request, mirror, local)
         if shared is not None and (stat := await shared.blob(digest)) is not None:
-            return await _cached(pull, mirror, False, stat)
+            return await _cached(request, mirror, False, stat)
         if not whole_get:
             break
         # the registry first: a digest it does not have (or will not give this client) costs no lock and no file
-        probe = await _probe(pull, mirror)
+        probe = await _probe(request, mirror)
         if probe.answer is not None:
             return probe.answer
         try:
             download = mirror.cache.downloads.claim(digest)
         except OSError:
-            return await from_storage(pull, mirror, probe)  # no space or inode for its lock: not cached
+            return await from_storage(request, mirror, probe)  # no space or inode for its lock: not cached
         if download is None:
             continue
         if mirror.cache.store.has_blob(digest):
@@ -92,10 +92,10 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         try:
             if shared is not None and not await bucket_blobs.claim(mirror, digest):
                 continue  # another process downloaded it: from the bucket now
-            return await _download(pull, mirror, download, probe)
+            return await _download(request, mirror, download, probe)
         finally:
             download.give_up()  # a no-op once it started
-    return await from_storage(pull, mirror)
+    return await from_storage(request, mirror)
 
 
 async def _verified(mirror: Mirror, digest: str) -> bool:
@@ -103,81 +103,81 @@ async def _verified(mirror: Mirror, digest: str) -> bool:
     return store.has_blob(digest) and await asyncio.to_thread(store.check_blob, digest)
 
 
-async def _cached(pull: Pull, mirror: Mirror, local: bool, in_bucket: BlobStat | None = None) -> Answer:
+async def _cached(request: ClientRequest, mirror: Mirror, local: bool, in_bucket: BlobStat | None = None) -> Answer:
     """A cached blob (on disk, being downloaded, or in the shared bucket), once the upstream
     lets this client have it."""
     try:
-        access = await check(pull, mirror, pull.route.reference, pull.route.path())
+        access = await check(request, mirror, request.route.reference, request.route.path())
     except RegistryError as e:
         return error_response(e)
     if access is Access.REFUSED:
-        return await from_storage(pull, mirror)  # the upstream's own answer, as if nothing were cached
+        return await from_storage(request, mirror)  # the upstream's own answer, as if nothing were cached
     state = "stale" if access is Access.STALE else "hit"
-    if state == "hit" and pull.method == "GET" and mirror.cache.ahead.first_ask(pull.route.reference):
+    if state == "hit" and request.method == "GET" and mirror.cache.ahead.first_ask(request.route.reference):
         state = "miss"  # downloaded ahead of this very request: its bytes came from upstream for it
     shared = mirror.cache.shared
-    if shared is not None and shared.presign_seconds and _may_redirect(pull, mirror):
-        stat = in_bucket or (await shared.blob(pull.route.reference) if local else None)
-        if stat is not None and await shared.presignable(pull.route.reference, stat):
-            return bucket_blobs.presigned(pull, mirror, _cache_headers(pull, state), stat)
+    if shared is not None and shared.presign_seconds and _may_redirect(request, mirror):
+        stat = in_bucket or (await shared.blob(request.route.reference) if local else None)
+        if stat is not None and await shared.presignable(request.route.reference, stat):
+            return bucket_blobs.presigned(request, mirror, _cache_headers(request, state), stat)
     if in_bucket is not None:
-        if pull.method == "HEAD":
-            return make_response(200, _blob_head(pull, state), b"", in_bucket.size)
-        download = await bucket_blobs.fill_local(pull, mirror, in_bucket)
-        if download is None and mirror.cache.downloads.progress(pull.route.reference) is None:
-            return await from_storage(pull, mirror)  # neither the bucket nor this disk can serve it now
-        return await send_from_cache(pull, mirror, state, download)
+        if request.method == "HEAD":
+            return make_response(200, _blob_head(request, state), b"", in_bucket.size)
+        download = await bucket_blobs.fill_local(request, mirror, in_bucket)
+        if download is None and mirror.cache.downloads.progress(request.route.reference) is None:
+            return await from_storage(request, mirror)  # neither the bucket nor this disk can serve it now
+        return await send_from_cache(request, mirror, state, download)
     if local:
         mirror.metrics.tier_hits.labels("local").inc()
-    pull.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
-    return await send_from_cache(pull, mirror, state)
+    request.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
+    return await send_from_cache(request, mirror, state)
 
 
-def _may_redirect(pull: Pull, mirror: Mirror) -> bool:
+def _may_redirect(request: ClientRequest, mirror: Mirror) -> bool:
     """May a cached blob be answered with a 307 to a signed URL (the listener's, the bucket's)?
     Not to a forward-proxy client (it reaches registries only), and not a HEAD while flows
     are recorded: the URL is a credential for minutes, and an answer without a body is sent
     after its record is written (debug/records.py); the mirror answers such a HEAD itself."""
-    if is_forward_proxy(pull.flow.client_conn):
+    if is_forward_proxy(request.flow.client_conn):
         return False
-    return not (pull.method == "HEAD" and mirror.settings.records_flows)
+    return not (request.method == "HEAD" and mirror.settings.records_flows)
 
 
-def _cache_headers(pull: Pull, state: str) -> list[tuple[str, str]]:
-    digest = pull.route.reference
+def _cache_headers(request: ClientRequest, state: str) -> list[tuple[str, str]]:
+    digest = request.route.reference
     return [("Docker-Content-Digest", digest), *(STALE_HEADERS if state == "stale" else [(CACHE_HEADER, state)])]
 
 
-def _blob_head(pull: Pull, state: str) -> list[tuple[str, str]]:
-    head = [(k, v) for k, v in blob_headers(pull.route.reference) if k != "Docker-Content-Digest"]
-    return head + _cache_headers(pull, state)
+def _blob_head(request: ClientRequest, state: str) -> list[tuple[str, str]]:
+    head = [(k, v) for k, v in blob_headers(request.route.reference) if k != "Docker-Content-Digest"]
+    return head + _cache_headers(request, state)
 
 
-async def send_from_cache(pull: Pull, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
+async def send_from_cache(request: ClientRequest, mirror: Mirror, state: str, download: Download | None = None) -> Answer:
     """Point the client at the cached (or arriving) bytes: the listener, or the loopback server;
     a small blob is answered with its bytes."""
     cache = mirror.cache
-    digest = pull.route.reference
-    headers = _cache_headers(pull, state)
+    digest = request.route.reference
+    headers = _cache_headers(request, state)
     cache.store.touch(digest)
     size = cache.store.blob_size(digest)
     # answered here, even with the listener on: a redirect would cost the client a request more
-    if pull.method == "HEAD" and size is not None and download is None:
-        return make_response(200, _blob_head(pull, state), b"", size)
-    if pull.method == "GET" and "range" not in pull.flow.request.headers:
+    if request.method == "HEAD" and size is not None and download is None:
+        return make_response(200, _blob_head(request, state), b"", size)
+    if request.method == "GET" and "range" not in request.flow.request.headers:
         small = await _small_blob(mirror, digest, download)
         if isinstance(small, http.Response):
             return small
         if small is not None:
-            pull.summary.source = "cache" if download is None and state != "miss" else "upstream"
-            return make_response(200, _blob_head(pull, state), small)
-    if cache.listener is not None and _may_redirect(pull, mirror):
-        location = cache.listener.location(_listener_base(pull, mirror), digest)
+            request.summary.source = "cache" if download is None and state != "miss" else "upstream"
+            return make_response(200, _blob_head(request, state), small)
+    if cache.listener is not None and _may_redirect(request, mirror):
+        location = cache.listener.location(_listener_base(request, mirror), digest)
         return make_response(307, [("Location", location), *headers])
     # "miss": the bytes came from upstream for this request (it started the download, or was the
     # first to ask for one made ahead of it)
     cached = download is None and size is not None and state != "miss"
-    transfer = Transfer(digest, headers, "cache" if cached else "download", download)
+    transfer = Transfer(digest, headers, TransferSource.CACHE if cached else TransferSource.DOWNLOAD, download)
     return Retarget(f"/blobs/{digest}", transfer, loopback=True)
 
 
@@ -200,13 +200,13 @@ async def _small_blob(mirror: Mirror, digest: str, download: Download | None) ->
     return body if sha256_of_bytes(body) == digest else None
 
 
-def _listener_base(pull: Pull, mirror: Mirror) -> str:
+def _listener_base(request: ClientRequest, mirror: Mirror) -> str:
     """hub_blob_url, or the mirror's host as this client reached it with the listener's port."""
     cache = mirror.cache
     if cache.settings.blob_url:
         return cache.settings.blob_url
     scheme = "https" if mirror.tls is not None else "http"
-    host = urlsplit(pull.view.mirror_url).hostname or "127.0.0.1"
+    host = urlsplit(request.view.mirror_url).hostname or "127.0.0.1"
     return base_url(scheme, host, cache.listener.server.port)
 
 
@@ -218,18 +218,18 @@ class Outcome:
     answer: http.Response | None = None  # not started: what a client is answered (the storage's error)
 
 
-async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe) -> Answer:
+async def _download(request: ClientRequest, mirror: Mirror, download: Download, probe: Probe) -> Answer:
     """This client's request starts the blob's download: the registry's answer to its probe
     (with the client's token) is followed without credentials and fetched into the cache."""
-    outcome = await start_download(mirror, download, probe, pull.headers, pull.upstream.base,
-                                   lambda: _probe(pull, mirror))
+    outcome = await start_download(mirror, download, probe, request.headers, request.upstream.base,
+                                   lambda: _probe(request, mirror))
     if not outcome.started:
-        return outcome.answer or await from_storage(pull, mirror)  # not cached: no room, no length, no disk
-    confirm(pull, mirror, download.digest)
+        return outcome.answer or await from_storage(request, mirror)  # not cached: no room, no length, no disk
+    confirm(request, mirror, download.digest)
     if mirror.cache.shared is not None:
         bucket_blobs.share_when_done(mirror, download)
-    pull.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
-    return await send_from_cache(pull, mirror, "miss", download)
+    request.flow.comment += f"; blob fetched into the cache from {urlsplit(probe.target).hostname}"
+    return await send_from_cache(request, mirror, "miss", download)
 
 
 async def start_download(mirror: Mirror, download: Download, probe: Probe, headers: list[tuple[str, str]],
@@ -266,9 +266,9 @@ async def start_download(mirror: Mirror, download: Download, probe: Probe, heade
     return Outcome(answer=storage_error(download.digest, 403, "Forbidden"))
 
 
-async def _probe(pull: Pull, mirror: Mirror) -> Probe:
-    return await probe_registry(mirror, pull.method, pull.url, pull.headers,
-                                lambda status, fields, body: relay.relayed(pull, mirror, status, fields, body))
+async def _probe(request: ClientRequest, mirror: Mirror) -> Probe:
+    return await probe_registry(mirror, request.method, request.url, request.headers,
+                                lambda status, fields, body: relay.relayed(request, mirror, status, fields, body))
 
 
 async def probe_registry(mirror: Mirror, method: str, url: str, headers: list[tuple[str, str]],
@@ -295,23 +295,23 @@ async def probe_registry(mirror: Mirror, method: str, url: str, headers: list[tu
         return Probe(answer=error_response(e))
 
 
-async def from_storage(pull: Pull, mirror: Mirror, probe: Probe | None = None) -> Answer:
+async def from_storage(request: ClientRequest, mirror: Mirror, probe: Probe | None = None) -> Answer:
     """The client's own flow fetches the blob from where the registry redirects
     (mitmproxy streams it), without the client's credentials; ``probe``: the registry's
     answer to this request, if it was asked already."""
-    probe = probe or await _probe(pull, mirror)
+    probe = probe or await _probe(request, mirror)
     if probe.answer is not None:
         return probe.answer
-    digest = pull.route.reference
+    digest = request.route.reference
     if probe.direct:
-        return Retarget(pull.url, Transfer(digest, [], "storage"), keep_credentials=True)
+        return Retarget(request.url, Transfer(digest, [], TransferSource.STORAGE), keep_credentials=True)
     kept = probe.kept
     if not any(name.lower() == "docker-content-digest" for name, _ in kept):
         # distribution's redirect does not carry it, the storage knows nothing of digests,
         # but clients (containerd) use it: the path names it.
         kept.append(("Docker-Content-Digest", digest))
     if mirror.cache is not None:
-        confirm(pull, mirror, digest, member=False)  # nothing cached: no record of it either
+        confirm(request, mirror, digest, member=False)  # nothing cached: no record of it either
         kept.append((CACHE_HEADER, "miss"))
     try:
         # mitmproxy would answer a failed connection with an HTML page: check first
@@ -319,15 +319,15 @@ async def from_storage(pull: Pull, mirror: Mirror, probe: Probe | None = None) -
     except RegistryError as e:
         log.warning("blob %s: %s", digest, e.message)
         return error_response(e)
-    pull.flow.comment += f"; blob streamed from {urlsplit(probe.target).hostname}"
-    return Retarget(probe.target, Transfer(digest, kept, "storage", retry_location=_retry_location(pull)))
+    request.flow.comment += f"; blob streamed from {urlsplit(probe.target).hostname}"
+    return Retarget(probe.target, Transfer(digest, kept, TransferSource.STORAGE, retry_location=_retry_location(request)))
 
 
-def _retry_location(pull: Pull) -> str | None:
+def _retry_location(request: ClientRequest) -> str | None:
     """The client's own request (its registry prefix, its ``ns``), marked as retried: once only."""
-    if pull.retried:
+    if request.retried:
         return None
-    return pull.path + "?" + urlencode([*pull.client_query, (RETRY_PARAM, "1")])
+    return request.path + "?" + urlencode([*request.client_query, (RETRY_PARAM, "1")])
 
 
 def storage_error(digest: str, status: int, reason: str) -> http.Response:
@@ -341,7 +341,7 @@ def replace_storage_error(transfer: Transfer, response: http.Response) -> http.R
     """A storage's own error answer (XML, HTML) as registry JSON; an expired signed URL
     sends the client back to the mirror once, whose next request gets a fresh one."""
     status = response.status_code
-    if transfer.source != "storage" or status < 300 or status == 416:
+    if transfer.source is not TransferSource.STORAGE or status < 300 or status == 416:
         return None  # 416: Range Not Satisfiable is the storage's honest answer
     if status == 403 and transfer.retry_location:
         return make_response(307, [("Location", transfer.retry_location)])

@@ -19,7 +19,7 @@ from ..cache.bucket import BlobStat
 from ..cache.downloads import Download, DownloadState
 from ..cache.shared import SharedStore
 from ..mirror import Mirror
-from ..pull import Pull
+from ..client_request import ClientRequest
 from ..responses import make_response
 
 log = logging.getLogger("hub_rewrite")
@@ -28,17 +28,17 @@ WAIT_FOR_OTHERS = 600.0  # seconds a request waits for another process's downloa
 KEEP_LOCK_EVERY = 30.0  # seconds between two refreshes of a download's lock in the bucket
 
 
-def presigned(pull: Pull, mirror: Mirror, headers: list[tuple[str, str]], stat: BlobStat) -> object:
+def presigned(request: ClientRequest, mirror: Mirror, headers: list[tuple[str, str]], stat: BlobStat) -> object:
     """A 307 to the object itself (as checked: ``stat``): the object store sends the bytes."""
     shared = mirror.cache.shared
     mirror.metrics.tier_hits.labels("shared").inc()
-    pull.flow.comment += "; blob sent to a presigned URL of the shared bucket"
-    return make_response(307, [("Location", shared.presigned(pull.route.reference, stat)), *headers])
+    request.flow.comment += "; blob sent to a presigned URL of the shared bucket"
+    return make_response(307, [("Location", shared.presigned(request.route.reference, stat)), *headers])
 
 
-async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | None:
+async def fill_local(request: ClientRequest, mirror: Mirror, stat: BlobStat) -> Download | None:
     """Read a blob from the bucket into the local tier (clients follow it); None: it cannot be."""
-    cache, digest = mirror.cache, pull.route.reference
+    cache, digest = mirror.cache, request.route.reference
     try:
         download = cache.downloads.claim(digest)
     except OSError:
@@ -58,7 +58,7 @@ async def fill_local(pull: Pull, mirror: Mirror, stat: BlobStat) -> Download | N
         return None
     download.when_ended(lambda d: _read_ended(cache.shared, d, source.etag))
     mirror.metrics.tier_hits.labels("shared").inc()
-    pull.flow.comment += "; blob read from the shared bucket into the cache"
+    request.flow.comment += "; blob read from the shared bucket into the cache"
     return download
 
 

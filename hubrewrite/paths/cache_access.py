@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 
 from ..mirror import Mirror
-from ..pull import Pull
+from ..client_request import ClientRequest
 from ..cache.store import Store
 from ..registry.errors import RegistryError
 
@@ -23,12 +23,12 @@ class Access(Enum):
     REFUSED = "refused"  # the upstream said no: the client gets the upstream's own answer, as if nothing were cached
 
 
-def confirm(pull: Pull, mirror: Mirror, digest: str, member: bool = True) -> None:
+def confirm(request: ClientRequest, mirror: Mirror, digest: str, member: bool = True) -> None:
     """The upstream just let this client read this digest of this repository; ``member``:
     remember that the repository holds it (for content the cache holds: a record per
     request for content it does not hold would only fill the disk)."""
-    assert pull.route is not None
-    confirm_for(mirror, pull.identity, pull.authorization, pull.upstream.base, pull.route.name, digest, member)
+    assert request.route is not None
+    confirm_for(mirror, request.identity, request.authorization, request.upstream.base, request.route.name, digest, member)
 
 
 def confirm_for(mirror: Mirror, identity: str, authorization: str | None, upstream: str, repository: str,
@@ -41,47 +41,47 @@ def confirm_for(mirror: Mirror, identity: str, authorization: str | None, upstre
         cache.shared.put_record_later(Store.member_record(upstream, repository, digest), b"")
 
 
-def known(pull: Pull, mirror: Mirror, digest: str) -> bool:
+def known(request: ClientRequest, mirror: Mirror, digest: str) -> bool:
     """Confirmed before, for this client's token, and the repository holds the digest."""
     cache = mirror.cache
-    assert cache is not None and pull.route is not None
-    upstream, repository = pull.upstream.base, pull.route.name
-    return cache.access.allowed(pull.identity, upstream, repository) and cache.store.is_member(upstream, repository, digest)
+    assert cache is not None and request.route is not None
+    upstream, repository = request.upstream.base, request.route.name
+    return cache.access.allowed(request.identity, upstream, repository) and cache.store.is_member(upstream, repository, digest)
 
 
-def known_stale(pull: Pull, mirror: Mirror, digest: str) -> bool:
+def known_stale(request: ClientRequest, mirror: Mirror, digest: str) -> bool:
     cache = mirror.cache
-    assert cache is not None and pull.route is not None
-    upstream, repository = pull.upstream.base, pull.route.name
-    return cache.access.allowed_stale(pull.identity, upstream, repository) and cache.store.is_member(
+    assert cache is not None and request.route is not None
+    upstream, repository = request.upstream.base, request.route.name
+    return cache.access.allowed_stale(request.identity, upstream, repository) and cache.store.is_member(
         upstream, repository, digest)
 
 
-async def check(pull: Pull, mirror: Mirror, digest: str, path: str) -> Access:
+async def check(request: ClientRequest, mirror: Mirror, digest: str, path: str) -> Access:
     """Raises RegistryError when the upstream is unavailable and nothing was confirmed recently enough."""
-    if known(pull, mirror, digest):
+    if known(request, mirror, digest):
         return Access.GRANTED
     try:
-        head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False,
+        head = await mirror.client.fetch("HEAD", request.upstream.url(path), request.headers, follow_redirects=False,
                                          purpose="access check: may this client read it")
     except RegistryError as failure:
-        if await _known_stale_anywhere(pull, mirror, digest):
+        if await _known_stale_anywhere(request, mirror, digest):
             return Access.STALE
         raise failure
     if 200 <= head.status < 400:
-        confirm(pull, mirror, digest)
+        confirm(request, mirror, digest)
         return Access.GRANTED
-    if (head.status == 429 or head.status >= 500) and await _known_stale_anywhere(pull, mirror, digest):
+    if (head.status == 429 or head.status >= 500) and await _known_stale_anywhere(request, mirror, digest):
         return Access.STALE
     return Access.REFUSED
 
 
-async def _known_stale_anywhere(pull: Pull, mirror: Mirror, digest: str) -> bool:
+async def _known_stale_anywhere(request: ClientRequest, mirror: Mirror, digest: str) -> bool:
     """known_stale, with the repository's membership looked up in the shared bucket if need be
     (another process may have seen it)."""
     cache = mirror.cache
-    upstream, repository = pull.upstream.base, pull.route.name
+    upstream, repository = request.upstream.base, request.route.name
     if cache.shared is not None and not cache.store.is_member(upstream, repository, digest):
         if await cache.shared.record(Store.member_record(upstream, repository, digest)) is not None:
             cache.store.add_member(upstream, repository, digest)
-    return known_stale(pull, mirror, digest)
+    return known_stale(request, mirror, digest)

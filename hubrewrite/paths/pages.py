@@ -11,7 +11,7 @@ from mitmproxy.utils import human
 from ..access.accounts import sign_in
 from ..clientconn import is_forward_proxy
 from ..mirror import Mirror
-from ..pull import Pull
+from ..client_request import ClientRequest
 from ..registry.errors import RegistryError
 from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
@@ -21,8 +21,8 @@ METRICS_PATH = "/_hub/metrics"
 HEALTH_PATH = "/_hub/health"
 
 
-async def serve(pull: Pull, mirror: Mirror) -> http.Response:
-    if pull.path == METRICS_PATH and mirror.settings.metrics_auth and not await _signed_in(pull, mirror):
+async def serve(request: ClientRequest, mirror: Mirror) -> http.Response:
+    if request.path == METRICS_PATH and mirror.settings.metrics_auth and not await _signed_in(request, mirror):
         return error_response(RegistryError(401, "UNAUTHORIZED", "the metrics need a mirror account"),
                               [("WWW-Authenticate", 'Basic realm="hub-rewrite metrics"')])
     cache_bytes = None
@@ -30,10 +30,10 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         cache_bytes = await asyncio.to_thread(mirror.cache.store.total_bytes)
         mirror.metrics.cache_bytes.set(cache_bytes)
         mirror.metrics.cache_writable.set(0 if mirror.cache.store.problem else 1)
-    if pull.path == METRICS_PATH:
+    if request.path == METRICS_PATH:
         body, content_type = mirror.metrics.exposition()
         return make_response(200, [("Content-Type", content_type)], body)
-    if pull.path == HEALTH_PATH:
+    if request.path == HEALTH_PATH:
         ok, details = await asyncio.to_thread(health, mirror)
         shared = mirror.cache.shared if mirror.cache else None
         if shared is not None:
@@ -43,12 +43,12 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
             if not reachable:
                 details.update(status="degraded", serving="from the local tier and the upstream")
         return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
-    served, cache = pull.registries, mirror.settings.cache
+    served, cache = request.registries, mirror.settings.cache
     # the registry names without one go to on this host: the default, or the one the host name
     # or the proxy target fixed (a forward proxy's table need not hold the default registry)
-    home = pull.upstream
+    home = request.upstream
     body = status_page(StatusFacts(
-        mirror_url=pull.view.mirror_url,
+        mirror_url=request.view.mirror_url,
         upstream=home.base,
         registry_name=home.name,
         registry_names=sorted(served.table),
@@ -60,7 +60,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         requests_served=sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples
                             if s.name.endswith("_total")),
         store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
-        proxy_url=_proxy_url(pull.flow.client_conn) if is_forward_proxy(pull.flow.client_conn) else "",
+        proxy_url=_proxy_url(request.flow.client_conn) if is_forward_proxy(request.flow.client_conn) else "",
         **(mirror.prefetch.facts() if mirror.prefetch is not None else {}),
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
@@ -72,11 +72,11 @@ def _proxy_url(client: connection.Client) -> str:
     return f"http://{host_for_url(host)}:{port}"
 
 
-async def _signed_in(pull: Pull, mirror: Mirror) -> bool:
+async def _signed_in(request: ClientRequest, mirror: Mirror) -> bool:
     """Basic credentials of a mirror account (the mirror part of the password)."""
     assert mirror.settings.accounts is not None
     try:
-        await sign_in(mirror.settings.accounts, mirror.issued, pull.client_authorization, None)
+        await sign_in(mirror.settings.accounts, mirror.issued, request.client_authorization, None)
     except RegistryError:
         return False
     return True

@@ -22,7 +22,7 @@ from mitmproxy import http
 from ..access.accounts import sign_in
 from ..access.issued import OFFLINE, OWN, OWN_TOKEN_LIFETIME, Holder, is_sealed
 from ..mirror import Mirror
-from ..pull import Pull
+from ..client_request import ClientRequest
 from ..registry import headers as hdrs
 from ..registry import tokens
 from ..registry.errors import RegistryError
@@ -36,15 +36,15 @@ log = logging.getLogger("hub_rewrite")
 Fields = list[tuple[str, str]]
 
 
-async def serve(pull: Pull, mirror: Mirror) -> http.Response:
+async def serve(request: ClientRequest, mirror: Mirror) -> http.Response:
     try:
-        query = pull.client_query
-        form = tokens.parse_form(pull.client_body) if pull.method == "POST" else None
-        named = pull.path[len("/token") + 1:] or None
-        pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
-        pull.summary.upstream = pull.upstream.base
-        authorization, holder, form = await _credentials(pull, mirror, form)
-        learned = await mirror.realms.discover(pull.upstream, mirror.client)
+        query = request.client_query
+        form = tokens.parse_form(request.client_body) if request.method == "POST" else None
+        named = request.path[len("/token") + 1:] or None
+        request.upstream = request.registries.for_token(request.fixed, named, repository_names(query + (form or [])))
+        request.summary.upstream = request.upstream.base
+        authorization, holder, form = await _credentials(request, mirror, form)
+        learned = await mirror.realms.discover(request.upstream, mirror.client)
     except RegistryError as e:
         if e.status == 401:
             return error_response(e, [("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
@@ -56,18 +56,18 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
             return _own_token(mirror, holder)
         return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
     realm, service = learned
-    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(pull, mirror)), service)
+    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(request, mirror)), service)
     if form is not None:
-        form = tokens.with_service(map_scope_fields(form, _permitted_scopes(pull, mirror)), service)
-    return await _ask_token_service(pull, mirror, realm, query, form, authorization, holder)
+        form = tokens.with_service(map_scope_fields(form, _permitted_scopes(request, mirror)), service)
+    return await _ask_token_service(request, mirror, realm, query, form, authorization, holder)
 
 
 async def _credentials(
-    pull: Pull, mirror: Mirror, form: Fields | None
+    request: ClientRequest, mirror: Mirror, form: Fields | None
 ) -> tuple[str | None, Holder | None, Fields | None]:
     """(the Authorization for the token service, the holder of the tokens to seal, the form):
     with mirror accounts, their part is checked and dropped."""
-    authorization = pull.client_authorization
+    authorization = request.client_authorization
     if mirror.settings.accounts is None:
         if any(k == "refresh_token" and is_sealed(v) for k, v in form or []):
             # another mirror's (this one has no accounts): not the token service's either
@@ -77,13 +77,13 @@ async def _credentials(
     return authorization, holder, form
 
 
-def _permitted_scopes(pull: Pull, mirror: Mirror):
+def _permitted_scopes(request: ClientRequest, mirror: Mirror):
     """Client scope -> the upstream's, or None (dropped): another registry's prefix,
     a name outside the grammar, or a repository the rules refuse."""
-    upstream: Upstream = pull.upstream
+    upstream: Upstream = request.upstream
 
     def mapped(scope: Scope) -> Scope | None:
-        scope = pull.registries.upstream_scope(upstream, scope)
+        scope = request.registries.upstream_scope(upstream, scope)
         if not scope.is_repository:
             return scope
         if not NAME_RE.fullmatch(scope.name) or not mirror.settings.rules.permits(upstream.name, scope.name):
@@ -94,21 +94,21 @@ def _permitted_scopes(pull: Pull, mirror: Mirror):
 
 
 async def _ask_token_service(
-    pull: Pull, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None,
+    request: ClientRequest, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None,
     holder: Holder | None,
 ) -> http.Response:
-    method = pull.method
+    method = request.method
     if method == "POST" and form is not None and not tokens.carries_credentials(form):
         # a password grant whose password was only the mirror's: ask anonymously
         method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
-        authorization = mirror.settings.upstream_credentials.basic_for(pull.upstream.name)
+        authorization = mirror.settings.upstream_credentials.basic_for(request.upstream.name)
     operators = anonymous and authorization is not None
     if operators:
         # the operator's account lends short-lived access tokens only, never its refresh token
         query = [(k, v) for k, v in query if k != "offline_token"]
-    client_fields = hdrs.decode_fields(pull.flow.request.headers.fields)
+    client_fields = hdrs.decode_fields(request.flow.request.headers.fields)
     headers = hdrs.without(tokens.token_request_headers(client_fields), ["authorization"])
     if authorization:
         headers.append(("Authorization", authorization))
