@@ -16,6 +16,7 @@ from enum import Enum
 from mitmproxy import http
 
 from .cache.downloads import Download
+from .cache.tiers import Asker
 from .registry.names import Route, RouteKind
 from .registry.registries import Registries
 from .registry.upstream import Upstream
@@ -134,6 +135,12 @@ class ClientRequest:
         """This request at the upstream."""
         assert self.route is not None
         return self.upstream.url(self.route.path() + self.query)
+
+    @property
+    def asker(self) -> Asker:
+        """Who asks the cache, for which repository (an API request's)."""
+        assert self.route is not None
+        return Asker(self.upstream.base, self.route.name, self.identity, self.authorization)
 
     def client_name(self, name: str) -> str:
         """A repository as the client names it (with its registry prefix)."""

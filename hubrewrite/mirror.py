@@ -1,8 +1,8 @@
 """The mirror's running parts, made from ``Settings`` and replaced when they change.
 
-The paths get this object with every ``ClientRequest``: the settings, the HTTP client
-to upstreams, what was learned about their token services, the tokens issued
-to mirror accounts, the cache, and the metrics.
+``paths.serve`` hands each request path the parts it uses (``paths/parts.py``): the
+settings, the HTTP client to upstreams, what was learned about their token services,
+the tokens issued to mirror accounts, the cache, and the metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .cache.serving import BlobSender
 from .cache.signing import URL_LIFETIME as PRESIGNED_URL_LIFETIME
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
 from .cache.store import Store
+from .cache.tiers import TieredCache
 from .connlimits import FileBudget
 from .debug.sideflows import SideFlows
 from .httpserver import ServerLimits
@@ -59,6 +60,7 @@ class Cache:
     listener: BlobListener | None = None
     listener_socket: socket.socket | None = None
     shared: SharedStore | None = None  # the bucket behind the local tier (hub_store_url)
+    tiers: TieredCache | None = None  # all of them, in their order: what the request paths ask
 
 
 class Mirror:
@@ -168,6 +170,7 @@ class Mirror:
         if cache.shared is not None:
             # a key the bucket holds proves nothing against whoever can write to the bucket
             cache.shared.use_mark_key(None if kept_in_bucket else self.secret)
+        cache.tiers = TieredCache(store, downloads, cache.access, self.metrics, cache.shared)
         if c.blob_listen is not None:
             cache.listener, cache.listener_socket = self._blob_listener(c, blobs)
         self.cache = cache

@@ -1,5 +1,6 @@
 """One module per request path, each turning a ``ClientRequest`` into one answer:
-a response, or a ``Retarget`` mitmproxy streams."""
+a response, or a ``Retarget`` mitmproxy streams. Each gets what it works with
+(``parts.py``), made here from the mirror's running parts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ..client_request import Answer, ClientRequest, RequestKind, Retarget
 from ..registry.names import RouteKind
 from ..responses import PREFLIGHT_HEADERS, make_response
 from . import ahead, blobs, manifests, pages, relay, token_endpoint
+from .parts import CacheParts, Upstreams
 
 
 async def serve(request: ClientRequest, mirror: Mirror) -> Answer:
@@ -21,10 +23,25 @@ async def serve(request: ClientRequest, mirror: Mirror) -> Answer:
     if request.method not in ("GET", "HEAD"):
         # a push the operator allowed: the registry itself gets it, body streamed
         return Retarget(request.url, keep_credentials=True)
+    upstreams, cache = upstreams_of(mirror), cache_parts_of(mirror)
     if route.kind is RouteKind.BLOB:
-        return await blobs.serve(request, mirror)
-    if route.kind is RouteKind.MANIFEST and mirror.cache is not None:
-        answer = await manifests.serve(request, mirror)
-        ahead.after_manifest(request, mirror, answer)
+        return await blobs.serve(request, upstreams, cache)
+    if route.kind is RouteKind.MANIFEST and cache is not None:
+        answer = await manifests.serve(request, upstreams, cache)
+        ahead.after_manifest(request, upstreams, cache, answer)
         return answer
-    return await relay.serve(request, mirror)
+    return await relay.serve(request, upstreams)
+
+
+def upstreams_of(mirror: Mirror) -> Upstreams:
+    return Upstreams(mirror.client, mirror.realms, mirror.ratelimits, mirror.settings.client.timeout,
+                     mirror.cache is not None)
+
+
+def cache_parts_of(mirror: Mirror) -> CacheParts | None:
+    cache = mirror.cache
+    if cache is None:
+        return None
+    return CacheParts(cache.tiers, cache.ahead, mirror.metrics, cache.listener, cache.settings.blob_url,
+                      mirror.tls is not None, mirror.settings.records_flows, cache.settings.fetch_ahead,
+                      mirror.settings.rules)

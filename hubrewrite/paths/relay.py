@@ -13,44 +13,44 @@ import logging
 
 from mitmproxy import http
 
-from ..mirror import Mirror
 from ..client_request import ClientRequest
 from ..registry import headers as hdrs
 from ..registry.challenge import point_at_mirror
 from ..registry.errors import RegistryError
 from ..registry.names import RouteKind
 from ..responses import STALE_HEADERS, bearer_challenge, error_response, make_response
+from .parts import Upstreams
 
 log = logging.getLogger("hub_rewrite")
 
 
-async def serve(request: ClientRequest, mirror: Mirror) -> http.Response:
+async def serve(request: ClientRequest, upstreams: Upstreams) -> http.Response:
     """One small exchange made by the mirror itself, redirects followed."""
     anonymous_base = request.route is not None and request.route.kind is RouteKind.BASE and request.authorization is None
-    if anonymous_base and (known := mirror.realms.base_answer(request.upstream)) is not None:
+    if anonymous_base and (known := upstreams.realms.base_answer(request.upstream)) is not None:
         status, fields, body = known
         request.flow.comment += "; the upstream's challenge, as it answered moments ago"
-        return relayed(request, mirror, status, fields, b"" if request.method == "HEAD" else body)
+        return relayed(request, upstreams, status, fields, b"" if request.method == "HEAD" else body)
     try:
-        fetched = await mirror.client.fetch(request.method, request.url, request.headers, purpose=f"{request.summary.label} request relayed")
+        fetched = await upstreams.client.fetch(request.method, request.url, request.headers, purpose=f"{request.summary.label} request relayed")
     except RegistryError as e:
         log.warning("%s %s: %s", request.method, request.route.path() if request.route else request.path, e.message)
         if e.status in (502, 503, 504) and request.route is not None and request.route.kind is RouteKind.BASE:
-            offline = offline_challenge(request, mirror)
+            offline = offline_challenge(request, upstreams)
             if offline is not None:
                 return offline
         return error_response(e)
     if fetched.redirected_to:
         request.flow.comment += f"; followed upstream redirect to {fetched.redirected_to}"
     if anonymous_base and request.method == "GET":
-        mirror.realms.remember_base(request.upstream, fetched.status, fetched.headers, fetched.body)
-    return relayed(request, mirror, fetched.status, fetched.headers, fetched.body)
+        upstreams.realms.remember_base(request.upstream, fetched.status, fetched.headers, fetched.body)
+    return relayed(request, upstreams, fetched.status, fetched.headers, fetched.body)
 
 
-def relayed(request: ClientRequest, mirror: Mirror, status: int, fields: list[tuple[str, str]], body: bytes) -> http.Response:
+def relayed(request: ClientRequest, upstreams: Upstreams, status: int, fields: list[tuple[str, str]], body: bytes) -> http.Response:
     """An upstream answer as the client should see it."""
-    mirror.realms.learn(request.upstream, fields)
-    mirror.ratelimits.note(request.upstream.base, fields)
+    upstreams.realms.learn(request.upstream, fields)
+    upstreams.ratelimits.note(request.upstream.base, fields)
     out: list[tuple[str, str]] = []
     for name, value in hdrs.end_to_end(fields):
         if name.lower() == "www-authenticate":
@@ -62,11 +62,11 @@ def relayed(request: ClientRequest, mirror: Mirror, status: int, fields: list[tu
     return make_response(status, out, body, int(length) if length and length.isdigit() else None)
 
 
-def offline_challenge(request: ClientRequest, mirror: Mirror) -> http.Response | None:
+def offline_challenge(request: ClientRequest, upstreams: Upstreams) -> http.Response | None:
     """/v2/ while the upstream is unreachable: the challenge it sent before, so
     clients go on to /token and to cached content."""
-    learned = mirror.realms.known(request.upstream)
-    if mirror.cache is None or learned is None:
+    learned = upstreams.realms.known(request.upstream)
+    if not upstreams.caching or learned is None:
         return None
     params = {"realm": request.view.token_url} | ({"service": learned[1]} if learned[1] else {})
     return bearer_challenge(params, "authentication required", STALE_HEADERS)

@@ -724,7 +724,6 @@ def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refr
     """A download still running at shutdown is cancelled and lets its file and locks go; its bucket
     lock's refresher ends with it (it slept KEEP_LOCK_EVERY before: shutdown waited 30 s)."""
     from hubrewrite.cache.downloads import DownloadState
-    from hubrewrite.paths.bucket_blobs import share_when_done
 
     from .fed_upstream import FedUpstream
 
@@ -736,7 +735,7 @@ def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refr
         download = cache.downloads.claim(digest)
         upstream = FedUpstream(1 << 20)
         download.start(upstream, lambda n: None)
-        share_when_done(addon.mirror, download)
+        cache.tiers.publish_when_done(download)
         await upstream.queue.put(b"x" * 1000)
         await asyncio.sleep(0.1)
         started = asyncio.get_running_loop().time()
