@@ -21,7 +21,6 @@ from mitmproxy import http
 
 from ..access.accounts import sign_in
 from ..access.issued import OFFLINE, OWN, OWN_TOKEN_LIFETIME, Holder, is_sealed
-from ..mirror import Mirror
 from ..client_request import ClientRequest
 from ..registry import headers as hdrs
 from ..registry import tokens
@@ -30,21 +29,22 @@ from ..registry.names import NAME_RE
 from ..registry.scopes import Scope, map_scope_fields, repository_names
 from ..registry.upstream import Upstream
 from ..responses import STALE_HEADERS, error_response, make_response
+from .parts import TokenParts
 
 log = logging.getLogger("hub_rewrite")
 
 Fields = list[tuple[str, str]]
 
 
-async def serve(request: ClientRequest, mirror: Mirror) -> http.Response:
+async def serve(request: ClientRequest, parts: TokenParts) -> http.Response:
     try:
         query = request.client_query
         form = tokens.parse_form(request.client_body) if request.method == "POST" else None
         named = request.path[len("/token") + 1:] or None
         request.upstream = request.registries.for_token(request.fixed, named, repository_names(query + (form or [])))
         request.summary.upstream = request.upstream.base
-        authorization, holder, form = await _credentials(request, mirror, form)
-        learned = await mirror.realms.discover(request.upstream, mirror.client)
+        authorization, holder, form = await _credentials(request, parts, form)
+        learned = await parts.upstreams.realms.discover(request.upstream, parts.upstreams.client)
     except RegistryError as e:
         if e.status == 401:
             return error_response(e, [("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
@@ -53,31 +53,31 @@ async def serve(request: ClientRequest, mirror: Mirror) -> http.Response:
         return error_response(e)
     if learned is None:
         if holder is not None:
-            return _own_token(mirror, holder)
+            return _own_token(parts, holder)
         return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
     realm, service = learned
-    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(request, mirror)), service)
+    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(request, parts)), service)
     if form is not None:
-        form = tokens.with_service(map_scope_fields(form, _permitted_scopes(request, mirror)), service)
-    return await _ask_token_service(request, mirror, realm, query, form, authorization, holder)
+        form = tokens.with_service(map_scope_fields(form, _permitted_scopes(request, parts)), service)
+    return await _ask_token_service(request, parts, realm, query, form, authorization, holder)
 
 
 async def _credentials(
-    request: ClientRequest, mirror: Mirror, form: Fields | None
+    request: ClientRequest, parts: TokenParts, form: Fields | None
 ) -> tuple[str | None, Holder | None, Fields | None]:
     """(the Authorization for the token service, the holder of the tokens to seal, the form):
     with mirror accounts, their part is checked and dropped."""
     authorization = request.client_authorization
-    if mirror.settings.accounts is None:
+    if parts.accounts is None:
         if any(k == "refresh_token" and is_sealed(v) for k, v in form or []):
             # another mirror's (this one has no accounts): not the token service's either
             raise RegistryError(401, "UNAUTHORIZED", "refresh token not issued by this mirror")
         return authorization, None, form
-    holder, authorization, form = await sign_in(mirror.settings.accounts, mirror.issued, authorization, form)
+    holder, authorization, form = await sign_in(parts.accounts, parts.issued, authorization, form)
     return authorization, holder, form
 
 
-def _permitted_scopes(request: ClientRequest, mirror: Mirror):
+def _permitted_scopes(request: ClientRequest, parts: TokenParts):
     """Client scope -> the upstream's, or None (dropped): another registry's prefix,
     a name outside the grammar, or a repository the rules refuse."""
     upstream: Upstream = request.upstream
@@ -86,15 +86,15 @@ def _permitted_scopes(request: ClientRequest, mirror: Mirror):
         scope = request.registries.upstream_scope(upstream, scope)
         if not scope.is_repository:
             return scope
-        if not NAME_RE.fullmatch(scope.name) or not mirror.settings.rules.permits(upstream.name, scope.name):
+        if not NAME_RE.fullmatch(scope.name) or not parts.rules.permits(upstream.name, scope.name):
             return None
-        return scope if mirror.settings.allow_push else scope.read_only()
+        return scope if parts.allow_push else scope.read_only()
 
     return mapped
 
 
 async def _ask_token_service(
-    request: ClientRequest, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None,
+    request: ClientRequest, parts: TokenParts, realm: str, query: Fields, form: Fields | None, authorization: str | None,
     holder: Holder | None,
 ) -> http.Response:
     method = request.method
@@ -103,7 +103,7 @@ async def _ask_token_service(
         method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
-        authorization = mirror.settings.upstream_credentials.basic_for(request.upstream.name)
+        authorization = parts.credentials.basic_for(request.upstream.name)
     operators = anonymous and authorization is not None
     if operators:
         # the operator's account lends short-lived access tokens only, never its refresh token
@@ -120,45 +120,45 @@ async def _ask_token_service(
     host = urlsplit(realm).hostname
     try:
         # Not following redirects: the credentials go to this realm only.
-        fetched = await mirror.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
+        fetched = await parts.upstreams.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
                                             follow_redirects=False, purpose="token request to the token service")
     except RegistryError as e:
         log.warning("token request to %s: %s", host, e.message)
-        if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, holder)
+        if parts.access is not None and as_anonymous:
+            return _offline_token(parts, holder)
         return error_response(RegistryError(e.status, e.code, f"token service: {e.message}"))
     if fetched.status >= 500:
         log.warning("token request to %s: answered %d", host, fetched.status)
-        if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, holder)
+        if parts.access is not None and as_anonymous:
+            return _offline_token(parts, holder)
         return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
     answer = fetched.body
     if operators and fetched.status == 200:
         answer = tokens.without_refresh_token(answer)
     grant = tokens.parse_grant(answer) if fetched.status == 200 else None
     if grant is not None:
-        if mirror.cache is not None and as_anonymous:
+        if parts.access is not None and as_anonymous:
             for token in grant.tokens:
-                mirror.cache.access.note_anonymous_token(token)
+                parts.access.note_anonymous_token(token)
         if holder is not None:
-            answer = mirror.issued.sealed_grant(holder, grant, answer)
+            answer = parts.issued.sealed_grant(holder, grant, answer)
     answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])
     return make_response(fetched.status, answer_headers, answer)
 
 
-def _own_token(mirror: Mirror, holder: Holder) -> http.Response:
+def _own_token(parts: TokenParts, holder: Holder) -> http.Response:
     """Mirror accounts in front of an upstream without token auth: the mirror's
     own token, which opens the mirror and is never sent upstream."""
-    return _token_answer(mirror.issued.seal(OWN, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME)
+    return _token_answer(parts.issued.seal(OWN, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME)
 
 
-def _offline_token(mirror: Mirror, holder: Holder | None) -> http.Response:
+def _offline_token(parts: TokenParts, holder: Holder | None) -> http.Response:
     """A token for a client without credentials while the token service is down.
 
     It is the mirror's own, worthless upstream, and opens only what anonymous
     clients were seen to pull within the stale window.
     """
-    return _token_answer(mirror.issued.seal(OFFLINE, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME, STALE_HEADERS)
+    return _token_answer(parts.issued.seal(OFFLINE, holder, OWN_TOKEN_LIFETIME), OWN_TOKEN_LIFETIME, STALE_HEADERS)
 
 
 def _token_answer(token: str, lifetime: float, headers: list[tuple[str, str]] = ()) -> http.Response:
