@@ -56,11 +56,11 @@ class Cache:
     access: AccessMemory
     downloads: Downloads
     blobs: BlobSender
+    tiers: TieredCache  # the store, the downloads and the bucket in their order: what the request paths ask
     ahead: AheadFetches = field(default_factory=AheadFetches)  # fetches ahead of clients (paths/ahead.py)
     listener: BlobListener | None = None
     listener_socket: socket.socket | None = None
     shared: SharedStore | None = None  # the bucket behind the local tier (hub_store_url)
-    tiers: TieredCache | None = None  # all of them, in their order: what the request paths ask
 
 
 class Mirror:
@@ -160,17 +160,19 @@ class Mirror:
             log.info("hub_rewrite: cache %s: %s", c.directory, store.found.plan())
         downloads = Downloads(store)
         blobs = BlobSender(store, downloads)
-        cache = Cache(c, store, AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace), downloads, blobs)
+        shared = None
         if c.store is not None:
             try:
-                cache.shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
+                shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
             except BucketConfigError as e:
                 raise exceptions.OptionsError(f"hub_store_url: {e}") from e
+        access = AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace)
+        cache = Cache(c, store, access, downloads, blobs, TieredCache(store, downloads, access, self.metrics, shared),
+                      shared=shared)
         self.secret, kept_in_bucket = self._secret(c, cache.shared)
         if cache.shared is not None:
             # a key the bucket holds proves nothing against whoever can write to the bucket
             cache.shared.use_mark_key(None if kept_in_bucket else self.secret)
-        cache.tiers = TieredCache(store, downloads, cache.access, self.metrics, cache.shared)
         if c.blob_listen is not None:
             cache.listener, cache.listener_socket = self._blob_listener(c, blobs)
         self.cache = cache
