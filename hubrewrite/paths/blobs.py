@@ -1,14 +1,17 @@
 """Blob GET/HEAD: from the cache, or from the upstream's storage, never held in memory.
 
-With a cache: a verified blob goes to a client its upstream confirmed; a blob
-being downloaded is followed; otherwise, for a whole-blob GET, the registry is
-asked for the blob with that client's token and, only if it has it for this
-client, the request claims the download (a lock file: a digest the registry
-does not have leaves nothing on disk), and the mirror fetches it from where
-the registry redirects (its CDN, without any credential) into the cache while
-every client follows the file. The
-client's bytes come from the mirror's loopback server through mitmproxy, or
-from the blob listener (a 307 to a signed URL there) when it is on.
+With a cache, ``cache/tiers.py`` says where the blob is (this disk, a download
+in progress, the shared bucket, or nowhere); this module turns that into an
+answer. A cached blob goes to a client its upstream confirmed; a blob being
+downloaded is followed; otherwise, for a whole-blob GET, the registry is asked
+for the blob with that client's token and, only if it has it for this client,
+the request claims the download (``TieredCache.claim_blob``: a lock file, and
+one in the bucket; a digest the registry does not have leaves nothing on
+disk), and the mirror fetches it from where the registry redirects (its CDN,
+without any credential) into the cache while every client follows the file.
+The client's bytes come from the mirror's loopback server through mitmproxy,
+from the blob listener (a 307 to a signed URL there) when it is on, or from
+the bucket itself (a presigned URL, ``hub_store_presign``).
 
 Without a cache, and for parts and heads of uncached blobs, the registry's
 redirect is followed by the client's own flow: mitmproxy streams the storage's
