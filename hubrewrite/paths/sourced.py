@@ -55,6 +55,8 @@ def resolved_by(pull: Pull, digest: str) -> str:
     """The URL that resolved this manifest request, logged for a tag: a secondary mirror may lag
     behind, so which one answered matters (the answer's X-Hub-Source, the flow's comment)."""
     source = answering(pull).base
+    if len(pull.upstream.bases) == 1:
+        return source  # the registry's only URL: nothing to tell
     if pull.route is not None and not pull.route.is_digest:
         log.info("tag %s:%s of %s resolved to %s by %s", pull.route.name, pull.route.reference,
                  pull.upstream.name, digest or "(no digest)", source)
