@@ -41,7 +41,9 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
             return cached
     if pull.method == "GET" and not _cached_anything(pull, mirror):
         fetched = await _fetched(pull, mirror)  # no HEAD could spare this GET: one round trip, not two
-        return _said_by(pull, fetched, fetched.headers.get("docker-content-digest", "")) if fetched.status_code == 200 else fetched
+        if fetched.status_code != 200:
+            return fetched
+        return _said_by(pull, fetched, fetched.headers.get("docker-content-digest", ""))
     try:
         head = await at_sources(pull, mirror, lambda url, headers: mirror.client.fetch(
             "HEAD", url, headers, purpose=f"tag resolution (HEAD) at {urlsplit(url).netloc}"), lambda h: h.status)

@@ -189,3 +189,21 @@ def test_offline_every_url_down_the_cache_keeps_pulling_and_says_so(first, secon
         log = m.log_text()
     assert "upstream docker.io: unreachable" in log and "upstream docker.io: reachable again" in log
     assert "Traceback" not in log
+
+
+def test_each_url_may_have_its_own_server_side_account(first, second, tmp_path):
+    """The operator's account for the second URL only (its host in hub_upstream_credentials): an
+    anonymous client pulls a private image the second URL holds, once the first is down."""
+    private = push_image(second, "private/solo", "1.0", [{"solo": "only on the second URL\n"}], media="docker")
+    host = second.api_url.split("://", 1)[1]
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"{host} alice {second.users['alice']}\n")
+    first.stop_service("edge")
+    first.stop_service("token")
+    with mirror_of(tmp_path, first, second, hub_upstream_credentials=str(credentials)) as m:
+        result = copy(f"docker://{m.host}/private/solo:1.0", tmp_path / "out")
+        assert result.returncode == 0, result.stderr + m.log_text()[-3000:]
+        assert pulled_digest(tmp_path / "out") == private["digest"]
+        log = m.log_text()
+    assert second.users["alice"] not in log and "Traceback" not in log
+    assert any(r.get("account") == "alice" for r in second.token_requests())
