@@ -63,13 +63,13 @@ class HubRewrite:
         self.pulls = BoundedDict(MAX_PULLS)
         self.certificates = CertificateRenewal()
         # one concern each, mitmproxy style: sub-addons get every hook after this one
-        guard = ConnectionGuard(lambda: self.mirror.budget)
+        guard = ConnectionGuard(lambda: self.mirror.budget if self.mirror is not None else None)
         self.work = ConnectionWork(close_client, guard.count)  # HTTP/2 streams reset while served
         self.addons = [
             ForwardProxy(lambda: self.mirror),
             guard,
             PieceReading(),  # after the guard, which decides a connection's first layer
-            DumperRedaction(lambda: self.mirror.settings.show_secrets),
+            DumperRedaction(lambda: self.mirror is not None and self.mirror.settings.show_secrets),
             self.certificates,
         ]
         self.check_report: list[str] | None = None  # hub_check: what would be served
@@ -146,6 +146,9 @@ class HubRewrite:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or is_side_flow(flow):
             return
+        if self.mirror is None:
+            flow.kill()  # the options stopped the start: nothing is served, nothing passes
+            return
         if not self.work.arrived(flow):
             flow.kill()  # its connection was closed for resetting streams: nothing more of it is served
             return
@@ -221,6 +224,8 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self.mirror is None:
+            return  # never started (see requestheaders)
         self.work.finished(flow)
         pull: Pull | None = self.pulls.pop(flow.id, None)
         self._close_record(flow, pull)
@@ -231,16 +236,18 @@ class HubRewrite:
             if replaced is not None:
                 add_missing(replaced, CORS_HEADERS)
                 flow.response = without_body_for_head(flow.request.method, replaced)
-        summaries.finish(pull, self.mirror.metrics)
+        summaries.finish(pull, self.mirror.metrics, self.mirror.sources)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if self.mirror is None:
+            return  # never started (see requestheaders)
         self.work.finished(flow)
         pull: Pull | None = self.pulls.pop(flow.id, None)
         self._close_record(flow, pull)
         if pull is not None:
             if pull.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
-            summaries.finish(pull, self.mirror.metrics)
+            summaries.finish(pull, self.mirror.metrics, self.mirror.sources)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.work.disconnected(client)

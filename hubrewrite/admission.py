@@ -178,7 +178,8 @@ async def _sign_in_challenge(pull: Pull, mirror: Mirror) -> http.Response:
     issued to one of its users): to the mirror's token endpoint."""
     service = None
     try:
-        learned = await mirror.realms.discover(pull.upstream, mirror.client)
+        source = mirror.sources.of(pull.upstream).next_source() or pull.upstream
+        learned = await mirror.realms.discover(source, mirror.client)
         service = learned[1] if learned else None
     except RegistryError:
         pass  # the challenge still tells the client where to sign in

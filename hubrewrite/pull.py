@@ -107,6 +107,9 @@ class Pull:
     identity: str = ""  # a stable, non-secret name for those credentials
     user: str | None = None  # the mirror account, with accounts on
     headers: list[tuple[str, str]] = field(default_factory=list)  # the client's, as the upstream should see them
+    # the URL of the registry that answered (sources.py), and the headers it got (paths/sourced.py)
+    source: Upstream | None = None
+    source_headers: list[tuple[str, str]] | None = None
     retried: bool = False  # the client was sent back once after a storage refused a signed URL
     transfer: Transfer | None = None
     hidden: http.Response | None = None  # an answer sent from the loopback server, so that its record can differ

@@ -42,10 +42,28 @@ class Metrics:
         self.tier_hits = Counter(
             "hub_cache_tier_hits", "Cached blobs served, by where they were: local (disk) or shared (bucket)",
             ["tier"], registry=r)
+        self.stale_served = Counter(
+            "hub_stale_served", "Answers from the cache while the registry failed (X-Hub-Cache: stale)",
+            ["upstream", "kind"], registry=r)
+        self.source_up = Gauge(
+            "hub_source_up", "1 while a URL of a registry answers, 0 while it is backing off after failing",
+            ["upstream", "source"], registry=r)
+        self.unreachable_since = Gauge(
+            "hub_upstream_unreachable_since_seconds",
+            "Unix time since which every URL of a registry fails; 0 while one answers", ["upstream"], registry=r)
         self.cache_writable = Gauge(
             "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
             registry=r,
         )
+
+    def note_sources(self, source_lists) -> None:
+        """Each registry URL's health and since when a registry is unreachable (sources.SourceList), as now."""
+        for sources in source_lists:
+            name = sources.upstream.base
+            since = sources.unreachable_since
+            self.unreachable_since.labels(name).set(since or 0)
+            for base, healthy, _, _ in sources.state():
+                self.source_up.labels(name, base).set(1 if healthy else 0)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

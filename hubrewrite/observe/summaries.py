@@ -7,6 +7,7 @@ import time
 
 from ..pull import Pull
 from ..responses import CACHE_HEADER
+from ..sources import Sources
 from .logline import pull_fields, pull_log_line
 from .logformat import HUB_FIELDS
 from .metrics import Metrics
@@ -14,7 +15,8 @@ from .metrics import Metrics
 log = logging.getLogger("hub_rewrite")
 
 
-def finish(pull: Pull, metrics: Metrics) -> None:
+def finish(pull: Pull, metrics: Metrics, sources: Sources | None = None) -> None:
+    """``sources``: told of answers from the cache while a registry is unreachable (the status page)."""
     summary, flow = pull.summary, pull.flow
     if summary.done:
         return
@@ -33,6 +35,9 @@ def finish(pull: Pull, metrics: Metrics) -> None:
     metrics.requests.labels(summary.upstream, summary.kind, str(status)).inc()
     if cache_state in ("hit", "miss", "stale") and summary.kind in ("blob", "manifest"):
         metrics.cache_requests.labels(summary.kind, cache_state).inc()
+        if cache_state == "stale" and sources is not None:
+            metrics.stale_served.labels(summary.upstream, summary.kind).inc()
+            sources.note_stale(summary.upstream, summary.kind)
     if summary.kind == "page":
         return
     facts = (flow.client_conn.peername[0] if flow.client_conn.peername else "-", summary.upstream,

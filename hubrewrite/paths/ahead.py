@@ -53,9 +53,10 @@ class Asker:
     identity: str
     authorization: str | None
     client: tuple[str, str]  # its credentials' identity and its address: the per-client bound
+    source: Upstream | None = None  # the URL of the registry that answered the client (sources.py)
 
     def url(self, kind: str, digest: str) -> str:
-        return self.upstream.url(f"/v2/{self.repository}/{kind}/{digest}")
+        return (self.source or self.upstream).url(f"/v2/{self.repository}/{kind}/{digest}")
 
 
 def after_manifest(pull: Pull, mirror: Mirror, answer: Answer) -> None:
@@ -67,8 +68,10 @@ def after_manifest(pull: Pull, mirror: Mirror, answer: Answer) -> None:
     named = contents(*manifest) if manifest is not None else None
     if named is None or not mirror.settings.rules.permits(pull.upstream.name, pull.route.name):
         return
-    asker = Asker(pull.upstream, pull.route.name, [(k, v) for k, v in pull.headers if k.lower() in KEPT_HEADERS],
-                  pull.identity, pull.authorization, (pull.identity, (pull.flow.client_conn.peername or ('',))[0]))
+    headers = pull.source_headers if pull.source_headers is not None else pull.headers  # as that URL got them
+    asker = Asker(pull.upstream, pull.route.name, [(k, v) for k, v in headers if k.lower() in KEPT_HEADERS],
+                  pull.identity, pull.authorization, (pull.identity, (pull.flow.client_conn.peername or ('',))[0]),
+                  pull.source)
     for blob in named.blobs:
         if not (cache.store.has_blob(blob.digest) and _known(asker, mirror, blob.digest)):
             cache.ahead.submit(("blob", blob.digest), asker.client, blob.size,

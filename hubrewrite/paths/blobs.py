@@ -39,6 +39,7 @@ from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_respon
 from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
 from . import bucket_blobs, relay
 from .cache_access import Access, check, confirm
+from .sourced import at_sources
 
 log = logging.getLogger("hub_rewrite")
 
@@ -267,8 +268,10 @@ async def start_download(mirror: Mirror, download: Download, probe: Probe, heade
 
 
 async def _probe(pull: Pull, mirror: Mirror) -> Probe:
-    return await probe_registry(mirror, pull.method, pull.url, pull.headers,
-                                lambda status, fields, body: relay.relayed(pull, mirror, status, fields, body))
+    """At the first URL of the registry that answers (paths/sourced.py)."""
+    return await at_sources(pull, mirror, lambda url, headers: probe_registry(
+        mirror, pull.method, url, headers, lambda status, fields, body: relay.relayed(pull, mirror, status, fields, body)),
+        lambda probe: probe.answer.status_code if probe.answer is not None else 200)
 
 
 async def probe_registry(mirror: Mirror, method: str, url: str, headers: list[tuple[str, str]],
@@ -304,7 +307,7 @@ async def from_storage(pull: Pull, mirror: Mirror, probe: Probe | None = None) -
         return probe.answer
     digest = pull.route.reference
     if probe.direct:
-        return Retarget(pull.url, Transfer(digest, [], "storage"), keep_credentials=True)
+        return Retarget(probe.target, Transfer(digest, [], "storage"), keep_credentials=True)  # the URL that answered
     kept = probe.kept
     if not any(name.lower() == "docker-content-digest" for name, _ in kept):
         # distribution's redirect does not carry it, the storage knows nothing of digests,

@@ -15,6 +15,7 @@ from ..mirror import Mirror
 from ..pull import Pull
 from ..cache.store import Store
 from ..registry.errors import RegistryError
+from .sourced import at_sources
 
 
 class Access(Enum):
@@ -62,8 +63,9 @@ async def check(pull: Pull, mirror: Mirror, digest: str, path: str) -> Access:
     if known(pull, mirror, digest):
         return Access.GRANTED
     try:
-        head = await mirror.client.fetch("HEAD", pull.upstream.url(path), pull.headers, follow_redirects=False,
-                                         purpose="access check: may this client read it")
+        head = await at_sources(pull, mirror, lambda url, headers: mirror.client.fetch(
+            "HEAD", url, headers, follow_redirects=False, purpose="access check: may this client read it"),
+            lambda h: h.status, path)
     except RegistryError as failure:
         if await _known_stale_anywhere(pull, mirror, digest):
             return Access.STALE

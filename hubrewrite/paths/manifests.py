@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 from ..mirror import Mirror
 from ..pull import Answer, Transfer, Pull, Retarget
 from ..cache.store import Store
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, asks_for, same_answer
-from ..responses import API_VERSION_HEADER, CACHE_HEADER, STALE_HEADERS, error_response, make_response
+from ..responses import API_VERSION_HEADER, CACHE_HEADER, SOURCE_HEADER, STALE_HEADERS, error_response, make_response
 from . import relay
 from .cache_access import confirm, known, known_stale
+from .sourced import at_sources, resolved_by
 
 log = logging.getLogger("hub_rewrite")
 
@@ -38,19 +40,33 @@ async def serve(pull: Pull, mirror: Mirror) -> Answer:
         if cached is not None:
             return cached
     if pull.method == "GET" and not _cached_anything(pull, mirror):
-        return await _fetched(pull, mirror)  # no HEAD could spare this GET: one round trip, not two
+        fetched = await _fetched(pull, mirror)  # no HEAD could spare this GET: one round trip, not two
+        if fetched.status_code != 200:
+            return fetched
+        return _said_by(pull, fetched, fetched.headers.get("docker-content-digest", ""))
     try:
-        head = await mirror.client.fetch("HEAD", pull.url, pull.headers, purpose="tag resolution (HEAD)")
+        head = await at_sources(pull, mirror, lambda url, headers: mirror.client.fetch(
+            "HEAD", url, headers, purpose=f"tag resolution (HEAD) at {urlsplit(url).netloc}"), lambda h: h.status)
     except RegistryError as failure:
         return await _stale(pull, mirror) or error_response(failure)
     digest = head.header("docker-content-digest")
     if head.status == 200 and digest and digest.startswith("sha256:"):
-        return await _resolved(pull, mirror, head, digest)
+        return _said_by(pull, await _resolved(pull, mirror, head, digest), digest)
     if head.status == 429 or head.status >= 500:
         stale = await _stale(pull, mirror)
         if stale is not None:
             return stale
     return await relay.serve(pull, mirror)  # a refusal or an unusual answer: the upstream's own
+
+
+def _said_by(pull: Pull, answer: Answer, digest: str) -> Answer:
+    """Which URL of the registry resolved the reference (paths/sourced.py)."""
+    if isinstance(answer, Retarget):
+        if answer.transfer is not None and not any(k == SOURCE_HEADER for k, _ in answer.transfer.headers):
+            answer.transfer.headers.append((SOURCE_HEADER, resolved_by(pull, digest)))
+    elif SOURCE_HEADER not in answer.headers:
+        answer.headers[SOURCE_HEADER] = resolved_by(pull, digest)
+    return answer
 
 
 def _cached_anything(pull: Pull, mirror: Mirror) -> bool:

@@ -15,7 +15,8 @@ from ..pull import Pull
 from ..registry.errors import RegistryError
 from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
-from ..observe.status_page import StatusFacts, status_page
+from ..observe.status_page import RegistrySources, StatusFacts, status_page
+from ..sources import describe_stale
 
 METRICS_PATH = "/_hub/metrics"
 HEALTH_PATH = "/_hub/health"
@@ -30,6 +31,7 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         cache_bytes = await asyncio.to_thread(mirror.cache.store.total_bytes)
         mirror.metrics.cache_bytes.set(cache_bytes)
         mirror.metrics.cache_writable.set(0 if mirror.cache.store.problem else 1)
+    mirror.metrics.note_sources(mirror.sources.lists.values())
     if pull.path == METRICS_PATH:
         body, content_type = mirror.metrics.exposition()
         return make_response(200, [("Content-Type", content_type)], body)
@@ -62,6 +64,8 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
         proxy_url=_proxy_url(pull.flow.client_conn) if is_forward_proxy(pull.flow.client_conn) else "",
         **(mirror.prefetch.facts() if mirror.prefetch is not None else {}),
+        sources=[RegistrySources(s.name, s.state(), s.unreachable_since, describe_stale(s.stale_served))
+                 for s in mirror.sources.lists.values()],
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 

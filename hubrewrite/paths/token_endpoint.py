@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -30,6 +31,7 @@ from ..registry.names import NAME_RE
 from ..registry.scopes import Scope, map_scope_fields, repository_names
 from ..registry.upstream import Upstream
 from ..responses import STALE_HEADERS, error_response, make_response
+from ..sources import UNAVAILABLE_STATUSES, first_answer
 
 log = logging.getLogger("hub_rewrite")
 
@@ -44,22 +46,60 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
         pull.upstream = pull.registries.for_token(pull.fixed, named, repository_names(query + (form or [])))
         pull.summary.upstream = pull.upstream.base
         authorization, holder, form = await _credentials(pull, mirror, form)
-        learned = await mirror.realms.discover(pull.upstream, mirror.client)
+        request = TokenRequest(pull.method, query, form, authorization, holder)
+        return await _at_sources(pull, mirror, request)
     except RegistryError as e:
         if e.status == 401:
             return error_response(e, [("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
         if e.status >= 500:
             e = RegistryError(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
         return error_response(e)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A client's token request as the mirror sends it on (mirror accounts' part checked and dropped)."""
+
+    method: str
+    query: Fields
+    form: Fields | None
+    authorization: str | None
+    holder: Holder | None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.authorization is None and not tokens.carries_credentials(self.form)
+
+
+async def _at_sources(pull: Pull, mirror: Mirror, request: TokenRequest) -> http.Response:
+    """The token service of the first URL of the registry that answers (each URL announces its own);
+    with none answering, a client without credentials gets an offline token (stale mode)."""
+    try:
+        source, answer = await first_answer(mirror.sources.of(pull.upstream),
+                                            lambda source: _at_source(pull, mirror, source, request),
+                                            lambda answer: answer.status_code)
+    except RegistryError as e:
+        lent = mirror.settings.upstream_credentials.basic_for(pull.upstream.name)  # the operator's account: not anonymous
+        if mirror.cache is not None and request.anonymous and not lent and e.status in UNAVAILABLE_STATUSES:
+            log.warning("token request for %s: %s; an offline token", pull.upstream.name, e.message)
+            return _offline_token(mirror, request.holder)
+        raise
+    pull.source = source
+    return answer
+
+
+async def _at_source(pull: Pull, mirror: Mirror, source: Upstream, request: TokenRequest) -> http.Response:
+    learned = await mirror.realms.discover(source, mirror.client)
     if learned is None:
-        if holder is not None:
-            return _own_token(mirror, holder)
-        return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
+        if request.holder is not None:
+            return _own_token(mirror, request.holder)
+        raise RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
     realm, service = learned
-    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(pull, mirror)), service)
+    query = tokens.with_service(map_scope_fields(request.query, _permitted_scopes(pull, mirror)), service)
+    form = request.form
     if form is not None:
         form = tokens.with_service(map_scope_fields(form, _permitted_scopes(pull, mirror)), service)
-    return await _ask_token_service(pull, mirror, realm, query, form, authorization, holder)
+    return await _ask_token_service(pull, mirror, source, realm, replace(request, query=query, form=form))
 
 
 async def _credentials(
@@ -93,17 +133,17 @@ def _permitted_scopes(pull: Pull, mirror: Mirror):
     return mapped
 
 
-async def _ask_token_service(
-    pull: Pull, mirror: Mirror, realm: str, query: Fields, form: Fields | None, authorization: str | None,
-    holder: Holder | None,
-) -> http.Response:
-    method = pull.method
+async def _ask_token_service(pull: Pull, mirror: Mirror, source: Upstream, realm: str,
+                             request: TokenRequest) -> http.Response:
+    """Raises RegistryError (502) when the token service gives no answer or a 5xx: the URL failed."""
+    method, query, form, authorization, holder = (request.method, request.query, request.form,
+                                                  request.authorization, request.holder)
     if method == "POST" and form is not None and not tokens.carries_credentials(form):
         # a password grant whose password was only the mirror's: ask anonymously
         method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
-        authorization = mirror.settings.upstream_credentials.basic_for(pull.upstream.name)
+        authorization = mirror.settings.upstream_credentials.basic_for_source(source)
     operators = anonymous and authorization is not None
     if operators:
         # the operator's account lends short-lived access tokens only, never its refresh token
@@ -116,30 +156,30 @@ async def _ask_token_service(
     if form is not None:
         body = tokens.encode_form(form)
         headers.append(("Content-Type", tokens.FORM_TYPE))
-    as_anonymous = anonymous and authorization is None
     host = urlsplit(realm).hostname
     try:
         # Not following redirects: the credentials go to this realm only.
         fetched = await mirror.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
                                             follow_redirects=False, purpose="token request to the token service")
     except RegistryError as e:
-        log.warning("token request to %s: %s", host, e.message)
-        if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, holder)
-        return error_response(RegistryError(e.status, e.code, f"token service: {e.message}"))
+        raise RegistryError(e.status, e.code, f"token service at {host}: {e.message}") from e
     if fetched.status >= 500:
-        log.warning("token request to %s: answered %d", host, fetched.status)
-        if mirror.cache is not None and as_anonymous:
-            return _offline_token(mirror, holder)
-        return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
+        raise RegistryError(502, "UNAVAILABLE", f"token service at {host} answered {fetched.status}")
+    return _answer(mirror, source, fetched, anonymous, operators, holder)
+
+
+def _answer(mirror: Mirror, source: Upstream, fetched, anonymous: bool, operators: bool,
+            holder: Holder | None) -> http.Response:
+    """The token service's answer as the client gets it; its tokens noted as this URL's."""
     answer = fetched.body
     if operators and fetched.status == 200:
         answer = tokens.without_refresh_token(answer)
     grant = tokens.parse_grant(answer) if fetched.status == 200 else None
     if grant is not None:
-        if mirror.cache is not None and as_anonymous:
+        if mirror.cache is not None and anonymous and not operators:
             for token in grant.tokens:
                 mirror.cache.access.note_anonymous_token(token)
+        mirror.source_tokens.issued(grant.tokens, source, lendable=anonymous)
         if holder is not None:
             answer = mirror.issued.sealed_grant(holder, grant, answer)
     answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])

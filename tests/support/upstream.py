@@ -620,7 +620,7 @@ class Upstream:
                        method: str | None = None, seconds: float | None = None) -> dict:
         """Next ``times`` (0 = until cleared) edge requests whose path+query
         contains ``path_contains`` (and with ``method``, if given) get
-        "status500" (UNKNOWN), "status429" (TOOMANYREQUESTS, Retry-After: 7),
+        "status500" (UNKNOWN), "status503" (UNAVAILABLE), "status429" (TOOMANYREQUESTS, Retry-After: 7),
         "hang" or "close" instead of being proxied; "none" clears."""
         return self._fault_post("edge", "/_edge/fault", mode, times, path_contains=path_contains,
                                 method=method, seconds=seconds)
