@@ -147,6 +147,7 @@ class Body:
         self.closed = True
         whole = self.length is not None and self.consumed == self.length and not self.leftover
         if whole and self.reusable and not self.interrupter.interrupted:
+            self.interrupter.watch(None)  # a late interrupt must not reach the connection in its next use
             self.pool.put(self.key, self.sock)
         else:
             self.pool.discard(self.sock)
