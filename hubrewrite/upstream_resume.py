@@ -9,12 +9,13 @@ first answer: when a read fails (the peer closed, reset, went silent for the ups
 timeout), it asks for the rest where it stopped and goes on reading, so whoever reads it
 (the cache's ``Copy``, or a client's stream without a cache) sees one uninterrupted body.
 
-Where the rest comes from is the ``Origin``'s business: the same URL while the source takes
-it; a fresh redirect of the registry when the source refuses it with 403 (a signed URL that
-expired), asked with the credentials the transfer was started with (the first client's
+Where the rest comes from is the ``Origin``'s business, decided in one place
+(``Origin.next_url``, made by ``paths/origins.next_source``): the same URL while the source
+takes it; a fresh redirect of the registry when the source refuses it with 403 (a signed URL
+that expired), asked with the credentials the transfer was started with (the first client's
 token: if that expired too, the registry refuses and the blob fails cleanly). Several URLs
-per registry (the next one when a source is down) will plug in there; only the same URL and
-a fresh redirect exist today.
+per registry (the next one when a source is down) plug in there; only the same URL and a
+fresh redirect exist today.
 
 What a resume accepts: a ``206`` whose ``Content-Range`` is exactly the rest of the blob,
 or a ``200`` with the whole blob (the source ignored ``Range``: the bytes up to the position
@@ -70,9 +71,10 @@ class Origin:
 
     url: str  # the source: the storage URL the registry redirected to, or the registry itself
     fetch: Callable[[str, int], Awaitable[Body]]  # GET url from byte n on (RegistryError when unreachable)
-    # a new URL when the source refused this one (403: a signed URL expired); RegistryError when
-    # the registry refuses. None: the URL does not expire (the registry itself serves the blob)
-    fresh_url: Callable[[], Awaitable[str]] | None
+    # the one place that says where the next attempt goes (``paths/origins.next_source``): given
+    # the URL that failed and why ("interrupted", "refused", "expired": a 403), the URL to try
+    # next, or None when there is none; RegistryError when the registry refuses a fresh one
+    next_url: Callable[[str, str], Awaitable[str | None]]
     patience: float  # seconds a transfer may go without a byte, from its first failure: the upstream timeout
     # counts each resume request: "interrupted" (the connection broke or went silent), "refused" (the
     # previous resume was answered 5xx or 429), "expired" (with a fresh URL after a 403)
@@ -182,23 +184,33 @@ class Resuming:
         log.warning("blob %s: %s after %d of %d bytes from %s; resuming from byte %d (resume %d of %d)", self.name,
                     _describe(error), self.position, self.length, self.origin.host, self.position, self.resumes,
                     MAX_RESUMES)
-        self.origin.resumed("refused" if isinstance(error, Refused) else "interrupted")
-        body = await self._fetch()
-        if body.status == 403 and self.origin.fresh_url is not None:
-            body.close()
-            log.warning("blob %s: %s refused the resume with 403 (an expired URL); asking the registry for a "
-                        "fresh redirect", self.name, self.origin.host)
-            self.origin.resumed("expired")
-            try:
-                self.origin.url = await self.origin.fresh_url()
-            except RegistryError as e:
-                raise Unresumable(f"the registry refused a fresh redirect: {e.message}") from e
-            body = await self._fetch()
+        reason = "refused" if isinstance(error, Refused) else "interrupted"
+        self.origin.resumed(reason)
+        body = await self._fetch(await self._next(reason))
+        if body.status == 403:
+            log.warning("blob %s: %s refused the resume with 403 (an expired URL); asking for a fresh one",
+                        self.name, self.origin.host)
+            url = await self._next("expired")
+            if url is not None:
+                body.close()
+                self.origin.resumed("expired")
+                body = await self._fetch(url)
         return _checked(body, self.position, self.length)
 
-    async def _fetch(self) -> Body:
+    async def _next(self, reason: str) -> str | None:
         try:
-            return await self.origin.fetch(self.origin.url, self.position)
+            url = await self.origin.next_url(self.origin.url, reason)
+        except RegistryError as e:
+            raise Unresumable(f"the registry refused a fresh redirect: {e.message}") from e
+        if url is not None:
+            self.origin.url = url
+        return url
+
+    async def _fetch(self, url: str | None) -> Body:
+        if url is None:
+            raise Unresumable("no source left to resume from")
+        try:
+            return await self.origin.fetch(url, self.position)
         except RegistryError as e:
             raise BodyError(e.message) from e
 

@@ -59,14 +59,27 @@ def origin_of(mirror: Mirror, probe: Probe, sent: list[tuple[str, str]], reprobe
     async def fetch(url: str, start: int) -> Body:
         return await mirror.client.open_body(url, sent, purpose=f"{purpose}, resumed from byte {start}", start=start)
 
-    async def fresh_url() -> str:
-        again = await reprobe()
-        if again.answer is not None:
-            raise RegistryError(502, "UNAVAILABLE", f"the registry answered {again.answer.status_code}")
-        return again.target
+    async def next_url(failed: str, reason: str) -> str | None:
+        return await next_source(probe, failed, reason, reprobe)
 
-    return Origin(probe.target, fetch, None if probe.direct else fresh_url, mirror.settings.client.timeout,
+    return Origin(probe.target, fetch, next_url, mirror.settings.client.timeout,
                   lambda reason: mirror.metrics.download_resumes.labels(reason).inc())
+
+
+async def next_source(probe: Probe, failed: str, reason: str, reprobe: Reprobe) -> str | None:
+    """Where a transfer cut in the middle goes on: the one place that chooses the next source.
+    ``failed``: the URL the last attempt used; ``reason``: "interrupted" (the connection broke or
+    went silent), "refused" (a 5xx or 429), "expired" (a 403). Today: the same URL, or after a 403
+    a fresh redirect from the registry (a registry serving the blob itself has none: None).
+    Several URLs per registry extend it here: the next healthy URL when the source is down."""
+    if reason != "expired":
+        return failed
+    if probe.direct:
+        return None
+    again = await reprobe()
+    if again.answer is not None:
+        raise RegistryError(502, "UNAVAILABLE", f"the registry answered {again.answer.status_code}")
+    return again.target
 
 
 def storage_error(digest: str, status: int, reason: str) -> http.Response:
