@@ -32,6 +32,7 @@ class CuttingServer:
         self.cut_every: int | None = None
         self.expired: set[str] = set()
         self.ignore_range = self.bad_range = False
+        self.refuse_resumes = 0  # resumes answered 503 before one is served
         self.requests: list[tuple[str, str | None]] = []  # (path, Range)
         outer = self
 
@@ -57,6 +58,13 @@ class CuttingServer:
             h.send_header("Content-Length", "7")
             h.end_headers()
             h.wfile.write(b"expired")
+            return
+        if asked and self.refuse_resumes:
+            self.refuse_resumes -= 1
+            h.send_response(503)
+            h.send_header("Content-Length", "4")
+            h.end_headers()
+            h.wfile.write(b"busy")
             return
         start = int(asked[6:-1]) if asked and not self.ignore_range else 0
         h.send_response(206 if start else 200)
@@ -187,3 +195,14 @@ def test_another_range_than_the_rest_of_the_blob_is_refused(server):
     server.bad_range = True
     with pytest.raises(Unresumable, match="not the rest of this blob"):
         asyncio.run(read_through(server.url + "/blob", server))
+
+
+def test_resumes_refused_with_503_are_tried_again_after_a_growing_pause(server):
+    server.cuts = [len(BLOB) // 2]
+    server.refuse_resumes = 2
+    started = time.monotonic()
+    got, source, asked = asyncio.run(read_through(server.url + "/blob", server))
+    took = time.monotonic() - started
+    assert got == BLOB and source.resumes == 3
+    assert [reason for _, reason in asked] == ["interrupted", "refused", "refused"]
+    assert 1.5 <= took < 5  # at once after the cut, then 0.5 s, then 1 s
