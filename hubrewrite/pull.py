@@ -67,7 +67,8 @@ class Transfer:
     digest: str
     headers: list[tuple[str, str]]  # for the client's answer: the digest, the cache state
     # "storage" (the registry's CDN or the registry, relayed), or the loopback server's
-    # "cache" (a verified file) or "download" (a download followed)
+    # "cache" (a verified file), "download" (a download followed) or "stream" (without a cache,
+    # the mirror's own transfer from the storage: streams.py)
     source: str
     download: Download | None = None  # the download whose start this request made
     retry_location: str | None = None  # a storage refusing a signed URL sends the client back here once

@@ -23,6 +23,10 @@ class Metrics:
         self.prefetch_rounds = Counter(
             "hub_prefetch_rounds", "Prefetch rounds: done here, or left to another process of the bucket", ["outcome"],
             registry=r)
+        self.download_resumes = Counter(
+            "hub_download_resumes", "Requests resuming a blob transfer cut in the middle (Range from the byte it "
+            "reached), by why: interrupted, refused (a 5xx or 429 before), expired (a fresh redirect after a 403)",
+            ["reason"], registry=r)
         self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
         self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)

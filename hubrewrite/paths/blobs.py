@@ -37,9 +37,10 @@ from ..registry.errors import RegistryError
 from ..registry.upstream import base_url
 from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_response
 from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
-from . import bucket_blobs, relay
+from . import bucket_blobs, relay, uncached
 from .cache_access import Access, check, confirm
 from .sourced import at_sources
+from .origins import open_source, storage_error
 
 log = logging.getLogger("hub_rewrite")
 
@@ -236,35 +237,24 @@ async def _download(pull: Pull, mirror: Mirror, download: Download, probe: Probe
 async def start_download(mirror: Mirror, download: Download, probe: Probe, headers: list[tuple[str, str]],
                          upstream: str, reprobe: Callable[[], Awaitable[Probe]], ahead: bool = False) -> Outcome:
     """Open the probe's target (without credentials unless it is the registry itself) and hand
-    it to the download; a 403 (an expired signed URL) gets a new one from ``reprobe``, once."""
+    it to the download, with where it came from to resume it after a cut (``origins.py``)."""
     store = mirror.cache.store
-    for attempt in (1, 2):
-        sent = headers if probe.direct else hdrs.without_credentials(headers)
-        try:
-            body = await mirror.client.open_body(probe.target, sent, purpose="blob download into the cache"
-                                                 + (", ahead of the client" if ahead else ""))
-        except RegistryError as e:
-            return Outcome(answer=error_response(e))
-        if body.status == 403 and attempt == 1:
-            body.close()
-            log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
-                        urlsplit(probe.target).hostname)
-            probe = await reprobe()
-            if probe.answer is not None:
-                return Outcome(answer=probe.answer)
-            continue
-        if body.status != 200 or body.length is None or not store.has_room_for(body.length):
-            body.close()
-            return Outcome(answer=storage_error(download.digest, body.status, body.reason) if body.status != 200
-                           else None)
-        try:
-            download.start(body, mirror.metrics.bytes_fetched.labels(upstream).inc)
-        except OSError as e:
-            body.close()
-            store.note_problem(e)
-            return Outcome()
-        return Outcome(started=True)
-    return Outcome(answer=storage_error(download.digest, 403, "Forbidden"))
+    purpose = "blob download into the cache" + (", ahead of the client" if ahead else "")
+    opened = await open_source(mirror, download.digest, probe, headers, reprobe, purpose)
+    if isinstance(opened, http.Response):
+        return Outcome(answer=opened)
+    body, origin = opened
+    if body.status != 200 or body.length is None or not store.has_room_for(body.length):
+        body.close()
+        return Outcome(answer=storage_error(download.digest, body.status, body.reason) if body.status != 200
+                       else None)
+    try:
+        download.start(body, mirror.metrics.bytes_fetched.labels(upstream).inc, origin)
+    except OSError as e:
+        body.close()
+        store.note_problem(e)
+        return Outcome()
+    return Outcome(started=True)
 
 
 async def _probe(pull: Pull, mirror: Mirror) -> Probe:
@@ -306,6 +296,11 @@ async def from_storage(pull: Pull, mirror: Mirror, probe: Probe | None = None) -
     if probe.answer is not None:
         return probe.answer
     digest = pull.route.reference
+    if mirror.cache is None and pull.method == "GET" and "range" not in pull.flow.request.headers:
+        # the mirror's own transfer, resumed after a cut: the client sees one 200
+        streamed = await uncached.stream(pull, mirror, probe, lambda: _probe(pull, mirror))
+        if streamed is not None:
+            return streamed
     if probe.direct:
         return Retarget(probe.target, Transfer(digest, [], "storage"), keep_credentials=True)  # the URL that answered
     kept = probe.kept
@@ -331,13 +326,6 @@ def _retry_location(pull: Pull) -> str | None:
     if pull.retried:
         return None
     return pull.path + "?" + urlencode([*pull.client_query, (RETRY_PARAM, "1")])
-
-
-def storage_error(digest: str, status: int, reason: str) -> http.Response:
-    log.warning("blob %s: storage answered %d", digest, status)
-    if status == 404:
-        return error_response(RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry storage"))
-    return error_response(RegistryError(502, "UNAVAILABLE", f"blob storage answered {status} {reason}"))
 
 
 def replace_storage_error(transfer: Transfer, response: http.Response) -> http.Response | None:

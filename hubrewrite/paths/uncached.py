@@ -1,0 +1,41 @@
+"""A whole blob GET without a cache: the mirror's own transfer from the registry's redirect,
+sent through the loopback server (``streams.py``) instead of relayed by mitmproxy, so that a
+connection cut in the middle is resumed (``upstream_resume``) and the client sees one 200
+whose bytes were checked against the digest before its last byte went out.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from ..cache.serving import blob_headers
+from ..mirror import Mirror
+from ..pull import Pull, Retarget, Transfer
+from ..streams import Stream
+from .origins import Reprobe, open_source, storage_error
+
+if TYPE_CHECKING:
+    from .blobs import Probe
+
+
+async def stream(pull: Pull, mirror: Mirror, probe: Probe, reprobe: Reprobe) -> http.Response | Retarget | None:
+    """The client's answer, or None where the source gives no length (chunked): relayed as before."""
+    digest = pull.route.reference
+    opened = await open_source(mirror, digest, probe, pull.headers, reprobe, "blob streamed to the client")
+    if isinstance(opened, http.Response):
+        return opened
+    body, origin = opened
+    if body.status != 200:
+        body.close()
+        return storage_error(digest, body.status, body.reason)
+    if body.length is None:
+        body.close()
+        return None
+    kept = probe.kept or []
+    on_bytes = mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc
+    path = mirror.loopback.offer(Stream(body, origin, digest, blob_headers(digest), on_bytes))
+    pull.flow.comment += f"; blob streamed from {urlsplit(origin.url).hostname} by the mirror"
+    return Retarget(path, Transfer(digest, kept, "stream"), loopback=True)
