@@ -63,13 +63,13 @@ class HubRewrite:
         self.requests = BoundedDict(MAX_REQUESTS)
         self.certificates = CertificateRenewal()
         # one concern each, mitmproxy style: sub-addons get every hook after this one
-        guard = ConnectionGuard(lambda: self.mirror.budget)
+        guard = ConnectionGuard(lambda: self.mirror.budget if self.mirror is not None else None)
         self.work = ConnectionWork(close_client, guard.count)  # HTTP/2 streams reset while served
         self.addons = [
             ForwardProxy(lambda: self.mirror),
             guard,
             PieceReading(),  # after the guard, which decides a connection's first layer
-            DumperRedaction(lambda: self.mirror.settings.show_secrets),
+            DumperRedaction(lambda: self.mirror is not None and self.mirror.settings.show_secrets),
             self.certificates,
         ]
         self.check_report: list[str] | None = None  # hub_check: what would be served
@@ -145,6 +145,9 @@ class HubRewrite:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or is_side_flow(flow):
+            return
+        if self.mirror is None:
+            flow.kill()  # the options stopped the start: nothing is served, nothing passes
             return
         if not self.work.arrived(flow):
             flow.kill()  # its connection was closed for resetting streams: nothing more of it is served
@@ -222,6 +225,8 @@ class HubRewrite:
         # error answers are small: left buffered for response() to replace
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self.mirror is None:
+            return  # never started (see requestheaders)
         self.work.finished(flow)
         request: ClientRequest | None = self.requests.pop(flow.id, None)
         self._close_record(flow, request)
@@ -232,9 +237,11 @@ class HubRewrite:
             if replaced is not None:
                 add_missing(replaced, CORS_HEADERS)
                 flow.response = without_body_for_head(flow.request.method, replaced)
-        summaries.finish(request, self.mirror.metrics)
+        summaries.finish(request, self.mirror.metrics, self.mirror.sources)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if self.mirror is None:
+            return  # never started (see requestheaders)
         self.work.finished(flow)
         request: ClientRequest | None = self.requests.pop(flow.id, None)
         self._close_record(flow, request)
@@ -242,7 +249,7 @@ class HubRewrite:
             if request.transfer is not None and flow.error:
                 log.warning("blob %s transfer from %s failed: %s", request.transfer.digest, flow.request.host,
                             flow.error.msg)
-            summaries.finish(request, self.mirror.metrics)
+            summaries.finish(request, self.mirror.metrics, self.mirror.sources)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.work.disconnected(client)

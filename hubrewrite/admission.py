@@ -178,7 +178,8 @@ async def _sign_in_challenge(request: ClientRequest, mirror: Mirror) -> http.Res
     issued to one of its users): to the mirror's token endpoint."""
     service = None
     try:
-        learned = await mirror.realms.discover(request.upstream, mirror.client)
+        source = mirror.sources.of(request.upstream).next_source() or request.upstream
+        learned = await mirror.realms.discover(source, mirror.client)
         service = learned[1] if learned else None
     except RegistryError:
         pass  # the challenge still tells the client where to sign in

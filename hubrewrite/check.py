@@ -42,7 +42,7 @@ def report(settings: Settings, listeners: list[str], certificates: list[Watched]
     lines += [_certificate(w) for w in certificates]
     table = settings.registries
     lines.append("registries: " + ", ".join(
-        f"{name} ({upstream.base}{', default' if name == table.default else ''})"
+        f"{name} ({', '.join(upstream.bases)}{', default' if name == table.default else ''})"
         for name, upstream in table.table.items()))
     lines.append(f"public URL: {settings.public_url or 'from each client connection'}")
     accounts = settings.accounts

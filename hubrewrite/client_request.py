@@ -73,6 +73,7 @@ class TransferSource(Enum):
     STORAGE = "storage"  # the registry's CDN or the registry itself, relayed by mitmproxy
     CACHE = "cache"  # a verified file, from the loopback server
     DOWNLOAD = "download"  # a download followed as it arrives, from the loopback server
+    STREAM = "stream"  # without a cache: the mirror's own transfer from the storage (streams.py)
 
 
 @dataclass
@@ -121,6 +122,9 @@ class ClientRequest:
     identity: str = ""  # a stable, non-secret name for those credentials
     user: str | None = None  # the mirror account, with accounts on
     headers: list[tuple[str, str]] = field(default_factory=list)  # the client's, as the upstream should see them
+    # the URL of the registry that answered (sources.py), and the headers it got (paths/sourced.py)
+    source: Upstream | None = None
+    source_headers: list[tuple[str, str]] | None = None
     retried: bool = False  # the client was sent back once after a storage refused a signed URL
     transfer: Transfer | None = None
     hidden: http.Response | None = None  # an answer sent from the loopback server, so that its record can differ

@@ -26,11 +26,14 @@ class ForwardProxy:
         self.mirror_of = mirror_of  # -> the running Mirror (it changes with the options)
 
     def may_pass_through(self, client: connection.Client) -> bool:
+        if self.mirror_of() is None:
+            return False  # not running (its options stopped the start): nothing passes
         settings = self.mirror_of().settings
         return settings.proxy_passthrough and (settings.proxy_guarded or settings.private_networks.holds(client))
 
     def _served(self, host: str | None, port: int) -> bool:
-        return bool(host) and self.mirror_of().settings.registries.for_proxy_target(host, port) is not None
+        mirror = self.mirror_of()
+        return bool(host) and mirror is not None and mirror.settings.registries.for_proxy_target(host, port) is not None
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """TLS to a host outside the table is passed through, not intercepted."""
@@ -49,7 +52,8 @@ class ForwardProxy:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A request for a host outside the table, from a client that may not pass: refused
         before any byte of it goes anywhere (a body is drained by the mirror)."""
-        if flow.response or CLIENT_URL in flow.metadata or is_side_flow(flow) or not is_forward_proxy(flow.client_conn):
+        if flow.response or flow.error or CLIENT_URL in flow.metadata or is_side_flow(flow) \
+                or not is_forward_proxy(flow.client_conn):
             return  # answered, taken by the mirror (a registry), the mirror's own, or not a proxy flow
         if self.may_pass_through(flow.client_conn):
             return

@@ -99,8 +99,8 @@ class HeadWatch:
 class ConnectionGuard:
     """The addon: the connection limit, and a HeadWatch on every client connection."""
 
-    def __init__(self, budget_of: Callable[[], FileBudget]) -> None:
-        self.budget_of = budget_of  # -> the mirror's FileBudget (its limits change with the options)
+    def __init__(self, budget_of: Callable[[], FileBudget | None]) -> None:
+        self.budget_of = budget_of  # -> the mirror's FileBudget (its limits change with the options); None: not running
         self.open: dict[str, HeadWatch | None] = {}  # client id -> its watch (None until its first layer)
         self.closed_log = ClosedLog()
 
@@ -140,6 +140,9 @@ class ConnectionGuard:
         loop.set_exception_handler(handler)
 
     def client_connected(self, client: connection.Client) -> None:
+        if self.budget_of() is None:
+            client.error = "the mirror is not running"  # its options stopped the start: closed at once
+            return
         if len(self.open) >= self.max_connections():
             client.error = "too many connections"
             self.count(f"too many connections (limit {self.max_connections()})")

@@ -10,6 +10,8 @@ upstream. Then the flow is either answered by the addon, retargeted upstream
 - ``/blobs/<digest>``: a cached blob, or one being downloaded (followed);
 - ``/manifests/<digest>``: a large cached manifest, streamed rather than
   copied into memory for every client;
+- ``/streams/<id>``: a blob sent from its source without a disk (no cache:
+  ``streams.py``), taken once;
 - ``/answers/<id>``: a prepared answer given after the request's body has been
   read and thrown away: a refusal, or (while flows are recorded) an answer that
   carries a credential, streamed so that its record can be redacted
@@ -37,6 +39,7 @@ from .cache.store import Store
 from .httpserver import HttpServer, Reply, Request
 from .registry.errors import error_body
 from .registry.headers import decode_fields
+from .streams import UNCLAIMED_SECONDS, Stream
 
 KEY_HEADER = "X-Hub-Loopback-Key"
 PARKED = "parked"  # the answer of a flow that never got further than requestheaders
@@ -51,12 +54,15 @@ class Loopback:
         self.answers = BoundedDict(10_000)
         self.blobs: BlobSender | None = None  # set while a cache is configured
         self.store: Store | None = None
+        self.streams: dict[str, Stream] = {}  # each taken once, or closed after UNCLAIMED_SECONDS
 
     async def start(self) -> None:
         await self.server.start("127.0.0.1", 0)
 
     async def stop(self) -> None:
         await self.server.stop()
+        for stream_id in list(self.streams):
+            self._unclaimed(stream_id)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.port}{path}"
@@ -76,6 +82,18 @@ class Loopback:
         flow.request.url = self.url(f"/answers/{answer_id}")
         flow.request.headers.pop(KEY_HEADER, None)
 
+    def offer(self, stream: Stream) -> str:
+        """The path where mitmproxy fetches this stream (once)."""
+        stream_id = secrets.token_hex(16)
+        self.streams[stream_id] = stream
+        asyncio.get_running_loop().call_later(UNCLAIMED_SECONDS, self._unclaimed, stream_id)
+        return f"/streams/{stream_id}"
+
+    def _unclaimed(self, stream_id: str) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.close()
+
     async def _handle(self, request: Request, reply: Reply) -> None:
         kind, _, name = request.path.lstrip("/").partition("/")
         if kind != "answers" and not hmac.compare_digest(request.headers.get(KEY_HEADER.lower(), ""), self.key):
@@ -89,7 +107,9 @@ class Loopback:
                 reply.writer.write(body)
                 await reply.writer.drain()
             return
-        if request.method not in ("GET", "HEAD") or self.blobs is None or self.store is None:
+        if kind == "streams" and (stream := self.streams.pop(name, None)) is not None:
+            await stream.send(request, reply)
+        elif request.method not in ("GET", "HEAD") or self.blobs is None or self.store is None:
             await reply.error(404, "UNSUPPORTED", "nothing here", request.method)
         elif kind == "blobs":
             await self.blobs.send(request, reply, name)

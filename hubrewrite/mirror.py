@@ -40,6 +40,8 @@ from .observe.metrics import Metrics
 from .observe.ratelimits import RateLimits
 from .realms import Realms
 from .settings import CacheSettings, Settings
+from .source_tokens import SourceTokens
+from .sources import Sources
 from .upstream_client import UpstreamClient, make_ssl_context
 
 log = logging.getLogger("hub_rewrite")
@@ -69,7 +71,9 @@ class Mirror:
         self.budget = FileBudget(lambda: self.settings)  # the open files, shared by the main port and the listener
         self.metrics = Metrics()
         self.ratelimits = RateLimits(self.metrics)
-        self.realms = Realms()
+        self.realms = Realms()  # per URL of a registry: each has its own token service
+        self.sources = Sources(settings.registries.table, settings.source_backoff)  # which URL a request goes to
+        self.source_tokens = SourceTokens()  # which URL's token service issued a token
         self.secret = secrets.token_bytes(32)  # the key of the mirror's URLs and tokens (see _replace_cache)
         self.issued = IssuedTokens(self.secret)
         self.loopback = Loopback()
@@ -83,6 +87,8 @@ class Mirror:
     def apply(self, settings: Settings, tls: ssl.SSLContext | None) -> None:
         """Take new settings: replace only the parts they changed. Raises OptionsError."""
         old, self.settings = self.settings, settings
+        if _urls(settings) != _urls(old):
+            self.sources = Sources(settings.registries.table, settings.source_backoff).kept_from(self.sources)
         if settings.client != old.client:
             _close_later(self.client.aclose())
             self.client = self._new_client(settings)
@@ -245,6 +251,11 @@ class Mirror:
             await self._close_cache(self.cache)
         await self.loopback.stop()
         await self.client.aclose()
+
+
+def _urls(settings: Settings) -> tuple:
+    """What the registries' SourceLists are made of (an Upstream's further URLs are not part of its identity)."""
+    return settings.source_backoff, [(name, u.bases) for name, u in settings.registries.table.items()]
 
 
 def _close_later(closing) -> None:

@@ -29,6 +29,7 @@ PREFLIGHT_HEADERS = [
     ("Access-Control-Max-Age", "1728000"),
 ]
 CACHE_HEADER = "X-Hub-Cache"  # hit, miss or stale
+SOURCE_HEADER = "X-Hub-Source"  # the URL of the registry that resolved a manifest (hub_upstreams may list several)
 STALE_HEADERS = [(CACHE_HEADER, "stale"), ("Warning", '110 hub-rewrite "Response is Stale"')]
 
 

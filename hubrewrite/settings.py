@@ -16,7 +16,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
 from .access.accounts import AccountsError, MirrorAccounts
-from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials
+from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials, source_key
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
@@ -26,6 +26,7 @@ from .prefetch.listfile import PrefetchSettings, prefetch_settings
 from .registry import registries
 from .registry.names import NAME_RE, REGISTRY_HOST_RE
 from .registry.registries import DEFAULT_UPSTREAMS, Registries
+from .sources import source_of
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,13 @@ OPTIONS = (
         go to it, and the official-image prefix applies to it. In reverse mode the listener's
         target is its API."""),
     Option("hub_upstreams", Sequence[str], list(DEFAULT_UPSTREAMS), """
-        The registries this mirror serves: "name" (API at https://name) or "name=URL" (e.g.
-        docker.io=https://registry-1.docker.io). Nothing outside this table is contacted on a
+        The registries this mirror serves: "name" (API at https://name) or "name=URL[,URL...]" (e.g.
+        docker.io=https://registry-1.docker.io,https://mirror.example.org: several URLs in order of
+        preference, each with its own token service). Nothing outside this table is contacted on a
         client's behalf."""),
+    Option("hub_source_backoff", int, 30, """
+        Seconds a registry URL that failed (no connection, TLS, timeout, 429, 5xx) is skipped before
+        it is tried again; doubled with each failure in a row, up to 8 times this."""),
     Option("hub_host_map", Sequence[str], [], """
         Client-facing host names that select a registry, as "host=registry" (e.g.
         ghcr.mirror.example=ghcr.io), matched against the request's Host header or TLS server name."""),
@@ -227,6 +232,7 @@ class Limits:
 class Settings:
     public_url: str
     registries: Registries
+    source_backoff: int  # seconds a failed registry URL is skipped (sources.py)
     proxy_passthrough: bool
     private_networks: PrivateNetworks  # clients the pass-through is for
     proxy_guarded: bool  # mitmproxy's proxyauth is set
@@ -257,8 +263,8 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         raise exceptions.OptionsError("hub_metrics_auth needs mirror accounts (hub_users_file)")
     if o.hub_upstream_timeout < 1:
         raise exceptions.OptionsError("hub_upstream_timeout must be at least 1 second")
-    if o.hub_max_buffered_body < 65536:
-        raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes")
+    if o.hub_max_buffered_body < 65536 or o.hub_source_backoff < 1:
+        raise exceptions.OptionsError("hub_max_buffered_body must be at least 65536 bytes, hub_source_backoff 1 s")
     if o.hub_check and o.server:
         # mitmproxy opened its listeners before the addon loaded: this check would bind the ports
         raise exceptions.OptionsError("hub_check: run python -m hubrewrite.check with the same arguments "
@@ -267,6 +273,7 @@ def read_settings(o: optmanager.OptManager) -> Settings:
     return Settings(
         public_url=_public_url(o.hub_public_url),
         registries=table,
+        source_backoff=o.hub_source_backoff,
         proxy_passthrough=o.hub_proxy_passthrough,
         private_networks=_private_networks(o.hub_private_networks),
         proxy_guarded=bool(getattr(o, "proxyauth", None)),
@@ -283,16 +290,12 @@ def read_settings(o: optmanager.OptManager) -> Settings:
         show_secrets=o.hub_show_secrets,
         # mitmweb is where flows are looked at
         side_flows=o.hub_side_flows == "on" or (o.hub_side_flows == "auto" and tools.is_mitmweb(o)),
-        records_flows=not o.hub_show_secrets and _records_flows(o),
+        # mitmweb and the console keep every flow; any tool saves them with save_stream_file (mitmdump -w)
+        records_flows=not o.hub_show_secrets and (tools.keeps_every_flow(o) or bool(getattr(o, "save_stream_file", None))),
         log_format=o.hub_log_format,
         check=o.hub_check,
         prefetch=prefetch_settings(o.hub_prefetch, o.hub_prefetch_interval, o.hub_cache_dir, o.mode, table, rules),
     )
-
-
-def _records_flows(o: optmanager.OptManager) -> bool:
-    """mitmweb and the console keep every flow; any tool saves them with save_stream_file (mitmdump -w)."""
-    return tools.keeps_every_flow(o) or bool(getattr(o, "save_stream_file", None))
 
 
 def _check_modes(modes: Sequence[str]) -> None:
@@ -303,9 +306,8 @@ def _check_modes(modes: Sequence[str]) -> None:
     """
     for spec in modes:
         mode = mode_specs.ProxyMode.parse(spec)
-        if isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https"):
-            continue
-        if isinstance(mode, mode_specs.RegularMode):
+        if isinstance(mode, mode_specs.RegularMode) or (
+                isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https")):
             continue
         raise exceptions.OptionsError(
             f"hub_rewrite serves registries in reverse (http/https) or regular proxy mode, not {spec!r}"
@@ -357,7 +359,8 @@ def _rules(allow: Sequence[str], deny: Sequence[str]) -> RepositoryRules:
 
 def _upstream_credentials(path: str, table: Registries) -> UpstreamCredentials:
     try:
-        return UpstreamCredentials.load(path, set(table.table) | {table.default})
+        hosts = {source_key(source_of(u, base)) for u in table.table.values() for base in u.bases}
+        return UpstreamCredentials.load(path, set(table.table) | {table.default} | hosts)
     except PolicyError as e:
         raise exceptions.OptionsError(f"hub_upstream_credentials: {e}") from e
 

@@ -97,6 +97,7 @@ class Body:
     leftover: bytearray = field(default_factory=bytearray)  # body bytes that came with the head
     consumed: int = 0
     closed: bool = False
+    broken: OSError | None = None  # the connection failed after bytes in hand: raised by the next read
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -106,9 +107,13 @@ class Body:
         """Body bytes into ``view``, blocking: until it is full, the body is complete, or
         ``flush_after`` seconds after its first byte came (a slow upstream's bytes still go on);
         0 once the body is complete. Raises OSError: TimeoutError when the upstream sends nothing
-        for the client timeout, BodyError when it closed early or was interrupted.
+        for the client timeout, BodyError when it closed early or was interrupted; a failure after
+        bytes came in this call returns them first and is raised by the next call (so a resume
+        starts after every byte received).
 
         The loop runs once per TLS record (16 KiB): it is kept to a receive and a clock read."""
+        if self.broken is not None:
+            raise self.broken
         limit = min(len(view), (self.length if self.length is not None else 1 << 62) - self.consumed)
         filled = min(limit, len(self.leftover))
         if filled:
@@ -125,8 +130,17 @@ class Body:
                 if first is None:
                     raise  # silent for the client timeout
                 break  # POLL_SECONDS without more: the bytes in hand go on now
+            except OSError as e:
+                if not filled:
+                    raise
+                self.broken = e  # the bytes in hand go on: a resume starts after them
+                break
             if not n:
-                raise BodyError("the upstream closed the connection before the end of the body")
+                closed = BodyError("the upstream closed the connection before the end of the body")
+                if not filled:
+                    raise closed
+                self.broken = closed
+                break
             filled += n
             if first is None:
                 first = clock()
@@ -145,8 +159,9 @@ class Body:
         if self.closed:
             return
         self.closed = True
-        whole = self.length is not None and self.consumed == self.length and not self.leftover
+        whole = self.length is not None and self.consumed == self.length and not self.leftover and not self.broken
         if whole and self.reusable and not self.interrupter.interrupted:
+            self.interrupter.watch(None)  # a late interrupt must not reach the connection in its next use
             self.pool.put(self.key, self.sock)
         else:
             self.pool.discard(self.sock)

@@ -171,7 +171,8 @@ class UpstreamClient:
     async def open_body(self, url: str, headers: list[tuple[str, str]], purpose: str = "", start: int = 0) -> Body:
         """A GET whose body a download's threads read (``upstream_bodies``): its head is in; the
         caller reads or closes it. ``start``: from that byte on (``Range``), to resume a download."""
-        exchange = Exchange(purpose, "GET", url, headers, None)
+        shown = [*headers, ("Range", f"bytes={start}-")] if start else headers  # as upstream_bodies sends it
+        exchange = Exchange(purpose, "GET", url, shown, None)
         interrupter = Interrupter()
         started = time.monotonic()
         try:

@@ -20,6 +20,8 @@ class UpstreamCredentials:
     From a file (``<registry> <username> <password>`` per line) and from the
     environment (``HUB_UPSTREAM_CREDENTIALS_DOCKER_IO=user:password``: the
     registry name upper-cased, every other character ``_``); the environment wins.
+    A registry with several URLs may have an account per URL: its API host
+    (``host`` or ``host:port`` as the table writes it) in place of the registry name.
     ``repr`` never shows them.
     """
 
@@ -42,7 +44,7 @@ class UpstreamCredentials:
                     raise PolicyError(f"{path}:{number}: expected <registry> <username> <password>")
                 registry, user, password = fields[0].lower(), fields[1], fields[2].strip()
                 if registry not in registries:
-                    raise PolicyError(f"{path}:{number}: registry {registry} is not in hub_upstreams")
+                    raise PolicyError(f"{path}:{number}: registry or API host {registry} is not in hub_upstreams")
                 found[registry] = (user, password)
         env = os.environ if environ is None else environ
         for registry in registries:
@@ -58,6 +60,10 @@ class UpstreamCredentials:
         pair = self._by_registry.get(registry)
         return basic_header(*pair) if pair else None
 
+    def basic_for_source(self, source) -> str | None:
+        """For one URL of a registry (an Upstream): its own account, else the registry's."""
+        return self.basic_for(source_key(source)) or self.basic_for(source.name)
+
     def registries(self) -> list[str]:
         return sorted(self._by_registry)
 
@@ -68,3 +74,9 @@ class UpstreamCredentials:
 
 def env_suffix(registry: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", registry.upper())
+
+
+def source_key(source) -> str:
+    """How a URL of a registry is named in the credentials: its host, with a port other than the scheme's."""
+    default = 443 if source.scheme == "https" else 80
+    return source.host if source.port == default else f"{source.host}:{source.port}"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..util.bounded_dict import BoundedDict
 from ..registry.errors import RegistryError
+from ..upstream_resume import Origin, Resuming
 from .bucket_errors import BucketError
 from .blobwriter import Copy, Source
 from .store import Store
@@ -69,6 +70,7 @@ class Download:
         self._wake_timer: asyncio.TimerHandle | None = None
         self._ended: list[Callable[[Download], None]] = []
         self.task: asyncio.Task | None = None
+        self.resuming: Resuming | None = None  # the upstream answer, resumed after a cut
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -106,15 +108,18 @@ class Download:
         """``callback(download)`` once it is committed or failed (the shared store uploads, or forgets)."""
         self._ended.append(callback)
 
-    def start(self, source: Source, on_bytes: Callable[[int], None]) -> None:
+    def start(self, source: Source, on_bytes: Callable[[int], None], origin: Origin | None = None) -> None:
         """Take over a source (an upstream answer with its length, or a bucket object) and fetch
-        it into the store, in threads of its own (``blobwriter.Copy``). Raises OSError if the file
-        cannot be created (the claim then fails)."""
+        it into the store, in threads of its own (``blobwriter.Copy``); with ``origin`` (where an
+        upstream answer came from), a cut answer is resumed from the byte it reached
+        (``upstream_resume``). Raises OSError if the file cannot be created (the claim then fails)."""
         self.size = source.length
         writer = self.downloads.store.new_writer(self.digest)
         os.pwrite(self.lock_fd, str(self.size).encode(), 0)  # followers in other processes read it there
         self.state = DownloadState.RUNNING
         loop = asyncio.get_running_loop()
+        if origin is not None:
+            source = self.resuming = Resuming(source, origin, self.digest, loop)
         ended: asyncio.Future[tuple[bool, BaseException | None]] = loop.create_future()
         copy = Copy(source, writer, loop, lambda n: self._on_disk(n, on_bytes),
                     lambda committed, error: ended.done() or ended.set_result((committed, error)))
@@ -151,7 +156,9 @@ class Download:
 
     def _finished(self, committed: bool, seconds: float) -> None:
         if committed:
-            log.info("cached blob %s (%d bytes, %.1f s)", self.digest, self.written, seconds)
+            resumed = self.resuming.resumes if self.resuming is not None else 0
+            log.info("cached blob %s (%d bytes, %.1f s%s)", self.digest, self.written, seconds,
+                     f", resumed {resumed} times" if resumed else "")
         elif self.written == self.size:
             self.mismatch = True
             log.error("blob %s from its source does not match its digest: discarded, transfers aborted", self.digest)

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from ..access.confirmations import AccessMemory
 from ..observe.metrics import Metrics
+from ..upstream_resume import Origin
 from .blobwriter import Source
 from .digests import sha256_of_bytes
 from .downloads import Download, DownloadState, Downloads
@@ -202,11 +203,12 @@ class TieredCache:
     def has_room_for(self, size: int | None) -> bool:
         return self.store.has_room_for(size)
 
-    def start(self, download: Download, source: Source, on_bytes: Callable[[int], None]) -> bool:
-        """Hand a claimed download its source; False: its file cannot be created (noted: the
-        disk's problem shows in health and metrics)."""
+    def start(self, download: Download, source: Source, on_bytes: Callable[[int], None],
+              origin: Origin | None = None) -> bool:
+        """Hand a claimed download its source (``origin``: where it resumes after a cut); False: its
+        file cannot be created (noted: the disk's problem shows in health and metrics)."""
         try:
-            download.start(source, on_bytes)
+            download.start(source, on_bytes, origin)
         except OSError as e:
             self.store.note_problem(e)
             return False

@@ -23,6 +23,10 @@ class Metrics:
         self.prefetch_rounds = Counter(
             "hub_prefetch_rounds", "Prefetch rounds: done here, or left to another process of the bucket", ["outcome"],
             registry=r)
+        self.download_resumes = Counter(
+            "hub_download_resumes", "Requests resuming a blob transfer cut in the middle (Range from the byte it "
+            "reached), by why: interrupted, refused (a 5xx or 429 before), expired (a fresh redirect after a 403)",
+            ["reason"], registry=r)
         self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
         self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)
@@ -42,10 +46,28 @@ class Metrics:
         self.tier_hits = Counter(
             "hub_cache_tier_hits", "Cached blobs served, by where they were: local (disk) or shared (bucket)",
             ["tier"], registry=r)
+        self.stale_served = Counter(
+            "hub_stale_served", "Answers from the cache while the registry failed (X-Hub-Cache: stale)",
+            ["upstream", "kind"], registry=r)
+        self.source_up = Gauge(
+            "hub_source_up", "1 while a URL of a registry answers, 0 while it is backing off after failing",
+            ["upstream", "source"], registry=r)
+        self.unreachable_since = Gauge(
+            "hub_upstream_unreachable_since_seconds",
+            "Unix time since which every URL of a registry fails; 0 while one answers", ["upstream"], registry=r)
         self.cache_writable = Gauge(
             "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
             registry=r,
         )
+
+    def note_sources(self, source_lists) -> None:
+        """Each registry URL's health and since when a registry is unreachable (sources.SourceList), as now."""
+        for sources in source_lists:
+            name = sources.upstream.base
+            since = sources.unreachable_since
+            self.unreachable_since.labels(name).set(since or 0)
+            for base, healthy, _, _ in sources.state():
+                self.source_up.labels(name, base).set(1 if healthy else 0)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from string import Template
 
 MIRROR_USAGE = Template("""<h2>docker</h2>
@@ -48,12 +48,23 @@ table { border-collapse: collapse; } td, th { border: 1px solid #d0d7de; padding
 <h2>Cache</h2>
 $cache
 $prefetch
+$sources
 <h2>Docker Hub rate limit</h2>
 $rate
 $usage
 <p class="muted">Metrics: <a href="/_hub/metrics">/_hub/metrics</a> · Health: <a href="/_hub/health">/_hub/health</a></p>
 </body></html>
 """)
+
+
+@dataclass(frozen=True)
+class RegistrySources:
+    """One registry's URLs as hubrewrite/sources.py knows them."""
+
+    name: str
+    urls: list[tuple[str, bool, float, str]]  # (URL, answering, seconds until tried again, last error)
+    unreachable_since: float | None  # wall clock: every URL failing since then
+    stale_served: str  # what the cache served meanwhile, in words
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class StatusFacts:
     # hub_prefetch: what its last round did, and per image (name, state, digest, blobs cached, blobs, checked, problem)
     prefetch_note: str = ""
     prefetch: tuple[tuple[str, str, str, int, int, float | None, str], ...] = ()
+    sources: list[RegistrySources] = field(default_factory=list)
 
 
 def status_page(facts: StatusFacts) -> bytes:
@@ -85,6 +97,7 @@ def status_page(facts: StatusFacts) -> bytes:
         cache=_cache(facts),
         prefetch=_prefetch(facts) if facts.prefetch_note else "",
         rate=_rate(facts.ratelimits),
+        sources=_sources(facts.sources),
         usage=_proxy_usage(facts.proxy_url) if facts.proxy_url else _mirror_usage(facts, others),
     )
     return page.encode()
@@ -120,6 +133,26 @@ def _proxy_usage(proxy_url: str) -> str:
     env = (f"# dockerd, containerd (their service's environment), podman, skopeo (the shell's)\n"
            f"HTTPS_PROXY={proxy_url}\nHTTP_PROXY={proxy_url}")
     return PROXY_USAGE.substitute(proxy_url=html.escape(proxy_url), proxy_env=html.escape(env))
+
+
+def _sources(registries: list[RegistrySources]) -> str:
+    """Registries with several URLs or a failing one: which URL answers, and since when none does."""
+    shown = [r for r in registries if len(r.urls) > 1 or r.unreachable_since or not all(u[1] for u in r.urls)]
+    if not shown:
+        return ""
+    e, parts = html.escape, ["<h2>Upstream URLs</h2>"]
+    for registry in shown:
+        if registry.unreachable_since is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(registry.unreachable_since))
+            parts.append(f"<p><b>{e(registry.name)} is unreachable since {since}</b> "
+                         f"({time.time() - registry.unreachable_since:.0f} s): serving what the cache holds; "
+                         f"served from the cache meanwhile: {e(registry.stale_served)}.</p>")
+        rows = "".join(
+            f"<tr><td>{e(url)}</td><td>{'answers' if up else f'failed, tried again in {wait:.0f} s'}</td>"
+            f"<td>{e(error)}</td></tr>" for url, up, wait, error in registry.urls)
+        parts.append(f"<p>{e(registry.name)}, in order of preference:</p>"
+                     f"<table><tr><th>URL</th><th>state</th><th>last failure</th></tr>{rows}</table>")
+    return "\n".join(parts)
 
 
 def _rate(ratelimits: dict[str, str]) -> str:

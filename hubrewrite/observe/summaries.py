@@ -8,6 +8,7 @@ import time
 from ..client_request import ClientRequest, RequestKind
 from ..registry.names import RouteKind
 from ..responses import CACHE_HEADER
+from ..sources import Sources
 from .logline import pull_fields, pull_log_line
 from .logformat import HUB_FIELDS
 from .metrics import Metrics
@@ -15,7 +16,8 @@ from .metrics import Metrics
 log = logging.getLogger("hub_rewrite")
 
 
-def finish(request: ClientRequest, metrics: Metrics) -> None:
+def finish(request: ClientRequest, metrics: Metrics, sources: Sources | None = None) -> None:
+    """``sources``: told of answers from the cache while a registry is unreachable (the status page)."""
     summary, flow = request.summary, request.flow
     if summary.done:
         return
@@ -34,6 +36,9 @@ def finish(request: ClientRequest, metrics: Metrics) -> None:
     metrics.requests.labels(summary.upstream, summary.label, str(status)).inc()
     if cache_state in ("hit", "miss", "stale") and summary.kind in (RouteKind.BLOB, RouteKind.MANIFEST):
         metrics.cache_requests.labels(summary.label, cache_state).inc()
+        if cache_state == "stale" and sources is not None:
+            metrics.stale_served.labels(summary.upstream, summary.label).inc()
+            sources.note_stale(summary.upstream, summary.label)
     if summary.kind is RequestKind.PAGE:
         return
     facts = (flow.client_conn.peername[0] if flow.client_conn.peername else "-", summary.upstream,

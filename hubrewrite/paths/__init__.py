@@ -26,7 +26,7 @@ async def serve(request: ClientRequest, mirror: Mirror) -> Answer:
         return Retarget(request.url, keep_credentials=True)
     cache = cache_parts_of(mirror)
     if route.kind is RouteKind.BLOB:
-        return await blobs.serve(request, upstreams, cache)
+        return await blobs.serve(request, upstreams, cache, mirror.loopback)
     if route.kind is RouteKind.MANIFEST and cache is not None:
         answer = await manifests.serve(request, upstreams, cache)
         ahead.after_manifest(request, upstreams, cache, answer)
@@ -36,7 +36,8 @@ async def serve(request: ClientRequest, mirror: Mirror) -> Answer:
 
 def upstreams_of(mirror: Mirror) -> Upstreams:
     return Upstreams(mirror.client, mirror.realms, mirror.ratelimits, mirror.settings.client.timeout,
-                     mirror.cache is not None)
+                     mirror.cache is not None, mirror.sources, mirror.source_tokens,
+                     mirror.settings.upstream_credentials, mirror.metrics)
 
 
 def cache_parts_of(mirror: Mirror) -> CacheParts | None:
@@ -58,4 +59,4 @@ def page_parts_of(mirror: Mirror) -> PageParts:
     s, cache = mirror.settings, mirror.cache
     return PageParts(mirror.metrics, mirror.ratelimits, s.metrics_auth, s.accounts, mirror.issued, s.cache,
                      cache.store if cache is not None else None, cache.shared if cache is not None else None,
-                     mirror.prefetch.facts if mirror.prefetch is not None else dict)
+                     mirror.prefetch.facts if mirror.prefetch is not None else dict, mirror.sources)

@@ -50,9 +50,10 @@ class Fetcher:
     asker: Asker  # its identity and repository, as the cache knows them
     headers: list[tuple[str, str]]
     client: tuple[str, str]  # its credentials' identity and its address: the per-client bound
+    source: Upstream | None = None  # the URL of the registry that answered the client (sources.py)
 
     def url(self, kind: str, digest: str) -> str:
-        return self.upstream.url(f"/v2/{self.asker.repository}/{kind}/{digest}")
+        return (self.source or self.upstream).url(f"/v2/{self.asker.repository}/{kind}/{digest}")
 
 
 def after_manifest(request: ClientRequest, upstreams: Upstreams, cache: CacheParts | None, answer: Answer) -> None:
@@ -63,9 +64,9 @@ def after_manifest(request: ClientRequest, upstreams: Upstreams, cache: CachePar
     named = contents(*manifest) if manifest is not None else None
     if named is None or not cache.rules.permits(request.upstream.name, request.route.name):
         return
-    fetcher = Fetcher(request.upstream, request.asker,
-                      [(k, v) for k, v in request.headers if k.lower() in KEPT_HEADERS],
-                      (request.identity, (request.flow.client_conn.peername or ('',))[0]))
+    headers = request.source_headers if request.source_headers is not None else request.headers  # as that URL got them
+    fetcher = Fetcher(request.upstream, request.asker, [(k, v) for k, v in headers if k.lower() in KEPT_HEADERS],
+                      (request.identity, (request.flow.client_conn.peername or ('',))[0]), request.source)
     tiers, ahead = cache.tiers, cache.ahead
     for blob in named.blobs:
         if not (tiers.has_blob(blob.digest) and tiers.known(fetcher.asker, blob.digest)):

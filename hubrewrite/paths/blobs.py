@@ -13,14 +13,15 @@ The client's bytes come from the mirror's loopback server through mitmproxy,
 from the blob listener (a 307 to a signed URL there) when it is on, or from
 the bucket itself (a presigned URL, ``hub_store_presign``).
 
-Without a cache, and for parts and heads of uncached blobs, the registry's
-redirect is followed by the client's own flow: mitmproxy streams the storage's
-answer back, without the client's credentials.
+Without a cache, a whole blob GET is the mirror's own transfer from the
+registry's redirect (``uncached.py``: resumed after a cut, checked against the
+digest); for parts and heads of uncached blobs, the registry's redirect is
+followed by the client's own flow: mitmproxy streams the storage's answer back,
+without the client's credentials.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,9 +39,12 @@ from ..registry.errors import RegistryError
 from ..registry.upstream import base_url
 from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_response
 from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
-from . import relay
+from ..loopback import Loopback
+from . import relay, uncached
 from .cache_access import Access, check
+from .origins import open_source, storage_error
 from .parts import CacheParts, Upstreams
+from .sourced import at_sources
 
 log = logging.getLogger("hub_rewrite")
 
@@ -64,9 +68,9 @@ class Probe:
         return self.kept is None
 
 
-async def serve(request: ClientRequest, upstreams: Upstreams, cache: CacheParts | None) -> Answer:
+async def serve(request: ClientRequest, upstreams: Upstreams, cache: CacheParts | None, loopback: Loopback) -> Answer:
     if cache is None:
-        return await from_storage(request, upstreams)
+        return await _uncached(request, upstreams, loopback)
     digest, tiers = request.route.reference, cache.tiers
     whole_get = request.method == "GET" and "range" not in request.flow.request.headers
     await cache.ahead.settled(("blob", digest), upstreams.timeout)  # its download, if so
@@ -118,6 +122,19 @@ async def _cached(request: ClientRequest, upstreams: Upstreams, cache: CachePart
         cache.metrics.tier_hits.labels("local").inc()
     request.flow.comment += "; blob served from the cache" + (" (stale)" if state == "stale" else "")
     return await send_from_cache(request, upstreams, cache, state)
+
+
+async def _uncached(request: ClientRequest, upstreams: Upstreams, loopback: Loopback) -> Answer:
+    """Without a cache: a whole blob GET is the mirror's own transfer, resumed after a cut (the
+    client sees one 200); a part, a HEAD, a source without a length go the client's own way."""
+    probe = await _probe(request, upstreams)
+    if probe.answer is not None:
+        return probe.answer
+    if request.method == "GET" and "range" not in request.flow.request.headers:
+        streamed = await uncached.stream(request, upstreams, loopback, probe, lambda: _probe(request, upstreams))
+        if streamed is not None:
+            return streamed
+    return await from_storage(request, upstreams, probe=probe)
 
 
 def _may_redirect(request: ClientRequest, cache: CacheParts) -> bool:
@@ -218,36 +235,28 @@ async def start_download(upstreams: Upstreams, cache: CacheParts, download: Down
                          headers: list[tuple[str, str]], upstream: str, reprobe: Callable[[], Awaitable[Probe]],
                          ahead: bool = False) -> Outcome:
     """Open the probe's target (without credentials unless it is the registry itself) and hand
-    it to the download; a 403 (an expired signed URL) gets a new one from ``reprobe``, once."""
-    for attempt in (1, 2):
-        sent = headers if probe.direct else hdrs.without_credentials(headers)
-        try:
-            body = await upstreams.client.open_body(probe.target, sent, purpose="blob download into the cache"
-                                                    + (", ahead of the client" if ahead else ""))
-        except RegistryError as e:
-            return Outcome(answer=error_response(e))
-        if body.status == 403 and attempt == 1:
-            body.close()
-            log.warning("blob %s: storage at %s answered 403; asking the registry again", download.digest,
-                        urlsplit(probe.target).hostname)
-            probe = await reprobe()
-            if probe.answer is not None:
-                return Outcome(answer=probe.answer)
-            continue
-        if body.status != 200 or body.length is None or not cache.tiers.has_room_for(body.length):
-            body.close()
-            return Outcome(answer=storage_error(download.digest, body.status, body.reason) if body.status != 200
-                           else None)
-        if not cache.tiers.start(download, body, cache.metrics.bytes_fetched.labels(upstream).inc):
-            body.close()
-            return Outcome()
-        return Outcome(started=True)
-    return Outcome(answer=storage_error(download.digest, 403, "Forbidden"))
+    it to the download, with where it came from to resume it after a cut (``origins.py``)."""
+    purpose = "blob download into the cache" + (", ahead of the client" if ahead else "")
+    opened = await open_source(upstreams, download.digest, probe, headers, reprobe, purpose)
+    if isinstance(opened, http.Response):
+        return Outcome(answer=opened)
+    body, origin = opened
+    if body.status != 200 or body.length is None or not cache.tiers.has_room_for(body.length):
+        body.close()
+        return Outcome(answer=storage_error(download.digest, body.status, body.reason) if body.status != 200
+                       else None)
+    if not cache.tiers.start(download, body, cache.metrics.bytes_fetched.labels(upstream).inc, origin):
+        body.close()
+        return Outcome()
+    return Outcome(started=True)
 
 
 async def _probe(request: ClientRequest, upstreams: Upstreams) -> Probe:
-    return await probe_registry(upstreams, request.method, request.url, request.headers,
-                                lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body))
+    """At the first URL of the registry that answers (paths/sourced.py)."""
+    return await at_sources(request, upstreams, lambda url, headers: probe_registry(
+        upstreams, request.method, url, headers,
+        lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)),
+        lambda probe: probe.answer.status_code if probe.answer is not None else 200)
 
 
 async def probe_registry(upstreams: Upstreams, method: str, url: str, headers: list[tuple[str, str]],
@@ -285,7 +294,8 @@ async def from_storage(request: ClientRequest, upstreams: Upstreams, cache: Cach
         return probe.answer
     digest = request.route.reference
     if probe.direct:
-        return Retarget(request.url, Transfer(digest, [], TransferSource.STORAGE), keep_credentials=True)
+        # the URL that answered
+        return Retarget(probe.target, Transfer(digest, [], TransferSource.STORAGE), keep_credentials=True)
     kept = probe.kept
     if not any(name.lower() == "docker-content-digest" for name, _ in kept):
         # distribution's redirect does not carry it, the storage knows nothing of digests,
@@ -309,13 +319,6 @@ def _retry_location(request: ClientRequest) -> str | None:
     if request.retried:
         return None
     return request.path + "?" + urlencode([*request.client_query, (RETRY_PARAM, "1")])
-
-
-def storage_error(digest: str, status: int, reason: str) -> http.Response:
-    log.warning("blob %s: storage answered %d", digest, status)
-    if status == 404:
-        return error_response(RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry storage"))
-    return error_response(RegistryError(502, "UNAVAILABLE", f"blob storage answered {status} {reason}"))
 
 
 def replace_storage_error(transfer: Transfer, response: http.Response) -> http.Response | None:

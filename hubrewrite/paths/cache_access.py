@@ -16,6 +16,7 @@ from ..cache.tiers import TieredCache
 from ..client_request import ClientRequest
 from ..registry.errors import RegistryError
 from .parts import Upstreams
+from .sourced import at_sources
 
 
 class Access(Enum):
@@ -30,8 +31,9 @@ async def check(request: ClientRequest, upstreams: Upstreams, tiers: TieredCache
     if tiers.known(asker, digest):
         return Access.GRANTED
     try:
-        head = await upstreams.client.fetch("HEAD", request.upstream.url(path), request.headers, follow_redirects=False,
-                                            purpose="access check: may this client read it")
+        head = await at_sources(request, upstreams, lambda url, headers: upstreams.client.fetch(
+            "HEAD", url, headers, follow_redirects=False, purpose="access check: may this client read it"),
+            lambda h: h.status, path)
     except RegistryError as failure:
         if await tiers.known_stale_anywhere(asker, digest):
             return Access.STALE

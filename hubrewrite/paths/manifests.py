@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 from ..cache.tiers import TieredCache
 from ..client_request import Answer, ClientRequest, Retarget, Transfer, TransferSource
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, asks_for, same_answer
-from ..responses import API_VERSION_HEADER, CACHE_HEADER, STALE_HEADERS, error_response, make_response
+from ..responses import API_VERSION_HEADER, CACHE_HEADER, SOURCE_HEADER, STALE_HEADERS, error_response, make_response
 from . import relay
 from .parts import CacheParts, Upstreams
+from .sourced import at_sources, resolved_by
 
 log = logging.getLogger("hub_rewrite")
 
@@ -38,19 +40,33 @@ async def serve(request: ClientRequest, upstreams: Upstreams, cache: CacheParts)
             return cached
     if request.method == "GET" and not tiers.has_anything_for(request.upstream.base, route.name, route.reference,
                                                               route.is_digest):
-        return await _fetched(request, upstreams, tiers)  # no HEAD could spare this GET: one round trip, not two
+        fetched = await _fetched(request, upstreams, tiers)  # no HEAD could spare this GET: one round trip, not two
+        if fetched.status_code != 200:
+            return fetched
+        return _said_by(request, fetched, fetched.headers.get("docker-content-digest", ""))
     try:
-        head = await upstreams.client.fetch("HEAD", request.url, request.headers, purpose="tag resolution (HEAD)")
+        head = await at_sources(request, upstreams, lambda url, headers: upstreams.client.fetch(
+            "HEAD", url, headers, purpose=f"tag resolution (HEAD) at {urlsplit(url).netloc}"), lambda h: h.status)
     except RegistryError as failure:
         return await _stale(request, tiers) or error_response(failure)
     digest = head.header("docker-content-digest")
     if head.status == 200 and digest and digest.startswith("sha256:"):
-        return await _resolved(request, upstreams, tiers, head, digest)
+        return _said_by(request, await _resolved(request, upstreams, tiers, head, digest), digest)
     if head.status == 429 or head.status >= 500:
         stale = await _stale(request, tiers)
         if stale is not None:
             return stale
     return await relay.serve(request, upstreams)  # a refusal or an unusual answer: the upstream's own
+
+
+def _said_by(request: ClientRequest, answer: Answer, digest: str) -> Answer:
+    """Which URL of the registry resolved the reference (paths/sourced.py)."""
+    if isinstance(answer, Retarget):
+        if answer.transfer is not None and not any(k == SOURCE_HEADER for k, _ in answer.transfer.headers):
+            answer.transfer.headers.append((SOURCE_HEADER, resolved_by(request, digest)))
+    elif SOURCE_HEADER not in answer.headers:
+        answer.headers[SOURCE_HEADER] = resolved_by(request, digest)
+    return answer
 
 
 async def _resolved(request: ClientRequest, upstreams: Upstreams, tiers: TieredCache, head, digest: str) -> Answer:

@@ -14,7 +14,8 @@ from ..client_request import ClientRequest
 from ..registry.errors import RegistryError
 from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
-from ..observe.status_page import StatusFacts, status_page
+from ..observe.status_page import RegistrySources, StatusFacts, status_page
+from ..sources import describe_stale
 from .parts import PageParts
 
 METRICS_PATH = "/_hub/metrics"
@@ -30,6 +31,7 @@ async def serve(request: ClientRequest, parts: PageParts) -> http.Response:
         cache_bytes = await asyncio.to_thread(parts.store.total_bytes)
         parts.metrics.cache_bytes.set(cache_bytes)
         parts.metrics.cache_writable.set(0 if parts.store.problem else 1)
+    parts.metrics.note_sources(parts.sources.lists.values())
     if request.path == METRICS_PATH:
         body, content_type = parts.metrics.exposition()
         return make_response(200, [("Content-Type", content_type)], body)
@@ -62,6 +64,8 @@ async def serve(request: ClientRequest, parts: PageParts) -> http.Response:
         store=parts.shared.describe() if parts.shared else "",
         proxy_url=_proxy_url(request.flow.client_conn) if is_forward_proxy(request.flow.client_conn) else "",
         **parts.prefetch_facts(),
+        sources=[RegistrySources(s.name, s.state(), s.unreachable_since, describe_stale(s.stale_served))
+                 for s in parts.sources.lists.values()],
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 

@@ -26,6 +26,8 @@ from ..observe.metrics import Metrics
 from ..observe.ratelimits import RateLimits
 from ..settings import CacheSettings
 from ..realms import Realms
+from ..source_tokens import SourceTokens
+from ..sources import Sources
 from ..upstream_client import UpstreamClient
 
 
@@ -38,6 +40,10 @@ class Upstreams:
     ratelimits: RateLimits
     timeout: float  # hub_upstream_timeout: also how long a client waits for another's fetch
     caching: bool  # a cache is on: /v2/ of an unreachable upstream gets the challenge it sent before
+    sources: Sources  # a registry's URLs: which one a request goes to (sources.py)
+    source_tokens: SourceTokens  # which URL's token service issued a token (source_tokens.py)
+    credentials: UpstreamCredentials  # the operator's own upstream accounts, per URL
+    metrics: Metrics  # what the mirror's own transfers fetch, and how often they resume
 
 
 @dataclass(frozen=True)
@@ -81,3 +87,4 @@ class PageParts:
     store: Store | None  # the cache's disk: its size and whether it is writable
     shared: SharedStore | None  # the bucket: whether it is reachable
     prefetch_facts: Callable[[], dict]  # the images kept warm (hub_prefetch), as the status page shows them
+    sources: Sources  # every registry's URLs and their health

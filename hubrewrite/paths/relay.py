@@ -18,8 +18,9 @@ from ..registry import headers as hdrs
 from ..registry.challenge import point_at_mirror
 from ..registry.errors import RegistryError
 from ..registry.names import RouteKind
-from ..responses import STALE_HEADERS, bearer_challenge, error_response, make_response
+from ..responses import SOURCE_HEADER, STALE_HEADERS, bearer_challenge, error_response, make_response
 from .parts import Upstreams
+from .sourced import answering, at_sources, resolved_by
 
 log = logging.getLogger("hub_rewrite")
 
@@ -27,12 +28,15 @@ log = logging.getLogger("hub_rewrite")
 async def serve(request: ClientRequest, upstreams: Upstreams) -> http.Response:
     """One small exchange made by the mirror itself, redirects followed."""
     anonymous_base = request.route is not None and request.route.kind is RouteKind.BASE and request.authorization is None
-    if anonymous_base and (known := upstreams.realms.base_answer(request.upstream)) is not None:
+    first = upstreams.sources.of(request.upstream).next_source()
+    if anonymous_base and first is not None and (known := upstreams.realms.base_answer(first)) is not None:
         status, fields, body = known
+        request.source = first
         request.flow.comment += "; the upstream's challenge, as it answered moments ago"
         return relayed(request, upstreams, status, fields, b"" if request.method == "HEAD" else body)
     try:
-        fetched = await upstreams.client.fetch(request.method, request.url, request.headers, purpose=f"{request.summary.label} request relayed")
+        fetched = await at_sources(request, upstreams, lambda url, headers: upstreams.client.fetch(
+            request.method, url, headers, purpose=f"{request.summary.label} request relayed"), lambda f: f.status)
     except RegistryError as e:
         log.warning("%s %s: %s", request.method, request.route.path() if request.route else request.path, e.message)
         if e.status in (502, 503, 504) and request.route is not None and request.route.kind is RouteKind.BASE:
@@ -43,13 +47,16 @@ async def serve(request: ClientRequest, upstreams: Upstreams) -> http.Response:
     if fetched.redirected_to:
         request.flow.comment += f"; followed upstream redirect to {fetched.redirected_to}"
     if anonymous_base and request.method == "GET":
-        upstreams.realms.remember_base(request.upstream, fetched.status, fetched.headers, fetched.body)
-    return relayed(request, upstreams, fetched.status, fetched.headers, fetched.body)
+        upstreams.realms.remember_base(answering(request), fetched.status, fetched.headers, fetched.body)
+    answer = relayed(request, upstreams, fetched.status, fetched.headers, fetched.body)
+    if request.route is not None and request.route.kind is RouteKind.MANIFEST and fetched.status == 200:
+        answer.headers[SOURCE_HEADER] = resolved_by(request, fetched.header("docker-content-digest") or "")
+    return answer
 
 
 def relayed(request: ClientRequest, upstreams: Upstreams, status: int, fields: list[tuple[str, str]], body: bytes) -> http.Response:
     """An upstream answer as the client should see it."""
-    upstreams.realms.learn(request.upstream, fields)
+    upstreams.realms.learn(answering(request), fields)
     upstreams.ratelimits.note(request.upstream.base, fields)
     out: list[tuple[str, str]] = []
     for name, value in hdrs.end_to_end(fields):
@@ -65,7 +72,8 @@ def relayed(request: ClientRequest, upstreams: Upstreams, status: int, fields: l
 def offline_challenge(request: ClientRequest, upstreams: Upstreams) -> http.Response | None:
     """/v2/ while the upstream is unreachable: the challenge it sent before, so
     clients go on to /token and to cached content."""
-    learned = upstreams.realms.known(request.upstream)
+    learned = next(filter(None, (upstreams.realms.known(source)
+                                 for source in upstreams.sources.of(request.upstream).sources)), None)
     if not upstreams.caching or learned is None:
         return None
     params = {"realm": request.view.token_url} | ({"service": learned[1]} if learned[1] else {})

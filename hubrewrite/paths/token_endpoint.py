@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -29,6 +30,7 @@ from ..registry.names import NAME_RE
 from ..registry.scopes import Scope, map_scope_fields, repository_names
 from ..registry.upstream import Upstream
 from ..responses import STALE_HEADERS, error_response, make_response
+from ..sources import UNAVAILABLE_STATUSES, first_answer
 from .parts import TokenParts
 
 log = logging.getLogger("hub_rewrite")
@@ -44,22 +46,60 @@ async def serve(request: ClientRequest, parts: TokenParts) -> http.Response:
         request.upstream = request.registries.for_token(request.fixed, named, repository_names(query + (form or [])))
         request.summary.upstream = request.upstream.base
         authorization, holder, form = await _credentials(request, parts, form)
-        learned = await parts.upstreams.realms.discover(request.upstream, parts.upstreams.client)
+        asked = TokenRequest(request.method, query, form, authorization, holder)
+        return await _at_sources(request, parts, asked)
     except RegistryError as e:
         if e.status == 401:
             return error_response(e, [("WWW-Authenticate", 'Basic realm="hub-rewrite"')])
         if e.status >= 500:
             e = RegistryError(e.status, e.code, f"cannot reach the upstream registry: {e.message}")
         return error_response(e)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A client's token request as the mirror sends it on (mirror accounts' part checked and dropped)."""
+
+    method: str
+    query: Fields
+    form: Fields | None
+    authorization: str | None
+    holder: Holder | None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.authorization is None and not tokens.carries_credentials(self.form)
+
+
+async def _at_sources(request: ClientRequest, parts: TokenParts, asked: TokenRequest) -> http.Response:
+    """The token service of the first URL of the registry that answers (each URL announces its own);
+    with none answering, a client without credentials gets an offline token (stale mode)."""
+    try:
+        source, answer = await first_answer(parts.upstreams.sources.of(request.upstream),
+                                            lambda source: _at_source(request, parts, source, asked),
+                                            lambda answer: answer.status_code)
+    except RegistryError as e:
+        lent = parts.credentials.basic_for(request.upstream.name)  # the operator's account: not anonymous
+        if parts.access is not None and asked.anonymous and not lent and e.status in UNAVAILABLE_STATUSES:
+            log.warning("token request for %s: %s; an offline token", request.upstream.name, e.message)
+            return _offline_token(parts, asked.holder)
+        raise
+    request.source = source
+    return answer
+
+
+async def _at_source(request: ClientRequest, parts: TokenParts, source: Upstream, asked: TokenRequest) -> http.Response:
+    learned = await parts.upstreams.realms.discover(source, parts.upstreams.client)
     if learned is None:
-        if holder is not None:
-            return _own_token(parts, holder)
-        return error_response(RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication"))
+        if asked.holder is not None:
+            return _own_token(parts, asked.holder)
+        raise RegistryError(404, "UNSUPPORTED", "the upstream registry does not use token authentication")
     realm, service = learned
-    query = tokens.with_service(map_scope_fields(query, _permitted_scopes(request, parts)), service)
+    query = tokens.with_service(map_scope_fields(asked.query, _permitted_scopes(request, parts)), service)
+    form = asked.form
     if form is not None:
         form = tokens.with_service(map_scope_fields(form, _permitted_scopes(request, parts)), service)
-    return await _ask_token_service(request, parts, realm, query, form, authorization, holder)
+    return await _ask_token_service(request, parts, source, realm, replace(asked, query=query, form=form))
 
 
 async def _credentials(
@@ -93,17 +133,17 @@ def _permitted_scopes(request: ClientRequest, parts: TokenParts):
     return mapped
 
 
-async def _ask_token_service(
-    request: ClientRequest, parts: TokenParts, realm: str, query: Fields, form: Fields | None, authorization: str | None,
-    holder: Holder | None,
-) -> http.Response:
-    method = request.method
+async def _ask_token_service(request: ClientRequest, parts: TokenParts, source: Upstream, realm: str,
+                             asked: TokenRequest) -> http.Response:
+    """Raises RegistryError (502) when the token service gives no answer or a 5xx: the URL failed."""
+    method, query, form, authorization, holder = (asked.method, asked.query, asked.form,
+                                                  asked.authorization, asked.holder)
     if method == "POST" and form is not None and not tokens.carries_credentials(form):
         # a password grant whose password was only the mirror's: ask anonymously
         method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
-        authorization = parts.credentials.basic_for(request.upstream.name)
+        authorization = parts.credentials.basic_for_source(source)
     operators = anonymous and authorization is not None
     if operators:
         # the operator's account lends short-lived access tokens only, never its refresh token
@@ -116,30 +156,30 @@ async def _ask_token_service(
     if form is not None:
         body = tokens.encode_form(form)
         headers.append(("Content-Type", tokens.FORM_TYPE))
-    as_anonymous = anonymous and authorization is None
     host = urlsplit(realm).hostname
     try:
         # Not following redirects: the credentials go to this realm only.
         fetched = await parts.upstreams.client.fetch(method, tokens.realm_url(realm, query), headers, content=body,
                                             follow_redirects=False, purpose="token request to the token service")
     except RegistryError as e:
-        log.warning("token request to %s: %s", host, e.message)
-        if parts.access is not None and as_anonymous:
-            return _offline_token(parts, holder)
-        return error_response(RegistryError(e.status, e.code, f"token service: {e.message}"))
+        raise RegistryError(e.status, e.code, f"token service at {host}: {e.message}") from e
     if fetched.status >= 500:
-        log.warning("token request to %s: answered %d", host, fetched.status)
-        if parts.access is not None and as_anonymous:
-            return _offline_token(parts, holder)
-        return error_response(RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}"))
+        raise RegistryError(502, "UNAVAILABLE", f"token service at {host} answered {fetched.status}")
+    return _answer(parts, source, fetched, anonymous, operators, holder)
+
+
+def _answer(parts: TokenParts, source: Upstream, fetched, anonymous: bool, operators: bool,
+            holder: Holder | None) -> http.Response:
+    """The token service's answer as the client gets it; its tokens noted as this URL's."""
     answer = fetched.body
     if operators and fetched.status == 200:
         answer = tokens.without_refresh_token(answer)
     grant = tokens.parse_grant(answer) if fetched.status == 200 else None
     if grant is not None:
-        if parts.access is not None and as_anonymous:
+        if parts.access is not None and anonymous and not operators:
             for token in grant.tokens:
                 parts.access.note_anonymous_token(token)
+        parts.upstreams.source_tokens.issued(grant.tokens, source, lendable=anonymous)
         if holder is not None:
             answer = parts.issued.sealed_grant(holder, grant, answer)
     answer_headers = hdrs.without(hdrs.end_to_end(fetched.headers), ["set-cookie", "location"])

@@ -40,22 +40,33 @@ class TableError(ValueError):
 
 
 def parse_upstream(entry: str) -> Upstream:
-    """``name`` (API at https://name) or ``name=URL`` (e.g. docker.io=https://registry-1.docker.io)."""
-    name, sep, url = entry.strip().partition("=")
+    """``name`` (API at https://name) or ``name=URL[,URL...]`` (e.g. docker.io=https://registry-1.docker.io),
+    several URLs in order of preference."""
+    name, sep, urls = entry.strip().partition("=")
     name = name.strip().lower()
     if not REGISTRY_HOST_RE.fullmatch(name):
         raise TableError(f"{entry!r}: {name!r} is not a registry host name")
-    url = url.strip() if sep else f"https://{name}"
+    listed = [url.strip() for url in urls.split(",")] if sep else [f"https://{name}"]
+    parsed = [parse_url(entry, url) for url in listed]
+    bases = [upstream.base for upstream in parsed]
+    if len(set(bases)) != len(bases):
+        raise TableError(f"{entry!r}: a URL is listed twice")
+    first = parsed[0]
+    return Upstream(first.scheme, first.host, first.port, name, tuple(bases[1:]))
+
+
+def parse_url(entry: str, url: str) -> Upstream:
+    """One API URL of an entry: just scheme://host[:port]."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TableError(f"{entry!r}: the API URL must be http:// or https://host[:port]")
+        raise TableError(f"{entry!r}: {url!r}: an API URL must be http:// or https://host[:port]")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise TableError(f"{entry!r}: the API URL must be just scheme://host[:port]")
+        raise TableError(f"{entry!r}: {url!r}: an API URL must be just scheme://host[:port]")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise TableError(f"{entry!r}: {e}") from e
-    return Upstream(parts.scheme, parts.hostname, port, name)
+    return Upstream(parts.scheme, parts.hostname, port)
 
 
 def parse_table(entries: list[str] | tuple[str, ...]) -> dict[str, Upstream]:

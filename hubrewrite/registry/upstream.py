@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def host_for_url(host: str) -> str:
@@ -23,6 +23,9 @@ class Upstream:
     host: str
     port: int
     name: str = ""  # the registry it serves, e.g. docker.io (its name in hub_upstreams)
+    # the registry's further URLs in hub_upstreams, in order of preference (hubrewrite/sources.py
+    # picks one per request); not part of its identity: caches and access are kept per registry
+    others: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def base(self) -> str:
@@ -30,3 +33,8 @@ class Upstream:
 
     def url(self, path_and_query: str) -> str:
         return self.base + path_and_query
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Every URL of the registry, in order of preference."""
+        return (self.base, *self.others)

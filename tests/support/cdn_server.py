@@ -33,6 +33,12 @@ that would otherwise be answered 200/206 with a body; ``mode=none`` clears;
 * ``status403``: 403 with S3's "Request has expired" XML (an expired signed URL);
 * ``hang``: never answer; the connection is closed when the client goes away
   or after ``seconds`` (default 60).  Other requests are not affected.
+* ``cutat``: every blob is cut once at each position ``at`` names, as fractions
+  of the whole blob (``at=0.1,0.5,0.99``): an answer whose range crosses a
+  position not yet cut there sends the bytes up to it, waits ``seconds``
+  (default 0: a reset connection; longer: a signed URL can expire meanwhile)
+  and closes.  A resume from that byte on is served (and cut at the next
+  position).  Arm it with ``times=0``; re-arming forgets the positions cut.
 
 ``FaultSwitch``, ``fault_control`` and ``hang_until_disconnect`` are shared
 with edge.py and token_server.py.
@@ -44,6 +50,7 @@ import argparse
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler
@@ -77,7 +84,7 @@ S3_EXPIRED = (
     "<RequestId>{rid}</RequestId></Error>"
 )
 
-CDN_FAULT_MODES = frozenset({"cut", "corrupt", "status403", "hang"})
+CDN_FAULT_MODES = frozenset({"cut", "cutat", "corrupt", "status403", "hang"})
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None | str:
@@ -115,6 +122,8 @@ class Handler(BaseHTTPRequestHandler):
     secret: bytes
     jlog: JsonLog
     faults: FaultSwitch
+    cut_done: dict[str, set[int]]  # cutat: the positions each blob was cut at
+    cut_lock: threading.Lock
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -202,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
             length = end - start + 1 if size else 0
             fault = None
             if self.command == "GET" and length and m:
-                fault = self.faults.take()
+                fault = self._cut_position(self.faults.take(), m.group(1), start, end, size)
             if fault is not None:
                 rec["fault"] = fault["mode"]
                 if fault["mode"] == "status403":
@@ -230,11 +239,13 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()  # flushes headers (wfile is unbuffered)
             sent = 0
             rec["status"] = status
-            if fault is not None and fault["mode"] == "cut":
+            if fault is not None and fault["mode"] in ("cut", "cutat"):
                 n = fault.get("after")
                 n = max(0, min(length // 2 if n is None else n, length - 1))
                 try:
                     sent = self.connection.sendfile(f, offset=start, count=n) if n else 0
+                    if fault["mode"] == "cutat" and fault.get("seconds"):
+                        time.sleep(fault["seconds"])
                 finally:
                     rec["bytes"] = sent
                 self.close_connection = True
@@ -265,6 +276,21 @@ class Handler(BaseHTTPRequestHandler):
                 rec["bytes"] = 0
             return rec
 
+    def _cut_position(self, fault: dict[str, Any] | None, hexd: str, start: int, end: int,
+                      size: int) -> dict[str, Any] | None:
+        """A ``cutat`` fault as the cut this answer gets (``after``: its bytes before the cut), or
+        None when the range crosses no position of this blob not yet cut; other faults as they are."""
+        if fault is None or fault["mode"] != "cutat":
+            return fault
+        positions = sorted(int(float(x) * size) for x in str(fault.get("at") or "0.5").split(","))
+        with self.cut_lock:
+            done = self.cut_done.setdefault(hexd, set())
+            todo = [p for p in positions if start < p <= end and p not in done]
+            if not todo:
+                return None
+            done.add(todo[0])
+        return {**fault, "after": todo[0] - start}
+
     def _control(self) -> None:
         url = urlsplit(self.path)
         n = int(self.headers.get("Content-Length") or 0)
@@ -274,6 +300,9 @@ class Handler(BaseHTTPRequestHandler):
             status, obj = 403, {"error": "control endpoint is loopback-only"}
         elif url.path == "/_cdn/fault":
             status, obj = fault_control(self.faults, self.command, url.query)
+            if self.command == "POST":
+                with self.cut_lock:
+                    self.cut_done.clear()  # a cutat fault armed again cuts every position again
         else:
             status, obj = 404, {"error": "not found"}
         data = json.dumps(obj).encode()
@@ -321,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     watch_parent()
     args.root.mkdir(parents=True, exist_ok=True)
     attrs = {"root": args.root.resolve(), "secret": load_secret(args.secret_file), "jlog": JsonLog(args.log),
-             "faults": FaultSwitch(CDN_FAULT_MODES, {"after": int})}
+             "faults": FaultSwitch(CDN_FAULT_MODES, {"after": int, "at": str}),
+             "cut_done": {}, "cut_lock": threading.Lock()}
     serve(type("BoundHandler", (Handler,), attrs), args.host, args.port, args.ready_file)
 
 

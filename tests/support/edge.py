@@ -39,7 +39,8 @@ Control endpoints (not part of Docker Hub; faults for loopback clients only):
   makes the next ``N`` (default 1; 0 = until cleared) proxied requests whose
   path+query contains ``S`` (and whose method is ``method``, if given) fail
   instead of being forwarded; ``mode=none`` clears, ``GET /_edge/fault`` reads
-  the state.  Modes: ``status500`` (500, registry error ``UNKNOWN``),
+  the state.  Modes: ``status500`` (500, registry error ``UNKNOWN``), ``status503``
+  (503, ``UNAVAILABLE``, as a registry behind a load balancer with no backend),
   ``status429`` (429, ``Retry-After: 7``, ``TOOMANYREQUESTS``), ``hang`` (no
   answer until the client goes away or ``seconds``, default 60, pass; other
   connections unaffected), ``close`` (connection closed without an answer).
@@ -70,7 +71,7 @@ from tests.support.common import (FaultSwitch, JsonLog, add_tls_args, auth_summa
                                   hang_until_disconnect, install_term_handler, is_loopback, load_secret, serve,
                                   sign_cdn_path, tls_from_args, watch_parent)
 
-EDGE_FAULT_MODES = frozenset({"status500", "status429", "hang", "close"})
+EDGE_FAULT_MODES = frozenset({"status500", "status503", "status429", "hang", "close"})
 TOOMANYREQUESTS_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by "
                            "authenticating and upgrading: https://www.docker.com/increase-rate-limit")
 
@@ -376,6 +377,9 @@ class Handler(BaseHTTPRequestHandler):
         if mode == "status429":
             status, extra = 429, [("Retry-After", "7")]
             err = {"code": "TOOMANYREQUESTS", "message": TOOMANYREQUESTS_MESSAGE}
+        elif mode == "status503":
+            status, extra = 503, []
+            err = {"code": "UNAVAILABLE", "message": "service unavailable", "detail": "injected fault"}
         else:
             status, extra = 500, []
             err = {"code": "UNKNOWN", "message": "unknown error", "detail": "injected fault"}

@@ -27,6 +27,7 @@ what the relays logged.
 Misbehaving on purpose (see the servers' docstrings for details)::
 
     up.set_cdn_fault("cut", after=1000)           # next blob GET truncated after 1000 bytes
+    up.set_cdn_fault("cutat", times=0, at="0.1,0.5,0.99")  # every blob cut once at 10%, 50%, 99%
     up.set_cdn_fault("corrupt", times=2)          # next 2 blob GETs: one byte flipped
     up.set_edge_fault("status429", path_contains="/manifests/")
     up.set_token_fault("hang", times=0)           # every /token request hangs until cleared
@@ -608,19 +609,21 @@ class Upstream:
         return f"http://127.0.0.1:{self._cdn_backend_port}" if service == "cdn" else self.service_url(service)
 
     def set_cdn_fault(self, mode: str, times: int = 1, after: int | None = None,
-                      seconds: float | None = None) -> dict:
+                      seconds: float | None = None, at: str | None = None) -> dict:
         """Next ``times`` (0 = until cleared) CDN blob GETs misbehave.  ``mode``:
-        "cut" (full Content-Length, only ``after`` bytes, then close), "corrupt"
-        (one byte, at body offset ``after`` or the middle, inverted),
+        "cut" (full Content-Length, only ``after`` bytes, then close), "cutat"
+        (every blob cut once at each fraction of ``at``, e.g. "0.1,0.5,0.99",
+        of the whole blob, ``seconds`` of silence before the close; use times=0),
+        "corrupt" (one byte, at body offset ``after`` or the middle, inverted),
         "status403" (S3 "Request has expired"), "hang" (no answer until the
         client leaves or ``seconds``, default 60), "none".  Returns the state."""
-        return self._fault_post("cdn", "/_cdn/fault", mode, times, after=after, seconds=seconds)
+        return self._fault_post("cdn", "/_cdn/fault", mode, times, after=after, seconds=seconds, at=at)
 
     def set_edge_fault(self, mode: str, times: int = 1, path_contains: str | None = None,
                        method: str | None = None, seconds: float | None = None) -> dict:
         """Next ``times`` (0 = until cleared) edge requests whose path+query
         contains ``path_contains`` (and with ``method``, if given) get
-        "status500" (UNKNOWN), "status429" (TOOMANYREQUESTS, Retry-After: 7),
+        "status500" (UNKNOWN), "status503" (UNAVAILABLE), "status429" (TOOMANYREQUESTS, Retry-After: 7),
         "hang" or "close" instead of being proxied; "none" clears."""
         return self._fault_post("edge", "/_edge/fault", mode, times, path_contains=path_contains,
                                 method=method, seconds=seconds)

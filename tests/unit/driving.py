@@ -6,6 +6,7 @@ import inspect
 
 import httpx
 from mitmproxy import http
+from mitmproxy.flow import Error
 
 
 async def hook(addon, name: str, *args) -> None:
@@ -20,15 +21,20 @@ async def hook(addon, name: str, *args) -> None:
 
 async def drive(addon, flow: http.HTTPFlow) -> http.HTTPFlow:
     """requestheaders, then request (mitmproxy calls it once the body is in); a flow
-    left pointed at the mirror's loopback server for a prepared answer gets it from
-    there, body sent, as mitmproxy would fetch it."""
+    left pointed at the mirror's loopback server for a prepared answer, or for a blob the
+    mirror streams without a cache, gets it from there, body sent, as mitmproxy would fetch
+    it (a transfer ended short is the flow's error)."""
     await hook(addon, "requestheaders", flow)
     await hook(addon, "request", flow)
     loopback = addon.mirror.loopback if addon.mirror else None
     if (flow.response is None and loopback is not None and flow.request.port == loopback.server.port
-            and flow.request.path.startswith("/answers/")):
-        async with httpx.AsyncClient() as client:
-            answer = await client.request(flow.request.method, flow.request.url, content=flow.request.raw_content,
-                                          headers=[(k, v) for k, v in flow.request.headers.items(multi=True)])
+            and flow.request.path.startswith(("/answers/", "/streams/"))):
+        try:
+            async with httpx.AsyncClient() as client:
+                answer = await client.request(flow.request.method, flow.request.url, content=flow.request.raw_content,
+                                              headers=[(k, v) for k, v in flow.request.headers.items(multi=True)])
+        except httpx.HTTPError as e:
+            flow.error = Error(f"{type(e).__name__}: {e}")
+            return flow
         flow.response = http.Response.make(answer.status_code, answer.content, list(answer.headers.raw))
     return flow

@@ -146,6 +146,11 @@ class KeptRecords(logging.Handler):
 
     def __enter__(self) -> KeptRecords:
         self.level_before = self.logger.level
+        # an addon of an earlier test in this process may have left its filter on the logger
+        # (connection_log's PerConnectionLines): the records are kept as mitmproxy makes them
+        self.filters_before = list(self.logger.filters)
+        for f in self.filters_before:
+            self.logger.removeFilter(f)
         self.logger.addHandler(self)
         self.logger.setLevel(logging.DEBUG)
         return self
@@ -153,3 +158,5 @@ class KeptRecords(logging.Handler):
     def __exit__(self, *exc) -> None:
         self.logger.removeHandler(self)
         self.logger.setLevel(self.level_before)
+        for f in self.filters_before:
+            self.logger.addFilter(f)

@@ -274,7 +274,9 @@ def test_blob_redirect_retargets_flow_without_credentials(addon_ctx, recording_u
 def test_blob_storage_error_becomes_registry_error(addon_ctx, recording_upstream):
     addon, _ = addon_ctx
     recording_upstream.routes[("GET", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(307, [("Location", recording_upstream.url + "/cdn")])
-    flow = make_flow(recording_upstream.url, "GET", f"/v2/library/nginx/blobs/{DIGEST}?_hub_retry=1")  # no second chance
+    # a ranged GET: without a cache mitmproxy relays it from the storage (a whole one the mirror streams)
+    flow = make_flow(recording_upstream.url, "GET", f"/v2/library/nginx/blobs/{DIGEST}?_hub_retry=1",  # no second chance
+                     headers=[("Range", "bytes=5-")])
     run(drive(addon, flow))
     assert addon.requests[flow.id].transfer.digest == DIGEST
     flow.response = http.Response.make(403, b"<Error>AccessDenied</Error>", {"Content-Type": "application/xml"})
@@ -285,10 +287,10 @@ def test_blob_storage_error_becomes_registry_error(addon_ctx, recording_upstream
     assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
 
 
-def test_blob_served_directly_by_registry_is_fetched_by_mitmproxy(addon_ctx, recording_upstream):
+def test_blob_served_directly_by_registry_ranged_is_fetched_by_mitmproxy(addon_ctx, recording_upstream):
     addon, _ = addon_ctx
     recording_upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(200, [("Docker-Content-Digest", DIGEST)], b"x" * 10)
-    flow = make_flow(recording_upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}")
+    flow = make_flow(recording_upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}", headers=[("Range", "bytes=2-")])
     head = make_flow(recording_upstream.url, "HEAD", f"/v2/nginx/blobs/{DIGEST}")
 
     async def both() -> None:  # on one loop: the probe's connection is pooled for the next request
@@ -300,6 +302,31 @@ def test_blob_served_directly_by_registry_is_fetched_by_mitmproxy(addon_ctx, rec
     assert flow.request.url == f"{recording_upstream.url}/v2/library/nginx/blobs/{DIGEST}"
     assert head.response.status_code == 200
     assert head.response.headers["content-length"] == "10"
+
+
+def test_whole_blob_without_cache_is_streamed_by_the_mirror_and_verified(addon_ctx, recording_upstream):
+    """Without a cache a whole blob GET is the mirror's own transfer (resumed after a cut, checked
+    against its digest): the client gets one 200 with the blob; bytes that are not the blob end
+    short, never as a complete-looking answer."""
+    addon, _ = addon_ctx
+    blob = b"the blob's bytes" * 1000
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    recording_upstream.routes[("*", f"/v2/library/nginx/blobs/{digest}")] = Canned(307, [("Location", recording_upstream.url + "/cdn/good")])
+    recording_upstream.routes[("GET", "/cdn/good")] = Canned(200, [], blob)
+    recording_upstream.routes[("*", f"/v2/library/nginx/blobs/{DIGEST}")] = Canned(307, [("Location", recording_upstream.url + "/cdn/bad")])
+    recording_upstream.routes[("GET", "/cdn/bad")] = Canned(200, [], b"not that blob")
+    good = make_flow(recording_upstream.url, "GET", f"/v2/nginx/blobs/{digest}")
+    bad = make_flow(recording_upstream.url, "GET", f"/v2/nginx/blobs/{DIGEST}")
+
+    async def both() -> None:
+        await drive(addon, good)
+        await drive(addon, bad)
+
+    run(both())
+    assert good.request.path.startswith("/streams/")
+    assert good.response.status_code == 200 and good.response.content == blob
+    assert good.response.headers["docker-content-digest"] == digest
+    assert bad.response is None and bad.error is not None  # ended short: a failed transfer
 
 
 def test_blob_unauthorized_answer_relayed_with_rewritten_challenge(addon_ctx, recording_upstream):
@@ -634,13 +661,16 @@ def test_ns_of_the_served_registry_is_accepted_and_not_forwarded(addon_ctx, reco
     assert recording_upstream.received[0].path == "/v2/library/nginx/manifests/1"
 
 
+RANGED = [("Range", "bytes=100-")]  # relayed by mitmproxy without a cache (a whole blob is the mirror's own stream)
+
+
 def test_expired_signed_url_sends_client_back_once(addon_ctx, recording_upstream):
     addon, _ = addon_ctx
     blob_path = f"/v2/library/nginx/blobs/{DIGEST}"
     recording_upstream.routes[("*", blob_path)] = Canned(307, [("Location", recording_upstream.url + "/cdn?sig=old")])
 
     async def scenario():
-        flow = make_flow(recording_upstream.url, "GET", blob_path)
+        flow = make_flow(recording_upstream.url, "GET", blob_path, headers=RANGED)
         await drive(addon, flow)
         flow.response = http.Response.make(403, b"<Error>Request has expired</Error>")
         addon.responseheaders(flow)
@@ -648,7 +678,7 @@ def test_expired_signed_url_sends_client_back_once(addon_ctx, recording_upstream
         assert flow.response.status_code == 307
         assert flow.response.headers["location"] == f"{blob_path}?_hub_retry=1"
 
-        again = make_flow(recording_upstream.url, "GET", f"{blob_path}?_hub_retry=1")
+        again = make_flow(recording_upstream.url, "GET", f"{blob_path}?_hub_retry=1", headers=RANGED)
         await drive(addon, again)
         assert recording_upstream.received[-1].path == blob_path  # the marker is the mirror's own
         again.response = http.Response.make(403, b"expired")
@@ -667,13 +697,13 @@ def test_the_second_chance_is_the_clients_own_request(addon_ctx, recording_upstr
     client_path = f"/v2/nginx/blobs/{DIGEST}"
 
     async def scenario():
-        flow = make_flow(recording_upstream.url, "GET", f"{client_path}?ns=docker.io")
+        flow = make_flow(recording_upstream.url, "GET", f"{client_path}?ns=docker.io", headers=RANGED)
         await drive(addon, flow)
         flow.response = http.Response.make(403, b"<Error>Request has expired</Error>")
         addon.responseheaders(flow)
         addon.response(flow)
         assert flow.response.headers["location"] == f"{client_path}?ns=docker.io&_hub_retry=1"
-        again = make_flow(recording_upstream.url, "GET", flow.response.headers["location"])
+        again = make_flow(recording_upstream.url, "GET", flow.response.headers["location"], headers=RANGED)
         await drive(addon, again)
         assert recording_upstream.received[-1].path == f"/v2/library/nginx/blobs/{DIGEST}"  # ns and marker are the mirror's
 

@@ -4,6 +4,8 @@ for two registries (the default one and "ghcr.io")."""
 
 from __future__ import annotations
 
+import hashlib
+
 import asyncio
 import json
 
@@ -202,8 +204,9 @@ def test_accounts_v2_needs_a_token_the_mirror_issued(accounts, hub, ghcr):
 
 
 def test_a_blob_the_registry_serves_itself_gets_the_upstream_token_never_the_sealed_one(accounts, hub, ghcr):
-    """mitmproxy fetches such a blob with the flow's own request: it carries the upstream's token
-    inside the client's sealed one, and the flow's record only the sealed one's fingerprint."""
+    """mitmproxy fetches such a blob (ranged: a whole one the mirror streams itself, below) with the
+    flow's own request: it carries the upstream's token inside the client's sealed one, and the
+    flow's record only the sealed one's fingerprint."""
     from hubrewrite.debug.fingerprint import fingerprint
 
     addon, _ = accounts
@@ -212,7 +215,8 @@ def test_a_blob_the_registry_serves_itself_gets_the_upstream_token_never_the_sea
     flow = ask(addon, hub, "GET", "/token/ghcr.io?scope=repository:owner/tool:pull",
                headers=[("Authorization", basic("ann", "mirror-pw"))])
     sealed = body_json(flow.response)["token"]
-    flow = ask(addon, hub, "GET", f"/v2/ghcr.io/owner/tool/blobs/{digest}", headers=[("Authorization", f"Bearer {sealed}")])
+    flow = ask(addon, hub, "GET", f"/v2/ghcr.io/owner/tool/blobs/{digest}",
+               headers=[("Authorization", f"Bearer {sealed}"), ("Range", "bytes=1-")])
     assert flow.response is None and flow.request.url == f"{ghcr.url}/v2/owner/tool/blobs/{digest}"
     sent_upstream_token = flow.request.headers.get_all("authorization") == ["Bearer ghcr-token"]
     assert sent_upstream_token  # a name: a failure prints no token
@@ -220,6 +224,22 @@ def test_a_blob_the_registry_serves_itself_gets_the_upstream_token_never_the_sea
     addon.responseheaders(flow)  # so the request has gone: its record closes
     assert flow.request.headers.get_all("authorization") == [fingerprint(f"Bearer {sealed}")]
 
+
+
+def test_a_whole_blob_the_registry_serves_itself_is_streamed_with_the_upstream_token(accounts, hub, ghcr):
+    """Without a cache the mirror streams a whole blob itself (to resume it after a cut): from the
+    registry with the upstream's token unsealed from the client's, never the sealed one."""
+    addon, _ = accounts
+    blob = b"y" * 4096
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    ghcr.routes[("*", f"/v2/owner/tool/blobs/{digest}")] = Canned(200, [("Docker-Content-Digest", digest)], blob)
+    flow = ask(addon, hub, "GET", "/token/ghcr.io?scope=repository:owner/tool:pull",
+               headers=[("Authorization", basic("ann", "mirror-pw"))])
+    sealed = body_json(flow.response)["token"]
+    flow = ask(addon, hub, "GET", f"/v2/ghcr.io/owner/tool/blobs/{digest}", headers=[("Authorization", f"Bearer {sealed}")])
+    assert flow.response.status_code == 200 and flow.response.content == blob
+    gets = [r for r in ghcr.received if r.method == "GET" and r.path.endswith(digest)]
+    assert gets and all(r.header("authorization") == "Bearer ghcr-token" for r in gets)
 
 def test_accounts_post_password_grant(accounts, hub, ghcr):
     addon, _ = accounts

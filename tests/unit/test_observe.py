@@ -58,3 +58,36 @@ def test_status_page_of_a_forward_proxy_says_how_to_use_a_proxy():
     assert "This forward proxy at <code>http://10.0.0.5:8080</code> serves" in page
     assert "HTTPS_PROXY=http://10.0.0.5:8080" in page and "mitmproxy-ca-cert.pem" in page
     assert "docker pull" not in page and "registry-mirrors" not in page and "hosts.toml" not in page
+
+
+def test_status_page_and_metrics_say_since_when_a_registry_is_unreachable():
+    from hubrewrite.observe.status_page import RegistrySources
+    from hubrewrite.registry.registries import parse_upstream
+    from hubrewrite.sources import SourceList, describe_stale
+
+    sources = SourceList(parse_upstream("docker.io=https://a.example,https://b.example"), backoff=30)
+    first, second = sources.sources
+    facts = lambda: StatusFacts("http://m:5000", first.base, "docker.io", ["docker.io"], "", None, "0", None, {}, 0,
+                                sources=[RegistrySources(sources.name, sources.state(), sources.unreachable_since,
+                                                         describe_stale(sources.stale_served))])
+    page = html.unescape(status_page(facts()).decode())
+    assert "https://b.example" in page and "unreachable" not in page  # several URLs: listed, in order
+    sources.failed(first, "upstream unreachable: [Errno 111] Connection refused")
+    sources.failed(second, "answered 503")
+    sources.note_stale("manifest")
+    sources.note_stale("blob")
+    sources.note_stale("blob")
+    page = html.unescape(status_page(facts()).decode())
+    assert "docker.io is unreachable since " in page and "served from the cache meanwhile: 2 blobs, 1 manifest." in page
+    assert "failed, tried again in 30 s" in page and "answered 503" in page
+    metrics = Metrics()
+    metrics.note_sources([sources])
+    body = metrics.exposition()[0].decode()
+    since = next(line for line in body.splitlines() if line.startswith("hub_upstream_unreachable_since_seconds{"))
+    assert abs(float(since.rsplit(" ", 1)[1]) - sources.unreachable_since) < 1
+    assert 'hub_source_up{source="https://b.example",upstream="https://a.example"} 0.0' in body
+    sources.answered(second)
+    metrics.note_sources([sources])
+    body = metrics.exposition()[0].decode()
+    assert 'hub_upstream_unreachable_since_seconds{upstream="https://a.example"} 0.0' in body
+    assert 'hub_source_up{source="https://b.example",upstream="https://a.example"} 1.0' in body
