@@ -34,9 +34,10 @@ from ..client_request import Answer, ClientRequest, Retarget, TransferSource
 from ..registry.contents import Descriptor, contents
 from ..registry.errors import RegistryError
 from ..registry.upstream import Upstream
-from ..responses import make_response
-from .blobs import probe_registry, start_download
+from ..responses import error_response, make_response
+from .blobs import Probe, probe_registry, start_download
 from .parts import CacheParts, Upstreams
+from .sourced import first_source
 
 KEPT_HEADERS = ("authorization", "user-agent")  # of the client's request, on the mirror's requests for it
 HOLD_CHECK = 60.0  # seconds between two looks at a download a fetch holds its place for
@@ -104,10 +105,9 @@ async def _blob(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, diges
     if not isinstance(found, Miss):
         return  # cached, arriving, or in the bucket: the client's request reads it from there
 
-    async def probe():
+    async def probe() -> Probe:
         cache.metrics.ahead_requests.labels("blob probe").inc()
-        return await probe_registry(upstreams, "GET", fetcher.url("blobs", digest), fetcher.headers, _refused,
-                                    purpose="blob probe, ahead of the client")
+        return await _probe(fetcher, upstreams, digest)
 
     found = await probe()
     # refused, unknown or failing (the client hears it itself), or someone downloads it: not claimed
@@ -145,6 +145,22 @@ async def _manifest(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, e
     media_type = fetched.header("content-type") or entry.media_type
     if fetched.status == 200 and tiers.keep_manifest(digest, media_type, fetched.body):  # verified
         tiers.confirm(fetcher.asker, digest)
+
+
+async def _probe(fetcher: Fetcher, upstreams: Upstreams, digest: str) -> Probe:
+    """The registry's answer to the blob, at its first URL that answers, as the client's own probe
+    (``blobs._probe``): a resume its storage refuses goes on at the next URL (``origins.next_source``)."""
+    try:
+        source, _, found = await first_source(
+            upstreams, fetcher.upstream, fetcher.asker.repository, fetcher.headers,
+            f"/v2/{fetcher.asker.repository}/blobs/{digest}",
+            lambda url, headers: probe_registry(upstreams, "GET", url, headers, _refused,
+                                                purpose="blob probe, ahead of the client"),
+            lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+    except RegistryError as e:
+        return Probe(answer=error_response(e))
+    found.source, found.urls = source, upstreams.sources.of(fetcher.upstream)
+    return found
 
 
 async def _confirm(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, kind: str, digest: str,

@@ -33,13 +33,14 @@ from ..cache.downloads import Download, DownloadState
 from ..cache.serving import blob_headers
 from ..cache.tiers import Claimed, Found, InBucket, Local, Miss, NoRoom
 from ..clientconn import is_forward_proxy
+from ..loopback import Loopback
 from ..client_request import RETRY_PARAM, Answer, ClientRequest, Retarget, Transfer, TransferSource
 from ..registry import headers as hdrs
 from ..registry.errors import RegistryError
-from ..registry.upstream import base_url
+from ..registry.upstream import Upstream, base_url
 from ..responses import CACHE_HEADER, STALE_HEADERS, error_response, make_response
+from ..sources import SourceList
 from ..upstream_client import REDIRECT_STATUSES, check_reachable, redirect_target
-from ..loopback import Loopback
 from . import relay, uncached
 from .cache_access import Access, check
 from .origins import open_source, storage_error
@@ -62,6 +63,10 @@ class Probe:
     target: str | None = None  # the storage URL it redirected to, or the registry's own URL (200)
     kept: list[tuple[str, str]] | None = None
     answer: http.Response | None = None
+    # the URL of the registry that gave it, among the registry's URLs (sources.py): a source refusing a
+    # resumed transfer is that URL's failure (paths/origins.next_source); None: asked at one URL only
+    source: Upstream | None = None
+    urls: SourceList | None = None
 
     @property
     def direct(self) -> bool:
@@ -253,10 +258,12 @@ async def start_download(upstreams: Upstreams, cache: CacheParts, download: Down
 
 async def _probe(request: ClientRequest, upstreams: Upstreams) -> Probe:
     """At the first URL of the registry that answers (paths/sourced.py)."""
-    return await at_sources(request, upstreams, lambda url, headers: probe_registry(
+    probe = await at_sources(request, upstreams, lambda url, headers: probe_registry(
         upstreams, request.method, url, headers,
         lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)),
         lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+    probe.source, probe.urls = request.source, upstreams.sources.of(request.upstream)
+    return probe
 
 
 async def probe_registry(upstreams: Upstreams, method: str, url: str, headers: list[tuple[str, str]],

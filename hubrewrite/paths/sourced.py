@@ -28,23 +28,29 @@ async def at_sources(request: ClientRequest, upstreams: Upstreams,
     """``call(url, headers)`` for this request (``path``: another one of its repository) at the
     first URL that answers. Raises RegistryError when none does."""
     where = path if path is not None else request.route.path() + request.query
-
-    async def attempt(source: Upstream) -> tuple[list[tuple[str, str]], T]:
-        headers = await headers_at(request, upstreams, source)
-        return headers, await call(source.url(where), headers)
-
-    source, (headers, answer) = await first_answer(upstreams.sources.of(request.upstream), attempt,
-                                                   lambda answered: status_of(answered[1]))
+    name = request.route.name if request.route is not None else ""
+    source, headers, answer = await first_source(upstreams, request.upstream, name, request.headers, where, call,
+                                                  status_of)
     request.source, request.source_headers = source, headers
     return answer
 
 
-async def headers_at(request: ClientRequest, upstreams: Upstreams, source: Upstream) -> list[tuple[str, str]]:
-    """The request's upstream headers as ``source`` should get them (its own token)."""
-    name = request.route.name if request.route is not None else ""
-    return await upstreams.source_tokens.headers_at(
-        source, request.headers, f"repository:{name}:pull" if name else None, upstreams.realms, upstreams.client,
-        upstreams.credentials)
+async def first_source(upstreams: Upstreams, upstream: Upstream, repository: str, headers: list[tuple[str, str]],
+                       path: str, call: Callable[[str, list[tuple[str, str]]], Awaitable[T]],
+                       status_of: Callable[[T], int]) -> tuple[Upstream, list[tuple[str, str]], T]:
+    """``call`` at ``path`` of the first URL of ``upstream`` that answers, with ``headers`` as that
+    URL should get them (its own token, for ``repository``): (that URL, those headers, its answer),
+    also for whoever asks without a client's request (a fetch ahead). Raises RegistryError."""
+    scope = f"repository:{repository}:pull" if repository else None
+
+    async def attempt(source: Upstream) -> tuple[list[tuple[str, str]], T]:
+        sent = await upstreams.source_tokens.headers_at(source, headers, scope, upstreams.realms, upstreams.client,
+                                                        upstreams.credentials)
+        return sent, await call(source.url(path), sent)
+
+    source, (sent, answer) = await first_answer(upstreams.sources.of(upstream), attempt,
+                                                lambda answered: status_of(answered[1]))
+    return source, sent, answer
 
 
 def answering(request: ClientRequest) -> Upstream:
