@@ -105,6 +105,8 @@ BENCH_SHARED = ("PYTHONPATH=. .venv/bin/python bench/bench_shared.py --size-mib 
 BENCH_RTT = "PYTHONPATH=. .venv/bin/python bench/bench_rtt.py --rtt-ms 50 --reps 3 --json bench/results/rtt.json"
 BENCH_BUCKET = ("PYTHONPATH=. .venv/bin/python bench/bench_bucket_client.py --size-mib 512 --reps 3 "
                 "--json bench/results/bucket.json")
+BENCH_RESUME = ("PYTHONPATH=. .venv/bin/python bench/bench_resume.py --size-mib 1024 --reps 5 "
+                "--json bench/results/resume.json")
 
 # inline code spans that are commands
 SCRIPTS_RUN_PUBLIC_URL = "scripts/run --set hub_public_url=https://mirror.example.com"
@@ -1060,6 +1062,7 @@ TABLE: dict[str, Here | Elsewhere | BenchSmoke] = {
     BENCH_SHARED: BenchSmoke(),
     BENCH_RTT: BenchSmoke(),
     BENCH_BUCKET: BenchSmoke(),
+    BENCH_RESUME: BenchSmoke(),
     # ---- inline commands
     SCRIPTS_RUN_PUBLIC_URL: Here(("test_scripts_run_with_a_public_url",), appended=TRUST, environment=MIRROR_KNOBS),
     SCRIPTS_TEST_UNIT: Here(("test_scripts_test_with_arguments",),
