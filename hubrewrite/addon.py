@@ -2,11 +2,11 @@
 
 A request's way through the files (reverse mode, a blob GET):
 
-1. ``requestheaders``: ``admission.admit`` builds a ``Pull`` (registry, route,
+1. ``requestheaders``: ``admission.admit`` builds a ``ClientRequest`` (registry, route,
    client view, identity, upstream headers) and applies every gate (grammar,
    rules, accounts, method, body) before any byte goes anywhere; the flow is
    pointed at the mirror's loopback server until it is answered.
-2. ``request``: ``paths.serve`` hands the Pull to its path (``paths/blobs.py``),
+2. ``request``: ``paths.serve`` hands the ClientRequest to its path (``paths/blobs.py``),
    which answers with a response or a ``Retarget``; the addon applies it.
 3. ``responseheaders`` streams a retargeted answer, ``response``/``error``
    write its log line and metrics (``observe/summaries.py``).
@@ -41,7 +41,7 @@ from .mitmseams.connections import close_client
 from .mitmseams.tools import command_line_options
 from .observe import logformat, summaries
 from .observe.metrics import CountingStream
-from .pull import RequestKind, Pull, Retarget
+from .client_request import ClientRequest, RequestKind, Retarget, TransferSource
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .util.bounded_dict import BoundedDict
@@ -51,16 +51,16 @@ from .paths.blobs import replace_storage_error
 
 log = logging.getLogger("hub_rewrite")
 
-# how many client flows may be in flight at once before the oldest's Pull is forgotten
-MAX_PULLS = 100_000
+# how many client flows may be in flight at once before the oldest's ClientRequest is forgotten
+MAX_REQUESTS = 100_000
 
 
 class HubRewrite:
     def __init__(self) -> None:
         self.mirror: Mirror | None = None
-        # client flow id -> the Pull it became; not in flow.metadata, which mitmproxy copies
+        # client flow id -> the ClientRequest it became; not in flow.metadata, which mitmproxy copies
         # and saves (-w) with every flow: live objects (downloads, tasks) do not belong there
-        self.pulls = BoundedDict(MAX_PULLS)
+        self.requests = BoundedDict(MAX_REQUESTS)
         self.certificates = CertificateRenewal()
         # one concern each, mitmproxy style: sub-addons get every hook after this one
         guard = ConnectionGuard(lambda: self.mirror.budget if self.mirror is not None else None)
@@ -157,15 +157,15 @@ class HubRewrite:
             return  # forward-proxy traffic for another host, passed through
         await self.mirror.start()
         serving.set(flow)  # the mirror's exchanges from here on are this flow's side flows
-        pull, refusal = await admit(flow, self.mirror, *place)
-        self.pulls.put(flow.id, pull)
+        request, refusal = await admit(flow, self.mirror, *place)
+        self.requests.put(flow.id, request)
         if not self.mirror.settings.show_secrets:
             records.open_record(flow)  # before mitmweb's view (the next addon) first shows the flow
         if refusal is not None:
-            pull.settled = True
+            request.settled = True
             self._refuse(flow, refusal)
-        elif pull.kind is RequestKind.API and pull.method not in ("GET", "HEAD"):
-            self._apply(pull, await paths.serve(pull, self.mirror))  # a push, streamed from here on
+        elif request.kind is RequestKind.API and request.method not in ("GET", "HEAD"):
+            self._apply(request, await paths.serve(request, self.mirror))  # a push, streamed from here on
             flow.request.stream = True
         else:
             # Until the request hook answers, the flow points at the mirror: whatever
@@ -177,16 +177,16 @@ class HubRewrite:
         if body_disagrees_with_length(flow.request):
             reset_as_malformed(flow)  # RFC 9113 §8.1.1, before any work for it
             return
-        pull: Pull | None = self.pulls.get(flow.id)
-        if pull is None or pull.settled or flow.response or flow.error or flow.request.stream:
+        request: ClientRequest | None = self.requests.get(flow.id)
+        if request is None or request.settled or flow.response or flow.error or flow.request.stream:
             return  # not ours, answered, or streaming where requestheaders sent it
-        if flow.request.raw_content and pull.kind is not RequestKind.TOKEN:
+        if flow.request.raw_content and request.kind is not RequestKind.TOKEN:
             # a body announced by no header (HTTP/2): refused like any other
             flow.response = error_response(RegistryError(400, "UNSUPPORTED", "this request must not carry a body"))
             return
-        pull.client_body = flow.request.raw_content or b""
+        request.client_body = flow.request.raw_content or b""
         if not self.mirror.settings.show_secrets:
-            records.redact_request_record(flow, pull.client_authorization)  # its form's password too, from now on
+            records.redact_request_record(flow, request.client_authorization)  # its form's password too, from now on
         serving.set(flow)
         async with self.work.turn(flow.client_conn) as ours:
             if not ours:
@@ -194,31 +194,32 @@ class HubRewrite:
                     flow.kill()  # its connection is gone: nobody waits for the answer
                 return
             try:
-                answer = await paths.serve(pull, self.mirror)
+                answer = await paths.serve(request, self.mirror)
             except Exception:
                 # A bug must never let the request through unchecked.
-                log.exception("hub_rewrite: internal error on %s %s", flow.request.method, pull.path)
+                log.exception("hub_rewrite: internal error on %s %s", flow.request.method, request.path)
                 answer = error_response(RegistryError(500, "UNKNOWN", "internal error in the mirror"))
-        self._apply(pull, answer)
+        self._apply(request, answer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        pull: Pull | None = self.pulls.get(flow.id)
-        if pull is None or flow.response is None:
+        request: ClientRequest | None = self.requests.get(flow.id)
+        if request is None or flow.response is None:
             return
-        self._close_request(pull)  # the request has gone by now
-        if pull.hidden is not None:
+        self._close_request(request)  # the request has gone by now
+        if request.hidden is not None:
             # sent from the loopback server as it arrives, so its record can be redacted in response()
-            flow.response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, pull.summary.source))
+            counted = summaries.counting(request, self.mirror.metrics, request.summary.source)
+            flow.response.stream = CountingStream(counted)
             return
-        if pull.transfer is None:
+        if request.transfer is None:
             return
-        response, transfer = flow.response, pull.transfer
+        response, transfer = flow.response, request.transfer
         if 200 <= response.status_code < 300:
             # The bytes go to the client as they arrive: blobs can be many GB.
-            source = "cache" if transfer.source == "cache" else "upstream"
-            response.stream = CountingStream(summaries.counting(pull, self.mirror.metrics, source))
+            source = "cache" if transfer.source is TransferSource.CACHE else "upstream"
+            response.stream = CountingStream(summaries.counting(request, self.mirror.metrics, source))
             self.mirror.metrics.in_flight.inc()
-            pull.summary.in_flight = True
+            request.summary.in_flight = True
             add_missing(response, transfer.headers)
             add_missing(response, CORS_HEADERS)
         # error answers are small: left buffered for response() to replace
@@ -227,27 +228,28 @@ class HubRewrite:
         if self.mirror is None:
             return  # never started (see requestheaders)
         self.work.finished(flow)
-        pull: Pull | None = self.pulls.pop(flow.id, None)
-        self._close_record(flow, pull)
-        if pull is None:
+        request: ClientRequest | None = self.requests.pop(flow.id, None)
+        self._close_record(flow, request)
+        if request is None:
             return
-        if pull.transfer is not None and flow.response is not None:
-            replaced = replace_storage_error(pull.transfer, flow.response)
+        if request.transfer is not None and flow.response is not None:
+            replaced = replace_storage_error(request.transfer, flow.response)
             if replaced is not None:
                 add_missing(replaced, CORS_HEADERS)
                 flow.response = without_body_for_head(flow.request.method, replaced)
-        summaries.finish(pull, self.mirror.metrics, self.mirror.sources)
+        summaries.finish(request, self.mirror.metrics, self.mirror.sources)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if self.mirror is None:
             return  # never started (see requestheaders)
         self.work.finished(flow)
-        pull: Pull | None = self.pulls.pop(flow.id, None)
-        self._close_record(flow, pull)
-        if pull is not None:
-            if pull.transfer is not None and flow.error:
-                log.warning("blob %s transfer from %s failed: %s", pull.transfer.digest, flow.request.host, flow.error.msg)
-            summaries.finish(pull, self.mirror.metrics, self.mirror.sources)
+        request: ClientRequest | None = self.requests.pop(flow.id, None)
+        self._close_record(flow, request)
+        if request is not None:
+            if request.transfer is not None and flow.error:
+                log.warning("blob %s transfer from %s failed: %s", request.transfer.digest, flow.request.host,
+                            flow.error.msg)
+            summaries.finish(request, self.mirror.metrics, self.mirror.sources)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.work.disconnected(client)
@@ -259,54 +261,54 @@ class HubRewrite:
         if isinstance(data.client.proxy_mode, mode_specs.ReverseMode) and data.server.sni is None and data.server.address:
             data.server.sni = data.server.address[0]
 
-    def _close_record(self, flow: http.HTTPFlow, pull: Pull | None) -> None:
+    def _close_record(self, flow: http.HTTPFlow, request: ClientRequest | None) -> None:
         """The flow as mitmweb, saved flows and the log keep it: the client's request and
         the answer it got, their credentials (used by now) as fingerprints."""
         show_secrets = self.mirror.settings.show_secrets
-        if pull is not None:
-            self._close_request(pull)
-            if pull.hidden is not None and not show_secrets:
-                records.close_response(flow, pull.hidden)
+        if request is not None:
+            self._close_request(request)
+            if request.hidden is not None and not show_secrets:
+                records.close_response(flow, request.hidden)
         elif CLIENT_URL in flow.metadata:  # a saved flow loaded again (mitmweb -r)
             records.close_request(flow, None, show_secrets)
         elif not show_secrets:
             redact_metadata(flow)  # traffic passed through: the proxy's own password, if proxyauth kept it
 
-    def _close_request(self, pull: Pull) -> None:
-        records.close_request(pull.flow, pull.client_authorization, self.mirror.settings.show_secrets)
+    def _close_request(self, request: ClientRequest) -> None:
+        records.close_request(request.flow, request.client_authorization, self.mirror.settings.show_secrets)
 
     # ---- answers -----------------------------------------------------------
 
-    def _apply(self, pull: Pull, answer) -> None:
-        flow = pull.flow
-        pull.settled = True
+    def _apply(self, request: ClientRequest, answer) -> None:
+        flow = request.flow
+        request.settled = True
         if isinstance(answer, Retarget):
-            self._retarget(pull, answer)
+            self._retarget(request, answer)
             return
         add_missing(answer, CORS_HEADERS)
         answer = without_body_for_head(flow.request.method, answer)
         if self.mirror.settings.records_flows:
-            pull.hidden = records.hideable(answer, flow.request.method)
-        if pull.hidden is not None:
-            self.mirror.loopback.park(flow, pull.hidden)  # its bytes leave before its record is redacted
+            request.hidden = records.hideable(answer, flow.request.method)
+        if request.hidden is not None:
+            self.mirror.loopback.park(flow, request.hidden)  # its bytes leave before its record is redacted
         else:
             flow.response = answer
-            self._close_request(pull)  # answered here: the request goes nowhere
+            self._close_request(request)  # answered here: the request goes nowhere
 
-    def _retarget(self, pull: Pull, answer: Retarget) -> None:
-        request = pull.flow.request
-        request.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
+    def _retarget(self, request: ClientRequest, answer: Retarget) -> None:
+        sent = request.flow.request
+        sent.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
         # the client's credentials (their fingerprints, in the record) go nowhere: storage services
         # reject them; the registry itself gets what admission made of them (never a mirror-issued token)
         for name in hdrs.CREDENTIAL_HEADERS:
-            request.headers.pop(name, None)
-        if answer.keep_credentials and pull.authorization:
-            request.headers["Authorization"] = pull.authorization
+            sent.headers.pop(name, None)
+        if answer.keep_credentials and request.authorization:
+            sent.headers["Authorization"] = request.authorization
         if answer.loopback:
-            self.mirror.loopback.point_here(request, answer.url)
+            self.mirror.loopback.point_here(sent, answer.url)
         else:
-            request.url = answer.url
-        pull.transfer = answer.transfer
+            sent.url = answer.url
+        request.transfer = answer.transfer
 
     def _refuse(self, flow: http.HTTPFlow, refusal: http.Response) -> None:
         add_missing(refusal, CORS_HEADERS)

@@ -4,7 +4,7 @@
 endpoint, the registry API), routes it to one registry of the table, and
 applies every decision the mirror makes about it: the API grammar, the
 operator's allow/deny rules, mirror accounts, the method, and whether a body
-may come with it. What passes becomes a ``Pull``; what does not gets its
+may come with it. What passes becomes a ``ClientRequest``; what does not gets its
 registry error. It runs in mitmproxy's ``requestheaders`` hook: a body that
 mitmproxy starts to stream right after the head can only follow a decision.
 """
@@ -20,7 +20,7 @@ from .access.confirmations import client_identity
 from .access.issued import is_sealed
 from .clientconn import is_forward_proxy, public_url_of, reverse_target
 from .mirror import Mirror
-from .pull import RETRY_PARAM, ClientView, Pull, RequestKind, RequestSummary
+from .client_request import RETRY_PARAM, ClientView, ClientRequest, RequestKind, RequestSummary
 from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .registry.names import Route, parse_route
@@ -57,48 +57,48 @@ def carries_body(request: http.Request) -> bool:
 
 async def admit(
     flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Upstream | None
-) -> tuple[Pull, http.Response | None]:
+) -> tuple[ClientRequest, http.Response | None]:
     """The request as the mirror serves it, and the refusal it gets if any."""
-    pull = _new_pull(flow, mirror, served, fixed)
+    request = _new_request(flow, mirror, served, fixed)
     try:
-        _classify(pull)
-        if pull.kind is RequestKind.API:
-            _route(pull)
-            refusal = await _api_gates(pull, mirror)
+        _classify(request)
+        if request.kind is RequestKind.API:
+            _route(request)
+            refusal = await _api_gates(request, mirror)
             if refusal is not None:
-                return pull, refusal
-        _body_gate(pull)
+                return request, refusal
+        _body_gate(request)
     except RegistryError as e:
-        return pull, error_response(e)
-    return pull, None
+        return request, error_response(e)
+    return request, None
 
 
-def _new_pull(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Upstream | None) -> Pull:
+def _new_request(flow: http.HTTPFlow, mirror: Mirror, served: Registries, fixed: Upstream | None) -> ClientRequest:
     home = fixed or served.default_upstream
     mirror_url = _mirror_url(flow, mirror)
     view = ClientView(mirror_url, _token_url(mirror_url, served, home))
-    pull = Pull(flow, RequestKind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
-                RequestSummary(upstream=home.base, kind="other"))
-    pull.client_query = list(flow.request.query.items(multi=True))
-    pull.client_authorization = hdrs.value_of(hdrs.decode_fields(flow.request.headers.fields), "authorization")
-    return pull
+    request = ClientRequest(flow, RequestKind.API, flow.request.path.partition("?")[0], served, fixed, home, view,
+                            RequestSummary(upstream=home.base))
+    request.client_query = list(flow.request.query.items(multi=True))
+    request.client_authorization = hdrs.value_of(hdrs.decode_fields(flow.request.headers.fields), "authorization")
+    return request
 
 
-def _classify(pull: Pull) -> None:
-    request, path, summary = pull.flow.request, pull.path, pull.summary
-    if request.headers.get("upgrade", "").strip().lower() == "h2c":
-        ignore_h2c_upgrade(request)
-    if "upgrade" in request.headers:
+def _classify(request: ClientRequest) -> None:
+    sent, path, summary = request.flow.request, request.path, request.summary
+    if sent.headers.get("upgrade", "").strip().lower() == "h2c":
+        ignore_h2c_upgrade(sent)
+    if "upgrade" in sent.headers:
         raise RegistryError(400, "UNSUPPORTED", "protocol upgrades are not served by this mirror")
-    if request.method == "OPTIONS":
-        pull.kind = RequestKind.PREFLIGHT
+    if sent.method == "OPTIONS":
+        request.kind = RequestKind.PREFLIGHT
     elif path in PAGES:
-        pull.kind, summary.kind = RequestKind.PAGE, "page"
-        if request.method not in READ_METHODS:
-            raise RegistryError(405, "UNSUPPORTED", f"method {request.method} is not supported here")
+        request.kind = summary.kind = RequestKind.PAGE
+        if sent.method not in READ_METHODS:
+            raise RegistryError(405, "UNSUPPORTED", f"method {sent.method} is not supported here")
     elif path == TOKEN_PATH or path.startswith(TOKEN_PATH + "/"):
-        pull.kind, summary.kind = RequestKind.TOKEN, "token"
-        if request.method not in ("GET", "POST"):
+        request.kind = summary.kind = RequestKind.TOKEN
+        if sent.method not in ("GET", "POST"):
             raise RegistryError(405, "UNSUPPORTED", "token requests are GET or POST")
 
 
@@ -117,55 +117,55 @@ def ignore_h2c_upgrade(request: http.Request) -> None:
         request.headers.pop("connection", None)
 
 
-def _route(pull: Pull) -> None:
+def _route(request: ClientRequest) -> None:
     """Which registry and repository a /v2/ request is for, as the upstream names it."""
-    route = parse_route(pull.path)
-    served = pull.registries
-    by_ns = served.by_ns([v for k, v in pull.client_query if k == "ns"])
-    if pull.fixed is not None and by_ns not in (None, pull.fixed):
-        raise RegistryError(404, "NAME_UNKNOWN", f"this host serves {pull.fixed.name}, not {by_ns.name}")
-    chosen = by_ns or pull.fixed
+    route = parse_route(request.path)
+    served = request.registries
+    by_ns = served.by_ns([v for k, v in request.client_query if k == "ns"])
+    if request.fixed is not None and by_ns not in (None, request.fixed):
+        raise RegistryError(404, "NAME_UNKNOWN", f"this host serves {request.fixed.name}, not {by_ns.name}")
+    chosen = by_ns or request.fixed
     if route.name:
         routed = served.route(chosen, route.name)
         upstream, prefix, route = routed.upstream, routed.client_prefix, Route(route.kind, routed.name, route.reference)
     else:
         upstream, prefix = chosen or served.default_upstream, ""
-    pull.upstream, pull.route = upstream, route
-    pull.view = ClientView(pull.view.mirror_url, _token_url(pull.view.mirror_url, served, upstream), prefix)
-    kept = [(k, v) for k, v in pull.client_query if k not in ("ns", RETRY_PARAM)]
-    pull.query = "?" + urlencode(kept) if kept else ""
-    pull.retried = any(k == RETRY_PARAM for k, _ in pull.client_query)
-    pull.summary.upstream, pull.summary.kind, pull.summary.repo, pull.summary.ref = (
-        upstream.base, route.kind.value, route.name, route.reference)
+    request.upstream, request.route = upstream, route
+    request.view = ClientView(request.view.mirror_url, _token_url(request.view.mirror_url, served, upstream), prefix)
+    kept = [(k, v) for k, v in request.client_query if k not in ("ns", RETRY_PARAM)]
+    request.query = "?" + urlencode(kept) if kept else ""
+    request.retried = any(k == RETRY_PARAM for k, _ in request.client_query)
+    request.summary.upstream, request.summary.kind, request.summary.repo, request.summary.ref = (
+        upstream.base, route.kind, route.name, route.reference)
     # mitmweb shows the listener's target as the request's host: say where it really went
-    pull.flow.comment = f"hub: {upstream.name} {route.name or route.kind.value} at {upstream.base}"
+    request.flow.comment = f"hub: {upstream.name} {route.name or route.kind.value} at {upstream.base}"
 
 
-async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
+async def _api_gates(request: ClientRequest, mirror: Mirror) -> http.Response | None:
     """Rules, accounts and methods of a /v2/ request. A refusal that is not an
     error (the sign-in challenge) is returned; errors are raised."""
-    settings, route, method = mirror.settings, pull.route, pull.method
+    settings, route, method = mirror.settings, request.route, request.method
     assert route is not None
-    if route.name and not settings.rules.permits(pull.upstream.name, route.name):
-        raise RegistryError(403, "DENIED", f"repository {pull.client_name(route.name)} is not served by this mirror")
-    fields = hdrs.decode_fields(pull.flow.request.headers.fields)
-    pull.authorization = pull.client_authorization
-    bearer = bearer_token(pull.authorization)
+    if route.name and not settings.rules.permits(request.upstream.name, route.name):
+        raise RegistryError(403, "DENIED", f"repository {request.client_name(route.name)} is not served by this mirror")
+    fields = hdrs.decode_fields(request.flow.request.headers.fields)
+    request.authorization = request.client_authorization
+    bearer = bearer_token(request.authorization)
     if is_sealed(bearer):
         # the mirror's own token: what goes upstream is the upstream's token inside, if any. One
         # that does not open (expired, a refresh token, its user removed or the password
         # changed, another mirror's user) goes nowhere: the client is sent to sign in again
         sealed = mirror.issued.open(bearer, settings.accounts)
         if sealed is None:
-            return await _sign_in_challenge(pull, mirror)
-        pull.user = sealed.user
-        pull.authorization = f"Bearer {sealed.upstream_token}" if sealed.upstream_token else None
-    if settings.accounts is not None and pull.user is None:
-        return await _sign_in_challenge(pull, mirror)
-    pull.identity = client_identity(pull.authorization)
-    pull.headers = hdrs.without(hdrs.upstream_request_headers(fields), ["authorization"])
-    if pull.authorization:
-        pull.headers.append(("Authorization", pull.authorization))
+            return await _sign_in_challenge(request, mirror)
+        request.user = sealed.user
+        request.authorization = f"Bearer {sealed.upstream_token}" if sealed.upstream_token else None
+    if settings.accounts is not None and request.user is None:
+        return await _sign_in_challenge(request, mirror)
+    request.identity = client_identity(request.authorization)
+    request.headers = hdrs.without(hdrs.upstream_request_headers(fields), ["authorization"])
+    if request.authorization:
+        request.headers.append(("Authorization", request.authorization))
     if method in WRITE_METHODS and not settings.allow_push:
         raise RegistryError(405, "UNSUPPORTED", "this mirror is read-only")
     if method not in READ_METHODS + WRITE_METHODS:
@@ -173,38 +173,38 @@ async def _api_gates(pull: Pull, mirror: Mirror) -> http.Response | None:
     return None
 
 
-async def _sign_in_challenge(pull: Pull, mirror: Mirror) -> http.Response:
+async def _sign_in_challenge(request: ClientRequest, mirror: Mirror) -> http.Response:
     """A /v2/ request without a token of the mirror's that opens (with mirror accounts:
     issued to one of its users): to the mirror's token endpoint."""
     service = None
     try:
-        source = mirror.sources.of(pull.upstream).next_source() or pull.upstream
+        source = mirror.sources.of(request.upstream).next_source() or request.upstream
         learned = await mirror.realms.discover(source, mirror.client)
         service = learned[1] if learned else None
     except RegistryError:
         pass  # the challenge still tells the client where to sign in
-    params = {"realm": pull.view.token_url, "service": service or "hub-rewrite"}
-    if pull.route and pull.route.name:
-        params["scope"] = f"repository:{pull.client_name(pull.route.name)}:pull"
+    params = {"realm": request.view.token_url, "service": service or "hub-rewrite"}
+    if request.route and request.route.name:
+        params["scope"] = f"repository:{request.client_name(request.route.name)}:pull"
     if mirror.settings.accounts is None:
         return bearer_challenge(params, "token expired or not issued by this mirror")
     return bearer_challenge(params, "sign in to the mirror (docker login)")
 
 
-def _body_gate(pull: Pull) -> None:
+def _body_gate(request: ClientRequest) -> None:
     """Registry reads have no body: a body where none belongs is refused. A token
     form must say how long it is, and be short."""
-    request = pull.flow.request
-    if pull.kind is RequestKind.TOKEN and request.method == "POST":
-        length = request.headers.get("content-length", "").strip()
-        if "transfer-encoding" in request.headers or not length.isdigit():
+    sent = request.flow.request
+    if request.kind is RequestKind.TOKEN and sent.method == "POST":
+        length = sent.headers.get("content-length", "").strip()
+        if "transfer-encoding" in sent.headers or not length.isdigit():
             raise RegistryError(411, "UNSUPPORTED", "a token request's form needs a Content-Length")
         if int(length) > MAX_FORM_BYTES:
             raise RegistryError(413, "UNSUPPORTED", "token request form too large")
-    elif pull.kind is RequestKind.API and pull.method in WRITE_METHODS:
+    elif request.kind is RequestKind.API and request.method in WRITE_METHODS:
         return  # a push the operator allowed: its body is streamed upstream
-    elif carries_body(request):
-        raise RegistryError(400, "UNSUPPORTED", f"a {request.method} request here must not carry a body")
+    elif carries_body(sent):
+        raise RegistryError(400, "UNSUPPORTED", f"a {sent.method} request here must not carry a body")
 
 
 def _mirror_url(flow: http.HTTPFlow, mirror: Mirror) -> str:

@@ -1,8 +1,8 @@
 """The mirror's running parts, made from ``Settings`` and replaced when they change.
 
-The paths get this object with every ``Pull``: the settings, the HTTP client
-to upstreams, what was learned about their token services, the tokens issued
-to mirror accounts, the cache, and the metrics.
+``paths.serve`` hands each request path the parts it uses (``paths/parts.py``): the
+settings, the HTTP client to upstreams, what was learned about their token services,
+the tokens issued to mirror accounts, the cache, and the metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .cache.serving import BlobSender
 from .cache.signing import URL_LIFETIME as PRESIGNED_URL_LIFETIME
 from .cache.signing import BlobUrlSigner, SecretError, load_or_create_secret
 from .cache.store import Store
+from .cache.tiers import TieredCache
 from .connlimits import FileBudget
 from .debug.sideflows import SideFlows
 from .httpserver import ServerLimits
@@ -57,6 +58,7 @@ class Cache:
     access: AccessMemory
     downloads: Downloads
     blobs: BlobSender
+    tiers: TieredCache  # the store, the downloads and the bucket in their order: what the request paths ask
     ahead: AheadFetches = field(default_factory=AheadFetches)  # fetches ahead of clients (paths/ahead.py)
     listener: BlobListener | None = None
     listener_socket: socket.socket | None = None
@@ -164,12 +166,15 @@ class Mirror:
             log.info("hub_rewrite: cache %s: %s", c.directory, store.found.plan())
         downloads = Downloads(store)
         blobs = BlobSender(store, downloads)
-        cache = Cache(c, store, AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace), downloads, blobs)
+        shared = None
         if c.store is not None:
             try:
-                cache.shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
+                shared = SharedStore(Bucket(c.store), PRESIGNED_URL_LIFETIME if c.presign else 0, self.metrics)
             except BucketConfigError as e:
                 raise exceptions.OptionsError(f"hub_store_url: {e}") from e
+        access = AccessMemory(c.auth_ttl, c.stale_seconds, c.stale_grace)
+        cache = Cache(c, store, access, downloads, blobs, TieredCache(store, downloads, access, self.metrics, shared),
+                      shared=shared)
         self.secret, kept_in_bucket = self._secret(c, cache.shared)
         if cache.shared is not None:
             # a key the bucket holds proves nothing against whoever can write to the bucket

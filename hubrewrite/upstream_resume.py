@@ -13,9 +13,9 @@ Where the rest comes from is the ``Origin``'s business, decided in one place
 (``Origin.next_url``, made by ``paths/origins.next_source``): the same URL while the source
 takes it; a fresh redirect of the registry when the source refuses it with 403 (a signed URL
 that expired), asked with the credentials the transfer was started with (the first client's
-token: if that expired too, the registry refuses and the blob fails cleanly). Several URLs
-per registry (the next one when a source is down) plug in there; only the same URL and a
-fresh redirect exist today.
+token: if that expired too, the registry refuses and the blob fails cleanly); for a registry
+with several URLs, a fresh redirect of its next healthy URL when the source refuses a resume
+(5xx, 429).
 
 What a resume accepts: a ``206`` whose ``Content-Range`` is exactly the rest of the blob,
 or a ``200`` with the whole blob (the source ignored ``Range``: the bytes up to the position

@@ -47,7 +47,6 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -59,6 +58,7 @@ from .bucket_errors import BucketError, s3_errors
 from .bucket_locks import BucketLocks
 from .bucket_upload import PartUploads
 from .digests import hex_of, sha256_of_bytes
+from .tier import BlobStat
 
 __all__ = ["Bucket", "BucketConfig", "BucketConfigError", "BucketError", "BlobStat", "BlobStream"]
 
@@ -105,14 +105,6 @@ def _client_config(connect_timeout: float, read_timeout: float, attempts: int, p
         response_checksum_validation="when_required",
         user_agent_extra="hub-rewrite",
     )
-
-
-@dataclass(frozen=True)
-class BlobStat:
-    size: int
-    etag: str  # as the store reports it (quotes removed): other bytes, another ETag
-    marked: bool  # carries upload_blob's metadata: stored by a mirror, or copied from such an object
-    version: str | None = None  # the object's version id, where the bucket keeps versions
 
 
 def _stat(answer: dict[str, Any], size: int, marked: bool) -> BlobStat:

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 from ..util.bounded_dict import BoundedDict
@@ -37,7 +38,19 @@ log = logging.getLogger("hub_rewrite")
 FAILED_LATELY_SECONDS = 30.0
 POLL_SECONDS = 0.05  # how often a follower of another process's download looks at the file
 WAKE_BYTES, WAKE_SECONDS = 1 << 20, 0.02  # how much a download writes, or how long it waits, before it wakes its followers
-STARTING, RUNNING, COMMITTED, FAILED = "starting", "running", "committed", "failed"
+
+
+class DownloadState(Enum):
+    """Where one download is: claimed, fetching, done and verified, or given up."""
+
+    STARTING = "starting"  # claimed; its source not handed over yet
+    RUNNING = "running"
+    COMMITTED = "committed"  # all of it on disk, verified, under its final name
+    FAILED = "failed"  # or given up before it started
+
+    @property
+    def over(self) -> bool:
+        return self in (DownloadState.COMMITTED, DownloadState.FAILED)
 
 
 class Download:
@@ -50,7 +63,7 @@ class Download:
         self.path = downloads.store.download_path(digest)
         self.size: int | None = None
         self.written = 0
-        self.state = STARTING
+        self.state = DownloadState.STARTING
         self.mismatch = False  # all the bytes came, and they were not the blob
         self._changed = asyncio.Event()
         self._woken_at = 0  # bytes written when followers were last woken
@@ -84,10 +97,10 @@ class Download:
         except TimeoutError:
             pass
 
-    async def ended(self, timeout: float) -> str:
+    async def ended(self, timeout: float) -> DownloadState:
         """The state once committed or failed, or when ``timeout`` is up."""
         deadline = time.monotonic() + timeout
-        while self.state not in (COMMITTED, FAILED) and (left := deadline - time.monotonic()) > 0:
+        while not self.state.over and (left := deadline - time.monotonic()) > 0:
             await self.changed(left)
         return self.state
 
@@ -103,7 +116,7 @@ class Download:
         self.size = source.length
         writer = self.downloads.store.new_writer(self.digest)
         os.pwrite(self.lock_fd, str(self.size).encode(), 0)  # followers in other processes read it there
-        self.state = RUNNING
+        self.state = DownloadState.RUNNING
         loop = asyncio.get_running_loop()
         if origin is not None:
             source = self.resuming = Resuming(source, origin, self.digest, loop)
@@ -116,8 +129,8 @@ class Download:
 
     def give_up(self) -> None:
         """The claim was not used (the registry refused, the disk is full, ...); no-op once started."""
-        if self.state == STARTING:
-            self._end(FAILED)
+        if self.state is DownloadState.STARTING:
+            self._end(DownloadState.FAILED)
 
     async def _fetch(self, copy: Copy, ended: asyncio.Future) -> None:
         started = time.monotonic()
@@ -131,7 +144,7 @@ class Download:
             await ended
             raise
         finally:
-            self._end(FAILED)  # no-op once ended; cancelled, the followers (and the locks) are let go
+            self._end(DownloadState.FAILED)  # no-op once ended; cancelled, the followers (and the locks) are let go
 
     def _log_failure(self, error: BaseException) -> None:
         if isinstance(error, (OSError, EOFError, RegistryError, BucketError)):
@@ -149,17 +162,17 @@ class Download:
         elif self.written == self.size:
             self.mismatch = True
             log.error("blob %s from its source does not match its digest: discarded, transfers aborted", self.digest)
-        self._end(COMMITTED if committed else FAILED)
+        self._end(DownloadState.COMMITTED if committed else DownloadState.FAILED)
 
     def _on_disk(self, n: int, on_bytes: Callable[[int], None]) -> None:
         self.written += n
         on_bytes(n)
         self._wake_followers()
 
-    def _end(self, state: str) -> None:
-        if self.state in (COMMITTED, FAILED):
+    def _end(self, state: DownloadState) -> None:
+        if self.state.over:
             return
-        if state == FAILED and self.state == RUNNING:
+        if state is DownloadState.FAILED and self.state is DownloadState.RUNNING:
             self.downloads.failed.put(self.digest, time.monotonic())
         self.state = state
         self.downloads.store.release_download_lock(self.digest, self.lock_fd)
@@ -239,18 +252,18 @@ class LocalProgress(Progress):
 
     async def size(self, timeout: float) -> int | None:
         deadline = time.monotonic() + timeout
-        while self.download.state == STARTING and time.monotonic() < deadline:
+        while self.download.state is DownloadState.STARTING and time.monotonic() < deadline:
             await self.download.changed(deadline - time.monotonic())
         return self.download.size
 
     def readable(self) -> int:
         d = self.download
-        if d.state == COMMITTED:
+        if d.state is DownloadState.COMMITTED:
             return d.written
         return max(0, min(d.written, (d.size or 0) - 1))
 
     def failed(self) -> bool:
-        return self.download.state == FAILED
+        return self.download.state is DownloadState.FAILED
 
     async def wait(self) -> None:
         await self.download.changed(1.0)

@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,21 +63,9 @@ class BlobSender:
         self.store = store
         self.downloads = downloads
 
-    @contextmanager
-    def _in_use(self, digest: str):
-        """Never evicted while being sent."""
-        in_use = self.store.in_use
-        in_use[digest] = in_use.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            in_use[digest] -= 1
-            if not in_use[digest]:
-                del in_use[digest]
-
     async def send(self, request: Request, reply: Reply, digest: str, counted: Counter = lambda source, n: None) -> None:
         """``counted(source, bytes)``: where the bytes sent are not counted by mitmproxy (the blob listener)."""
-        with self._in_use(digest):
+        with self.store.keeping(digest):
             progress = self.downloads.progress(digest)
             if progress is not None and request.headers.get("range"):
                 # parts of a blob not yet verified are never sent: a Range waits for the whole

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from ..util.bounded_dict import BoundedDict
 from ..observe.metrics import Metrics
-from .bucket import BlobStat, BlobStream, Bucket
+from .bucket import BlobStream, Bucket
 from .bucket_errors import BucketError
 from .signing import BlobMarkSigner
+from .tier import BlobStat
 
 log = logging.getLogger("hub_rewrite")
 
@@ -180,14 +181,18 @@ class SharedStore:
     async def manifest(self, digest: str) -> tuple[str, bytes] | None:
         return await self._call("read", "manifest", self.bucket.get_manifest, digest)
 
-    def put_manifest_later(self, digest: str, media_type: str, body: bytes) -> None:
+    def put_manifest(self, digest: str, media_type: str, body: bytes) -> bool:
+        """Written in the background (the bucket checks the digest too)."""
         self.later(self._call("write", "manifest", self.bucket.put_manifest, digest, media_type, body))
+        return True
 
     async def record(self, key: str) -> bytes | None:
         return await self._call("read", "record", self.bucket.get_object, key)
 
-    def put_record_later(self, key: str, body: bytes) -> None:
+    def put_record(self, key: str, body: bytes) -> bool:
+        """Written in the background, over any older one."""
         self.later(self._call("write", "record", self.bucket.put_object, key, body))
+        return True
 
     # ---- one download per blob across processes ---------------------------------
 

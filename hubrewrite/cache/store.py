@@ -28,6 +28,7 @@ serves without caching until a write succeeds again.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import hashlib
@@ -46,6 +47,7 @@ from . import layout, lockfiles
 from .blobwriter import BlobWriter
 from .digests import hex_of, sha256_of_bytes, sha256_of_file
 from .eviction import Limits
+from .tier import BlobStat
 
 log = logging.getLogger("hub_rewrite")
 
@@ -177,6 +179,13 @@ class Store:
             self._write_stamp(path)
         return True
 
+    async def blob(self, digest: str) -> BlobStat | None:
+        """The blob on this disk, if it may be served (``check_blob``, in a thread)."""
+        if not self.has_blob(digest) or not await asyncio.to_thread(self.check_blob, digest):
+            return None
+        size = self.blob_size(digest)
+        return BlobStat(size) if size is not None else None
+
     def blob_size(self, digest: str) -> int | None:
         try:
             return self.blob_path(digest).stat().st_size
@@ -189,6 +198,17 @@ class Store:
             os.utime(self._stamp(self.blob_path(digest)))
         except OSError:
             pass
+
+    @contextmanager
+    def keeping(self, digest: str) -> Iterator[None]:
+        """Never evicted meanwhile (the blob is being sent, or uploaded)."""
+        self.in_use[digest] = self.in_use.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_use[digest] -= 1
+            if not self.in_use[digest]:
+                del self.in_use[digest]
 
     def new_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
@@ -260,6 +280,15 @@ class Store:
         if stored and new:
             self.limits.files_added(2)
         return stored
+
+    async def manifest(self, digest: str) -> tuple[str, bytes] | None:
+        return self.get_manifest(digest)
+
+    def manifest_size(self, digest: str) -> int | None:
+        try:
+            return self.manifest_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def touch_manifest(self, digest: str) -> None:
         """Mark a manifest as just used (the file limit evicts the least recently used)."""
@@ -333,14 +362,6 @@ class Store:
             self.limits.files_added(1)
         return record
 
-    def merge_tag_record(self, upstream: str, repository: str, tag: str, record: bytes) -> None:
-        """Take a tag's record from a shared store where this cache has none."""
-        path = self._tag_path(upstream, repository, tag)
-        if not path.exists():
-            with self._writing():
-                self._write_file(path, record)
-                self.limits.files_added(1)
-
     def tag_entries(self, upstream: str, repository: str, tag: str) -> dict[str, TagEntry]:
         """Every Accept variant recorded for a tag: normalized Accept -> what it resolved to."""
         entries = {}
@@ -351,14 +372,17 @@ class Store:
                 continue
         return entries
 
-    # ---- repository membership ---------------------------------------------------
+    # ---- records (tags, repository membership), by the key a shared bucket knows them by too ----
 
-    def _member_path(self, upstream: str, repository: str, digest: str) -> Path:
-        return self.root / self.member_record(upstream, repository, digest)
+    async def record(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
 
-    def add_member(self, upstream: str, repository: str, digest: str) -> bool:
-        """Note that the upstream confirmed this repository holds this digest; True if it is new here."""
-        path = self._member_path(upstream, repository, digest)
+    def put_record(self, key: str, body: bytes) -> bool:
+        """Keep a record where this cache has none (a bucket's, or a new membership); True if it is new here."""
+        path = self.root / key
         if path.exists():
             return False
         with self._writing():
@@ -366,15 +390,19 @@ class Store:
                 new_folder = not path.parent.exists()
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    path.touch()
+                    self._write_file(path, body)
                     break
                 except FileNotFoundError:
                     continue  # the folder was just removed as empty (the file limit): once more
             self.limits.files_added(1 + new_folder)
         return True
 
+    def add_member(self, upstream: str, repository: str, digest: str) -> bool:
+        """Note that the upstream confirmed this repository holds this digest; True if it is new here."""
+        return self.put_record(self.member_record(upstream, repository, digest), b"")
+
     def is_member(self, upstream: str, repository: str, digest: str) -> bool:
-        return self._member_path(upstream, repository, digest).exists()
+        return (self.root / self.member_record(upstream, repository, digest)).exists()
 
     # ---- housekeeping ----------------------------------------------------------
 

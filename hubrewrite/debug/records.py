@@ -21,10 +21,10 @@ So each part of the record is made safe at the first moment it may be:
 
 1. ``requestheaders`` (``open_record``): the client's credential headers become
    fingerprints before the view shows the flow. The mirror has kept the
-   client's ``Authorization`` in the ``Pull`` and puts on the wire only what
+   client's ``Authorization`` in the ``ClientRequest`` and puts on the wire only what
    goes upstream (``addon._retarget``). In ``request``, once its body is in, a
    token form's password and refresh token likewise (``redact_request_record``;
-   the ``Pull`` keeps the form).
+   the ``ClientRequest`` keeps the form).
 2. Once the request is sent (``responseheaders``, ``response``, ``error``; at
    once when the mirror answers it itself), ``close_request``: the client's URL
    instead of where the mirror sent it (the loopback server with its key, a
@@ -45,7 +45,7 @@ would leave it in the view for good. The loopback hop costs each token answer
 and each redirect one more local exchange: 1 to 5 ms of mitmdump's CPU on two
 busy cores (measured with -w, 500 requests x 3: a token request 7.3 -> 9.1 and
 13.2 -> 16.2 ms, a 307 4.6 -> 5.4 and 6.1 -> 11.1 ms, in two runs), a few per
-pull. It is paid only while something records flows (``Settings.records_flows``):
+request. It is paid only while something records flows (``Settings.records_flows``):
 mitmdump without ``-w`` sends those answers as before and prints redacted copies
 (``debug/dumper_redaction.py``).
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..pull import Pull
+from ..client_request import ClientRequest, RequestKind
+from ..registry.names import RouteKind
 from ..responses import CACHE_HEADER
 from ..sources import Sources
 from .logline import pull_fields, pull_log_line
@@ -15,9 +16,9 @@ from .metrics import Metrics
 log = logging.getLogger("hub_rewrite")
 
 
-def finish(pull: Pull, metrics: Metrics, sources: Sources | None = None) -> None:
+def finish(request: ClientRequest, metrics: Metrics, sources: Sources | None = None) -> None:
     """``sources``: told of answers from the cache while a registry is unreachable (the status page)."""
-    summary, flow = pull.summary, pull.flow
+    summary, flow = request.summary, request.flow
     if summary.done:
         return
     summary.done = True
@@ -32,23 +33,23 @@ def finish(pull: Pull, metrics: Metrics, sources: Sources | None = None) -> None
         size = len(response.raw_content or b"") if response is not None else 0
         if size:
             metrics.bytes_served.labels(summary.source).inc(size)
-    metrics.requests.labels(summary.upstream, summary.kind, str(status)).inc()
-    if cache_state in ("hit", "miss", "stale") and summary.kind in ("blob", "manifest"):
-        metrics.cache_requests.labels(summary.kind, cache_state).inc()
+    metrics.requests.labels(summary.upstream, summary.label, str(status)).inc()
+    if cache_state in ("hit", "miss", "stale") and summary.kind in (RouteKind.BLOB, RouteKind.MANIFEST):
+        metrics.cache_requests.labels(summary.label, cache_state).inc()
         if cache_state == "stale" and sources is not None:
-            metrics.stale_served.labels(summary.upstream, summary.kind).inc()
-            sources.note_stale(summary.upstream, summary.kind)
-    if summary.kind == "page":
+            metrics.stale_served.labels(summary.upstream, summary.label).inc()
+            sources.note_stale(summary.upstream, summary.label)
+    if summary.kind is RequestKind.PAGE:
         return
     facts = (flow.client_conn.peername[0] if flow.client_conn.peername else "-", summary.upstream,
-             flow.request.method, summary.kind, summary.repo, summary.ref, status, size,
+             flow.request.method, summary.label, summary.repo, summary.ref, status, size,
              time.time() - summary.start, cache_state)
     log.info(pull_log_line(*facts), extra={HUB_FIELDS: pull_fields(*facts)})
 
 
-def counting(pull: Pull, metrics: Metrics, source: str):
+def counting(request: ClientRequest, metrics: Metrics, source: str):
     """A byte counter for a streamed answer: the summary's size and the served-bytes metrics."""
-    summary = pull.summary
+    summary = request.summary
     summary.streamed = 0
     served = metrics.bytes_served.labels(source)
 

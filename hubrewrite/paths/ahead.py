@@ -15,7 +15,7 @@ from registries that announce no pull rate limit (Docker Hub counts manifest
 The client's credentials open nothing its own requests would not: the same
 repository (which the rules let it pull; checked again), the registry's answer
 to the probe confirms access like the client's own request
-(``cache_access.confirm_for``), and no credential goes to a storage host. A
+(``TieredCache.confirm``), and no credential goes to a storage host. A
 client asking for something being fetched ahead waits for that fetch rather
 than asking the upstream again (``blobs.serve``, ``manifests.serve``). The
 bounds are in ``cache/ahead.py``; ``hub_fetch_ahead`` turns it off.
@@ -28,160 +28,156 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from ..cache.ahead import Fetch
-from ..cache.downloads import RUNNING
-from ..mirror import Mirror
-from ..pull import Answer, Pull, Retarget
+from ..cache.downloads import DownloadState
+from ..cache.tiers import Asker, Claimed, Local, Miss, TieredCache
+from ..client_request import Answer, ClientRequest, Retarget, TransferSource
 from ..registry.contents import Descriptor, contents
 from ..registry.errors import RegistryError
 from ..registry.upstream import Upstream
-from ..responses import make_response
-from . import bucket_blobs
-from .blobs import probe_registry, start_download
-from .cache_access import confirm_for
+from ..responses import error_response, make_response
+from .blobs import Probe, probe_registry, start_download
+from .parts import CacheParts, Upstreams
+from .sourced import first_source
 
 KEPT_HEADERS = ("authorization", "user-agent")  # of the client's request, on the mirror's requests for it
 HOLD_CHECK = 60.0  # seconds between two looks at a download a fetch holds its place for
 
 
 @dataclass(frozen=True)
-class Asker:
+class Fetcher:
     """Whom a fetch ahead is made for, and where: as that client's manifest request was admitted."""
 
     upstream: Upstream
-    repository: str
+    asker: Asker  # its identity and repository, as the cache knows them
     headers: list[tuple[str, str]]
-    identity: str
-    authorization: str | None
     client: tuple[str, str]  # its credentials' identity and its address: the per-client bound
     source: Upstream | None = None  # the URL of the registry that answered the client (sources.py)
 
     def url(self, kind: str, digest: str) -> str:
-        return (self.source or self.upstream).url(f"/v2/{self.repository}/{kind}/{digest}")
+        return (self.source or self.upstream).url(f"/v2/{self.asker.repository}/{kind}/{digest}")
 
 
-def after_manifest(pull: Pull, mirror: Mirror, answer: Answer) -> None:
+def after_manifest(request: ClientRequest, upstreams: Upstreams, cache: CacheParts | None, answer: Answer) -> None:
     """A client's manifest GET was answered: fetch what that manifest names, ahead of it."""
-    cache = mirror.cache
-    if cache is None or not cache.settings.fetch_ahead or pull.method != "GET" or pull.route is None:
+    if cache is None or not cache.fetch_ahead or request.method != "GET" or request.route is None:
         return
-    manifest = _manifest_of(mirror, answer)
+    manifest = _manifest_of(cache.tiers, answer)
     named = contents(*manifest) if manifest is not None else None
-    if named is None or not mirror.settings.rules.permits(pull.upstream.name, pull.route.name):
+    if named is None or not cache.rules.permits(request.upstream.name, request.route.name):
         return
-    headers = pull.source_headers if pull.source_headers is not None else pull.headers  # as that URL got them
-    asker = Asker(pull.upstream, pull.route.name, [(k, v) for k, v in headers if k.lower() in KEPT_HEADERS],
-                  pull.identity, pull.authorization, (pull.identity, (pull.flow.client_conn.peername or ('',))[0]),
-                  pull.source)
+    headers = request.source_headers if request.source_headers is not None else request.headers  # as that URL got them
+    fetcher = Fetcher(request.upstream, request.asker, [(k, v) for k, v in headers if k.lower() in KEPT_HEADERS],
+                      (request.identity, (request.flow.client_conn.peername or ('',))[0]), request.source)
+    tiers, ahead = cache.tiers, cache.ahead
     for blob in named.blobs:
-        if not (cache.store.has_blob(blob.digest) and _known(asker, mirror, blob.digest)):
-            cache.ahead.submit(("blob", blob.digest), asker.client, blob.size,
-                               lambda fetch, digest=blob.digest: _blob(asker, mirror, digest, fetch))
-    if pull.upstream.base in mirror.ratelimits.by_upstream():
+        if not (tiers.has_blob(blob.digest) and tiers.known(fetcher.asker, blob.digest)):
+            ahead.submit(("blob", blob.digest), fetcher.client, blob.size,
+                         lambda fetch, digest=blob.digest: _blob(fetcher, upstreams, cache, digest, fetch))
+    if request.upstream.base in upstreams.ratelimits.by_upstream():
         return  # it counts manifest GETs: only the client's own
     for entry in named.manifests:
-        if not (cache.store.has_manifest(entry.digest) and _known(asker, mirror, entry.digest)):
-            cache.ahead.submit(("manifest", entry.digest), asker.client, 0,
-                               lambda fetch, entry=entry: _manifest(asker, mirror, entry, fetch))
+        if not (tiers.has_manifest(entry.digest) and tiers.known(fetcher.asker, entry.digest)):
+            ahead.submit(("manifest", entry.digest), fetcher.client, 0,
+                         lambda fetch, entry=entry: _manifest(fetcher, upstreams, cache, entry, fetch))
 
 
-def _manifest_of(mirror: Mirror, answer: Answer) -> tuple[bytes, str] | None:
+def _manifest_of(tiers: TieredCache, answer: Answer) -> tuple[bytes, str] | None:
     """The manifest a client was just sent: (body, media type)."""
     if isinstance(answer, http.Response):
         if answer.status_code != 200 or answer.headers.get("content-encoding"):
             return None
         return answer.raw_content or b"", answer.headers.get("content-type", "")
-    if isinstance(answer, Retarget) and answer.transfer is not None and answer.transfer.source == "cache":
-        cached = mirror.cache.store.get_manifest(answer.transfer.digest)  # a large one, streamed from the cache
+    if isinstance(answer, Retarget) and answer.transfer is not None and answer.transfer.source is TransferSource.CACHE:
+        cached = tiers.manifest(answer.transfer.digest)  # a large one, streamed from the cache
         return (cached[1], cached[0]) if cached is not None else None
     return None
-
-
-def _known(asker: Asker, mirror: Mirror, digest: str) -> bool:
-    cache = mirror.cache
-    return (cache.access.allowed(asker.identity, asker.upstream.base, asker.repository)
-            and cache.store.is_member(asker.upstream.base, asker.repository, digest))
 
 
 def _refused(status: int, fields: list[tuple[str, str]], body: bytes) -> http.Response:
     return make_response(status, [])  # not a redirect: the client will hear the registry's answer itself
 
 
-async def _blob(asker: Asker, mirror: Mirror, digest: str, fetch: Fetch) -> None:
-    cache = mirror.cache
-    if cache.store.has_blob(digest) or cache.downloads.progress(digest) is not None:
-        if cache.store.has_blob(digest) and not _known(asker, mirror, digest):
-            await _confirm(asker, mirror, "blobs", digest)
-        return
-    if cache.shared is not None and await cache.shared.blob(digest) is not None:
-        return  # the client's request reads it from the bucket
+async def _blob(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, digest: str, fetch: Fetch) -> None:
+    tiers = cache.tiers
+    found = await tiers.find_blob(digest)
+    if isinstance(found, Local) and not tiers.known(fetcher.asker, digest):
+        await _confirm(fetcher, upstreams, cache, "blobs", digest)
+    if not isinstance(found, Miss):
+        return  # cached, arriving, or in the bucket: the client's request reads it from there
 
-    async def probe():
-        mirror.metrics.ahead_requests.labels("blob probe").inc()
-        return await probe_registry(mirror, "GET", asker.url("blobs", digest), asker.headers, _refused,
-                                    purpose="blob probe, ahead of the client")
+    async def probe() -> Probe:
+        cache.metrics.ahead_requests.labels("blob probe").inc()
+        return await _probe(fetcher, upstreams, digest)
 
     found = await probe()
-    download = cache.downloads.claim(digest) if found.answer is None else None
-    if download is None:
-        return  # refused, unknown or failing (the client hears it itself), or someone downloads it
-    locked = None
+    # refused, unknown or failing (the client hears it itself), or someone downloads it: not claimed
+    claimed = await tiers.claim_blob(digest, wait_for_others=False) if found.answer is None else None
+    if not isinstance(claimed, Claimed):
+        return
     try:
-        if cache.store.has_blob(digest):
-            return
-        if cache.shared is not None and (locked := await cache.shared.lock(digest)) is False:
-            return  # another process downloads it: the client's request waits for the bucket
-        mirror.metrics.ahead_requests.labels("blob download").inc()
-        if not (await start_download(mirror, download, found, asker.headers, asker.upstream.base, probe,
-                                     ahead=True)).started:
-            if locked:
-                cache.shared.unlock_later(digest)
+        cache.metrics.ahead_requests.labels("blob download").inc()
+        if not (await start_download(upstreams, cache, claimed.download, found, fetcher.headers,
+                                     fetcher.upstream.base, probe, ahead=True)).started:
             return
         cache.ahead.downloaded(digest)
-        confirm_for(mirror, asker.identity, asker.authorization, asker.upstream.base, asker.repository, digest)
-        if cache.shared is not None:
-            bucket_blobs.share_when_done(mirror, download)
+        tiers.confirm(fetcher.asker, digest)
+        tiers.publish_when_done(claimed.download)
     finally:
-        download.give_up()  # a no-op once started
+        tiers.release(claimed)  # a no-op once started
         fetch.settled.set()  # a client asking for it now follows the download
-    while await download.ended(HOLD_CHECK) == RUNNING:
+    while await claimed.download.ended(HOLD_CHECK) is DownloadState.RUNNING:
         pass  # its place is held until it is done: the bound is on downloads, not on probes
 
 
-async def _manifest(asker: Asker, mirror: Mirror, entry: Descriptor, fetch: Fetch) -> None:
-    cache, digest = mirror.cache, entry.digest
-    headers = [*asker.headers, ("Accept", entry.media_type)] if entry.media_type else asker.headers
-    if cache.store.has_manifest(digest):
-        await _confirm(asker, mirror, "manifests", digest, headers)
+async def _manifest(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, entry: Descriptor, fetch: Fetch) -> None:
+    tiers, digest = cache.tiers, entry.digest
+    headers = [*fetcher.headers, ("Accept", entry.media_type)] if entry.media_type else fetcher.headers
+    if tiers.has_manifest(digest):
+        await _confirm(fetcher, upstreams, cache, "manifests", digest, headers)
         return
-    mirror.metrics.ahead_requests.labels("manifest").inc()
+    cache.metrics.ahead_requests.labels("manifest").inc()
     try:
-        fetched = await mirror.client.fetch("GET", asker.url("manifests", digest), headers,
-                                            purpose="manifest fetched ahead of the client")
+        fetched = await upstreams.client.fetch("GET", fetcher.url("manifests", digest), headers,
+                                               purpose="manifest fetched ahead of the client")
     except RegistryError:
         return
-    mirror.ratelimits.note(asker.upstream.base, fetched.headers)
+    upstreams.ratelimits.note(fetcher.upstream.base, fetched.headers)
     media_type = fetched.header("content-type") or entry.media_type
-    if fetched.status == 200 and cache.store.put_manifest(digest, media_type, fetched.body):  # verified
-        confirm_for(mirror, asker.identity, asker.authorization, asker.upstream.base, asker.repository, digest)
-        if cache.shared is not None:
-            cache.shared.put_manifest_later(digest, media_type, fetched.body)
+    if fetched.status == 200 and tiers.keep_manifest(digest, media_type, fetched.body):  # verified
+        tiers.confirm(fetcher.asker, digest)
 
 
-async def _confirm(asker: Asker, mirror: Mirror, kind: str, digest: str,
+async def _probe(fetcher: Fetcher, upstreams: Upstreams, digest: str) -> Probe:
+    """The registry's answer to the blob, at its first URL that answers, as the client's own probe
+    (``blobs._probe``): a resume its storage refuses goes on at the next URL (``origins.next_source``)."""
+    try:
+        source, _, found = await first_source(
+            upstreams, fetcher.upstream, fetcher.asker.repository, fetcher.headers,
+            f"/v2/{fetcher.asker.repository}/blobs/{digest}",
+            lambda url, headers: probe_registry(upstreams, "GET", url, headers, _refused,
+                                                purpose="blob probe, ahead of the client"),
+            lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+    except RegistryError as e:
+        return Probe(answer=error_response(e))
+    found.source, found.urls = source, upstreams.sources.of(fetcher.upstream)
+    return found
+
+
+async def _confirm(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, kind: str, digest: str,
                    headers: list[tuple[str, str]] | None = None) -> None:
     """The HEAD a client's request for cached content would make first (cache_access.check)."""
-    mirror.metrics.ahead_requests.labels("access check").inc()
+    cache.metrics.ahead_requests.labels("access check").inc()
     try:
-        head = await mirror.client.fetch("HEAD", asker.url(kind, digest), headers or asker.headers,
-                                         follow_redirects=False, purpose="access check ahead of the client")
+        head = await upstreams.client.fetch("HEAD", fetcher.url(kind, digest), headers or fetcher.headers,
+                                            follow_redirects=False, purpose="access check ahead of the client")
     except RegistryError:
         return
     if 200 <= head.status < 400:
-        confirm_for(mirror, asker.identity, asker.authorization, asker.upstream.base, asker.repository, digest)
+        cache.tiers.confirm(fetcher.asker, digest)
 
 
-async def fetch_for(asker: Asker, mirror: Mirror, digest: str) -> None:
+async def fetch_for(fetcher: Fetcher, upstreams: Upstreams, cache: CacheParts, digest: str) -> None:
     """One blob into the cache as a fetch ahead does it, for nobody's request (``prefetch/``):
     back once its download has ended; the first client asking for it later gets a hit."""
-    await _blob(asker, mirror, digest, Fetch())
-    mirror.cache.ahead.first_ask(digest)
+    await _blob(fetcher, upstreams, cache, digest, Fetch())
+    cache.ahead.first_ask(digest)

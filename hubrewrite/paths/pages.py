@@ -10,34 +10,34 @@ from mitmproxy.utils import human
 
 from ..access.accounts import sign_in
 from ..clientconn import is_forward_proxy
-from ..mirror import Mirror
-from ..pull import Pull
+from ..client_request import ClientRequest
 from ..registry.errors import RegistryError
 from ..registry.upstream import host_for_url
 from ..responses import error_response, json_response, make_response
 from ..observe.status_page import RegistrySources, StatusFacts, status_page
 from ..sources import describe_stale
+from .parts import PageParts
 
 METRICS_PATH = "/_hub/metrics"
 HEALTH_PATH = "/_hub/health"
 
 
-async def serve(pull: Pull, mirror: Mirror) -> http.Response:
-    if pull.path == METRICS_PATH and mirror.settings.metrics_auth and not await _signed_in(pull, mirror):
+async def serve(request: ClientRequest, parts: PageParts) -> http.Response:
+    if request.path == METRICS_PATH and parts.metrics_auth and not await _signed_in(request, parts):
         return error_response(RegistryError(401, "UNAUTHORIZED", "the metrics need a mirror account"),
                               [("WWW-Authenticate", 'Basic realm="hub-rewrite metrics"')])
     cache_bytes = None
-    if mirror.cache is not None:
-        cache_bytes = await asyncio.to_thread(mirror.cache.store.total_bytes)
-        mirror.metrics.cache_bytes.set(cache_bytes)
-        mirror.metrics.cache_writable.set(0 if mirror.cache.store.problem else 1)
-    mirror.metrics.note_sources(mirror.sources.lists.values())
-    if pull.path == METRICS_PATH:
-        body, content_type = mirror.metrics.exposition()
+    if parts.store is not None:
+        cache_bytes = await asyncio.to_thread(parts.store.total_bytes)
+        parts.metrics.cache_bytes.set(cache_bytes)
+        parts.metrics.cache_writable.set(0 if parts.store.problem else 1)
+    parts.metrics.note_sources(parts.sources.lists.values())
+    if request.path == METRICS_PATH:
+        body, content_type = parts.metrics.exposition()
         return make_response(200, [("Content-Type", content_type)], body)
-    if pull.path == HEALTH_PATH:
-        ok, details = await asyncio.to_thread(health, mirror)
-        shared = mirror.cache.shared if mirror.cache else None
+    if request.path == HEALTH_PATH:
+        ok, details = await asyncio.to_thread(health, parts)
+        shared = parts.shared
         if shared is not None:
             reachable, text = await shared.health()
             # the mirror goes on with its local tier and the upstream: degraded, not down
@@ -45,27 +45,27 @@ async def serve(pull: Pull, mirror: Mirror) -> http.Response:
             if not reachable:
                 details.update(status="degraded", serving="from the local tier and the upstream")
         return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable"} | details)
-    served, cache = pull.registries, mirror.settings.cache
+    served, cache = request.registries, parts.cache_settings
     # the registry names without one go to on this host: the default, or the one the host name
     # or the proxy target fixed (a forward proxy's table need not hold the default registry)
-    home = pull.upstream
+    home = request.upstream
     body = status_page(StatusFacts(
-        mirror_url=pull.view.mirror_url,
+        mirror_url=request.view.mirror_url,
         upstream=home.base,
         registry_name=home.name,
         registry_names=sorted(served.table),
         cache_dir=str(cache.directory) if cache else "",
         cache_bytes=cache_bytes,
         cache_limit=_size_text(cache.max_bytes) if cache else "0",
-        hit_rate=mirror.metrics.hit_rate(),
-        ratelimits=mirror.ratelimits.by_upstream(),
-        requests_served=sum(s.value for m in mirror.metrics.requests.collect() for s in m.samples
+        hit_rate=parts.metrics.hit_rate(),
+        ratelimits=parts.ratelimits.by_upstream(),
+        requests_served=sum(s.value for m in parts.metrics.requests.collect() for s in m.samples
                             if s.name.endswith("_total")),
-        store=mirror.cache.shared.describe() if mirror.cache and mirror.cache.shared else "",
-        proxy_url=_proxy_url(pull.flow.client_conn) if is_forward_proxy(pull.flow.client_conn) else "",
-        **(mirror.prefetch.facts() if mirror.prefetch is not None else {}),
+        store=parts.shared.describe() if parts.shared else "",
+        proxy_url=_proxy_url(request.flow.client_conn) if is_forward_proxy(request.flow.client_conn) else "",
+        **parts.prefetch_facts(),
         sources=[RegistrySources(s.name, s.state(), s.unreachable_since, describe_stale(s.stale_served))
-                 for s in mirror.sources.lists.values()],
+                 for s in parts.sources.lists.values()],
     ))
     return make_response(200, [("Content-Type", "text/html; charset=utf-8")], body)
 
@@ -76,23 +76,23 @@ def _proxy_url(client: connection.Client) -> str:
     return f"http://{host_for_url(host)}:{port}"
 
 
-async def _signed_in(pull: Pull, mirror: Mirror) -> bool:
+async def _signed_in(request: ClientRequest, parts: PageParts) -> bool:
     """Basic credentials of a mirror account (the mirror part of the password)."""
-    assert mirror.settings.accounts is not None
+    assert parts.accounts is not None
     try:
-        await sign_in(mirror.settings.accounts, mirror.issued, pull.client_authorization, None)
+        await sign_in(parts.accounts, parts.issued, request.client_authorization, None)
     except RegistryError:
         return False
     return True
 
 
-def health(mirror: Mirror) -> tuple[bool, dict]:
+def health(parts: PageParts) -> tuple[bool, dict]:
     """The cache (if any) writable. A full disk is not a failure: the mirror serves
     without caching, and says so. Blocking: run in a thread."""
     details: dict = {"client": True, "cache": "off"}
-    if mirror.cache is None:
+    store = parts.store
+    if store is None:
         return True, details
-    store = mirror.cache.store
     probe = store.tmp / f"health.{secrets.token_hex(4)}"
     try:
         probe.write_bytes(b"ok")

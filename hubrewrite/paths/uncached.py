@@ -12,19 +12,21 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from ..cache.serving import blob_headers
-from ..mirror import Mirror
-from ..pull import Pull, Retarget, Transfer
+from ..client_request import ClientRequest, Retarget, Transfer, TransferSource
+from ..loopback import Loopback
 from ..streams import Stream
 from .origins import Reprobe, open_source, storage_error
+from .parts import Upstreams
 
 if TYPE_CHECKING:
     from .blobs import Probe
 
 
-async def stream(pull: Pull, mirror: Mirror, probe: Probe, reprobe: Reprobe) -> http.Response | Retarget | None:
+async def stream(request: ClientRequest, upstreams: Upstreams, loopback: Loopback, probe: Probe,
+                 reprobe: Reprobe) -> http.Response | Retarget | None:
     """The client's answer, or None where the source gives no length (chunked): relayed as before."""
-    digest = pull.route.reference
-    opened = await open_source(mirror, digest, probe, pull.headers, reprobe, "blob streamed to the client")
+    digest = request.route.reference
+    opened = await open_source(upstreams, digest, probe, request.headers, reprobe, "blob streamed to the client")
     if isinstance(opened, http.Response):
         return opened
     body, origin = opened
@@ -35,7 +37,7 @@ async def stream(pull: Pull, mirror: Mirror, probe: Probe, reprobe: Reprobe) -> 
         body.close()
         return None
     kept = probe.kept or []
-    on_bytes = mirror.metrics.bytes_fetched.labels(pull.upstream.base).inc
-    path = mirror.loopback.offer(Stream(body, origin, digest, blob_headers(digest), on_bytes))
-    pull.flow.comment += f"; blob streamed from {urlsplit(origin.url).hostname} by the mirror"
-    return Retarget(path, Transfer(digest, kept, "stream"), loopback=True)
+    on_bytes = upstreams.metrics.bytes_fetched.labels(request.upstream.base).inc
+    path = loopback.offer(Stream(body, origin, digest, blob_headers(digest), on_bytes))
+    request.flow.comment += f"; blob streamed from {urlsplit(origin.url).hostname} by the mirror"
+    return Retarget(path, Transfer(digest, kept, TransferSource.STREAM), loopback=True)

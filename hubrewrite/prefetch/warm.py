@@ -8,7 +8,7 @@ manifests are those the list names (all of them when it names none); the blobs
 go into the cache as a fetch ahead of a client does it (``paths/ahead.fetch_for``:
 the registry's redirect followed without credentials, one download per blob
 among the processes of a bucket), a few at a time. What the upstream let the
-mirror's token read is remembered as a client's pull would be (``confirm_for``),
+mirror's token read is remembered as a client's pull would be (``TieredCache.confirm``),
 and the tag's answer for the Accept used here.
 """
 
@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..access.confirmations import client_identity
-from ..cache.store import Store
+from ..cache.tiers import Asker
 from ..mirror import Mirror
-from ..paths.ahead import Asker, fetch_for
-from ..paths.cache_access import confirm_for
+from ..paths import cache_parts_of, upstreams_of
+from ..paths.ahead import Fetcher, fetch_for
 from ..registry.contents import contents
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, asks_for
@@ -90,10 +90,11 @@ class Work:
         self.mirror.ratelimits.note(self.image.upstream.base, fetched.headers)
         return fetched, authorization
 
+    def asker(self, authorization: str | None) -> Asker:
+        return Asker(self.image.upstream.base, self.image.repository, client_identity(authorization), authorization)
+
     def confirm(self, authorization: str | None, digest: str) -> None:
-        image = self.image
-        confirm_for(self.mirror, client_identity(authorization), authorization, image.upstream.base,
-                    image.repository, digest)
+        self.mirror.cache.tiers.confirm(self.asker(authorization), digest)
 
 
 async def warm(work: Work) -> None:
@@ -123,18 +124,15 @@ async def warm(work: Work) -> None:
 async def _manifest(work: Work, digest: str, accept: str) -> tuple[bytes, str]:
     """(body, media type) of a manifest: from the cache, the bucket, or the registry by digest."""
     cache = work.mirror.cache
-    cached = cache.store.get_manifest(digest)
-    if cached is None and cache.shared is not None and (found := await cache.shared.manifest(digest)) is not None:
-        cached = found if cache.store.put_manifest(digest, *found) else None  # verified
+    # from this disk, or the bucket's kept on it (verified)
+    cached = cache.tiers.manifest(digest) if await cache.tiers.manifest_here(digest) is not None else None
     if cached is None:
         fetched, authorization = await work.ask("manifest", "GET", work.url("manifests", digest), accept)
         media_type = fetched.header("content-type") or ""
         if fetched.status != 200:
             raise Problem(f"the registry answered {fetched.status} to GET of manifest {digest}")
-        if not cache.store.put_manifest(digest, media_type, fetched.body):
+        if not cache.tiers.keep_manifest(digest, media_type, fetched.body):
             raise Problem(f"manifest {digest} not stored: {cache.store.problem or 'its bytes do not match it'}")
-        if cache.shared is not None:
-            cache.shared.put_manifest_later(digest, media_type, fetched.body)
         work.confirm(authorization, digest)
         cached = (media_type, fetched.body)
     return cached[1], cached[0]
@@ -146,9 +144,7 @@ def _remember_tag(work: Work, digest: str, media_type: str) -> None:
     key = accept_key([ACCEPT])
     if key is None or not asks_for(key, media_type):
         return
-    record = cache.store.put_tag(image.upstream.base, image.repository, image.reference, key, digest, media_type)
-    if cache.shared is not None and record:
-        cache.shared.put_record_later(Store.tag_record(image.upstream.base, image.repository, image.reference), record)
+    cache.tiers.keep_tag(image.upstream.base, image.repository, image.reference, key, digest, media_type)
 
 
 def _platform_entries(work: Work, body: bytes, entries: list) -> list:
@@ -187,10 +183,9 @@ async def _fetched(work: Work, digest: str) -> bool:
     authorization = await work.authorization()
     if not cache.store.has_blob(digest):
         work.count("blob")
-        asker = Asker(work.image.upstream, work.image.repository,
-                      [("Authorization", authorization)] if authorization else [], client_identity(authorization),
-                      authorization, ("prefetch", ""))
-        await fetch_for(asker, work.mirror, digest)
+        fetcher = Fetcher(work.image.upstream, work.asker(authorization),
+                          [("Authorization", authorization)] if authorization else [], ("prefetch", ""))
+        await fetch_for(fetcher, upstreams_of(work.mirror), cache_parts_of(work.mirror), digest)
     deadline = time.monotonic() + WAIT_FOR_OTHERS
     while cache.downloads.progress(digest) is not None and time.monotonic() < deadline:
         await asyncio.sleep(0.5)  # a client's download of it, or another process's on a shared directory

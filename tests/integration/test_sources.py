@@ -147,6 +147,30 @@ def test_podman_pulls_with_the_first_url_down(first, second, tmp_path):
             podman.close()
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_a_transfer_its_storage_refuses_to_resume_goes_on_from_the_next_url(first, second, tmp_path, cache):
+    """The first URL's CDN cuts every blob in the middle and answers every resume 503: the first
+    URL is marked failed and the transfer goes on, from the byte it reached, at the second URL's
+    fresh redirect (paths/origins.next_source); into the cache, or the mirror's own stream."""
+    digest = first.images[REPO]["digest"]
+    first.clear_logs()
+    second.clear_logs()
+    first.set_cdn_fault("cutrefuse", times=0)
+    options = {"hub_cache_dir": str(tmp_path / "cache")} if cache else {}
+    with mirror_of(tmp_path, first, second, **options) as m:
+        result = pull(m, tmp_path / "out")
+        assert result.returncode == 0, result.stderr + m.log_text()[-3000:]
+        assert pulled_digest(tmp_path / "out") == digest
+        log = m.log_text()
+    refused = [r for r in first.cdn_requests() if r.get("status") == 503]
+    assert refused and all(r["range"] for r in refused), first.cdn_requests()
+    resumed = [r for r in second.cdn_requests() if r.get("status") == 206]
+    assert resumed and all(r["range"] != "bytes=0-" for r in resumed), second.cdn_requests()  # from where it was cut
+    assert f"{first.api_url} failed (its storage at" in log
+    assert f"goes on from the redirect of {second.api_url}" in log
+    assert "Traceback" not in log
+
+
 def metric(m: Mirror, name: str) -> float:
     text = httpx.get(f"{m.url}/_hub/metrics", timeout=10).text
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]

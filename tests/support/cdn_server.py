@@ -39,6 +39,9 @@ that would otherwise be answered 200/206 with a body; ``mode=none`` clears;
   (default 0: a reset connection; longer: a signed URL can expire meanwhile)
   and closes.  A resume from that byte on is served (and cut at the next
   position).  Arm it with ``times=0``; re-arming forgets the positions cut.
+* ``cutrefuse``: a blob GET without ``Range`` is cut as by ``cut``; one with
+  ``Range`` (a resume) is answered 503 (S3's SlowDown): a storage that fails
+  in the middle of transfers.  Arm it with ``times=0``.
 
 ``FaultSwitch``, ``fault_control`` and ``hang_until_disconnect`` are shared
 with edge.py and token_server.py.
@@ -77,6 +80,13 @@ S3_DENIED = (
 )
 
 
+S3_SLOW_DOWN = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
+    "<RequestId>{rid}</RequestId></Error>"
+)
+
+
 S3_EXPIRED = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     "<Error><Code>AccessDenied</Code><Message>Request has expired</Message>"
@@ -84,7 +94,7 @@ S3_EXPIRED = (
     "<RequestId>{rid}</RequestId></Error>"
 )
 
-CDN_FAULT_MODES = frozenset({"cut", "cutat", "corrupt", "status403", "hang"})
+CDN_FAULT_MODES = frozenset({"cut", "cutat", "cutrefuse", "corrupt", "status403", "hang"})
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None | str:
@@ -222,6 +232,10 @@ class Handler(BaseHTTPRequestHandler):
                     rec.update(status=403, reason="injected fault: request has expired")
                     rec["bytes"] = self._error(403, body)
                     return rec
+                if fault["mode"] == "cutrefuse" and rng is not None:
+                    rec.update(status=503, reason="injected fault: the resume refused")
+                    rec["bytes"] = self._error(503, S3_SLOW_DOWN.format(rid=rid))
+                    return rec
                 if fault["mode"] == "hang":
                     rec.update(status=None, bytes=0)
                     rec["reason"] = "injected hang: " + hang_until_disconnect(self.connection, fault.get("seconds"))
@@ -239,7 +253,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()  # flushes headers (wfile is unbuffered)
             sent = 0
             rec["status"] = status
-            if fault is not None and fault["mode"] in ("cut", "cutat"):
+            if fault is not None and fault["mode"] in ("cut", "cutat", "cutrefuse"):
                 n = fault.get("after")
                 n = max(0, min(length // 2 if n is None else n, length - 1))
                 try:

@@ -614,6 +614,7 @@ class Upstream:
         "cut" (full Content-Length, only ``after`` bytes, then close), "cutat"
         (every blob cut once at each fraction of ``at``, e.g. "0.1,0.5,0.99",
         of the whole blob, ``seconds`` of silence before the close; use times=0),
+        "cutrefuse" (cut as "cut"; every resume, a GET with Range, answered 503; use times=0),
         "corrupt" (one byte, at body offset ``after`` or the middle, inverted),
         "status403" (S3 "Request has expired"), "hang" (no answer until the
         client leaves or ``seconds``, default 60), "none".  Returns the state."""

@@ -147,7 +147,7 @@ def test_base_challenge_realm_points_at_mirror(addon_ctx, recording_upstream):
     assert flow.response.headers["www-authenticate"] == (
         'Bearer realm="http://127.0.0.1:5000/token",service="test-registry"'
     )
-    assert addon.mirror.realms.known(addon.pulls[flow.id].upstream) == (realm, "test-registry")
+    assert addon.mirror.realms.known(addon.requests[flow.id].upstream) == (realm, "test-registry")
 
 
 def test_public_url_option_used_for_realm(addon_ctx, recording_upstream):
@@ -259,7 +259,7 @@ def test_blob_redirect_retargets_flow_without_credentials(addon_ctx, recording_u
     assert "authorization" not in flow.request.headers
     assert "cookie" not in flow.request.headers
     assert flow.request.headers["range"] == "bytes=10-19"
-    assert addon.pulls[flow.id].transfer.digest == DIGEST
+    assert addon.requests[flow.id].transfer.digest == DIGEST
     [probe] = recording_upstream.received
     assert probe.header("authorization") == "Bearer tok"
     assert probe.header("range") == "bytes=10-19"
@@ -278,7 +278,7 @@ def test_blob_storage_error_becomes_registry_error(addon_ctx, recording_upstream
     flow = make_flow(recording_upstream.url, "GET", f"/v2/library/nginx/blobs/{DIGEST}?_hub_retry=1",  # no second chance
                      headers=[("Range", "bytes=5-")])
     run(drive(addon, flow))
-    assert addon.pulls[flow.id].transfer.digest == DIGEST
+    assert addon.requests[flow.id].transfer.digest == DIGEST
     flow.response = http.Response.make(403, b"<Error>AccessDenied</Error>", {"Content-Type": "application/xml"})
     addon.responseheaders(flow)
     assert not flow.response.stream
@@ -611,7 +611,7 @@ def test_cache_aborted_download_releases_it(addon_ctx, recording_upstream, tmp_p
     async def scenario():
         flow = make_flow(recording_upstream.url, "GET", blob_path)
         await drive(addon, flow)
-        download = addon.pulls[flow.id].transfer.download
+        download = addon.requests[flow.id].transfer.download
         try:
             answer = await fetch_from_loopback(addon, flow)
         except httpx.HTTPError:
@@ -625,7 +625,7 @@ def test_cache_aborted_download_releases_it(addon_ctx, recording_upstream, tmp_p
         recording_upstream.routes[("GET", "/cdn/x")] = Canned(200, [("Content-Length", str(size))], b"x" * size)
         again = make_flow(recording_upstream.url, "GET", blob_path)
         await drive(addon, again)
-        assert addon.pulls[again.id].transfer.download is not None
+        assert addon.requests[again.id].transfer.download is not None
         assert (await fetch_from_loopback(addon, again)).content == b"x" * size
         await addon.done()
 
@@ -719,7 +719,7 @@ def test_unreachable_blob_storage_is_a_registry_error(addon_ctx, recording_upstr
     run(drive(addon, flow))
     assert flow.response.status_code == 502
     assert body_json(flow.response)["errors"][0]["code"] == "UNAVAILABLE"
-    assert addon.pulls[flow.id].transfer is None
+    assert addon.requests[flow.id].transfer is None
 
 
 def with_unreachable_bucket(addon_ctx, tmp_path, monkeypatch):
@@ -753,8 +753,7 @@ def test_shutdown_waits_for_blobs_on_their_way_to_the_shared_bucket(addon_ctx, t
 def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refresh(addon_ctx, tmp_path, monkeypatch):
     """A download still running at shutdown is cancelled and lets its file and locks go; its bucket
     lock's refresher ends with it (it slept KEEP_LOCK_EVERY before: shutdown waited 30 s)."""
-    from hubrewrite.cache.downloads import FAILED
-    from hubrewrite.paths.bucket_blobs import share_when_done
+    from hubrewrite.cache.downloads import DownloadState
 
     from .fed_upstream import FedUpstream
 
@@ -766,13 +765,13 @@ def test_shutdown_cancels_a_running_download_and_does_not_wait_out_its_lock_refr
         download = cache.downloads.claim(digest)
         upstream = FedUpstream(1 << 20)
         download.start(upstream, lambda n: None)
-        share_when_done(addon.mirror, download)
+        cache.tiers.publish_when_done(download)
         await upstream.queue.put(b"x" * 1000)
         await asyncio.sleep(0.1)
         started = asyncio.get_running_loop().time()
         await addon.done()
         assert asyncio.get_running_loop().time() - started < 10
-        assert download.state == FAILED and digest not in cache.downloads.running
+        assert download.state is DownloadState.FAILED and digest not in cache.downloads.running
         assert list(cache.store.tmp.glob("*.download")) == []
 
     run(scenario())

@@ -1,6 +1,6 @@
 """One client request the mirror serves, resolved once when its head arrives.
 
-``admission.admit`` builds a ``Pull`` from a flow: which registry it is for,
+``admission.admit`` builds a ``ClientRequest`` from a flow: which registry it is for,
 the API route with the upstream's repository name, how the client sees the
 mirror, who the client is, and the headers to send upstream. The paths read
 it; nothing on the way derives any of it again. A path answers with a
@@ -16,7 +16,8 @@ from enum import Enum
 from mitmproxy import http
 
 from .cache.downloads import Download
-from .registry.names import Route
+from .cache.tiers import Asker
+from .registry.names import Route, RouteKind
 from .registry.registries import Registries
 from .registry.upstream import Upstream
 
@@ -49,14 +50,30 @@ class RequestSummary:
     (written by observe/summaries.py when it ends)."""
 
     upstream: str
-    kind: str
+    kind: RequestKind | RouteKind = RequestKind.API  # an API request's route kind, once its path parsed
     repo: str = ""
     ref: str = ""
     start: float = field(default_factory=time.time)
     streamed: int | None = None  # body bytes of a streamed answer
-    source: str = "mirror"  # of an answer's body made here (hub_served_bytes_total): a small blob's is "cache" or "upstream"
+    # of an answer's body made here (hub_served_bytes_total): a small blob's is "cache" or "upstream"
+    source: str = "mirror"
     in_flight: bool = False
     done: bool = False
+
+    @property
+    def label(self) -> str:
+        """The kind as metrics and log lines name it: "blob", "token", ...; "other" for a
+        preflight and a /v2/ path that did not parse."""
+        return "other" if self.kind in (RequestKind.PREFLIGHT, RequestKind.API) else self.kind.value
+
+
+class TransferSource(Enum):
+    """Where the bytes of a streamed answer come from."""
+
+    STORAGE = "storage"  # the registry's CDN or the registry itself, relayed by mitmproxy
+    CACHE = "cache"  # a verified file, from the loopback server
+    DOWNLOAD = "download"  # a download followed as it arrives, from the loopback server
+    STREAM = "stream"  # without a cache: the mirror's own transfer from the storage (streams.py)
 
 
 @dataclass
@@ -66,10 +83,7 @@ class Transfer:
 
     digest: str
     headers: list[tuple[str, str]]  # for the client's answer: the digest, the cache state
-    # "storage" (the registry's CDN or the registry, relayed), or the loopback server's
-    # "cache" (a verified file), "download" (a download followed) or "stream" (without a cache,
-    # the mirror's own transfer from the storage: streams.py)
-    source: str
+    source: TransferSource
     download: Download | None = None  # the download whose start this request made
     retry_location: str | None = None  # a storage refusing a signed URL sends the client back here once
 
@@ -88,7 +102,7 @@ Answer = http.Response | Retarget
 
 
 @dataclass
-class Pull:
+class ClientRequest:
     flow: http.HTTPFlow
     kind: RequestKind
     path: str  # as the client sent it, without the query
@@ -125,6 +139,12 @@ class Pull:
         """This request at the upstream."""
         assert self.route is not None
         return self.upstream.url(self.route.path() + self.query)
+
+    @property
+    def asker(self) -> Asker:
+        """Who asks the cache, for which repository (an API request's)."""
+        assert self.route is not None
+        return Asker(self.upstream.base, self.route.name, self.identity, self.authorization)
 
     def client_name(self, name: str) -> str:
         """A repository as the client names it (with its registry prefix)."""
