@@ -33,7 +33,6 @@ processes; idle RSS is read after startup.  Units: MB = 10^6 bytes.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -48,8 +47,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, apply_scale, blob_arguments, exact_command, log, machine_facts,  # noqa: E402
-                     report_footer, run_benchmark, smoke_banner, upstream_options)
+from harness import (BenchError, curl_blob_command_line, log, report_footer, run_benchmark,  # noqa: E402
+                     smoke_banner, upstream_options)
 from procstat import cpu_seconds, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
@@ -214,19 +213,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    blob_arguments(ap, 5, "timed repetitions per path")
-    args = ap.parse_args(argv)
-    if args.size_mib < 1 or args.reps < 1:
-        ap.error("--size-mib and --reps must be at least 1")
-    if shutil.which("curl") is None:
-        ap.error("curl is required")
-    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1})
-
+    args, result = curl_blob_command_line(__doc__, 5, "timed repetitions per path", argv,
+                                          {"mb_per_s": "10^6 bytes/s", "rss": "bytes"})
     started = time.monotonic()
-    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(), "scale": scale,
-                              "size_mib": args.size_mib, "reps": args.reps,
-                              "units": {"mb_per_s": "10^6 bytes/s", "rss": "bytes"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-"))
 
     def finish(result: dict[str, Any]) -> int:

@@ -40,8 +40,8 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, apply_scale, blob_arguments, exact_command, loadavg, log,  # noqa: E402
-                     machine_facts, report_footer, run_benchmark, smoke_banner, upstream_options)
+from harness import (BenchError, curl_blob_command_line, loadavg, log, report_footer, run_benchmark,  # noqa: E402
+                     smoke_banner, upstream_options)
 from pulls import curl_pull, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
 from tests.support.mirror import Mirror  # noqa: E402
@@ -158,18 +158,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    blob_arguments(ap, 3, "rounds of the three modes")
-    args = ap.parse_args(argv)
-    if args.size_mib < 1 or args.reps < 1:
-        ap.error("--size-mib and --reps must be at least 1")
-    if shutil.which("curl") is None:
-        ap.error("curl is required")
-    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1})
+    args, result = curl_blob_command_line(__doc__, 3, "rounds of the three modes", argv,
+                                          {"time_total": "seconds, curl's", "mb_per_s": "10^6 bytes/s"})
     started = time.monotonic()
-    result: dict[str, Any] = {"command": exact_command(), "machine": machine_facts(), "scale": scale,
-                              "size_mib": args.size_mib, "reps": args.reps,
-                              "units": {"time_total": "seconds, curl's", "mb_per_s": "10^6 bytes/s"}}
     workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-resume-"))
 
     def finish(result: dict[str, Any]) -> int:

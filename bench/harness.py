@@ -103,6 +103,22 @@ def blob_arguments(ap: argparse.ArgumentParser, reps: int, reps_help: str) -> No
     upstream_argument(ap)
 
 
+def curl_blob_command_line(doc: str, reps: int, reps_help: str, argv: list[str] | None,
+                           units: dict[str, str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """A benchmark pulling one big layer with curl: its checked (and smoke-scaled) command line, and
+    the head of its result (the command, the machine, the scale, the sizes, ``units``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    blob_arguments(ap, reps, reps_help)
+    args = ap.parse_args(argv)
+    if args.size_mib < 1 or args.reps < 1:
+        ap.error("--size-mib and --reps must be at least 1")
+    if shutil.which("curl") is None:
+        ap.error("curl is required")
+    scale = apply_scale(ap, args, {"size_mib": 16, "reps": 1})
+    return args, {"command": exact_command(), "machine": machine_facts(), "scale": scale,
+                  "size_mib": args.size_mib, "reps": args.reps, "units": units}
+
+
 def report_footer(result: dict[str, Any], tools: list[str], load_note: str = "") -> list[str]:
     """A report's last lines: the machine and the ``tools`` measured with, the load around
     the run, the exact command, the wall time."""
