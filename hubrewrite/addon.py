@@ -35,7 +35,7 @@ from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, reset_as_malformed
-from .loopback import CLIENT_URL, KEY_HEADER
+from .loopback import CLIENT_URL
 from .mirror import Mirror
 from .mitmseams.connections import close_client
 from .mitmseams.tools import command_line_options
@@ -263,6 +263,7 @@ class HubRewrite:
         """The flow as mitmweb, saved flows and the log keep it: the client's request and
         the answer it got, their credentials (used by now) as fingerprints."""
         show_secrets = self.mirror.settings.show_secrets
+        self.mirror.loopback.forget(flow)
         if pull is not None:
             self._close_request(pull)
             if pull.hidden is not None and not show_secrets:
@@ -295,7 +296,6 @@ class HubRewrite:
 
     def _retarget(self, pull: Pull, answer: Retarget) -> None:
         request = pull.flow.request
-        request.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
         # the client's credentials (their fingerprints, in the record) go nowhere: storage services
         # reject them; the registry itself gets what admission made of them (never a mirror-issued token)
         for name in hdrs.CREDENTIAL_HEADERS:
@@ -303,7 +303,7 @@ class HubRewrite:
         if answer.keep_credentials and pull.authorization:
             request.headers["Authorization"] = pull.authorization
         if answer.loopback:
-            self.mirror.loopback.point_here(request, answer.url)
+            self.mirror.loopback.point_here(pull.flow, answer.url)
         else:
             request.url = answer.url
         pull.transfer = answer.transfer
