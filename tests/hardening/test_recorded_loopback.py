@@ -27,6 +27,7 @@ import time
 import httpx
 import pytest
 
+from hubrewrite.loopback import PARKED
 from tests.support.credential_scan import CredentialScan, flow_texts
 from tests.support.mirror import Mirror
 
@@ -40,11 +41,11 @@ STAND_STILL = 2  # seconds the CDN stops at the middle of the layer (below the m
 
 @pytest.fixture(scope="module")
 def recording(upstream, tmp_path_factory):
-    """mitmweb with a cache, also saving its flows to a file."""
+    """mitmweb with a cache, also saving its flows to a file (``-w``)."""
     work = tmp_path_factory.mktemp("recorded-loopback")
-    options = {"hub_cache_dir": str(work / "cache"), "hub_upstream_timeout": "10",
-               "save_stream_file": str(work / "saved.flows")}
-    with Mirror(work / "m", upstream, tool="mitmweb", options=options) as m:
+    options = {"hub_cache_dir": str(work / "cache"), "hub_upstream_timeout": "10"}
+    with Mirror(work / "m", upstream, tool="mitmweb", options=options,
+                extra_args=["-w", str(work / "saved.flows")]) as m:
         m.flows_file = work / "saved.flows"
         yield m
 
@@ -72,12 +73,12 @@ class Pull(threading.Thread):
             self.started.set()
 
 
-PARKED = "/answers/parked"  # where every flow waits for the request hook: the same refusal for anyone
-
-
 def pointed_at_loopback(flow: dict, mirror_port: int) -> bool:
+    """Shown pointed at the loopback server; not parked (every flow waits there for the request
+    hook, and what that path gets is the same refusal for anyone)."""
     request = flow.get("request") or {}
-    return request.get("host") == "127.0.0.1" and request.get("port") != mirror_port and request["path"] != PARKED
+    return (request.get("host") == "127.0.0.1" and request.get("port") != mirror_port
+            and request.get("path") != f"/answers/{PARKED}")
 
 
 def pushed_flows(messages: list[str]) -> list[dict]:
@@ -136,7 +137,7 @@ def test_a_followed_download_as_any_record_shows_it_gets_nobody_the_blob(recordi
     issued = scan.issued()
     texts = [("the /updates websocket", "\n".join(pushed)), ("/flows.json while standing still", json.dumps(polled))]
     texts += [(f"mitmweb {place}", text) for place, text in mitmweb_texts(api)]
-    texts += [(f"save_stream_file {place}", text) for place, text in flow_texts(recording.flows_file.read_bytes())]
+    texts += [(f"-w {place}", text) for place, text in flow_texts(recording.flows_file.read_bytes())]
     leaks = sorted(f"{place}: {', '.join(found)}" for place, text in texts if (found := scan.found(text, issued)))
     assert not served and not leaks, (f"a record's request, sent again, was answered: {served}\n"
                                       "usable credentials found:\n" + "\n".join(leaks))
