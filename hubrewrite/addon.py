@@ -35,7 +35,7 @@ from .debug.sideflows import is_side_flow, serving
 from .forwardproxy import ForwardProxy
 from .guard import ConnectionGuard
 from .h2streams import PieceReading, body_disagrees_with_length, reset_as_malformed
-from .loopback import CLIENT_URL, KEY_HEADER
+from .loopback import CLIENT_URL
 from .mirror import Mirror
 from .mitmseams.connections import close_client
 from .mitmseams.tools import command_line_options
@@ -265,6 +265,7 @@ class HubRewrite:
         """The flow as mitmweb, saved flows and the log keep it: the client's request and
         the answer it got, their credentials (used by now) as fingerprints."""
         show_secrets = self.mirror.settings.show_secrets
+        self.mirror.loopback.forget(flow)
         if request is not None:
             self._close_request(request)
             if request.hidden is not None and not show_secrets:
@@ -297,7 +298,6 @@ class HubRewrite:
 
     def _retarget(self, request: ClientRequest, answer: Retarget) -> None:
         sent = request.flow.request
-        sent.headers.pop(KEY_HEADER, None)  # the loopback server's key goes to the loopback server only
         # the client's credentials (their fingerprints, in the record) go nowhere: storage services
         # reject them; the registry itself gets what admission made of them (never a mirror-issued token)
         for name in hdrs.CREDENTIAL_HEADERS:
@@ -305,7 +305,7 @@ class HubRewrite:
         if answer.keep_credentials and request.authorization:
             sent.headers["Authorization"] = request.authorization
         if answer.loopback:
-            self.mirror.loopback.point_here(sent, answer.url)
+            self.mirror.loopback.point_here(request.flow, answer.url)
         else:
             sent.url = answer.url
         request.transfer = answer.transfer

@@ -17,19 +17,27 @@ upstream. Then the flow is either answered by the addon, retargeted upstream
   carries a credential, streamed so that its record can be redacted
   (``debug/records.py``).
 
-Blobs and manifests are served only to requests carrying this process's key (a
-header mitmproxy adds to the retargeted request, never a URL, so no log shows
-it). A prepared answer needs no key: its id is random, used once, and known
-only to the flow it was made for; so a parked flow carries no key while
-mitmweb first shows it (from ``requestheaders`` on).
+Who may ask: only mitmproxy, for a flow the mirror pointed here, at the path it
+pointed it at, once. Nothing in the request says so: whatever a request carries
+is the flow's, which every addon, mitmweb (its websocket gets the flow right after
+the ``request`` hook, before mitmproxy sends it) and saved flows see. The
+connection does: mitmproxy opens it and makes it the flow's ``server_conn``, its
+two addresses included, before it writes a byte of the request
+(``proxy/server.py``, ``proxy/layers/http``); a socket's two ends are unique on
+the host while it is open, so a request that arrives on a connection whose ends
+are a pointed flow's ``server_conn``'s comes from mitmproxy, for that flow. A
+request on any other connection (a local process, a client passed through the
+forward proxy to this port, a replay of what a record shows) is refused.
+Only ``/answers/parked`` (a flow parked with no answer of its own) is answered
+to anyone: it is the same refusal for all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import secrets
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -41,20 +49,33 @@ from .registry.errors import error_body
 from .registry.headers import decode_fields
 from .streams import UNCLAIMED_SECONDS, Stream
 
-KEY_HEADER = "X-Hub-Loopback-Key"
 PARKED = "parked"  # the answer of a flow that never got further than requestheaders
 CLIENT_URL = "hub_client_url"  # flow.metadata: the request's URL before the mirror pointed it anywhere
+MAX_POINTED = 10_000  # flows pointed here whose request has not arrived (each is taken at once)
+
+
+@dataclass(frozen=True)
+class Pointed:
+    """A flow the mirror pointed here, at ``path``, whose request has not arrived yet."""
+
+    flow: http.HTTPFlow
+    path: str
+
+    def sent(self, path: str, peer, here) -> bool:
+        """Is this the flow's request, sent by mitmproxy on the connection it opened for it?"""
+        conn = self.flow.server_conn
+        return path == self.path and _same(conn.sockname, peer) and _same(conn.peername, here)
 
 
 class Loopback:
     def __init__(self) -> None:
-        self.key = secrets.token_hex(16)
         self.server = HttpServer(self._handle, "loopback server")
         # prepared answers, each used once: id -> (status, headers, body)
         self.answers = BoundedDict(10_000)
         self.blobs: BlobSender | None = None  # set while a cache is configured
         self.store: Store | None = None
         self.streams: dict[str, Stream] = {}  # each taken once, or closed after UNCLAIMED_SECONDS
+        self.pointed = BoundedDict(MAX_POINTED)  # flow id -> Pointed
 
     async def start(self) -> None:
         await self.server.start("127.0.0.1", 0)
@@ -67,20 +88,25 @@ class Loopback:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.port}{path}"
 
-    def point_here(self, request: http.Request, path: str) -> None:
-        """Retarget a flow's request to this server, with the key."""
-        request.url = self.url(path)
-        request.headers[KEY_HEADER] = self.key
+    def point_here(self, flow: http.HTTPFlow, path: str) -> None:
+        """Retarget a flow's request to this server: its request, and no other, gets ``path`` once."""
+        flow.request.url = self.url(path)
+        self.pointed.put(flow.id, Pointed(flow, path))
 
     def park(self, flow: http.HTTPFlow, answer: http.Response | None = None) -> None:
         """Point a flow here: with ``answer``, it is what the client gets once its body is drained."""
         flow.metadata.setdefault(CLIENT_URL, flow.request.url)
-        answer_id = PARKED
-        if answer is not None:
-            answer_id = secrets.token_hex(16)
-            self.answers.put(answer_id, (answer.status_code, decode_fields(answer.headers.fields), answer.raw_content or b""))
-        flow.request.url = self.url(f"/answers/{answer_id}")
-        flow.request.headers.pop(KEY_HEADER, None)
+        if answer is None:
+            self.forget(flow)
+            flow.request.url = self.url(f"/answers/{PARKED}")
+            return
+        answer_id = secrets.token_hex(16)
+        self.answers.put(answer_id, (answer.status_code, decode_fields(answer.headers.fields), answer.raw_content or b""))
+        self.point_here(flow, f"/answers/{answer_id}")
+
+    def forget(self, flow: http.HTTPFlow) -> None:
+        """The flow went elsewhere, got its answer or failed: nothing here is for it any more."""
+        self.pointed.pop(flow.id, None)
 
     def offer(self, stream: Stream) -> str:
         """The path where mitmproxy fetches this stream (once)."""
@@ -96,7 +122,7 @@ class Loopback:
 
     async def _handle(self, request: Request, reply: Reply) -> None:
         kind, _, name = request.path.lstrip("/").partition("/")
-        if kind != "answers" and not hmac.compare_digest(request.headers.get(KEY_HEADER.lower(), ""), self.key):
+        if request.path != f"/answers/{PARKED}" and not self._sent_for_a_flow(request, reply):
             await reply.error(403, "DENIED", "not for you", request.method)
             return
         if kind == "answers":
@@ -117,6 +143,15 @@ class Loopback:
             await self._send_manifest(request, reply, name)
         else:
             await reply.error(404, "UNSUPPORTED", "nothing here", request.method)
+
+    def _sent_for_a_flow(self, request: Request, reply: Reply) -> bool:
+        """Taken once: the request of a flow pointed here, on the connection mitmproxy opened for it."""
+        peer, here = reply.writer.get_extra_info("peername"), reply.writer.get_extra_info("sockname")
+        for flow_id, pointed in self.pointed.items():
+            if pointed.sent(request.path, peer, here):
+                del self.pointed[flow_id]
+                return True
+        return False
 
     async def _send_manifest(self, request: Request, reply: Reply, digest: str) -> None:
         assert self.store is not None
@@ -140,6 +175,11 @@ def _sha256_of(f) -> str:
     return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _same(address, other) -> bool:
+    """The same (host, port): an IPv6 socket's address has two more items."""
+    return bool(address) and bool(other) and tuple(address[:2]) == tuple(other[:2])
+
+
 def _parked_answer() -> tuple[int, list[tuple[str, str]], bytes]:
     body = error_body("UNSUPPORTED", "this request must not carry a body")
     return 400, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body
@@ -147,9 +187,8 @@ def _parked_answer() -> tuple[int, list[tuple[str, str]], bytes]:
 
 def restore_client_url(flow: http.HTTPFlow) -> None:
     """Once a flow went where the mirror sent it, its record (mitmweb, saved flows, the log
-    line mitmdump prints) shows the request as the client made it: never the loopback
-    server's key, nor a storage URL's signature."""
+    line mitmdump prints) shows the request as the client made it: not the loopback
+    server's paths, nor a storage URL's signature."""
     url = flow.metadata.get(CLIENT_URL)
     if url is not None:
         flow.request.url = url
-    flow.request.headers.pop(KEY_HEADER, None)

@@ -5,9 +5,12 @@ holds. When each party reads it (mitmproxy 12: ``proxy/layers/http/__init__.py``
 ``addons/view.py``, ``addons/save.py``, ``tools/web/``):
 
 - mitmweb's view takes the flow itself in ``requestheaders``, right after the
-  addon's hook, and pushes it to the UI's websocket then, and again after
-  ``response`` and ``error``; its REST API (``/flows``, the content views,
-  ``content.data``, ``/flows/dump``) reads the live object whenever asked.
+  addon's hook, and pushes it to the UI's websocket then, and again after every
+  later hook of the flow (``request``, ``responseheaders``, ``response``,
+  ``error``: mitmproxy runs an ``update`` hook after each, ``addonmanager.py``
+  ``handle_lifecycle``), each time before mitmproxy acts on it; its REST API
+  (``/flows``, the content views, ``content.data``, ``/flows/dump``) reads the
+  live object whenever asked.
   ``save_stream_file`` (``-w``) serializes it in ``response`` and ``error``,
   after the addon's hooks.
 - A request is sent after the ``request`` hook (its head right after
@@ -27,9 +30,11 @@ So each part of the record is made safe at the first moment it may be:
    the ``ClientRequest`` keeps the form).
 2. Once the request is sent (``responseheaders``, ``response``, ``error``; at
    once when the mirror answers it itself), ``close_request``: the client's URL
-   instead of where the mirror sent it (the loopback server with its key, a
-   signed storage URL), signed query parameters as fingerprints, mitmproxy's
-   ``proxyauth`` password too.
+   instead of where the mirror sent it (a path on the loopback server, a signed
+   storage URL), signed query parameters as fingerprints, mitmproxy's
+   ``proxyauth`` password too. Where a flow points on the loopback server is no
+   secret: that server answers only the connection mitmproxy opened for that
+   flow (``loopback.py``), so the flow carries no key to it at any moment.
 3. An answer carrying a credential (a token answer; a 307 to a signed listener
    or presigned bucket URL) is, while flows are recorded, parked on the
    loopback server and fetched from there streamed (``hideable``), so its
@@ -49,11 +54,12 @@ request. It is paid only while something records flows (``Settings.records_flows
 mitmdump without ``-w`` sends those answers as before and prints redacted copies
 (``debug/dumper_redaction.py``).
 
-Still visible, briefly and only to someone polling the REST API: what a request
-carries between the ``request`` hook and its answer's head (the loopback key or
-a signed storage URL, the upstream token of a blob the registry serves itself);
-and a push's (``hub_allow_push``) credentials, whose head mitmproxy sends after
-the view has shown the flow.
+Still visible, briefly: what a request retargeted away from the mirror carries
+between the ``request`` hook and its answer's head (a signed storage URL, the
+upstream token of a blob the registry serves itself), in the websocket's push
+right after that hook and to someone polling the REST API; and a push's
+(``hub_allow_push``) credentials, whose head mitmproxy sends after the view has
+shown the flow.
 """
 
 from __future__ import annotations

@@ -21,14 +21,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mitmproxy import http
 
-from ..loopback import KEY_HEADER
 from ..mitmseams import proxyauth
 from ..registry.headers import CREDENTIAL_HEADERS as SENT_CREDENTIALS
 from ..registry import jwt
 from .fingerprint import fingerprint, unsigned_jwt
 
-# what a client sends (never forwarded to a CDN), what a server sets, and the mirror's loopback key
-CREDENTIAL_HEADERS = (*sorted(SENT_CREDENTIALS), "set-cookie", KEY_HEADER.lower())
+# what a client sends (never forwarded to a CDN) and what a server sets
+CREDENTIAL_HEADERS = (*sorted(SENT_CREDENTIALS), "set-cookie")
 # query parameters that sign a URL: S3/R2 (X-Amz-*), Cloudflare (verify), GCS, Azure (sig), the test CDN
 _SIGNING_PARAM = re.compile(r"(?i)^(x-amz-|x-goog-)|^(signature|sig|verify|token|expires?|key-pair-id|policy|se|sp|sv)$")
 _FORM_SECRETS = ("password", "refresh_token", "access_token", "token")

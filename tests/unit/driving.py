@@ -8,6 +8,8 @@ import httpx
 from mitmproxy import http
 from mitmproxy.flow import Error
 
+from .as_mitmproxy import fetch
+
 
 async def hook(addon, name: str, *args) -> None:
     """A hook as mitmproxy invokes it: the addon first, then its sub-addons (``addons``)."""
@@ -30,10 +32,8 @@ async def drive(addon, flow: http.HTTPFlow) -> http.HTTPFlow:
     if (flow.response is None and loopback is not None and flow.request.port == loopback.server.port
             and flow.request.path.startswith(("/answers/", "/streams/"))):
         try:
-            async with httpx.AsyncClient() as client:
-                answer = await client.request(flow.request.method, flow.request.url, content=flow.request.raw_content,
-                                              headers=[(k, v) for k, v in flow.request.headers.items(multi=True)])
-        except httpx.HTTPError as e:
+            answer = await fetch(flow)
+        except (httpx.HTTPError, OSError) as e:
             flow.error = Error(f"{type(e).__name__}: {e}")
             return flow
         flow.response = http.Response.make(answer.status_code, answer.content, list(answer.headers.raw))

@@ -16,9 +16,9 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from hubrewrite.addon import HubRewrite
-from hubrewrite.loopback import KEY_HEADER
 from hubrewrite.responses import CACHE_HEADER
 
+from .as_mitmproxy import fetch
 from .driving import drive
 from tests.support.ports import free_port
 
@@ -494,9 +494,7 @@ def test_shipped_mitm_conf_loads(tmp_path: Path):
 async def fetch_from_loopback(addon, flow) -> httpx.Response:
     """What mitmproxy does with a flow retargeted to the mirror's loopback server."""
     assert flow.request.port == addon.mirror.loopback.server.port
-    assert flow.request.headers[KEY_HEADER] == addon.mirror.loopback.key
-    async with httpx.AsyncClient() as client:
-        return await client.get(flow.request.url, headers=[(k, v) for k, v in flow.request.headers.items(multi=True)])
+    return await fetch(flow)
 
 
 def blob_with_cache(addon_ctx, recording_upstream, tmp_path, data: bytes, cdn_path: str = "/cdn/x"):
