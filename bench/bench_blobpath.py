@@ -119,6 +119,7 @@ THROTTLE_LAST_VS_FIRST = 1.15  # the last client done within this x the first cl
 # the Python driving a cold download above its floor parts (perf: 0.1 for 65,536 TLS records
 # in the reading thread, 0.1 for the event loop's wakes and the writer's 1,024 buffers)
 REACHABLE_MARGIN = 0.25  # CPU s per GiB
+SETTLE_SECONDS = 10.0  # freed memory is handed back to the VM's host within this (measured: 5 to 8 s)
 RSS_TARGET = 150_000_000  # mirror peak RSS below this, throughout (bytes)
 MB = 1e6
 NOT_IMPLEMENTED = "listener option not implemented yet"
@@ -286,6 +287,16 @@ def write_cpu(directory: Path, size: int) -> float:
         path.unlink(missing_ok=True)
 
 
+def settle_memory() -> None:
+    """Wait until memory freed lately (the previous server's deleted cache, a file written to
+    measure) is no longer hot: this VM hands free memory back to its host (free page reporting)
+    within seconds, and a page cache page taken from it then costs a fault in the host, about
+    1.5 CPU s per GiB written, against 0.2 for a page freed a moment ago (measured). nginx starts
+    in a tenth of a second and mitmdump in two, so without this wait a server's cold pull would
+    pay for its file according to how fast it starts."""
+    time.sleep(SETTLE_SECONDS)
+
+
 def children_cpu() -> float:
     """CPU seconds of this process's waited-for children (a curl run, once it ended)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -344,6 +355,7 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                     samples["cdn"].append(rec | {"rep": rep})
                     log(f"{tag}: {rec['mb_per_s']:.0f} MB/s, curl {rec['client_cpu_s']:.2f} CPU s")
                     sha256_rates.append(sha256_rate(size))
+                    settle_memory()
                     write_cpus.append(write_cpu(workdir, size) / (size / 2**30))
                     log(f"{tag}: sha256 at {sha256_rates[-1]:.0f} MB/s, writing a file {write_cpus[-1]:.2f} CPU s/GiB")
                     rec = skopeo_copy(None, up.api_host, f"{tag} skopeo")
@@ -361,6 +373,8 @@ def run(args: argparse.Namespace, workdir: Path, result: dict[str, Any]) -> None
                 with serving(group, workdir / f"{group}-{rep}", up, certs) as served:
                     url, headers = f"{served.url}/v2/{big['repo']}/blobs/{digest}", blob_headers(served)
                     for phase in ("cold", "warm"):
+                        if phase == "cold":
+                            settle_memory()
                         rec = measured(served, cdn_log, f"{tag} {phase}",
                                        lambda: curl_pull(url, size, headers, follow=True, cacert=certs["ca"]),
                                        lambda: up.service_pids("cdn"))
