@@ -84,7 +84,6 @@ from image_set import push_images  # noqa: E402
 from nginx_peer import NGINX, NginxError, NginxPeer  # noqa: E402
 from procstat import cpu_seconds, peak_rss, process_tree, reset_peak_rss  # noqa: E402
 from pulls import CURL_TIMEOUT, curl_argv, curl_pull, curl_result, curl_sha256, registry_token, skopeo_pull  # noqa: E402
-from hubrewrite.cache.blobwriter import BlobWriter  # noqa: E402
 from tests.support.certs import make_ca_and_server_cert  # noqa: E402
 from tests.support.mirror import Mirror, MirrorError  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -275,16 +274,15 @@ def sha256_rate(size: int) -> float:
 
 def write_cpu(directory: Path, size: int) -> float:
     """CPU seconds (this thread's, user + system) of writing ``size`` bytes to a new file in
-    ``directory`` as a download writes a blob into the cache's file system (``BlobWriter.WRITE_BYTES``
-    per write, into the page cache: on this VM a page from memory handed back to the host costs a
-    fault in the host, which shows as system time); the file is deleted after."""
-    block, path, piece = memoryview(os.urandom(1 << 20)), directory / "write-floor.tmp", BlobWriter.WRITE_BYTES
+    ``directory`` as a download writes a blob into the cache's file system (1 MiB per write, into
+    the page cache: on this VM a page from memory handed back to the host costs a fault in the
+    host, which shows as system time); the file is deleted after."""
+    block, path = os.urandom(1 << 20), directory / "write-floor.tmp"
     try:
         with open(path, "wb", buffering=0) as f:
             t0 = time.thread_time()
             for _ in range(size >> 20):
-                for start in range(0, len(block), piece):
-                    f.write(block[start:start + piece])
+                f.write(block)
             return time.thread_time() - t0
     finally:
         path.unlink(missing_ok=True)
