@@ -212,6 +212,12 @@ class Upstream:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def service_pids(self, name: str) -> list[int]:
+        """The pids of a service's running processes (the CDN: its nginx front's master and the
+        Python CDN; their children not included)."""
+        names = _processes_of(name)
+        return [p.popen.pid for p in self._procs if p.name in names and p.popen.poll() is None]
+
     @property
     def running(self) -> bool:
         return bool(self._procs) and not self._stopped and all(p.popen.poll() is None for p in self._procs)
