@@ -1,11 +1,14 @@
-"""Downloads that survive a cut (issue 20 item 2), end to end: skopeo and HTTP clients ->
-mitmdump with the addon -> the HTTPS Docker-Hub-shaped upstream, whose CDN (nginx in front of
-the Python CDN) cuts blob transfers: every blob once at 10%, 50% and 99%; every attempt; or
-after a pause long enough for its signed URL to expire. With a cache (one download, followed
-by every client) and without one (each client's own stream)."""
+"""Downloads that survive a cut (issue 20 item 2), end to end: skopeo, containerd (ctr), podman
+and HTTP clients -> mitmdump with the addon -> the HTTPS Docker-Hub-shaped upstream, whose CDN
+(nginx in front of the Python CDN) cuts blob transfers: every blob once at 10%, 50% and 99%;
+every attempt; or after a pause long enough for its signed URL to expire. With a cache (one
+download, followed by every client; also behind the blob listener) and without one (each
+client's own stream)."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,10 +17,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.support.daemons import Containerd
 from tests.support.images import fresh_blob, sha256_digest
 from tests.support.mirror import Mirror
+from tests.support.ports import free_port
 from tests.support.throttle import throttled_port
 
+from .test_clients import Podman, ctr_check, need
 from .test_mirror import copy, sha256_file
 
 CUTS = "0.1,0.5,0.99"
@@ -142,6 +148,150 @@ def test_several_clients_following_one_download_see_one_uninterrupted_transfer(m
         assert len(r["bytes"]) == size and sha256_digest(r["bytes"]) == digest, name
     check_cut_three_times(upstream, digest, size)  # one download, followed by all four
     assert cached(cache_dir, digest)
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory):
+    need("containerd", "containerd")
+    need("ctr", "containerd")
+    with Containerd(tmp_path_factory.mktemp("resume-containerd")) as daemon:
+        yield daemon
+
+
+def ctr_pull(containerd: Containerd, mirror: Mirror, ref: str, digest: str) -> subprocess.CompletedProcess:
+    """ctr pulls ``ref`` from the mirror; containerd commits a blob only under the digest it has
+    (the layer listed in its content store is the verified one), and unpacks the image."""
+    pulled = containerd.ctr("images", "pull", "--plain-http", ref)
+    assert pulled.returncode == 0, pulled.stderr + mirror.log_text()[-3000:]
+    check = ctr_check(containerd, ref)
+    assert "complete" in check and check.split()[-1] == "true", check
+    content = containerd.ctr("content", "ls", "-q")
+    assert digest in content.stdout.split(), content.stdout
+    return pulled
+
+
+def podman_pull(podman: Podman, mirror: Mirror, ref: str, digest: str) -> subprocess.CompletedProcess:
+    """podman pulls ``ref`` from the mirror; it verifies every blob's digest, and the layer (an
+    uncompressed tar) is its own diff_id in the image's rootfs."""
+    pulled = podman("pull", "--tls-verify=false", ref)
+    assert pulled.returncode == 0, pulled.stderr + mirror.log_text()[-3000:]
+    assert podman.inspect(ref)["RootFS"]["Layers"] == [digest]
+    return pulled
+
+
+@pytest.fixture
+def podman(tmp_path):
+    need("podman", "podman")
+    client = Podman(tmp_path / "podman")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def check_resumed_into_the_cache(mirror: Mirror, cache_dir: Path, digest: str, size: int, before: float) -> None:
+    assert cached(cache_dir, digest)
+    assert sha256_file(cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]) == digest
+    assert resumes(mirror).get("interrupted", 0) - before >= 3
+    assert f"resuming from byte {size // 2}" in mirror.log_text()
+    assert "Traceback" not in mirror.log_text()
+
+
+@pytest.fixture(scope="module")
+def listener_mirror(upstream, tmp_path_factory):
+    """The cache and the blob listener: each blob request is answered with a 307 to a signed URL on
+    the listener, which the clients follow as they follow Docker Hub's CDN redirects."""
+    work = tmp_path_factory.mktemp("resume-listener")
+    options = {"hub_cache_dir": str(work / "cache"), "hub_blob_listen": f"127.0.0.1:{free_port()}",
+               "hub_upstream_timeout": "10"}
+    with Mirror(work, upstream, options=options) as m:
+        yield m, work / "cache"
+
+
+@pytest.fixture(params=["cache", "listener"])
+def cached_mirror(request, mirror, cache_dir, listener_mirror) -> tuple[Mirror, Path, str]:
+    """(mirror, its cache directory, a name for the variant's repositories)."""
+    if request.param == "cache":
+        return mirror, cache_dir, request.param
+    return (*listener_mirror, request.param)
+
+
+def test_containerd_pulls_through_a_cdn_cutting_every_blob_at_10_50_and_99_percent(cached_mirror, cutting_cdn,
+                                                                                    containerd, tmp_path):
+    (mirror, cache, variant), upstream = cached_mirror, cutting_cdn
+    repo = f"team/r-containerd-{variant}"
+    digest, size = fresh_blob(upstream, tmp_path, repo, 4 * 1024 * 1024)
+    before = resumes(mirror).get("interrupted", 0)
+    ctr_pull(containerd, mirror, f"{mirror.host}/{repo}:1", digest)
+    check_cut_three_times(upstream, digest, size)
+    check_resumed_into_the_cache(mirror, cache, digest, size, before)
+
+
+def test_podman_pulls_through_a_cdn_cutting_every_blob_at_10_50_and_99_percent(cached_mirror, cutting_cdn, podman,
+                                                                                tmp_path):
+    (mirror, cache, variant), upstream = cached_mirror, cutting_cdn
+    repo = f"team/r-podman-{variant}"
+    digest, size = fresh_blob(upstream, tmp_path, repo, 4 * 1024 * 1024)
+    before = resumes(mirror).get("interrupted", 0)
+    podman_pull(podman, mirror, f"{mirror.host}/{repo}:1", digest)
+    check_cut_three_times(upstream, digest, size)
+    check_resumed_into_the_cache(mirror, cache, digest, size, before)
+
+
+def test_containerd_podman_and_skopeo_follow_one_cut_download(mirror, cutting_cdn, cache_dir, containerd, podman,
+                                                               tmp_path):
+    """Three real clients pull the same new image at once, the CDN slow enough that each asks for
+    the layer before its download ends: one download, cut three times and resumed, followed by all
+    three (one answer a cache miss, two hits that started before the miss ended)."""
+    upstream = cutting_cdn
+    repo = "team/r-together"
+    digest, size = fresh_blob(upstream, tmp_path, repo, 12 * 1024 * 1024)
+    ref = f"{mirror.host}/{repo}:1"
+    before = resumes(mirror).get("interrupted", 0)
+    failures: list[BaseException] = []
+
+    def run(pull, *args) -> None:
+        try:
+            pull(*args)
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            failures.append(e)
+
+    def skopeo_pull() -> None:
+        pulled = copy(f"docker://{ref}", tmp_path / "skopeo")
+        assert pulled.returncode == 0, pulled.stderr
+        assert sha256_file(tmp_path / "skopeo" / digest[7:]) == digest
+
+    threads = [threading.Thread(target=run, args=(ctr_pull, containerd, mirror, ref, digest)),
+               threading.Thread(target=run, args=(podman_pull, podman, mirror, ref, digest)),
+               threading.Thread(target=run, args=(skopeo_pull,))]
+    with throttled_port(int(urlsplit(upstream.cdn_url).port), 4):  # about 3 s for the blob
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not failures, failures
+    check_cut_three_times(upstream, digest, size)  # one download for the three clients
+    check_resumed_into_the_cache(mirror, cache_dir, digest, size, before)
+    answers = blob_answers(mirror, repo, digest, size)
+    assert sorted(cache for _, _, cache in answers) == ["hit", "hit", "miss"], answers
+    download_done = next(end for _, end, cache in answers if cache == "miss")
+    assert all(start < download_done for start, _, _ in answers), answers  # each followed it, none came after
+
+
+ANSWER = re.compile(r"^\[(\d+):(\d+):([\d.]+)\] pull .* GET blob (\S+) status=200 bytes=(\d+) time=([\d.]+)s cache=(\w+)")
+
+
+def blob_answers(mirror: Mirror, repo: str, digest: str, size: int) -> list[tuple[float, float, str]]:
+    """The mirror's whole answers of a blob, from its access log: (start, end, cache) in seconds
+    of the day (the log's clock; a test running across midnight would fail the comparison)."""
+    out = []
+    for line in mirror.log_text().splitlines():
+        m = ANSWER.match(line)
+        if m and m.group(4) == f"{repo}@{digest}" and int(m.group(5)) == size:
+            end = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+            out.append((end - float(m.group(6)), end, m.group(7)))
+    return out
 
 
 def test_a_cdn_cutting_every_attempt_fails_every_client_and_caches_nothing(mirror, upstream, cache_dir, tmp_path):

@@ -147,6 +147,34 @@ def test_podman_pulls_with_the_first_url_down(first, second, tmp_path):
             podman.close()
 
 
+def test_containerd_pulls_with_the_first_url_down(first, second, tmp_path):
+    """ctr (a private containerd, tests/support/daemons.py) against the mirror: the first URL's
+    edge and token service are down, every manifest and blob comes from the second URL."""
+    from tests.support.daemons import Containerd
+
+    from .test_clients import ctr_check, ctr_images, need
+
+    need("containerd", "containerd")
+    need("ctr", "containerd")
+    digest = first.images[REPO]["digest"]
+    first.stop_service("edge")
+    first.stop_service("token")
+    second.clear_logs()
+    with mirror_of(tmp_path, first, second) as m, Containerd(tmp_path / "containerd") as containerd:
+        ref = f"{m.host}/{REPO}:{TAG}"
+        pulled = containerd.ctr("images", "pull", "--plain-http", ref)
+        assert pulled.returncode == 0, pulled.stderr + m.log_text()[-3000:]
+        assert ctr_images(containerd)[ref] == (MANIFEST_ACCEPT, digest)
+        check = ctr_check(containerd, ref)
+        assert "complete" in check and check.split()[-1] == "true", check  # every blob there, unpacked
+        log = m.log_text()
+    assert f"{first.api_url} failed" in log and f"resolved to {digest} by {second.api_url}" in log
+    image = first.images[REPO]
+    for blob in (image["config_digest"], *image["layer_digests"]):
+        assert second.cdn_gets(blob) >= 1, blob  # the second URL's redirect, followed
+    assert "Traceback" not in log
+
+
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
 def test_a_transfer_its_storage_refuses_to_resume_goes_on_from_the_next_url(first, second, tmp_path, cache):
     """The first URL's CDN cuts every blob in the middle and answers every resume 503: the first
