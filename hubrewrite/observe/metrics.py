@@ -15,18 +15,7 @@ class Metrics:
         self.cache_requests = Counter("hub_cache_requests", "Cache lookups by outcome", ["kind", "outcome"], registry=r)
         self.ahead_requests = Counter(
             "hub_ahead_requests", "Upstream requests made ahead of a client (hub_fetch_ahead)", ["kind"], registry=r)
-        self.prefetch_images = Gauge("hub_prefetch_images", "Images of hub_prefetch by state", ["state"], registry=r)
-        self.prefetch_pending_blobs = Gauge(
-            "hub_prefetch_pending_blobs", "Blobs of the image being prefetched not cached yet", registry=r)
-        self.prefetch_requests = Counter(
-            "hub_prefetch_requests", "Upstream requests made to keep hub_prefetch images warm", ["kind"], registry=r)
-        self.prefetch_rounds = Counter(
-            "hub_prefetch_rounds", "Prefetch rounds: done here, or left to another process of the bucket", ["outcome"],
-            registry=r)
-        self.download_resumes = Counter(
-            "hub_download_resumes", "Requests resuming a blob transfer cut in the middle (Range from the byte it "
-            "reached), by why: interrupted, refused (a 5xx or 429 before), expired (a fresh redirect after a 403)",
-            ["reason"], registry=r)
+        self._slow_network_metrics(r)
         self.cache_evictions = Counter("hub_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.cache_bytes = Gauge("hub_cache_bytes", "Size of cached blobs", registry=r)
         self.in_flight = Gauge("hub_transfers_in_flight", "Blob transfers streaming right now", registry=r)
@@ -46,6 +35,26 @@ class Metrics:
         self.tier_hits = Counter(
             "hub_cache_tier_hits", "Cached blobs served, by where they were: local (disk) or shared (bucket)",
             ["tier"], registry=r)
+        self.cache_writable = Gauge(
+            "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
+            registry=r,
+        )
+
+    def _slow_network_metrics(self, r: CollectorRegistry) -> None:
+        """What the mirror does for slow and filtered networks: images kept warm, downloads resumed,
+        registries with several URLs and their outages (docs/sources.md)."""
+        self.prefetch_images = Gauge("hub_prefetch_images", "Images of hub_prefetch by state", ["state"], registry=r)
+        self.prefetch_pending_blobs = Gauge(
+            "hub_prefetch_pending_blobs", "Blobs of the image being prefetched not cached yet", registry=r)
+        self.prefetch_requests = Counter(
+            "hub_prefetch_requests", "Upstream requests made to keep hub_prefetch images warm", ["kind"], registry=r)
+        self.prefetch_rounds = Counter(
+            "hub_prefetch_rounds", "Prefetch rounds: done here, or left to another process of the bucket", ["outcome"],
+            registry=r)
+        self.download_resumes = Counter(
+            "hub_download_resumes", "Requests resuming a blob transfer cut in the middle (Range from the byte it "
+            "reached), by why: interrupted, refused (a 5xx or 429 before), expired (a fresh redirect after a 403)",
+            ["reason"], registry=r)
         self.stale_served = Counter(
             "hub_stale_served", "Answers from the cache while the registry failed (X-Hub-Cache: stale)",
             ["upstream", "kind"], registry=r)
@@ -55,10 +64,6 @@ class Metrics:
         self.unreachable_since = Gauge(
             "hub_upstream_unreachable_since_seconds",
             "Unix time since which every URL of a registry fails; 0 while one answers", ["upstream"], registry=r)
-        self.cache_writable = Gauge(
-            "hub_cache_writable", "1 while the cache takes writes, 0 while it cannot (disk full): serving uncached",
-            registry=r,
-        )
 
     def note_sources(self, source_lists) -> None:
         """Each registry URL's health and since when a registry is unreachable (sources.SourceList), as now."""
