@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, curl_blob_command_line, log, report_footer, run_benchmark,  # noqa: E402
+from harness import (BenchError, curl_blob_main, log, report_footer,  # noqa: E402
                      smoke_banner, upstream_options)
 from procstat import cpu_seconds, rss_bytes  # noqa: E402
 from pulls import curl_pull, curl_sha256, registry_token  # noqa: E402
@@ -213,17 +212,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, result = curl_blob_command_line(__doc__, 5, "timed repetitions per path", argv,
-                                          {"mb_per_s": "10^6 bytes/s", "rss": "bytes"})
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-"))
-
-    def finish(result: dict[str, Any]) -> int:
-        return 0 if report(args, result) or not args.strict else 2
-
-    return run_benchmark(args, result, started, workdir, run, finish,
-                         lambda w: [w / name / f"{name}.log" for name in ("mirror", "plain")],
-                         ("hub/storage/**/data",))
+    return curl_blob_main(__doc__, argv, (5, "timed repetitions per path"), {"mb_per_s": "10^6 bytes/s", "rss": "bytes"},
+                          "hubrewrite-bench-", run, report,
+                          lambda w: [w / name / f"{name}.log" for name in ("mirror", "plain")], ("hub/storage/**/data",))
 
 
 if __name__ == "__main__":

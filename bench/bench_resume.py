@@ -29,7 +29,6 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ for p in (str(REPO_ROOT), str(BENCH_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import (BenchError, curl_blob_command_line, loadavg, log, report_footer, run_benchmark,  # noqa: E402
+from harness import (BenchError, curl_blob_main, loadavg, log, report_footer,  # noqa: E402
                      smoke_banner, upstream_options)
 from pulls import curl_pull, registry_token  # noqa: E402
 from tests.support.images import make_big_layer, push_image  # noqa: E402
@@ -158,16 +157,10 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, result = curl_blob_command_line(__doc__, 3, "rounds of the three modes", argv,
-                                          {"time_total": "seconds, curl's", "mb_per_s": "10^6 bytes/s"})
-    started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="hubrewrite-bench-resume-"))
-
-    def finish(result: dict[str, Any]) -> int:
-        return 0 if report(args, result) or not args.strict else 2
-
-    return run_benchmark(args, result, started, workdir, run, finish,
-                         lambda w: sorted(w.glob("mirror-*/mirror.log")), ("hub/storage/**/data", "cache-*/blobs/**/*"))
+    return curl_blob_main(__doc__, argv, (3, "rounds of the three modes"),
+                          {"time_total": "seconds, curl's", "mb_per_s": "10^6 bytes/s"}, "hubrewrite-bench-resume-",
+                          run, report, lambda w: sorted(w.glob("mirror-*/mirror.log")),
+                          ("hub/storage/**/data", "cache-*/blobs/**/*"))
 
 
 if __name__ == "__main__":

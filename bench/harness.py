@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -245,3 +246,19 @@ def run_benchmark(args, result: dict[str, Any], started: float, workdir: Path,
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return rc
+
+
+def curl_blob_main(doc: str, argv: list[str] | None, reps: tuple[int, str], units: dict[str, str], prefix: str,
+                   measure: Callable[[Any, Path, dict[str, Any]], None], report: Callable[[Any, dict[str, Any]], bool],
+                   log_paths: Callable[[Path], list[Path]], kept_data_patterns: tuple[str, ...]) -> int:
+    """main() of a benchmark pulling one big layer with curl: its command line (``reps``: the default
+    and what one is), its measurements in a fresh work directory, its report (exit 2 with
+    --strict when a target is missed)."""
+    args, result = curl_blob_command_line(doc, reps[0], reps[1], argv, units)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def finish(result: dict[str, Any]) -> int:
+        return 0 if report(args, result) or not args.strict else 2
+
+    return run_benchmark(args, result, started, workdir, measure, finish, log_paths, kept_data_patterns)
