@@ -122,15 +122,19 @@ def test_prefetched_images_are_pulled_with_the_upstream_stopped(hub, tmp_path):
         assert "Traceback" not in log
 
 
+def every_interval(tmp_path, listed: str) -> dict[str, str]:
+    """A mirror's options to keep what ``listed`` names warm, checked every INTERVAL seconds."""
+    return {"hub_cache_dir": str(tmp_path / "cache"), "hub_prefetch": str(write_list(tmp_path, listed)),
+            "hub_prefetch_interval": str(INTERVAL)}
+
+
 def test_a_tag_that_moves_is_checked_with_head_and_only_the_new_digest_fetched(hub, tmp_path):
     """Every INTERVAL seconds the tag is checked with a HEAD: unchanged, that is the only request;
     once it moves, the new manifest is fetched by digest and its blobs once each; the tag itself
     never gets a GET. The status page and the metrics follow."""
     first = hub.images["team/moving"]
     hub.clear_logs()
-    listed = write_list(tmp_path, "team/moving:1\n")
-    options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_prefetch": str(listed),
-               "hub_prefetch_interval": str(INTERVAL)}
+    options = every_interval(tmp_path, "team/moving:1\n")
     with Mirror(tmp_path / "m", hub, options=options) as m:
         wait_for(lambda: metric(m, "hub_prefetch_rounds_total", outcome="done") >= 2, what="two rounds")
         assert metric(m, "hub_prefetch_images", state="warm") == 1
@@ -157,9 +161,7 @@ def test_a_tag_that_moves_is_checked_with_head_and_only_the_new_digest_fetched(h
 
 def test_a_problem_is_logged_once_per_image_and_cause(hub, tmp_path):
     """An image the registry does not have fails every round, and says so once."""
-    listed = write_list(tmp_path, "team/nowhere:1\n")
-    options = {"hub_cache_dir": str(tmp_path / "cache"), "hub_prefetch": str(listed),
-               "hub_prefetch_interval": str(INTERVAL)}
+    options = every_interval(tmp_path, "team/nowhere:1\n")
     with Mirror(tmp_path / "m", hub, options=options) as m:
         wait_for(lambda: metric(m, "hub_prefetch_rounds_total", outcome="done") >= 3, what="three rounds")
         assert metric(m, "hub_prefetch_images", state="failed") == 1

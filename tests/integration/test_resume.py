@@ -216,24 +216,16 @@ def cached_mirror(request, mirror, cache_dir, listener_mirror) -> tuple[Mirror, 
     return (*listener_mirror, request.param)
 
 
-def test_containerd_pulls_through_a_cdn_cutting_every_blob_at_10_50_and_99_percent(cached_mirror, cutting_cdn,
-                                                                                    containerd, tmp_path):
+@pytest.mark.parametrize("client", ["containerd", "podman"])
+def test_a_client_pulls_through_a_cdn_cutting_every_blob_at_10_50_and_99_percent(client, cached_mirror, cutting_cdn,
+                                                                                 request, tmp_path):
+    """containerd and podman check the layer against its digest themselves."""
     (mirror, cache, variant), upstream = cached_mirror, cutting_cdn
-    repo = f"team/r-containerd-{variant}"
+    repo = f"team/r-{client}-{variant}"
     digest, size = fresh_blob(upstream, tmp_path, repo, 4 * 1024 * 1024)
     before = resumes(mirror).get("interrupted", 0)
-    ctr_pull(containerd, mirror, f"{mirror.host}/{repo}:1", digest)
-    check_cut_three_times(upstream, digest, size)
-    check_resumed_into_the_cache(mirror, cache, digest, size, before)
-
-
-def test_podman_pulls_through_a_cdn_cutting_every_blob_at_10_50_and_99_percent(cached_mirror, cutting_cdn, podman,
-                                                                                tmp_path):
-    (mirror, cache, variant), upstream = cached_mirror, cutting_cdn
-    repo = f"team/r-podman-{variant}"
-    digest, size = fresh_blob(upstream, tmp_path, repo, 4 * 1024 * 1024)
-    before = resumes(mirror).get("interrupted", 0)
-    podman_pull(podman, mirror, f"{mirror.host}/{repo}:1", digest)
+    pull = ctr_pull if client == "containerd" else podman_pull
+    pull(request.getfixturevalue(client), mirror, f"{mirror.host}/{repo}:1", digest)
     check_cut_three_times(upstream, digest, size)
     check_resumed_into_the_cache(mirror, cache, digest, size, before)
 

@@ -106,13 +106,16 @@ def test_first_answer_skips_failing_urls_and_says_which_answered():
     assert asked == ["https://mirror.example.org:8443"]  # the first is backing off: not asked
 
 
+def answering_with(status: int):
+    async def attempt(source):
+        return status
+    return attempt
+
+
 @pytest.mark.parametrize("status", [429, 500, 503])
 def test_a_failing_status_moves_on_and_the_last_answer_is_returned(status):
     sources = SourceList(parse_upstream(TWO), backoff=30, clock=Clock())
-
-    async def attempt(source):
-        return status
-
+    attempt = answering_with(status)
     source, answer = run(first_answer(sources, attempt, lambda s: s))
     assert (source.base, answer) == ("https://mirror.example.org:8443", status)  # the caller's stale mode decides
     assert sources.unreachable_since is not None
@@ -123,11 +126,7 @@ def test_a_failing_status_moves_on_and_the_last_answer_is_returned(status):
 @pytest.mark.parametrize("status", [200, 401, 404])
 def test_an_answer_is_an_answer(status):
     sources = SourceList(parse_upstream(TWO), backoff=30, clock=Clock())
-
-    async def attempt(source):
-        return status
-
-    source, answer = run(first_answer(sources, attempt, lambda s: s))
+    source, answer = run(first_answer(sources, answering_with(status), lambda s: s))
     assert (source.base, answer) == ("https://registry-1.docker.io", status)
 
 
