@@ -303,7 +303,12 @@ def test_a_cdn_cutting_every_attempt_fails_every_client_and_caches_nothing(mirro
     assert took < 60, "no hang"
     assert nothing_left(cache_dir, digest)
     gets = blob_gets(upstream, digest)
-    assert 2 <= len(gets) <= 1 + 5, f"resumes bounded: {len(gets)} CDN GETs"
+    # one download the clients follow; on a loaded machine a client may come only after it failed,
+    # and start the next one: each download is one whole GET and at most 5 resumes
+    starts = [r for r in gets if not r["range"]]
+    assert 1 <= len(starts) <= 3, f"{len(starts)} downloads for 3 clients"
+    assert len(starts) + 1 <= len(gets) <= (1 + 5) * len(starts), \
+        f"resumes bounded: {len(gets)} CDN GETs for {len(starts)} downloads"
     assert "not resumed again after" in mirror.log_text()
     again: dict = {}
     fetch(mirror, "team/r-always", digest, again, "after")  # the CDN works again: a new download, whole
