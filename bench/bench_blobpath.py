@@ -472,6 +472,18 @@ def reachable(mirror: str, stats: dict[str, Any], floor: dict[str, float]) -> di
             "nginx_path_cpu_s_per_gib": path_nginx, "mirror_path_cpu_s_per_gib": path_mirror}
 
 
+def faster_than(target: str, path: dict[str, Any], peer: dict[str, Any], factor: float) -> tuple[str, str, bool]:
+    """A throughput target against a peer's median: (the target, what was measured, met)."""
+    got, theirs = path["median_mb_per_s"], peer["median_mb_per_s"]
+    return target, f"{got:.0f} vs {theirs:.0f} MB/s = {got / theirs:.2f}x", got >= factor * theirs
+
+
+def quicker_than(target: str, seconds: float, peer_seconds: float, factor: float) -> tuple[str, str, bool]:
+    """A time target against a peer's median: (the target, what was measured, met)."""
+    return (target, f"{seconds:.2f} vs {peer_seconds:.2f} s = {seconds / peer_seconds:.2f}x",
+            seconds <= factor * peer_seconds)
+
+
 def targets_for(mirror: str, stats: dict[str, Any], skopeo_med: dict[str, float],
                 thr: dict[str, Any], peak: dict[str, int], floor: dict[str, float]) -> list[tuple[str, str, bool]]:
     reach = reachable(mirror, stats, floor)
@@ -480,16 +492,11 @@ def targets_for(mirror: str, stats: dict[str, Any], skopeo_med: dict[str, float]
     small_cold, small_warm = skopeo_med[mirror], skopeo_med[f"{mirror}_warm"]
     t = thr[mirror]
     return [
-        (f"warm blob: throughput >= {WARM_VS_NGINX}x nginx's",
-         f"{warm['median_mb_per_s']:.0f} vs {nginx_warm['median_mb_per_s']:.0f} MB/s = "
-         f"{warm['median_mb_per_s'] / nginx_warm['median_mb_per_s']:.2f}x",
-         warm["median_mb_per_s"] >= WARM_VS_NGINX * nginx_warm["median_mb_per_s"]),
+        faster_than(f"warm blob: throughput >= {WARM_VS_NGINX}x nginx's", warm, nginx_warm, WARM_VS_NGINX),
         (f"warm blob: CPU <= {WARM_CPU_PER_GIB} s per GiB", f"{warm['median_cpu_s_per_gib']:.2f} s/GiB",
          warm["median_cpu_s_per_gib"] <= WARM_CPU_PER_GIB),
-        (f"cold blob, fresh caches: throughput >= {COLD_VS_NGINX}x nginx's cold",
-         f"{cold['median_mb_per_s']:.0f} vs {nginx_cold['median_mb_per_s']:.0f} MB/s = "
-         f"{cold['median_mb_per_s'] / nginx_cold['median_mb_per_s']:.2f}x",
-         cold["median_mb_per_s"] >= COLD_VS_NGINX * nginx_cold["median_mb_per_s"]),
+        faster_than(f"cold blob, fresh caches: throughput >= {COLD_VS_NGINX}x nginx's cold", cold, nginx_cold,
+                    COLD_VS_NGINX),
         (f"cold blob: CPU <= {COLD_CPU_PER_GIB} s per GiB", f"{cold['median_cpu_s_per_gib']:.2f} s/GiB",
          cold["median_cpu_s_per_gib"] <= COLD_CPU_PER_GIB),
         (f"cold blob, closest reachable: CPU <= {reach['cpu_s_per_gib']:.2f} s per GiB (sha256 + TLS receive + "
@@ -498,12 +505,10 @@ def targets_for(mirror: str, stats: dict[str, Any], skopeo_med: dict[str, float]
         (f"cold blob, closest reachable: throughput >= {reach['mb_per_s']:.0f} MB/s (nginx's cold x "
          f"{reach['nginx_path_cpu_s_per_gib']:.2f} / {reach['mirror_path_cpu_s_per_gib']:.2f} CPU s per GiB on the path)",
          f"{cold['median_mb_per_s']:.0f} MB/s", cold["median_mb_per_s"] >= reach["mb_per_s"]),
-        (f"cold skopeo copy --all: <= {SKOPEO_VS_BARE}x mitmdump without the addon",
-         f"{small_cold:.2f} vs {skopeo_med['bare']:.2f} s = {small_cold / skopeo_med['bare']:.2f}x",
-         small_cold <= SKOPEO_VS_BARE * skopeo_med["bare"]),
-        (f"warm skopeo copy --all: <= {SKOPEO_WARM_VS_NGINX}x nginx's warm",
-         f"{small_warm:.2f} vs {skopeo_med['nginx_warm']:.2f} s = {small_warm / skopeo_med['nginx_warm']:.2f}x",
-         small_warm <= SKOPEO_WARM_VS_NGINX * skopeo_med["nginx_warm"]),
+        quicker_than(f"cold skopeo copy --all: <= {SKOPEO_VS_BARE}x mitmdump without the addon", small_cold,
+                     skopeo_med["bare"], SKOPEO_VS_BARE),
+        quicker_than(f"warm skopeo copy --all: <= {SKOPEO_WARM_VS_NGINX}x nginx's warm", small_warm,
+                     skopeo_med["nginx_warm"], SKOPEO_WARM_VS_NGINX),
         (f"throttled CDN, {THROTTLE_CLIENTS} clients: one CDN request (every rep)",
          "/".join(str(n) for n in t["cdn_blob_requests"]), all(n == 1 for n in t["cdn_blob_requests"])),
         (f"throttled CDN: every client's first byte within {THROTTLE_FIRST_BYTE:.0f} s",
