@@ -13,7 +13,8 @@ leaves does not stop the download.
 
 The bytes never pass through the event loop: a download reads its source and
 hashes and writes it in two threads of its own (``blobwriter.Copy``), and the
-loop hears of each MiB on disk (``_on_disk``), which wakes the followers.
+loop hears of bytes on disk seldom (``Copy.TELL_BYTES``, or ``Copy.WAKE_SECONDS``
+after the first untold one: ``_on_disk``), and each time wakes the followers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ log = logging.getLogger("hub_rewrite")
 
 FAILED_LATELY_SECONDS = 30.0
 POLL_SECONDS = 0.05  # how often a follower of another process's download looks at the file
-WAKE_BYTES, WAKE_SECONDS = 1 << 20, 0.02  # how much a download writes, or how long it waits, before it wakes its followers
 
 
 class DownloadState(Enum):
@@ -66,8 +66,6 @@ class Download:
         self.state = DownloadState.STARTING
         self.mismatch = False  # all the bytes came, and they were not the blob
         self._changed = asyncio.Event()
-        self._woken_at = 0  # bytes written when followers were last woken
-        self._wake_timer: asyncio.TimerHandle | None = None
         self._ended: list[Callable[[Download], None]] = []
         self.task: asyncio.Task | None = None
         self.resuming: Resuming | None = None  # the upstream answer, resumed after a cut
@@ -76,20 +74,6 @@ class Download:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _wake_followers(self) -> None:
-        """Each wake costs every follower a send: once per MiB written, or within
-        WAKE_SECONDS of any write (a slow source), not once per network read."""
-        if self.written - self._woken_at >= WAKE_BYTES:
-            self._wake()
-        elif self._wake_timer is None:
-            self._wake_timer = asyncio.get_running_loop().call_later(WAKE_SECONDS, self._wake)
-
-    def _wake(self) -> None:
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
-            self._wake_timer = None
-        self._woken_at = self.written
-        self._notify()
 
     async def changed(self, timeout: float) -> None:
         try:
@@ -165,9 +149,11 @@ class Download:
         self._end(DownloadState.COMMITTED if committed else DownloadState.FAILED)
 
     def _on_disk(self, n: int, on_bytes: Callable[[int], None]) -> None:
+        """Each wake costs every follower a send: ``Copy`` tells of bytes on disk seldom already
+        (per TELL_BYTES, or WAKE_SECONDS after the first untold one), so each tell wakes them."""
         self.written += n
         on_bytes(n)
-        self._wake_followers()
+        self._notify()
 
     def _end(self, state: DownloadState) -> None:
         if self.state.over:
@@ -177,7 +163,7 @@ class Download:
         self.state = state
         self.downloads.store.release_download_lock(self.digest, self.lock_fd)
         self.downloads.running.pop(self.digest, None)
-        self._wake()
+        self._notify()
         for callback in self._ended:
             callback(self)
 
