@@ -260,10 +260,14 @@ async def _probe(request: ClientRequest, upstreams: Upstreams) -> Probe:
     """At the first URL of the registry that answers (paths/sourced.py)."""
     probe = await at_sources(request, upstreams, lambda url, headers: probe_registry(
         upstreams, request.method, url, headers,
-        lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)),
-        lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+        lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)), probe_status)
     probe.source, probe.urls = request.source, upstreams.sources.of(request.upstream)
     return probe
+
+
+def probe_status(probe: Probe) -> int:
+    """The registry's status as ``sources.first_answer`` judges a URL by: a redirect or the blob is 200."""
+    return probe.answer.status_code if probe.answer is not None else 200
 
 
 async def probe_registry(upstreams: Upstreams, method: str, url: str, headers: list[tuple[str, str]],
