@@ -18,6 +18,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from .access.accounts import bearer_token
 from .access.credentials import UpstreamCredentials
 from .realms import Realms
 from .registry import headers as hdrs
@@ -42,12 +43,6 @@ def _key(token: str) -> str:
     return hashlib.sha256(token.encode("latin-1", "replace")).hexdigest()
 
 
-def bearer_of(headers: list[tuple[str, str]]) -> str | None:
-    value = hdrs.value_of(headers, "authorization") or ""
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 class SourceTokens:
     def __init__(self) -> None:
         self.origins: BoundedDict = BoundedDict(MAX_ORIGINS)  # token hash -> Origin
@@ -58,7 +53,7 @@ class SourceTokens:
             self.origins.put(_key(token), Origin(source.base, lendable))
 
     def origin_of(self, headers: list[tuple[str, str]]) -> Origin | None:
-        token = bearer_of(headers)
+        token = bearer_token(hdrs.value_of(headers, "authorization"))
         return self.origins.get(_key(token)) if token else None
 
     async def headers_at(self, source: Upstream, headers: list[tuple[str, str]], scope: str | None,

@@ -90,9 +90,7 @@ class SourceList:
 
     def next_source(self, tried: tuple[str, ...] | list[str] = ()) -> Upstream | None:
         """The next URL to try, given the base URLs tried already for this request (None: no more)."""
-        now = self.clock()
-        ready = [source for source in self.sources if self.health[source.base].retry_at <= now]
-        return next((source for source in ready or self.candidates() if source.base not in tried), None)
+        return next((source for source in self.candidates() if source.base not in tried), None)
 
     def failed(self, source: Upstream, reason: str) -> None:
         health = self.health[source.base]
@@ -144,11 +142,6 @@ class Sources:
             found = self.lists[key] = SourceList(upstream, self.backoff, self.clock)
         return found
 
-    def next_source(self, upstream: Upstream, tried: tuple[str, ...] | list[str] = ()) -> Upstream | None:
-        """The function other parts ask (a download resuming elsewhere): the registry's next URL to
-        try after the base URLs ``tried``, or None when none is left."""
-        return self.of(upstream).next_source(tried)
-
     def note_stale(self, upstream_base: str, kind: str) -> None:
         """An answer from the cache because the registry (named by its first URL) is unreachable."""
         for sources in self.lists.values():
@@ -168,10 +161,9 @@ async def first_answer(sources: SourceList, attempt: Callable[[Upstream], Awaita
                        status_of: Callable[[T], int] = lambda answer: 200) -> tuple[Upstream, T]:
     """``attempt`` at the registry's URLs in order until one answers; the failing ones are
     marked. The last URL's failing answer is returned as it is (the caller's stale mode
-    decides); raises RegistryError when every URL is backing off or the last one gave no answer."""
-    candidates = sources.candidates()
-    if not candidates:
-        raise RegistryError(502, "UNAVAILABLE", f"registry {sources.name} has no URL")
+    decides); raises RegistryError when the last URL tried gave no answer (with every URL backing
+    off, the one whose back-off ends first is still tried)."""
+    candidates = sources.candidates()  # never empty: a registry has its first URL
     for number, source in enumerate(candidates, 1):
         last = number == len(candidates)
         try:

@@ -35,7 +35,7 @@ from ..registry.contents import Descriptor, contents
 from ..registry.errors import RegistryError
 from ..registry.upstream import Upstream
 from ..responses import error_response, make_response
-from .blobs import Probe, probe_registry, start_download
+from .blobs import Probe, probe_registry, probe_status, start_download
 from .parts import CacheParts, Upstreams
 from .sourced import first_source
 
@@ -155,8 +155,7 @@ async def _probe(fetcher: Fetcher, upstreams: Upstreams, digest: str) -> Probe:
             upstreams, fetcher.upstream, fetcher.asker.repository, fetcher.headers,
             f"/v2/{fetcher.asker.repository}/blobs/{digest}",
             lambda url, headers: probe_registry(upstreams, "GET", url, headers, _refused,
-                                                purpose="blob probe, ahead of the client"),
-            lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+                                                purpose="blob probe, ahead of the client"), probe_status)
     except RegistryError as e:
         return Probe(answer=error_response(e))
     found.source, found.urls = source, upstreams.sources.of(fetcher.upstream)

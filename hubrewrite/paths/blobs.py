@@ -77,10 +77,9 @@ async def serve(request: ClientRequest, upstreams: Upstreams, cache: CacheParts 
     if cache is None:
         return await _uncached(request, upstreams, loopback)
     digest, tiers = request.route.reference, cache.tiers
-    whole_get = request.method == "GET" and "range" not in request.flow.request.headers
     await cache.ahead.settled(("blob", digest), upstreams.timeout)  # its download, if so
     found = await tiers.find_blob(digest)
-    if isinstance(found, Miss) and whole_get:
+    if isinstance(found, Miss) and _whole_get(request):
         # the registry first: a digest it does not have (or will not give this client) costs no lock and no file
         probe = await _probe(request, upstreams)
         if probe.answer is not None:
@@ -135,11 +134,16 @@ async def _uncached(request: ClientRequest, upstreams: Upstreams, loopback: Loop
     probe = await _probe(request, upstreams)
     if probe.answer is not None:
         return probe.answer
-    if request.method == "GET" and "range" not in request.flow.request.headers:
+    if _whole_get(request):
         streamed = await uncached.stream(request, upstreams, loopback, probe, lambda: _probe(request, upstreams))
         if streamed is not None:
             return streamed
     return await from_storage(request, upstreams, probe=probe)
+
+
+def _whole_get(request: ClientRequest) -> bool:
+    """A GET of the whole blob: what the mirror may download, stream itself or answer from memory."""
+    return request.method == "GET" and "range" not in request.flow.request.headers
 
 
 def _may_redirect(request: ClientRequest, cache: CacheParts) -> bool:
@@ -172,7 +176,7 @@ async def send_from_cache(request: ClientRequest, upstreams: Upstreams, cache: C
     # answered here, even with the listener on: a redirect would cost the client a request more
     if request.method == "HEAD" and size is not None and download is None:
         return make_response(200, _blob_head(request, state), b"", size)
-    if request.method == "GET" and "range" not in request.flow.request.headers:
+    if _whole_get(request):
         small = await _small_blob(cache, upstreams.timeout, digest, size if download is None else download.size,
                                   download)
         if isinstance(small, http.Response):
@@ -260,10 +264,14 @@ async def _probe(request: ClientRequest, upstreams: Upstreams) -> Probe:
     """At the first URL of the registry that answers (paths/sourced.py)."""
     probe = await at_sources(request, upstreams, lambda url, headers: probe_registry(
         upstreams, request.method, url, headers,
-        lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)),
-        lambda probe: probe.answer.status_code if probe.answer is not None else 200)
+        lambda status, fields, body: relay.relayed(request, upstreams, status, fields, body)), probe_status)
     probe.source, probe.urls = request.source, upstreams.sources.of(request.upstream)
     return probe
+
+
+def probe_status(probe: Probe) -> int:
+    """The registry's status as ``sources.first_answer`` judges a URL by: a redirect or the blob is 200."""
+    return probe.answer.status_code if probe.answer is not None else 200
 
 
 async def probe_registry(upstreams: Upstreams, method: str, url: str, headers: list[tuple[str, str]],

@@ -15,6 +15,7 @@ from enum import Enum
 from ..cache.tiers import TieredCache
 from ..client_request import ClientRequest
 from ..registry.errors import RegistryError
+from ..sources import is_failure
 from .parts import Upstreams
 from .sourced import at_sources
 
@@ -41,6 +42,6 @@ async def check(request: ClientRequest, upstreams: Upstreams, tiers: TieredCache
     if 200 <= head.status < 400:
         tiers.confirm(asker, digest)
         return Access.GRANTED
-    if (head.status == 429 or head.status >= 500) and await tiers.known_stale_anywhere(asker, digest):
+    if is_failure(head.status) and await tiers.known_stale_anywhere(asker, digest):
         return Access.STALE
     return Access.REFUSED

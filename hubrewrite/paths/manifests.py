@@ -20,6 +20,7 @@ from ..client_request import Answer, ClientRequest, Retarget, Transfer, Transfer
 from ..registry.errors import RegistryError
 from ..registry.mediatypes import accept_key, asks_for, same_answer
 from ..responses import API_VERSION_HEADER, CACHE_HEADER, SOURCE_HEADER, STALE_HEADERS, error_response, make_response
+from ..sources import is_failure
 from . import relay
 from .parts import CacheParts, Upstreams
 from .sourced import at_sources, resolved_by
@@ -52,7 +53,7 @@ async def serve(request: ClientRequest, upstreams: Upstreams, cache: CacheParts)
     digest = head.header("docker-content-digest")
     if head.status == 200 and digest and digest.startswith("sha256:"):
         return _said_by(request, await _resolved(request, upstreams, tiers, head, digest), digest)
-    if head.status == 429 or head.status >= 500:
+    if is_failure(head.status):
         stale = await _stale(request, tiers)
         if stale is not None:
             return stale

@@ -19,6 +19,7 @@ from ..registry.challenge import point_at_mirror
 from ..registry.errors import RegistryError
 from ..registry.names import RouteKind
 from ..responses import SOURCE_HEADER, STALE_HEADERS, bearer_challenge, error_response, make_response
+from ..sources import UNAVAILABLE_STATUSES
 from .parts import Upstreams
 from .sourced import answering, at_sources, resolved_by
 
@@ -39,7 +40,7 @@ async def serve(request: ClientRequest, upstreams: Upstreams) -> http.Response:
             request.method, url, headers, purpose=f"{request.summary.label} request relayed"), lambda f: f.status)
     except RegistryError as e:
         log.warning("%s %s: %s", request.method, request.route.path() if request.route else request.path, e.message)
-        if e.status in (502, 503, 504) and request.route is not None and request.route.kind is RouteKind.BASE:
+        if e.status in UNAVAILABLE_STATUSES and request.route is not None and request.route.kind is RouteKind.BASE:
             offline = offline_challenge(request, upstreams)
             if offline is not None:
                 return offline

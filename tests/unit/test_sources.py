@@ -149,7 +149,7 @@ def test_health_survives_a_new_table_that_lists_the_same_urls():
     assert new.of(parse_upstream(TWO)) is docker and docker.backoff == 60
     changed = Sources(parse_table(["docker.io=https://registry-1.docker.io"]), 30).kept_from(old)
     assert changed.of(parse_upstream("docker.io=https://registry-1.docker.io")) is not docker
-    assert new.next_source(parse_upstream(TWO)).base == "https://mirror.example.org:8443"
+    assert new.of(parse_upstream(TWO)).next_source().base == "https://mirror.example.org:8443"
 
 
 def test_server_side_credentials_per_url(tmp_path):
