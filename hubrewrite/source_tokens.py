@@ -79,10 +79,18 @@ class SourceTokens:
             raise RegistryError(502, "UNAVAILABLE", f"{source.base} announces no token service")
         realm, service = learned
         query = ([("service", service)] if service else []) + ([("scope", scope)] if scope else [])
-        headers = [("Authorization", basic)] if basic else []
-        fetched = await client.fetch("GET", tokens.realm_url(realm, query), headers, follow_redirects=False,
-                                     purpose=f"token request for {source.base} (the client's token is another URL's)")
-        grant = tokens.parse_grant(fetched.body) if fetched.status == 200 else None
-        if grant is None or not grant.tokens:
-            raise RegistryError(502, "UNAVAILABLE", f"token service of {source.base} answered {fetched.status}")
+        grant = await grant_of(client, realm, query, basic, f"token service of {source.base}",
+                               f"token request for {source.base} (the client's token is another URL's)")
         return grant.tokens[0], time.monotonic() + max(0.0, grant.expires_in - SPARE_SECONDS)
+
+
+async def grant_of(client: UpstreamClient, realm: str, query: list[tuple[str, str]], basic: str | None,
+                   service_name: str, purpose: str) -> tokens.Grant:
+    """A token the mirror asks a realm for itself, with the operator's ``basic`` or none: never
+    following a redirect (the credentials go to this realm only). Raises RegistryError."""
+    fetched = await client.fetch("GET", tokens.realm_url(realm, query), [("Authorization", basic)] if basic else [],
+                                 follow_redirects=False, purpose=purpose)
+    grant = tokens.parse_grant(fetched.body) if fetched.status == 200 else None
+    if grant is None or not grant.tokens:
+        raise RegistryError(502, "UNAVAILABLE", f"{service_name} answered {fetched.status}")
+    return grant

@@ -271,10 +271,6 @@ class TieredCache:
             for tier in self.tiers[1:]:
                 tier.put_record(Store.tag_record(upstream, repository, tag), record)
 
-    def tag_entries(self, upstream: str, repository: str, tag: str) -> dict[str, TagEntry]:
-        """This disk's lookups of a tag: normalized Accept -> what it resolved to."""
-        return self.store.tag_entries(upstream, repository, tag)
-
     async def tag_entries_anywhere(self, upstream: str, repository: str, tag: str) -> dict[str, TagEntry]:
         """A tag this process never resolved may have been resolved by another one (stale mode)."""
         if not self.store.tag_entries(upstream, repository, tag):

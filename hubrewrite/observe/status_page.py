@@ -143,8 +143,7 @@ def _sources(registries: list[RegistrySources]) -> str:
     e, parts = html.escape, ["<h2>Upstream URLs</h2>"]
     for registry in shown:
         if registry.unreachable_since is not None:
-            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(registry.unreachable_since))
-            parts.append(f"<p><b>{e(registry.name)} is unreachable since {since}</b> "
+            parts.append(f"<p><b>{e(registry.name)} is unreachable since {_time(registry.unreachable_since)}</b> "
                          f"({time.time() - registry.unreachable_since:.0f} s): serving what the cache holds; "
                          f"served from the cache meanwhile: {e(registry.stale_served)}.</p>")
         rows = "".join(

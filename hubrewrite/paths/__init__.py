@@ -51,7 +51,7 @@ def cache_parts_of(mirror: Mirror) -> CacheParts | None:
 
 def token_parts_of(mirror: Mirror, upstreams: Upstreams) -> TokenParts:
     s = mirror.settings
-    return TokenParts(upstreams, mirror.issued, s.accounts, s.rules, s.allow_push, s.upstream_credentials,
+    return TokenParts(upstreams, mirror.issued, s.accounts, s.rules, s.allow_push,
                       mirror.cache.access if mirror.cache is not None else None)
 
 

@@ -70,7 +70,6 @@ class TokenParts:
     accounts: MirrorAccounts | None  # hub_users
     rules: RepositoryRules  # hub_allow, hub_deny: scopes beyond them are dropped
     allow_push: bool
-    credentials: UpstreamCredentials  # the operator's own upstream accounts, for clients without any
     access: AccessMemory | None  # with a cache: the tokens of anonymous clients are noted there (stale mode)
 
 

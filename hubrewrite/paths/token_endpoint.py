@@ -79,7 +79,7 @@ async def _at_sources(request: ClientRequest, parts: TokenParts, asked: TokenReq
                                             lambda source: _at_source(request, parts, source, asked),
                                             lambda answer: answer.status_code)
     except RegistryError as e:
-        lent = parts.credentials.basic_for(request.upstream.name)  # the operator's account: not anonymous
+        lent = parts.upstreams.credentials.basic_for(request.upstream.name)  # the operator's account: not anonymous
         if parts.access is not None and asked.anonymous and not lent and e.status in UNAVAILABLE_STATUSES:
             log.warning("token request for %s: %s; an offline token", request.upstream.name, e.message)
             return _offline_token(parts, asked.holder)
@@ -143,7 +143,7 @@ async def _ask_token_service(request: ClientRequest, parts: TokenParts, source: 
         method, query, form = "GET", query + [(k, v) for k, v in form if k in ("service", "scope", "client_id")], None
     anonymous = authorization is None and not tokens.carries_credentials(form)
     if anonymous:
-        authorization = parts.credentials.basic_for_source(source)
+        authorization = parts.upstreams.credentials.basic_for_source(source)
     operators = anonymous and authorization is not None
     if operators:
         # the operator's account lends short-lived access tokens only, never its refresh token

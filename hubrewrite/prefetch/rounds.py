@@ -38,7 +38,6 @@ class Prefetcher:
         self._logged: dict[str, str] = {}  # image -> the problem last logged for it
         self._holding = False  # the round's lock in the bucket is ours
         self._task: asyncio.Task | None = None
-        self._tokens: ServerTokens | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -75,18 +74,18 @@ class Prefetcher:
         keeper = asyncio.get_running_loop().create_task(self._keep_lock())
         try:
             mirror = self.mirror
-            self._tokens = ServerTokens(mirror.client, mirror.realms, mirror.settings.upstream_credentials,
-                                        mirror.cache.access, mirror.metrics.prefetch_requests.labels("token").inc)
+            tokens = ServerTokens(mirror.client, mirror.realms, mirror.settings.upstream_credentials,
+                                  mirror.cache.access, mirror.metrics.prefetch_requests.labels("token").inc)
             for image in self.settings.images:
                 if not image.refused:
-                    await self._check(image)
+                    await self._check(image, tokens)
         finally:
             keeper.cancel()
             await self._lock_call("refresh_lock", self._lock_ttl)  # held until this process's next round
         self.round_note = f"last round ended {_clock()}"
         self.mirror.metrics.prefetch_rounds.labels("done").inc()
 
-    async def _check(self, image: Image) -> None:
+    async def _check(self, image: Image, tokens: ServerTokens) -> None:
         progress = self.progress[image.name]
         known, progress.state = progress.digest, "checking"
         self._show()
@@ -94,7 +93,7 @@ class Prefetcher:
         try:
             if not self.mirror.settings.rules.permits(image.upstream.name, image.repository):
                 raise Problem("refused by hub_allow/hub_deny")
-            await warm(Work(image, self.mirror, self._tokens, progress, lambda kind: count.labels(kind).inc()))
+            await warm(Work(image, self.mirror, tokens, progress, lambda kind: count.labels(kind).inc()))
         except Problem as e:
             self._failed(image, progress, str(e))
         except Exception as e:  # a bug: said once (with its traceback), the other images still checked

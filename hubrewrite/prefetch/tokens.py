@@ -13,9 +13,8 @@ import time
 from ..access.confirmations import AccessMemory
 from ..access.credentials import UpstreamCredentials
 from ..realms import Realms
-from ..registry import tokens
-from ..registry.errors import RegistryError
 from ..registry.upstream import Upstream
+from ..source_tokens import grant_of
 from ..upstream_client import UpstreamClient
 
 RENEW_BEFORE = 60.0  # seconds before its expiry a token is replaced
@@ -43,13 +42,7 @@ class ServerTokens:
         query = [("scope", f"repository:{repository}:pull")] + ([("service", service)] if service else [])
         basic = self.credentials.basic_for(upstream.name)
         self.on_request()
-        # not following redirects: the operator's credentials go to this realm only
-        fetched = await self.client.fetch("GET", tokens.realm_url(realm, query),
-                                          [("Authorization", basic)] if basic else [], follow_redirects=False,
-                                          purpose="token request for prefetching")
-        grant = tokens.parse_grant(fetched.body) if fetched.status == 200 else None
-        if grant is None or not grant.tokens:
-            raise RegistryError(502, "UNAVAILABLE", f"token service answered {fetched.status}")
+        grant = await grant_of(self.client, realm, query, basic, "token service", "token request for prefetching")
         if basic is None:
             self.access.note_anonymous_token(grant.tokens[0])
         authorization = f"Bearer {grant.tokens[0]}"

@@ -181,17 +181,17 @@ async def _fetched(work: Work, digest: str) -> bool:
     """Is the blob in the cache (or the bucket) once fetched, if need be?"""
     cache = work.mirror.cache
     authorization = await work.authorization()
-    if not cache.store.has_blob(digest):
+    if not cache.tiers.has_blob(digest):
         work.count("blob")
         fetcher = Fetcher(work.image.upstream, work.asker(authorization),
                           [("Authorization", authorization)] if authorization else [], ("prefetch", ""))
         await fetch_for(fetcher, upstreams_of(work.mirror), cache_parts_of(work.mirror), digest)
     deadline = time.monotonic() + WAIT_FOR_OTHERS
-    while cache.downloads.progress(digest) is not None and time.monotonic() < deadline:
+    while cache.tiers.being_fetched(digest) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)  # a client's download of it, or another process's on a shared directory
     shared = cache.shared
     # another process's download of it, under its lock in the bucket: until it is there
-    present = cache.store.has_blob(digest) or (shared is not None and (
+    present = cache.tiers.has_blob(digest) or (shared is not None and (
         await shared.blob(digest) or await shared.wait_for(digest, WAIT_FOR_OTHERS)))
     if present:
         work.confirm(authorization, digest)  # the manifest this token read names it: the repository holds it
