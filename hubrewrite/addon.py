@@ -46,7 +46,8 @@ from .registry import headers as hdrs
 from .registry.errors import RegistryError
 from .util.bounded_dict import BoundedDict
 from .responses import CORS_HEADERS, add_missing, error_response, without_body_for_head
-from .settings import apply_config_file, declare, read_settings
+from .config_file import apply_config_file
+from .settings import declare, read_settings
 from .paths.blobs import replace_storage_error
 
 log = logging.getLogger("hub_rewrite")

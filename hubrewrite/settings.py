@@ -20,7 +20,7 @@ from .access.credentials import CREDENTIALS_ENV_PREFIX, UpstreamCredentials, sou
 from .access.rules import PolicyError, RepositoryRules
 from .cache.bucket_config import BucketConfig, BucketConfigError
 from .clientconn import DEFAULT_PRIVATE_NETWORKS, PrivateNetworks, loopback_address, validate_public_url
-from .config_file import DEFAULT_CONFIG, REPO_ROOT, apply_config_file  # noqa: F401 (the addon's, the tests')
+from .config_file import DEFAULT_CONFIG
 from .mitmseams import tools
 from .prefetch.listfile import PrefetchSettings, prefetch_settings
 from .registry import registries

@@ -22,7 +22,7 @@ from mitmproxy import options
 
 from hubrewrite.addon import HubRewrite
 from hubrewrite.config_file import read_config
-from hubrewrite.settings import DEFAULT_CONFIG
+from hubrewrite.config_file import DEFAULT_CONFIG
 from tests.support.mirror import Mirror
 
 REPORT_OPTIONS = '''

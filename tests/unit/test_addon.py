@@ -479,7 +479,7 @@ def test_config_file_errors_are_clear(tmp_path: Path, text, message):
 
 
 def test_shipped_mitm_conf_loads(tmp_path: Path):
-    from hubrewrite.settings import DEFAULT_CONFIG
+    from hubrewrite.config_file import DEFAULT_CONFIG
 
     addon, tctx, ctx = configured(DEFAULT_CONFIG)
     try:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from hubrewrite.settings import REPO_ROOT
+from hubrewrite.config_file import REPO_ROOT
 from tests.support.readme_commands import inline_spans
 
 PY_FILE_RE = re.compile(r"[\w./-]+\.py")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hubrewrite.settings import REPO_ROOT
+from hubrewrite.config_file import REPO_ROOT
 from tests.support.readme_commands import fenced_blocks, shell_commands, without_fenced_blocks
 
 README = REPO_ROOT / "README.md"

@@ -18,7 +18,7 @@ import pytest
 from mitmproxy import version
 
 from hubrewrite import mitmseams
-from hubrewrite.settings import REPO_ROOT
+from hubrewrite.config_file import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "hubrewrite"
 SEAMS = PACKAGE / "mitmseams"

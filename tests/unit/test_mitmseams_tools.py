@@ -21,7 +21,7 @@ from mitmproxy.test import taddons
 from hubrewrite.addon import HubRewrite
 from hubrewrite.mitmseams import tools
 from hubrewrite.mitmseams.tools import command_line_options
-from hubrewrite.settings import REPO_ROOT
+from hubrewrite.config_file import REPO_ROOT
 from tests.unit.seamcheck import seam
 
 

@@ -23,7 +23,8 @@ import pytest
 
 from hubrewrite.config_file import read_config
 from hubrewrite.registry.registries import DEFAULT_UPSTREAMS, parse_table
-from hubrewrite.settings import DEFAULT_CONFIG, OPTIONS, REPO_ROOT
+from hubrewrite.config_file import DEFAULT_CONFIG, REPO_ROOT
+from hubrewrite.settings import OPTIONS
 
 DECLARED = {option.name: option for option in OPTIONS}
 NOT_THE_DEFAULT = "Not the default:"
