@@ -181,13 +181,17 @@ def test_slow_bytes_are_handed_on_within_flush_after_and_a_silent_upstream_times
         server.close()
 
 
-def test_interrupt_unblocks_a_read_at_once():
+def head_then_silence(seconds: float):
+    """A server's answer: a head promising 5000 bytes, then nothing for ``seconds``, then a close."""
     def stall(conn: socket.socket, head: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
-        time.sleep(5)
+        time.sleep(seconds)
         return False
+    return stall
 
-    server = Server(stall)
+
+def test_interrupt_unblocks_a_read_at_once():
+    server = Server(head_then_silence(5))
     f = fetcher(timeout=10)
     try:
         body = f.open(server.url(), [], Interrupter())
@@ -246,12 +250,7 @@ def test_tls_is_verified_with_the_mirrors_context(tmp_path):
 
 
 def test_no_more_connections_than_the_limit():
-    def stall(conn: socket.socket, head: bytes) -> bool:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
-        time.sleep(3)
-        return False
-
-    server = Server(stall)
+    server = Server(head_then_silence(3))
     f = fetcher(timeout=0.3, connections=1)
     try:
         first = f.open(server.url(), [], Interrupter())
